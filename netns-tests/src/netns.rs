@@ -1,0 +1,156 @@
+//! Network namespaces and veth pairs, removed on drop.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::Command,
+};
+
+use crate::{Error, Result, io_error, run};
+
+/// A network namespace created with `ip netns add`, deleted (with its interfaces) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace and brings its loopback up.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        run("ip", &["netns", "add", &name])?;
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bind-mounted namespace file, for `nsenter --net=` and `setns`.
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// A command that runs `program` inside this namespace's network stack, keeping the host's
+    /// mount namespace (and so bpffs).
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
+    /// Runs `program args` in the namespace to completion and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let output = self
+            .command(program)
+            .args(args)
+            .output()
+            .map_err(io_error(format!("cannot run {program} in {}", self.name)))?;
+        if !output.status.success() {
+            return Err(Error::Command {
+                command: format!("[{}] {program} {}", self.name, args.join(" ")),
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `f` on a fresh thread that has joined this namespace (a namespace change only
+    /// applies to the calling thread, so the test's own thread is never moved).
+    pub fn enter<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let file = File::open(self.path()).map_err(io_error(format!("open {}", self.path().display())))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io_error(format!("setns into {}", self.name))(
+                            std::io::Error::last_os_error(),
+                        ));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// The MAC address of an interface of this namespace.
+    pub fn mac(&self, iface: &str) -> Result<String> {
+        let brief = self.ip(&["-br", "link", "show", iface])?;
+        brief.split_whitespace().nth(2).map(str::to_owned).ok_or_else(|| Error::Command {
+            command: format!("ip -n {} -br link show {iface}", self.name),
+            status: std::process::ExitStatus::default(),
+            stderr: format!("no MAC address in {brief:?}"),
+        })
+    }
+
+    /// Adds an address (CIDR notation) to an interface of this namespace.
+    pub fn add_address(&self, iface: &str, cidr: &str) -> Result<()> {
+        self.ip(&["addr", "add", cidr, "dev", iface]).map(drop)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(error) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("netns-tests: cleanup of namespace {} failed: {error}", self.name);
+        }
+    }
+}
+
+/// One end of a veth pair.
+#[derive(Clone, Debug)]
+pub struct VethEnd {
+    pub netns: String,
+    pub iface: String,
+}
+
+/// Creates a veth pair `a_iface` (in `a`) <-> `b_iface` (in `b`), both up, with TX checksum
+/// offload off: veth hands locally sent packets on with a partial checksum, and a frame that an
+/// XDP program redirects loses that metadata, so the receiver would see bad UDP checksums.
+/// The pair disappears with either namespace.
+pub fn veth_pair(a: &Netns, a_iface: &str, b: &Netns, b_iface: &str) -> Result<(VethEnd, VethEnd)> {
+    run(
+        "ip",
+        &[
+            "link", "add", a_iface, "netns", a.name(), "type", "veth", "peer", "name", b_iface,
+            "netns", b.name(),
+        ],
+    )?;
+    for (netns, iface) in [(a, a_iface), (b, b_iface)] {
+        netns.exec("ethtool", &["-K", iface, "tx", "off"])?;
+        netns.ip(&["link", "set", iface, "up"])?;
+    }
+    Ok((
+        VethEnd {
+            netns: a.name().to_owned(),
+            iface: a_iface.to_owned(),
+        },
+        VethEnd {
+            netns: b.name().to_owned(),
+            iface: b_iface.to_owned(),
+        },
+    ))
+}

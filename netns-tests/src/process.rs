@@ -1,0 +1,115 @@
+//! Processes started by a test, stopped by PID on drop.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Result, io_error};
+
+/// A child process whose stdout and stderr go to a log file. Dropping it stops the process
+/// (SIGTERM, then SIGKILL after 5 s); if the test is failing, the log is printed.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Process {
+    /// Spawns `command`, logging to `<tmp>/<name>.log`.
+    pub fn spawn(name: impl Into<String>, mut command: Command) -> Result<Self> {
+        let name = name.into();
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).map_err(io_error(format!("create {}", log.display())))?;
+        let stderr = file.try_clone().map_err(io_error("dup log file"))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .map_err(io_error(format!("cannot start {name}: {command:?}")))?;
+        Ok(Self {
+            name,
+            child,
+            log,
+            exit: None,
+        })
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's output so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                self.exit = Some(status);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// SIGKILL, as a crash would: no cleanup runs in the process.
+    pub fn kill_hard(&mut self) -> Option<ExitStatus> {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(5))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        if let Some(status) = self.wait(Duration::from_secs(5)) {
+            return Some(status);
+        }
+        self.kill_hard()
+    }
+
+    fn signal(&mut self, signal: libc::c_int) {
+        if !self.is_running() {
+            return;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill on the PID of our own child that has not been reaped yet.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while self.is_running() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.exit
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! Everything the kernel programs and the userspace agents must agree on, defined once.
+//!
+//! This crate is `no_std` and builds for both the host and `bpfel-unknown-none`. All types are
+//! `#[repr(C)]`, have explicit padding and no `bool`, so they are bytemuck `Pod` and carry the
+//! same layout on both sides. With the `user` feature they also implement `aya::Pod` so that
+//! userspace can use them as map keys and values.
+#![no_std]
+
+pub mod counters;
+pub mod names;
+pub mod steering;
+
+pub use counters::{BalanceCounter, Counter};
+pub use steering::SteeringHeader;
+
+/// The well-known TFTP service port (RFC 1350).
+pub const TFTP_PORT: u16 = 69;
+
+/// Implements `aya::Pod` for types that are already bytemuck `Pod`.
+#[cfg(feature = "user")]
+macro_rules! impl_aya_pod {
+    ($($ty:ty),+ $(,)?) => {
+        $(
+            // SAFETY: the type is `bytemuck::Pod` (checked by the derive): `repr(C)`, no padding
+            // holes, every bit pattern valid.
+            unsafe impl aya::Pod for $ty {}
+        )+
+    };
+}
+
+#[cfg(feature = "user")]
+impl_aya_pod!(Counter, SteeringHeader);

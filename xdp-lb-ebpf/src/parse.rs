@@ -1,0 +1,79 @@
+//! Packet parsing: describes the packet, decides nothing.
+
+use core::mem;
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{IpProto, Ipv4Hdr},
+    udp::UdpHdr,
+};
+
+/// EtherType of IPv4 in network byte order as it sits in the header.
+const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+
+/// How far down the stack the packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// A header the packet claims to have runs past its end.
+    Truncated,
+    NotIpv4,
+    NotUdp,
+    Udp,
+}
+
+/// What the parser learned about a packet.
+pub struct PacketDescription {
+    pub layer: Layer,
+    /// UDP destination port, host byte order (0 below the UDP layer).
+    pub dst_port: u16,
+}
+
+impl PacketDescription {
+    const fn at(layer: Layer) -> Self {
+        Self { layer, dst_port: 0 }
+    }
+}
+
+/// Returns a pointer to a `T` at `offset` if the whole `T` lies inside the packet.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Describes Ethernet / IPv4 / UDP, as far as the packet goes.
+#[inline(always)]
+pub fn describe(ctx: &XdpContext) -> PacketDescription {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return PacketDescription::at(Layer::Truncated);
+    };
+    // SAFETY: ptr_at checked that the header is inside the packet.
+    if unsafe { (*eth).ether_type } != ETH_P_IP_BE {
+        return PacketDescription::at(Layer::NotIpv4);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return PacketDescription::at(Layer::Truncated);
+    };
+    // SAFETY: as above.
+    // `ihl()` is already in bytes.
+    let (proto, ip_len) = unsafe { ((*ip).proto, usize::from((*ip).ihl())) };
+    if proto != IpProto::Udp as u8 {
+        return PacketDescription::at(Layer::NotUdp);
+    }
+    if ip_len < Ipv4Hdr::LEN {
+        return PacketDescription::at(Layer::Truncated);
+    }
+    let Some(udp) = ptr_at::<UdpHdr>(ctx, EthHdr::LEN + ip_len) else {
+        return PacketDescription::at(Layer::Truncated);
+    };
+    PacketDescription {
+        layer: Layer::Udp,
+        // SAFETY: as above.
+        dst_port: unsafe { (*udp).dst_port() },
+    }
+}

@@ -1,0 +1,47 @@
+//! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
+mod balance;
+mod loader;
+mod pins;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use xdp_lb_common::names::DEFAULT_PIN_ROOT;
+
+/// Highly available TFTP: XDP load balancers that steer every transfer to a live backend.
+#[derive(Parser)]
+#[command(name = "xdp-lb", version, about, long_about = None)]
+struct Cli {
+    /// bpffs directory under which each role pins its maps (`<pin-root>/<role>/<MAP>`). Use a
+    /// separate directory per instance when several run on one host.
+    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT, value_name = "DIR")]
+    pin_root: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the load balancer agent: load the `balance` XDP program, attach it to the given
+    /// interfaces, pin its maps, and run until SIGINT or SIGTERM.
+    Balance(balance::Args),
+    /// Show the state kept in the pinned maps (works whether or not an agent runs).
+    Status(status::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Balance(args) => balance::run(&cli.pin_root, &args),
+        Command::Status(args) => status::run(&cli.pin_root, &args),
+    }
+}
