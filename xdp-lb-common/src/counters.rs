@@ -29,49 +29,71 @@ impl Counter {
     }
 }
 
-/// Every decision the `balance` program makes, as an index into its counter map.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BalanceCounter {
-    /// Every packet the program saw.
-    Received = 0,
-    /// Passed to the stack: not IPv4 (ARP, IPv6, ...).
-    PassNotIpv4,
-    /// Passed to the stack: IPv4 but not UDP.
-    PassNotUdp,
-    /// Passed to the stack: UDP not addressed to the TFTP service.
-    PassNotService,
-    /// Passed to the stack: UDP to the TFTP service (steering comes with the balancer).
-    PassService,
-    /// Dropped: a header ran past the end of the packet.
-    DropTruncated,
+/// Declares the counter enum, its `ALL` table and its names in one place.
+macro_rules! counters {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$doc:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$doc])* $variant,)+ }
+
+        impl $name {
+            /// All counters in index order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
+            /// Number of slots in the counter map.
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// Stable snake-case name, used by `xdp-lb status` and its JSON output.
+            #[must_use]
+            pub const fn name(self) -> &'static str {
+                match self { $(Self::$variant => $text,)+ }
+            }
+        }
+    };
 }
 
-impl BalanceCounter {
-    /// Number of slots in the counter map.
-    pub const COUNT: usize = 6;
-
-    /// All counters in index order.
-    pub const ALL: [Self; Self::COUNT] = [
-        Self::Received,
-        Self::PassNotIpv4,
-        Self::PassNotUdp,
-        Self::PassNotService,
-        Self::PassService,
-        Self::DropTruncated,
-    ];
-
-    /// Stable snake-case name, used by `xdp-lb status` and its JSON output.
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Received => "received",
-            Self::PassNotIpv4 => "pass_not_ipv4",
-            Self::PassNotUdp => "pass_not_udp",
-            Self::PassNotService => "pass_not_service",
-            Self::PassService => "pass_service",
-            Self::DropTruncated => "drop_truncated",
-        }
+counters! {
+    /// Every decision the `balance` program makes, as an index into its counter map. Each packet
+    /// increments `Received` and exactly one other counter.
+    pub enum BalanceCounter {
+        /// Every packet the program saw.
+        Received => "received",
+        /// Passed to the stack: not IPv4 (ARP, IPv6, ...).
+        PassNotIpv4 => "pass_not_ipv4",
+        /// Passed to the stack: IPv4 but not UDP.
+        PassNotUdp => "pass_not_udp",
+        /// Passed to the stack: UDP not for the VIP's TFTP ports nor the steering port.
+        PassNotService => "pass_not_service",
+        /// Dropped: a header ran past the end of the packet.
+        DropTruncated => "drop_truncated",
+        /// Dropped: for the service, but fragmented or with IP options (cannot be steered).
+        DropFragmentOrOptions => "drop_fragment_or_options",
+        /// Dropped: to VIP port 69 but not an RRQ or WRQ.
+        DropNotRequest => "drop_not_request",
+        /// An RRQ or WRQ created (or restarted) a session.
+        NewSession => "new_session",
+        /// A client packet steered to its backend.
+        ToBackend => "to_backend",
+        /// A backend reply steered to its client.
+        ToClient => "to_client",
+        /// A client packet found its backend not live and moved the session in the kernel.
+        Moved => "moved",
+        /// Dropped: client packet to a TID without a session.
+        DropNoSession => "drop_no_session",
+        /// Dropped: no live backend (with a known MAC) to steer to.
+        DropNoBackend => "drop_no_backend",
+        /// Dropped: to the steering port, but not from a registered backend.
+        DropUnknownSource => "drop_unknown_source",
+        /// Dropped: from a backend, without a valid steering header.
+        DropBadHeader => "drop_bad_header",
+        /// Dropped: reply from a backend that no longer serves the session.
+        DropStaleBackend => "drop_stale_backend",
+        /// Backend heartbeat answer: recorded and passed to the agent's socket.
+        Heartbeat => "heartbeat",
+        /// The backend ended a session; the LB forgot it.
+        SessionFinished => "session_finished",
+        /// Dropped: the kernel refused to grow or shrink the packet.
+        DropAdjustHead => "drop_adjust_head",
     }
 }
 

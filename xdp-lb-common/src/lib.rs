@@ -6,11 +6,19 @@
 //! userspace can use them as map keys and values.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod checksum;
 pub mod counters;
+pub mod frame;
+pub mod maps;
 pub mod names;
 pub mod steering;
 
 pub use counters::{BalanceCounter, Counter};
+pub use frame::FrameHeaders;
+pub use maps::{Backend, BackendSeen, ClientKey, LbConfig, Session};
 pub use steering::SteeringHeader;
 
 /// The well-known TFTP service port (RFC 1350).
@@ -29,4 +37,4 @@ macro_rules! impl_aya_pod {
 }
 
 #[cfg(feature = "user")]
-impl_aya_pod!(Counter, SteeringHeader);
+impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Session);

@@ -57,6 +57,11 @@ pub const FLAG_HAS_CONTEXT: u8 = 0x04;
 /// Health probe without TFTP payload; a live backend echoes it with `FLAG_FROM_BACKEND` set.
 pub const FLAG_HEARTBEAT: u8 = 0x08;
 
+/// Backend -> LB, header only: the transfer is over (final ACK received, error sent or
+/// received); the LB forgets the session. Also keeps the watchdog quiet: in steered mode every
+/// TFTP datagram a backend receives gets at least one reply.
+pub const FLAG_FINISHED: u8 = 0x10;
+
 /// Transfer mode of the session (`mode` field).
 pub const MODE_UNKNOWN: u8 = 0;
 pub const MODE_OCTET: u8 = 1;
@@ -106,6 +111,18 @@ impl SteeringHeader {
             vip_port: vip_port.to_be_bytes(),
             ..Self::zeroed()
         }
+    }
+
+    /// Resets the header in place to [`Self::for_client`]'s value (no 64-byte temporary on the
+    /// BPF stack).
+    #[inline(always)]
+    pub fn reset_for_client(&mut self, client_ip: [u8; 4], client_port: [u8; 2], vip_ip: [u8; 4], vip_port: u16) {
+        *self = Self::zeroed();
+        self.magic = STEERING_MAGIC;
+        self.client_ip = client_ip;
+        self.client_port = client_port;
+        self.vip_ip = vip_ip;
+        self.vip_port = vip_port.to_be_bytes();
     }
 
     #[must_use]

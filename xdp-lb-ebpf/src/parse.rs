@@ -25,25 +25,36 @@ pub enum Layer {
 /// What the parser learned about a packet.
 pub struct PacketDescription {
     pub layer: Layer,
+    /// IPv4 destination (zero below the IP layer).
+    pub dst_ip: [u8; 4],
     /// UDP destination port, host byte order (0 below the UDP layer).
     pub dst_port: u16,
+    /// Unfragmented, no IP options: the fixed `FrameHeaders` layout applies.
+    pub plain: bool,
 }
 
 impl PacketDescription {
     const fn at(layer: Layer) -> Self {
-        Self { layer, dst_port: 0 }
+        Self { layer, dst_ip: [0; 4], dst_port: 0, plain: false }
     }
 }
 
 /// Returns a pointer to a `T` at `offset` if the whole `T` lies inside the packet.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some((start + offset) as *mut T)
+}
+
+/// Copies a `T` out of the packet at `offset` (unaligned), if it lies inside.
+#[inline(always)]
+pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked the bounds; the read is unaligned-safe.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
 /// Describes Ethernet / IPv4 / UDP, as far as the packet goes.
@@ -71,9 +82,14 @@ pub fn describe(ctx: &XdpContext) -> PacketDescription {
     let Some(udp) = ptr_at::<UdpHdr>(ctx, EthHdr::LEN + ip_len) else {
         return PacketDescription::at(Layer::Truncated);
     };
+    // SAFETY: as above.
+    let (dst_ip, frags) = unsafe { ((*ip).dst_addr, u16::from_be_bytes((*ip).frags)) };
     PacketDescription {
         layer: Layer::Udp,
+        dst_ip,
         // SAFETY: as above.
         dst_port: unsafe { (*udp).dst_port() },
+        // More-fragments flag or an offset: a fragment cannot be steered by port.
+        plain: ip_len == Ipv4Hdr::LEN && frags & 0x3fff == 0,
     }
 }

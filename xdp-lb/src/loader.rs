@@ -7,7 +7,7 @@ use aya::{Ebpf, EbpfLoader, programs::{Xdp, XdpMode}};
 use tracing::{debug, warn};
 
 /// The kernel programs, built by build.rs from xdp-lb-ebpf.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb"));
 
 /// How to attach XDP programs (`--xdp-mode`).
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]

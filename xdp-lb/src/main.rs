@@ -1,8 +1,12 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
+#[cfg(test)]
+mod kernel_tests;
 mod loader;
+mod maps;
 mod pins;
 mod status;
+mod testrun;
 
 use std::path::PathBuf;
 

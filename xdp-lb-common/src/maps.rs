@@ -1,0 +1,142 @@
+//! Keys and values of the load balancer's maps. Who writes what is part of each type's doc; see
+//! also docs/ARCHITECTURE.md.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::SteeringHeader;
+
+/// Most backends one load balancer steers to (a constant bound for the kernel's loops).
+pub const MAX_BACKENDS: usize = 16;
+/// Most sessions one load balancer tracks; the least recently used is evicted beyond that.
+pub const MAX_SESSIONS: usize = 65_536;
+
+/// Server ports on the VIP that transfers get (their TID): `TID_BASE .. TID_BASE + TID_SPAN`.
+pub const TID_BASE: u16 = 20_000;
+pub const TID_SPAN: u16 = 40_000;
+
+/// The client key: the client's IPv4 address and UDP port, as on the wire. Every packet of a
+/// transfer from the client carries it, so it names the session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ClientKey {
+    pub ip: [u8; 4],
+    pub port: [u8; 2],
+    pub pad: [u8; 2],
+}
+
+impl ClientKey {
+    #[must_use]
+    pub fn new(ip: [u8; 4], port: [u8; 2]) -> Self {
+        Self { ip, port, pad: [0; 2] }
+    }
+
+    /// The transfer's server port on the VIP. A function of the client key alone, so every load
+    /// balancer derives the same TID for a client without sharing state. Two clients may share a
+    /// TID: packets are matched by client key, not by TID.
+    #[must_use]
+    pub fn tid(&self) -> u16 {
+        let ip = u32::from_be_bytes(self.ip);
+        let port = u32::from(u16::from_be_bytes(self.port));
+        // Multiplicative hash (Knuth), then reduce into the TID range.
+        let mixed = (ip ^ port.rotate_left(16) ^ port).wrapping_mul(2_654_435_761);
+        let offset = (mixed >> 8) % u32::from(TID_SPAN);
+        #[expect(clippy::cast_possible_truncation, reason = "offset < TID_SPAN fits in u16")]
+        let offset = offset as u16;
+        TID_BASE + offset
+    }
+}
+
+/// Load balancer settings, entry 0 of `LB_CONFIG`. Written by the agent at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LbConfig {
+    /// The service address clients send to.
+    pub vip: [u8; 4],
+    /// This LB's own address toward the backends: source of steered packets, and where
+    /// backends answer.
+    pub steer_addr: [u8; 4],
+    /// UDP port on `steer_addr` where backends answer.
+    pub steer_port: [u8; 2],
+    pub pad: [u8; 2],
+}
+
+/// State of a backend slot in `LB_BACKENDS`.
+pub const BACKEND_UNUSED: u8 = 0;
+/// Takes new sessions.
+pub const BACKEND_LIVE: u8 = 1;
+/// Declared dead by the agent (or not yet answered a probe): takes nothing; its sessions move.
+pub const BACKEND_DEAD: u8 = 2;
+
+/// A backend, entry of `LB_BACKENDS` (index = backend id). Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub ip: [u8; 4],
+    /// Its steered-mode service port.
+    pub port: [u8; 2],
+    /// `BACKEND_UNUSED`, `BACKEND_LIVE` or `BACKEND_DEAD`.
+    pub state: u8,
+    pub pad: u8,
+}
+
+/// What the kernel sees of a backend, entry of `LB_BACKEND_SEEN` (index = backend id). Written
+/// by `balance` only; the agent reads it for its watchdog.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendSeen {
+    /// Watchdog: packets steered to the backend since it last answered.
+    pub unanswered: u64,
+    /// `bpf_ktime_get_ns` when `unanswered` last rose from zero.
+    pub unanswered_since_ns: u64,
+    /// `bpf_ktime_get_ns` of its last packet (reply or heartbeat).
+    pub last_answer_ns: u64,
+    pub packets_to: u64,
+    pub packets_from: u64,
+    /// Learned from its frames: its MAC (or its router's), ours on that link, and the link.
+    pub mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    pub ifindex: u32,
+}
+
+/// A transfer in flight, value of `LB_SESSIONS` keyed by [`ClientKey`]. Created by `balance` on
+/// a request, updated from backend replies; the agent rewrites `backend` to move it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Session {
+    /// The header sent to the backend with each client packet: client key, VIP and TID, and the
+    /// transfer context learned from the backend's replies.
+    pub header: SteeringHeader,
+    /// Backend id (index into `LB_BACKENDS`).
+    pub backend: u32,
+    /// Interface the client's frames arrive on; replies leave there.
+    pub ifindex: u32,
+    /// Next hop toward the client (source MAC of its frames) and our MAC on that link.
+    pub client_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    /// Block number of the client's last ACK, as on the wire.
+    pub last_ack: [u8; 2],
+    pub pad: [u8; 2],
+    /// `bpf_ktime_get_ns` of the client's last packet.
+    pub last_client_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ClientKey, Session, TID_BASE, TID_SPAN};
+
+    #[test]
+    fn tid_stays_in_range_and_spreads() {
+        let mut seen = std::collections::HashSet::new();
+        for port in 1024..3024u16 {
+            let tid = ClientKey::new([10, 0, 0, 7], port.to_be_bytes()).tid();
+            assert!((TID_BASE..TID_BASE + TID_SPAN).contains(&tid));
+            seen.insert(tid);
+        }
+        assert!(seen.len() > 1900, "only {} distinct TIDs for 2000 clients", seen.len());
+    }
+
+    #[test]
+    fn session_has_no_implicit_padding() {
+        assert_eq!(size_of::<Session>(), 96);
+    }
+}

@@ -1,0 +1,59 @@
+//! The maps of `balance` (names and types from xdp-lb-common) and small accessors.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    btf_maps::{Array, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use xdp_lb_common::{
+    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, LbConfig, Session,
+    maps::{MAX_BACKENDS, MAX_SESSIONS},
+};
+
+#[btf_map]
+pub static LB_COUNTERS: PerCpuArray<Counter, { BalanceCounter::COUNT }> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_CONFIG: Array<LbConfig, 1> = Array::new();
+
+#[btf_map]
+pub static LB_BACKENDS: Array<Backend, MAX_BACKENDS> = Array::new();
+
+#[btf_map]
+pub static LB_SEEN: Array<BackendSeen, MAX_BACKENDS> = Array::new();
+
+#[btf_map]
+pub static LB_LOAD: Array<u64, MAX_BACKENDS> = Array::new();
+
+/// Per-CPU staging slot where a new session is built before insertion: a `Session` is too
+/// large for the BPF stack next to everything else.
+#[btf_map]
+pub static LB_SCRATCH: PerCpuArray<Session, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_SESSIONS: LruHashMap<ClientKey, Session, MAX_SESSIONS> = LruHashMap::new();
+
+/// Adds one packet of `len` bytes to a decision counter.
+#[inline(always)]
+pub fn count(counter: BalanceCounter, len: u64) {
+    if let Some(slot) = LB_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the per-CPU slot belongs to this CPU for the duration of the program.
+        unsafe { (*slot).record(len) };
+    }
+}
+
+/// Atomically adds `value` (wrapping, so `u64::MAX` subtracts one) to a shared map field.
+#[inline(always)]
+pub fn atomic_add(field: *mut u64, value: u64) {
+    // SAFETY: `field` points into a map value, which is 8-byte aligned and lives as long as the
+    // map; other CPUs only access it atomically or with plain racy reads.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, value) };
+}
+
+/// Monotonic time in ns, the clock the agent compares with (CLOCK_MONOTONIC).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}

@@ -1,0 +1,261 @@
+//! BPF_PROG_TEST_RUN tests of `balance` on the real object: each crafted packet's action,
+//! output packet and decision counter. They need root (loading BPF) and fail without it.
+
+use xdp_lb_common::{
+    BalanceCounter as C, ClientKey, FrameHeaders, SteeringHeader, TFTP_PORT,
+    frame::checksums_valid,
+    maps::BACKEND_DEAD,
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE, STEERING_MAGIC},
+};
+
+use crate::testrun::{
+    BACKEND_PORT, CLIENT_MAC, Fixture, LB_MAC, STEER_ADDR, STEER_PORT, VIP, backend_ip, backend_mac,
+    from_backend, from_client, udp_frame,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const CLIENT: [u8; 4] = [10, 77, 0, 50];
+const RRQ: &[u8] = b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00";
+
+fn fixture(backends: u32) -> Fixture {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
+    Fixture::new(backends).expect("load balance")
+}
+
+fn headers(frame: &[u8]) -> FrameHeaders {
+    *bytemuck::from_bytes::<FrameHeaders>(&frame[..FrameHeaders::LEN])
+}
+
+fn steering(frame: &[u8]) -> SteeringHeader {
+    *bytemuck::from_bytes::<SteeringHeader>(&frame[42..42 + SteeringHeader::LEN])
+}
+
+/// Sends the client's RRQ and returns the packet that went to the backend.
+fn open(f: &mut Fixture, port: u16) -> Vec<u8> {
+    let (action, out) = f.run(&from_client(CLIENT, port, TFTP_PORT, RRQ)).unwrap();
+    assert_eq!(action, XDP_TX);
+    out
+}
+
+/// A backend reply header for the client on `port`, as tftp-backend sends it.
+fn reply_header(port: u16, block: u32, flags: u8) -> SteeringHeader {
+    let key = ClientKey::new(CLIENT, port.to_be_bytes());
+    let mut h = SteeringHeader::for_client(CLIENT, port, VIP, key.tid());
+    h.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT | flags;
+    h.set_block(block);
+    h.blksize = 1468u16.to_be_bytes();
+    h.windowsize = 1u16.to_be_bytes();
+    h.digest = [7; 16];
+    h.path_hash = [9; 8];
+    h
+}
+
+#[test]
+fn rrq_opens_a_session_and_goes_to_a_backend_with_the_header() {
+    let mut f = fixture(3);
+    let out = open(&mut f, 40_000);
+    let h = headers(&out);
+    let id = (0..3).find(|&i| h.ip_dst == backend_ip(i)).expect("sent to a backend");
+    assert_eq!((h.eth_dst, h.eth_src), (backend_mac(id), LB_MAC));
+    assert_eq!((h.ip_src, h.udp_src_port(), h.udp_dst_port()), (STEER_ADDR, STEER_PORT, BACKEND_PORT));
+    let s = steering(&out);
+    let key = ClientKey::new(CLIENT, 40_000u16.to_be_bytes());
+    assert_eq!(s.magic, STEERING_MAGIC);
+    assert_eq!((s.client_ip, s.client_port(), s.vip_ip, s.vip_port()), (CLIENT, 40_000, VIP, key.tid()));
+    assert_eq!(s.flags & FLAG_HAS_CONTEXT, 0, "no context before the backend answered");
+    assert_eq!(&out[42 + 64..], RRQ, "the TFTP payload follows the header unchanged");
+    assert!(checksums_valid(&out), "IP and UDP checksums of the steered packet");
+    assert_eq!(f.counter(C::NewSession).unwrap(), 1);
+    assert_eq!(f.session(&key).expect("session").backend, id);
+    assert_eq!(f.maps.load(id).unwrap(), 1);
+}
+
+#[test]
+fn new_sessions_go_to_the_least_loaded_backend() {
+    let mut f = fixture(3);
+    let mut backends: Vec<[u8; 4]> = (0..6).map(|i| headers(&open(&mut f, 41_000 + i)).ip_dst).collect();
+    backends.sort_unstable();
+    backends.dedup();
+    assert_eq!(backends.len(), 3, "six sessions over three backends use all three");
+    for id in 0..3 {
+        assert_eq!(f.maps.load(id).unwrap(), 2, "backend {id} has two sessions");
+    }
+}
+
+#[test]
+fn backend_reply_reaches_the_client_from_the_tid_and_teaches_the_context() {
+    let mut f = fixture(1);
+    open(&mut f, 40_001);
+    let data = b"\x00\x03\x00\x01first block bytes";
+    let (action, out) = f.run(&from_backend(0, &reply_header(40_001, 1, 0), data)).unwrap();
+    assert_eq!(action, XDP_TX);
+    let h = headers(&out);
+    let key = ClientKey::new(CLIENT, 40_001u16.to_be_bytes());
+    assert_eq!((h.eth_dst, h.eth_src), (CLIENT_MAC, LB_MAC));
+    assert_eq!((h.ip_src, h.udp_src_port()), (VIP, key.tid()));
+    assert_eq!((h.ip_dst, h.udp_dst_port()), (CLIENT, 40_001));
+    assert_eq!(&out[42..], data, "the header is gone, the TFTP payload intact");
+    assert!(checksums_valid(&out), "IP and UDP checksums of the client packet");
+    let session = f.session(&key).unwrap();
+    assert_eq!(session.header.block(), 1);
+    assert_eq!(session.header.digest, [7; 16]);
+    assert_ne!(session.header.flags & FLAG_HAS_CONTEXT, 0);
+    assert_eq!(f.counter(C::ToClient).unwrap(), 1);
+}
+
+#[test]
+fn client_ack_carries_the_learned_context_to_the_backend() {
+    let mut f = fixture(1);
+    open(&mut f, 40_002);
+    f.run(&from_backend(0, &reply_header(40_002, 5, 0), b"\x00\x03\x00\x05data")).unwrap();
+    let tid = ClientKey::new(CLIENT, 40_002u16.to_be_bytes()).tid();
+    let ack = b"\x00\x04\x00\x05";
+    let (action, out) = f.run(&from_client(CLIENT, 40_002, tid, ack)).unwrap();
+    assert_eq!(action, XDP_TX);
+    let s = steering(&out);
+    assert_eq!(s.flags, FLAG_HAS_CONTEXT);
+    assert_eq!((s.block(), s.blksize(), s.digest), (5, 1468, [7; 16]));
+    assert_eq!(&out[42 + 64..], ack);
+    assert!(checksums_valid(&out));
+    assert_eq!(f.session(&ClientKey::new(CLIENT, 40_002u16.to_be_bytes())).unwrap().last_ack, [0, 5]);
+    assert_eq!(f.counter(C::ToBackend).unwrap(), 1);
+}
+
+#[test]
+fn a_session_on_a_dead_backend_moves_with_a_nudge() {
+    let mut f = fixture(2);
+    let first = headers(&open(&mut f, 40_003)).ip_dst;
+    let dead = u32::from(first != backend_ip(0));
+    f.set_backend_state(dead, BACKEND_DEAD).unwrap();
+    let tid = ClientKey::new(CLIENT, 40_003u16.to_be_bytes()).tid();
+    let (action, out) = f.run(&from_client(CLIENT, 40_003, tid, b"\x00\x04\x00\x01")).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(headers(&out).ip_dst, backend_ip(1 - dead), "moved to the live backend");
+    assert_ne!(steering(&out).flags & FLAG_NUDGE, 0, "the new backend is told to resend now");
+    assert_eq!(f.counter(C::Moved).unwrap(), 1);
+    assert_eq!((f.maps.load(dead).unwrap(), f.maps.load(1 - dead).unwrap()), (0, 1));
+}
+
+#[test]
+fn finished_ends_the_session() {
+    let mut f = fixture(1);
+    open(&mut f, 40_004);
+    let (action, _) = f.run(&from_backend(0, &reply_header(40_004, 9, FLAG_FINISHED), b"")).unwrap();
+    assert_eq!(action, XDP_DROP);
+    assert!(f.session(&ClientKey::new(CLIENT, 40_004u16.to_be_bytes())).is_none());
+    assert_eq!(f.maps.load(0).unwrap(), 0);
+    assert_eq!(f.counter(C::SessionFinished).unwrap(), 1);
+}
+
+#[test]
+fn heartbeat_answer_teaches_the_backend_mac_and_passes() {
+    let mut f = fixture(1);
+    let mut seen = f.maps.seen(0).unwrap();
+    seen.mac = [0; 6];
+    f.maps.seen.set(0, seen, 0).unwrap();
+    let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
+    beat.flags = FLAG_FROM_BACKEND | FLAG_HEARTBEAT;
+    let frame = from_backend(0, &beat, b"");
+    let (action, out) = f.run(&frame).unwrap();
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out, frame, "passed unchanged");
+    let seen = f.maps.seen(0).unwrap();
+    assert_eq!((seen.mac, seen.lb_mac), (backend_mac(0), LB_MAC));
+    assert!(seen.last_answer_ns > 0);
+    assert_eq!(f.counter(C::Heartbeat).unwrap(), 1);
+}
+
+#[test]
+fn replies_from_elsewhere_are_dropped_and_counted() {
+    let mut f = fixture(2);
+    let first = headers(&open(&mut f, 40_005)).ip_dst;
+    let other = u32::from(first == backend_ip(0));
+    // A registered backend that does not serve this session.
+    let (action, _) = f.run(&from_backend(other, &reply_header(40_005, 1, 0), b"\x00\x03\x00\x01x")).unwrap();
+    assert_eq!((action, f.counter(C::DropStaleBackend).unwrap()), (XDP_DROP, 1));
+    // An address that is not a backend at all.
+    let spoofed = udp_frame(
+        (CLIENT_MAC, LB_MAC),
+        (CLIENT, BACKEND_PORT),
+        (STEER_ADDR, STEER_PORT),
+        bytemuck::bytes_of(&reply_header(40_005, 1, 0)),
+    );
+    let (action, _) = f.run(&spoofed).unwrap();
+    assert_eq!((action, f.counter(C::DropUnknownSource).unwrap()), (XDP_DROP, 1));
+    // A backend without a valid header.
+    let (action, _) = f.run(&udp_frame(
+        (backend_mac(0), LB_MAC),
+        (backend_ip(0), BACKEND_PORT),
+        (STEER_ADDR, STEER_PORT),
+        &[0u8; 80],
+    ))
+    .unwrap();
+    assert_eq!((action, f.counter(C::DropBadHeader).unwrap()), (XDP_DROP, 1));
+}
+
+/// Packets that are not xdp-lb's business pass unchanged, each counted by its reason.
+#[test]
+fn other_traffic_passes_unchanged() {
+    let mut f = fixture(1);
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut tcp = from_client(CLIENT, 1234, 80, b"GET /");
+    tcp[23] = 6;
+    let other_host = udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 69), b"\x00\x01x\x00octet\x00");
+    let vip_other_port = from_client(CLIENT, 1234, 53, b"dns?");
+    for (frame, counter) in [
+        (arp, C::PassNotIpv4),
+        (tcp, C::PassNotUdp),
+        (other_host, C::PassNotService),
+        (vip_other_port, C::PassNotService),
+    ] {
+        let before = f.counter(counter).unwrap();
+        let (action, out) = f.run(&frame).unwrap();
+        assert_eq!(action, XDP_PASS, "{counter:?}");
+        assert_eq!(out, frame, "{counter:?}: passed unchanged");
+        assert_eq!(f.counter(counter).unwrap(), before + 1, "{counter:?}");
+    }
+}
+
+/// Malformed packets for the service are dropped, each counted by its reason.
+#[test]
+fn malformed_packets_are_dropped_and_counted() {
+    let mut f = fixture(1);
+    let rrq = from_client(CLIENT, 40_006, TFTP_PORT, RRQ);
+    let mut fragment = rrq.clone();
+    fragment[20] = 0x20; // more fragments
+    let mut options = rrq.clone();
+    options[14] = 0x46;
+    let mut long_udp = rrq.clone();
+    long_udp[38..40].copy_from_slice(&2000u16.to_be_bytes());
+    let tid = ClientKey::new(CLIENT, 40_007u16.to_be_bytes()).tid();
+    for (name, frame, counter) in [
+        ("IPv4 ethertype without an IP header", rrq[..14].to_vec(), C::DropTruncated),
+        ("IPv4 header cut short", rrq[..30].to_vec(), C::DropTruncated),
+        ("UDP length beyond the frame", long_udp, C::DropTruncated),
+        ("fragment", fragment, C::DropFragmentOrOptions),
+        ("IP options", options, C::DropFragmentOrOptions),
+        ("DATA to port 69", from_client(CLIENT, 40_006, TFTP_PORT, b"\x00\x03\x00\x01"), C::DropNotRequest),
+        ("empty datagram to port 69", from_client(CLIENT, 40_006, TFTP_PORT, b""), C::DropNotRequest),
+        ("ACK without a session", from_client(CLIENT, 40_007, tid, b"\x00\x04\x00\x01"), C::DropNoSession),
+    ] {
+        let before = f.counter(counter).unwrap();
+        let (action, _) = f.run(&frame).unwrap();
+        assert_eq!(action, XDP_DROP, "{name}");
+        assert_eq!(f.counter(counter).unwrap(), before + 1, "{name}: {counter:?}");
+    }
+}
+
+#[test]
+fn without_live_backends_requests_are_dropped() {
+    let mut f = fixture(1);
+    f.set_backend_state(0, BACKEND_DEAD).unwrap();
+    let (action, _) = f.run(&from_client(CLIENT, 40_008, TFTP_PORT, RRQ)).unwrap();
+    assert_eq!((action, f.counter(C::DropNoBackend).unwrap()), (XDP_DROP, 1));
+}

@@ -1,0 +1,150 @@
+//! Runs `balance` on crafted packets with BPF_PROG_TEST_RUN: the kernel tests' fixture, and the
+//! source of the per-packet cost figures (`xdp-lb bench-xdp`). Needs root, not an interface.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use xdp_lb_common::{
+    Backend, BackendSeen, BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session,
+    frame::{ETHERTYPE_IPV4, IPPROTO_UDP, IPV4_VIHL_NO_OPTIONS, udp_checksum},
+    maps::BACKEND_LIVE,
+    names::PROGRAM_BALANCE,
+};
+
+use crate::maps::LbMaps;
+
+pub const VIP: [u8; 4] = [10, 77, 0, 100];
+pub const STEER_ADDR: [u8; 4] = [10, 77, 0, 2];
+pub const STEER_PORT: u16 = 6969;
+pub const BACKEND_PORT: u16 = 7000;
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+/// Ifindex of a BPF_PROG_TEST_RUN packet without context: the namespace's loopback.
+pub const TEST_IFINDEX: u32 = 1;
+
+/// Address of backend `id`.
+#[must_use]
+pub fn backend_ip(id: u32) -> [u8; 4] {
+    [10, 77, 0, 11 + u8::try_from(id).unwrap_or(0)]
+}
+
+/// MAC address of backend `id`.
+#[must_use]
+pub fn backend_mac(id: u32) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, 0x20 + u8::try_from(id).unwrap_or(0)]
+}
+
+/// A loaded `balance` with a VIP and live backends whose MACs are known.
+pub struct Fixture {
+    ebpf: Ebpf,
+    pub maps: LbMaps,
+}
+
+impl Fixture {
+    pub fn new(backends: u32) -> anyhow::Result<Self> {
+        let mut ebpf = EbpfLoader::new().load(crate::loader::OBJECT).context("loading the object (root?)")?;
+        let program: &mut Xdp = ebpf.program_mut(PROGRAM_BALANCE).context("no balance program")?.try_into()?;
+        program.load().context("the verifier rejected balance")?;
+        let mut maps = LbMaps::take(&mut ebpf)?;
+        let config = LbConfig { vip: VIP, steer_addr: STEER_ADDR, steer_port: STEER_PORT.to_be_bytes(), pad: [0; 2] };
+        maps.config.set(0, config, 0)?;
+        for id in 0..backends {
+            let backend = Backend { ip: backend_ip(id), port: BACKEND_PORT.to_be_bytes(), state: BACKEND_LIVE, pad: 0 };
+            maps.backends.set(id, backend, 0)?;
+            let seen = BackendSeen { mac: backend_mac(id), lb_mac: LB_MAC, ifindex: TEST_IFINDEX, ..BackendSeen::default() };
+            maps.seen.set(id, seen, 0)?;
+        }
+        Ok(Self { ebpf, maps })
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(PROGRAM_BALANCE).context("no balance program")?.try_into()?)
+    }
+
+    /// Runs the program once on `frame`: its action and the packet it leaves.
+    pub fn run(&mut self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(usize::try_from(result.data_size_out)?);
+        Ok((result.return_value, out))
+    }
+
+    /// Mean time per run of `frame` over `repeat` runs (the kernel resets the packet each run,
+    /// not the maps).
+    pub fn time(&mut self, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
+        let result = self.program()?.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?;
+        Ok(result.duration)
+    }
+
+    pub fn counter(&self, which: BalanceCounter) -> anyhow::Result<u64> {
+        Ok(self.maps.counters()?[which as usize].packets)
+    }
+
+    pub fn session(&self, key: &ClientKey) -> Option<Session> {
+        self.maps.sessions.get(key, 0).ok()
+    }
+
+    pub fn set_backend_state(&mut self, id: u32, state: u8) -> anyhow::Result<()> {
+        let mut backend = self.maps.backend(id)?;
+        backend.state = state;
+        Ok(self.maps.backends.set(id, backend, 0)?)
+    }
+}
+
+/// An Ethernet/IPv4/UDP frame with valid checksums.
+#[must_use]
+pub fn udp_frame(
+    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+    (ip_src, sport): ([u8; 4], u16),
+    (ip_dst, dport): ([u8; 4], u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let udp_len = u16::try_from(8 + payload.len()).expect("payload fits a UDP datagram");
+    let mut headers = FrameHeaders {
+        eth_dst,
+        eth_src,
+        eth_type: ETHERTYPE_IPV4.to_be_bytes(),
+        ip_vihl: IPV4_VIHL_NO_OPTIONS,
+        ip_tos: 0,
+        ip_len: (udp_len + 20).to_be_bytes(),
+        ip_id: [0, 1],
+        ip_frag: [0x40, 0],
+        ip_ttl: 64,
+        ip_proto: IPPROTO_UDP,
+        ip_check: [0; 2],
+        ip_src,
+        ip_dst,
+        udp_src: sport.to_be_bytes(),
+        udp_dst: dport.to_be_bytes(),
+        udp_len: udp_len.to_be_bytes(),
+        udp_check: [0; 2],
+    };
+    headers.fill_ip_checksum();
+    let mut frame = bytemuck::bytes_of(&headers).to_vec();
+    frame.extend_from_slice(payload);
+    let check = udp_checksum(&frame).expect("complete frame");
+    frame[40..42].copy_from_slice(&check.to_be_bytes());
+    frame
+}
+
+/// A client's frame to the VIP.
+#[must_use]
+pub fn from_client(client_ip: [u8; 4], client_port: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    udp_frame((CLIENT_MAC, LB_MAC), (client_ip, client_port), (VIP, dport), payload)
+}
+
+/// A backend's frame to the steering port: `header` then `payload`.
+#[must_use]
+pub fn from_backend(id: u32, header: &xdp_lb_common::SteeringHeader, payload: &[u8]) -> Vec<u8> {
+    let mut body = bytemuck::bytes_of(header).to_vec();
+    body.extend_from_slice(payload);
+    udp_frame((backend_mac(id), LB_MAC), (backend_ip(id), BACKEND_PORT), (STEER_ADDR, STEER_PORT), &body)
+}
