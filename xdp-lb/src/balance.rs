@@ -1,12 +1,28 @@
-//! The load balancer agent (`xdp-lb balance`).
+//! The load balancer agent (`xdp-lb balance`): loads and attaches `balance`, keeps its maps, and
+//! runs the watchdog that moves sessions off dead backends.
 
-use std::path::Path;
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use anyhow::Context as _;
-use tracing::info;
-use xdp_lb_common::names::{MAP_LB_COUNTERS, PROGRAM_BALANCE, ROLE_BALANCE};
+use anyhow::{Context as _, bail};
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+use xdp_lb_common::{
+    Backend, LbConfig, SteeringHeader,
+    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
+    names::{PROGRAM_BALANCE, ROLE_BALANCE},
+    steering::FLAG_HEARTBEAT,
+};
 
-use crate::{loader, pins};
+use crate::{
+    control::{self, BackendView, Judgement, Policy},
+    loader,
+    maps::{self, LbMaps},
+    pins,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,16 +31,59 @@ pub struct Args {
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     interfaces: Vec<String>,
 
+    /// The service address (VIP) clients send TFTP requests to. It must be configured on this
+    /// host so it answers ARP for it.
+    #[arg(long, value_name = "IPV4")]
+    vip: Ipv4Addr,
+
+    /// A backend's steered-mode address (`tftp-backend --steered --listen ADDR:PORT`); repeat
+    /// for each, up to 16.
+    #[arg(long = "backend", value_name = "ADDR:PORT", required = true)]
+    backends: Vec<SocketAddrV4>,
+
+    /// This balancer's own address toward the backends (source of steered packets; backends
+    /// answer there). Default: the first IPv4 address of the first --iface other than the VIP.
+    #[arg(long, value_name = "IPV4")]
+    address: Option<Ipv4Addr>,
+
+    /// UDP port on --address where backends answer.
+    #[arg(long, default_value_t = 6969)]
+    steer_port: u16,
+
+    /// How often the watchdog reads the kernel's counters, in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    tick_ms: u64,
+
+    /// A backend with packets unanswered for this long while clients wait is dead (ms).
+    #[arg(long, default_value_t = 100)]
+    dead_after_ms: u64,
+
+    /// A backend with more unanswered packets per client than this is dead.
+    #[arg(long, default_value_t = 8)]
+    watchdog_per_client: u64,
+
+    /// Interval of the heartbeats that detect idle deaths and revivals (ms).
+    #[arg(long, default_value_t = 50)]
+    probe_interval_ms: u64,
+
+    /// A backend silent this long, heartbeats included, is dead (ms).
+    #[arg(long, default_value_t = 300)]
+    silent_after_ms: u64,
+
+    /// Sessions whose client has been quiet this long are forgotten (seconds).
+    #[arg(long, default_value_t = 120)]
+    session_idle_secs: u64,
+
     /// XDP attach mode: `auto` lets the kernel choose, `native` requires driver support, `skb`
     /// (generic XDP) works everywhere.
     #[arg(long, value_enum, default_value_t)]
     xdp_mode: loader::AttachMode,
 }
 
-/// Maps of the `balance` program that are pinned, and re-adopted on restart.
-const PINNED_MAPS: &[&str] = &[MAP_LB_COUNTERS];
-
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+    if args.backends.len() > MAX_BACKENDS {
+        bail!("at most {MAX_BACKENDS} backends, got {}", args.backends.len());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -33,25 +92,256 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
 }
 
 async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+    let address = match args.address {
+        Some(address) => address,
+        None => interface_address(&args.interfaces[0], args.vip)?,
+    };
     let pin_dir = pins::prepare_role_dir(pin_root, ROLE_BALANCE)?;
-    let mut ebpf = loader::load_pinned(&pin_dir, PINNED_MAPS)?;
+    let mut ebpf = loader::load_pinned(&pin_dir, maps::ALL)?;
+    let mut lb_maps = LbMaps::take(&mut ebpf)?;
+    configure(&mut lb_maps, args, address)?;
     loader::attach_xdp(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode)?;
+    let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
+        .await
+        .with_context(|| format!("cannot bind the steering port {address}:{}", args.steer_port))?;
     info!(
-        interfaces = ?args.interfaces,
-        pin_dir = %pin_dir.display(),
-        "balance attached; maps pinned"
+        interfaces = ?args.interfaces, vip = %args.vip, %address, backends = ?args.backends,
+        pin_dir = %pin_dir.display(), "balance attached"
     );
-    wait_for_shutdown().await?;
-    // Dropping `ebpf` detaches the program; the pinned maps stay for `xdp-lb status`.
+    let mut agent = Agent {
+        maps: lb_maps,
+        backends: args.backends.clone(),
+        dead_since_ns: vec![0; args.backends.len()],
+        policy: Policy {
+            dead_after: Duration::from_millis(args.dead_after_ms),
+            per_client_threshold: args.watchdog_per_client,
+            silent_after: Duration::from_millis(args.silent_after_ms),
+        },
+        socket,
+        session_idle: Duration::from_secs(args.session_idle_secs),
+    };
+    agent.run(args).await?;
+    // Dropping `ebpf` detaches the program; the pinned maps stay for `xdp-lb status` and for
+    // the next agent.
     info!("shutting down, detaching");
+    drop(ebpf);
     Ok(())
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT"),
-        _ = terminate.recv() => Ok(()),
+/// Writes the VIP and the backends, keeping the state of backends a previous agent already
+/// registered at the same slot (re-adoption: their sessions stay where they are).
+fn configure(maps: &mut LbMaps, args: &Args, address: Ipv4Addr) -> anyhow::Result<()> {
+    let config = LbConfig { vip: args.vip.octets(), steer_addr: address.octets(), steer_port: args.steer_port.to_be_bytes(), pad: [0; 2] };
+    maps.config.set(0, config, 0).context("writing LB_CONFIG")?;
+    for id in 0..MAX_BACKENDS {
+        let id_u32 = u32::try_from(id)?;
+        let old = maps.backend(id_u32)?;
+        let backend = match args.backends.get(id) {
+            Some(addr) => {
+                let (ip, port) = (addr.ip().octets(), addr.port().to_be_bytes());
+                let adopted = old.ip == ip && old.port == port && old.state != BACKEND_UNUSED;
+                Backend { ip, port, state: if adopted { old.state } else { BACKEND_DEAD }, pad: 0 }
+            }
+            None => Backend::default(),
+        };
+        maps.backends.set(id_u32, backend, 0).context("writing LB_BACKENDS")?;
     }
+    Ok(())
+}
+
+struct Agent {
+    maps: LbMaps,
+    backends: Vec<SocketAddrV4>,
+    /// When the agent declared each backend dead (0: at start).
+    dead_since_ns: Vec<u64>,
+    policy: Policy,
+    /// Bound to the steering address and port: heartbeats and nudges leave from here, so
+    /// backends answer to the port `balance` watches.
+    socket: UdpSocket,
+    session_idle: Duration,
+}
+
+impl Agent {
+    async fn run(&mut self, args: &Args) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut tick = tokio::time::interval(Duration::from_millis(args.tick_ms.max(1)));
+        let mut probe = tokio::time::interval(Duration::from_millis(args.probe_interval_ms.max(1)));
+        let mut maintain = tokio::time::interval(Duration::from_secs(1));
+        let mut buf = [0u8; 2048];
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
+                _ = tick.tick() => self.watchdog().await?,
+                _ = probe.tick() => self.probe().await,
+                _ = maintain.tick() => self.maintain()?,
+                // Heartbeat answers: the kernel already recorded them; just drain the socket.
+                _ = self.socket.recv_from(&mut buf) => {}
+            }
+        }
+    }
+
+    fn views(&self) -> anyhow::Result<Vec<BackendView>> {
+        (0..self.backends.len())
+            .map(|id| {
+                let id_u32 = u32::try_from(id)?;
+                let (backend, seen) = (self.maps.backend(id_u32)?, self.maps.seen(id_u32)?);
+                Ok(BackendView {
+                    state: backend.state,
+                    unanswered: seen.unanswered,
+                    unanswered_since_ns: seen.unanswered_since_ns,
+                    last_answer_ns: seen.last_answer_ns,
+                    mac_known: seen.mac != [0; 6],
+                    sessions: self.maps.load(id_u32)?,
+                    dead_since_ns: self.dead_since_ns[id],
+                })
+            })
+            .collect()
+    }
+
+    async fn watchdog(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let mut views = self.views()?;
+        for id in 0..views.len() {
+            match control::judge(now, &views[id], &self.policy) {
+                Judgement::Keep => {}
+                Judgement::Revive => {
+                    self.set_state(id, BACKEND_LIVE)?;
+                    views[id].state = BACKEND_LIVE;
+                    info!(backend = %self.backends[id], "backend answers: back in the active set");
+                }
+                Judgement::Die(reason) => {
+                    self.set_state(id, BACKEND_DEAD)?;
+                    views[id].state = BACKEND_DEAD;
+                    self.dead_since_ns[id] = now;
+                    let started = Instant::now();
+                    let (moved, nudged) = self.move_sessions(id, &views).await?;
+                    warn!(
+                        backend = %self.backends[id], %reason, moved, nudged,
+                        took_us = started.elapsed().as_micros(),
+                        "backend dead: sessions moved to live backends"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, id: usize, state: u8) -> anyhow::Result<()> {
+        let id_u32 = u32::try_from(id)?;
+        let mut backend = self.maps.backend(id_u32)?;
+        backend.state = state;
+        self.maps.backends.set(id_u32, backend, 0).context("writing LB_BACKENDS")?;
+        Ok(())
+    }
+
+    /// Rewrites every session of backend `dead` to the least loaded live backend and nudges the
+    /// new backend so it resends the outstanding window at once.
+    async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize)> {
+        let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
+        let (mut moved, mut nudged) = (0, 0);
+        let dead_u32 = u32::try_from(dead)?;
+        for (key, mut session) in self.maps.sessions() {
+            if session.backend != dead_u32 {
+                continue;
+            }
+            let Some(target) = control::least_loaded(views, &loads) else {
+                warn!("no live backend to move sessions to");
+                break;
+            };
+            session.backend = target;
+            if let Err(error) = self.maps.sessions.insert(key, session, 0) {
+                debug!(%error, "session vanished while moving it");
+                continue;
+            }
+            moved += 1;
+            loads[target as usize] += 1;
+            if let Some(datagram) = control::nudge(&session) {
+                let to = self.backends[target as usize];
+                match self.socket.send_to(&datagram, to).await {
+                    Ok(_) => nudged += 1,
+                    Err(error) => warn!(%error, backend = %to, "nudge failed"),
+                }
+            }
+        }
+        loads[dead] = 0;
+        for (id, load) in loads.iter().enumerate() {
+            self.maps.load.set(u32::try_from(id)?, load, 0).context("writing LB_LOAD")?;
+        }
+        Ok((moved, nudged))
+    }
+
+    /// Heartbeats to every backend: answers keep live ones live and bring dead ones back.
+    async fn probe(&self) {
+        let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
+        beat.flags = FLAG_HEARTBEAT;
+        for backend in &self.backends {
+            if let Err(error) = self.socket.send_to(bytemuck::bytes_of(&beat), backend).await {
+                debug!(%error, %backend, "heartbeat not sent");
+            }
+        }
+    }
+
+    /// Recounts sessions per backend and forgets sessions idle for too long.
+    fn maintain(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let idle = u64::try_from(self.session_idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut sessions = self.maps.sessions();
+        sessions.retain(|(key, session)| {
+            let stale = now.saturating_sub(session.last_client_ns) > idle;
+            if stale {
+                let _ = self.maps.sessions.remove(key);
+            }
+            !stale
+        });
+        let counts = control::count_sessions(&sessions);
+        for (id, count) in counts.iter().enumerate().take(self.backends.len()) {
+            self.maps.load.set(u32::try_from(id)?, count, 0).context("writing LB_LOAD")?;
+        }
+        Ok(())
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The first IPv4 address of `iface` other than `exclude`.
+fn interface_address(iface: &str, exclude: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list that we free below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut found = None;
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: cursor walks the list getifaddrs returned.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, a sockaddr.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        if name.to_bytes() != iface.as_bytes() || entry.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: as above.
+        if i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: AF_INET addresses are sockaddr_in.
+        let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        if addr != exclude {
+            found = Some(addr);
+            break;
+        }
+    }
+    // SAFETY: frees the list from getifaddrs once.
+    unsafe { libc::freeifaddrs(list) };
+    found.with_context(|| format!("{iface} has no IPv4 address besides the VIP; pass --address"))
 }

@@ -1,5 +1,6 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
+mod control;
 #[cfg(test)]
 mod kernel_tests;
 mod loader;
@@ -33,6 +34,14 @@ enum Command {
     Balance(balance::Args),
     /// Show the state kept in the pinned maps (works whether or not an agent runs).
     Status(status::Args),
+    /// Measure the per-packet cost of each path through `balance` with BPF_PROG_TEST_RUN
+    /// (used by `cargo xtask bench`; needs root, attaches nothing).
+    #[command(hide = true)]
+    BenchXdp {
+        /// Runs per path; the mean is reported.
+        #[arg(long, default_value_t = 1_000_000)]
+        repeat: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,5 +56,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Balance(args) => balance::run(&cli.pin_root, &args),
         Command::Status(args) => status::run(&cli.pin_root, &args),
+        Command::BenchXdp { repeat } => {
+            for (path, mean) in testrun::bench(repeat)? {
+                println!("{}", serde_json::json!({ "path": path, "ns_per_packet": mean.as_nanos() }));
+            }
+            Ok(())
+        }
     }
 }

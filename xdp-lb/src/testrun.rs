@@ -9,7 +9,7 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session,
+    Backend, BackendSeen, ClientKey, FrameHeaders, LbConfig,
     frame::{ETHERTYPE_IPV4, IPPROTO_UDP, IPV4_VIHL_NO_OPTIONS, udp_checksum},
     maps::BACKEND_LIVE,
     names::PROGRAM_BALANCE,
@@ -41,6 +41,7 @@ pub fn backend_mac(id: u32) -> [u8; 6] {
 /// A loaded `balance` with a VIP and live backends whose MACs are known.
 pub struct Fixture {
     ebpf: Ebpf,
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the kernel tests"))]
     pub maps: LbMaps,
 }
 
@@ -84,11 +85,16 @@ impl Fixture {
         Ok(result.duration)
     }
 
-    pub fn counter(&self, which: BalanceCounter) -> anyhow::Result<u64> {
+}
+
+/// Inspection and fault injection for the kernel tests.
+#[cfg(test)]
+impl Fixture {
+    pub fn counter(&self, which: xdp_lb_common::BalanceCounter) -> anyhow::Result<u64> {
         Ok(self.maps.counters()?[which as usize].packets)
     }
 
-    pub fn session(&self, key: &ClientKey) -> Option<Session> {
+    pub fn session(&self, key: &ClientKey) -> Option<xdp_lb_common::Session> {
         self.maps.sessions.get(key, 0).ok()
     }
 
@@ -147,4 +153,30 @@ pub fn from_backend(id: u32, header: &xdp_lb_common::SteeringHeader, payload: &[
     let mut body = bytemuck::bytes_of(header).to_vec();
     body.extend_from_slice(payload);
     udp_frame((backend_mac(id), LB_MAC), (backend_ip(id), BACKEND_PORT), (STEER_ADDR, STEER_PORT), &body)
+}
+
+/// Mean cost per packet of each path through `balance`, measured with BPF_PROG_TEST_RUN and
+/// `repeat` runs per path (the figures `cargo xtask bench` reports).
+pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
+    use xdp_lb_common::{SteeringHeader, TFTP_PORT, steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT}};
+    const CLIENT: [u8; 4] = [10, 77, 0, 50];
+    const PORT: u16 = 40_000;
+    let mut f = Fixture::new(3)?;
+    let rrq = from_client(CLIENT, PORT, TFTP_PORT, b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00");
+    let (_, steered) = f.run(&rrq)?;
+    let backend = (0..3).find(|&i| steered[30..34] == backend_ip(i)).context("RRQ not steered")?;
+    let key = ClientKey::new(CLIENT, PORT.to_be_bytes());
+    let mut reply = SteeringHeader::for_client(CLIENT, PORT, VIP, key.tid());
+    reply.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+    reply.set_block(1);
+    let mut data = b"\x00\x03\x00\x01".to_vec();
+    data.resize(4 + 1468, 0xa5);
+    let paths = [
+        ("request: RRQ to VIP:69 -> backend", rrq),
+        ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01")),
+        ("backend DATA 1468 B -> client", from_backend(backend, &reply, &data)),
+        ("other traffic: pass", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 53), b"dns?")),
+        ("spoofed reply: drop", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 7000), (STEER_ADDR, STEER_PORT), &data)),
+    ];
+    paths.into_iter().map(|(name, frame)| Ok((name, f.time(&frame, repeat)?))).collect()
 }

@@ -1,0 +1,232 @@
+//! The load balancer's decisions, as pure functions over what the maps say: when a backend is
+//! dead or alive again, where a session goes. The agent does the I/O; this is unit-tested.
+
+use std::time::Duration;
+
+use xdp_lb_common::{
+    ClientKey, Session, SteeringHeader,
+    maps::{BACKEND_DEAD, BACKEND_LIVE, MAX_BACKENDS},
+    steering::{FLAG_HAS_CONTEXT, FLAG_NUDGE},
+};
+
+/// When to declare a backend dead.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Packets steered to a backend unanswered for this long, while clients wait: dead.
+    pub dead_after: Duration,
+    /// Unanswered packets per client with a session on the backend beyond this: dead.
+    pub per_client_threshold: u64,
+    /// No answer at all (heartbeats included) for this long: dead, even without sessions.
+    pub silent_after: Duration,
+}
+
+/// One backend as the agent sees it at a tick.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendView {
+    pub state: u8,
+    pub unanswered: u64,
+    pub unanswered_since_ns: u64,
+    pub last_answer_ns: u64,
+    pub mac_known: bool,
+    pub sessions: u64,
+    /// When the agent declared it dead (0: never, or dead since the agent started).
+    pub dead_since_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeathReason {
+    /// Steered packets unanswered for `for_ms`.
+    Unanswered { for_ms: u64, packets: u64 },
+    /// More unanswered packets per client than the threshold.
+    PerClient { packets: u64, clients: u64 },
+    /// No answer, not even to heartbeats, for `for_ms`.
+    Silent { for_ms: u64 },
+}
+
+impl std::fmt::Display for DeathReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unanswered { for_ms, packets } => write!(f, "{packets} packet(s) unanswered for {for_ms} ms"),
+            Self::PerClient { packets, clients } => write!(f, "{packets} unanswered packet(s) for {clients} client(s)"),
+            Self::Silent { for_ms } => write!(f, "silent for {for_ms} ms"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    Keep,
+    Die(DeathReason),
+    Revive,
+}
+
+fn ms(ns: u64) -> u64 {
+    ns / 1_000_000
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Judges one backend at `now_ns` (CLOCK_MONOTONIC, the kernel's `bpf_ktime_get_ns`).
+#[must_use]
+pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
+    match b.state {
+        BACKEND_LIVE => {
+            if b.unanswered > 0 {
+                let waiting = now_ns.saturating_sub(b.unanswered_since_ns);
+                if waiting > nanos(policy.dead_after) {
+                    return Judgement::Die(DeathReason::Unanswered { for_ms: ms(waiting), packets: b.unanswered });
+                }
+                let clients = b.sessions.max(1);
+                if b.unanswered / clients > policy.per_client_threshold {
+                    return Judgement::Die(DeathReason::PerClient { packets: b.unanswered, clients });
+                }
+            }
+            let silent = now_ns.saturating_sub(b.last_answer_ns);
+            if silent > nanos(policy.silent_after) {
+                return Judgement::Die(DeathReason::Silent { for_ms: ms(silent) });
+            }
+            Judgement::Keep
+        }
+        BACKEND_DEAD if b.mac_known && b.last_answer_ns > b.dead_since_ns => {
+            // Answered since it was declared dead (a heartbeat): back into the active set.
+            Judgement::Revive
+        }
+        _ => Judgement::Keep,
+    }
+}
+
+/// The live backend with the fewest sessions.
+#[must_use]
+pub fn least_loaded(views: &[BackendView], loads: &[u64]) -> Option<u32> {
+    views
+        .iter()
+        .zip(loads)
+        .enumerate()
+        .filter(|(_, (v, _))| v.state == BACKEND_LIVE && v.mac_known)
+        .min_by_key(|(_, (_, load))| **load)
+        .and_then(|(id, _)| u32::try_from(id).ok())
+}
+
+/// Sessions per backend, counted from the session table (the kernel's counts drift when the
+/// LRU evicts).
+#[must_use]
+pub fn count_sessions(sessions: &[(ClientKey, Session)]) -> [u64; MAX_BACKENDS] {
+    let mut counts = [0u64; MAX_BACKENDS];
+    for (_, session) in sessions {
+        if let Some(count) = usize::try_from(session.backend).ok().and_then(|i| counts.get_mut(i)) {
+            *count += 1;
+        }
+    }
+    counts
+}
+
+/// The datagram that tells a session's new backend to resend what is outstanding now: the
+/// session's header flagged `NUDGE`, then the client's last ACK. `None` while no DATA has been
+/// sent (the client is still waiting for the first answer and will repeat its request).
+#[must_use]
+pub fn nudge(session: &Session) -> Option<Vec<u8>> {
+    if session.header.flags & FLAG_HAS_CONTEXT == 0 || session.header.block() == 0 {
+        return None;
+    }
+    let mut header: SteeringHeader = session.header;
+    header.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    let mut datagram = bytemuck::bytes_of(&header).to_vec();
+    datagram.extend_from_slice(&[0, 4, session.last_ack[0], session.last_ack[1]]);
+    Some(datagram)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn policy() -> Policy {
+        Policy { dead_after: Duration::from_millis(100), per_client_threshold: 8, silent_after: Duration::from_millis(300) }
+    }
+
+    fn live(last_answer_ns: u64) -> BackendView {
+        BackendView { state: BACKEND_LIVE, mac_known: true, last_answer_ns, ..BackendView::default() }
+    }
+
+    #[test]
+    fn a_busy_backend_that_answers_lives() {
+        let b = BackendView { unanswered: 1, unanswered_since_ns: 990 * MS, sessions: 3, ..live(995 * MS) };
+        assert_eq!(judge(1000 * MS, &b, &policy()), Judgement::Keep);
+    }
+
+    #[test]
+    fn unanswered_for_longer_than_dead_after_is_dead() {
+        let b = BackendView { unanswered: 2, unanswered_since_ns: 850 * MS, sessions: 1, ..live(850 * MS) };
+        assert_eq!(
+            judge(1000 * MS, &b, &policy()),
+            Judgement::Die(DeathReason::Unanswered { for_ms: 150, packets: 2 })
+        );
+    }
+
+    #[test]
+    fn too_many_unanswered_per_client_is_dead_before_the_timeout() {
+        let b = BackendView { unanswered: 40, unanswered_since_ns: 990 * MS, sessions: 4, ..live(990 * MS) };
+        assert_eq!(judge(1000 * MS, &b, &policy()), Judgement::Die(DeathReason::PerClient { packets: 40, clients: 4 }));
+        let fewer = BackendView { unanswered: 30, ..b };
+        assert_eq!(judge(1000 * MS, &fewer, &policy()), Judgement::Keep);
+    }
+
+    #[test]
+    fn an_idle_backend_that_misses_heartbeats_is_dead() {
+        assert_eq!(judge(1000 * MS, &live(600 * MS), &policy()), Judgement::Die(DeathReason::Silent { for_ms: 400 }));
+        assert_eq!(judge(1000 * MS, &live(800 * MS), &policy()), Judgement::Keep);
+    }
+
+    #[test]
+    fn a_dead_backend_revives_only_after_answering_again() {
+        let dead = BackendView { state: BACKEND_DEAD, mac_known: true, last_answer_ns: 500 * MS, dead_since_ns: 600 * MS, ..BackendView::default() };
+        assert_eq!(judge(1000 * MS, &dead, &policy()), Judgement::Keep);
+        let answered = BackendView { last_answer_ns: 900 * MS, ..dead };
+        assert_eq!(judge(1000 * MS, &answered, &policy()), Judgement::Revive);
+        let never_seen = BackendView { state: BACKEND_DEAD, ..BackendView::default() };
+        assert_eq!(judge(1000 * MS, &never_seen, &policy()), Judgement::Keep);
+    }
+
+    #[test]
+    fn least_loaded_skips_dead_and_unreachable_backends() {
+        let views = [
+            live(1),
+            BackendView { state: BACKEND_DEAD, mac_known: true, ..BackendView::default() },
+            BackendView { mac_known: false, ..live(1) },
+            live(1),
+        ];
+        assert_eq!(least_loaded(&views, &[5, 0, 0, 2]), Some(3));
+        assert_eq!(least_loaded(&views[1..3], &[0, 0]), None);
+    }
+
+    #[test]
+    fn nudge_carries_the_last_ack_and_is_skipped_before_any_data() {
+        let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
+        let mut session: Session = bytemuck::Zeroable::zeroed();
+        session.header = SteeringHeader::for_client(key.ip, 4000, [10, 0, 0, 1], key.tid());
+        assert!(nudge(&session).is_none());
+        session.header.flags = FLAG_HAS_CONTEXT;
+        session.header.set_block(70_000);
+        session.last_ack = 4460u16.to_be_bytes();
+        let datagram = nudge(&session).expect("a nudge");
+        let header: SteeringHeader = *bytemuck::from_bytes(&datagram[..64]);
+        assert_eq!(header.flags, FLAG_HAS_CONTEXT | FLAG_NUDGE);
+        assert_eq!(header.block(), 70_000);
+        assert_eq!(&datagram[64..], &[0, 4, 0x11, 0x6c]);
+    }
+
+    #[test]
+    fn sessions_are_counted_per_backend() {
+        let mut a: Session = bytemuck::Zeroable::zeroed();
+        a.backend = 2;
+        let mut b = a;
+        b.backend = 99; // out of range: ignored
+        let key = ClientKey::default();
+        let counts = count_sessions(&[(key, a), (key, a), (key, b)]);
+        assert_eq!(counts[2], 2);
+        assert_eq!(counts.iter().sum::<u64>(), 2);
+    }
+}
