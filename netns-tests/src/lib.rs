@@ -13,6 +13,7 @@
 mod netns;
 mod paths;
 mod process;
+pub mod topology;
 
 pub use netns::{Netns, VethEnd, veth_pair};
 pub use paths::{PinDir, binary, ensure_bpffs};
@@ -41,7 +42,7 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }

@@ -1,0 +1,128 @@
+//! The load balancer topology: clients, one LB and backends on one L2 segment (a bridge in its
+//! own namespace), every host in a namespace of its own.
+//!
+//! ```text
+//!  client-0 ─┐                    ┌─ backend-0  10.77.0.11
+//!  client-1 ─┤── br0 (net ns) ────┼─ backend-1  10.77.0.12
+//!     ...    │                    └─ ...
+//!            └── lb  10.77.0.2 (+ VIP 10.77.0.100/32), `balance` on eth0
+//! ```
+//!
+//! The LB sends steered packets back out of the interface they came in on (XDP_TX); a veth
+//! only accepts such frames at its peer when the peer has GRO or an XDP program, so GRO is on
+//! for the bridge ports. Links carry MTU 1600: the steering header adds 64 bytes to each DATA.
+
+use std::path::PathBuf;
+
+use crate::{Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+
+pub const VIP: &str = "10.77.0.100";
+pub const LB_ADDR: &str = "10.77.0.2";
+pub const STEER_PORT: u16 = 6969;
+pub const BACKEND_PORT: u16 = 7000;
+const MTU: &str = "1600";
+
+#[must_use]
+pub fn backend_addr(i: usize) -> String {
+    format!("10.77.0.{}", 11 + i)
+}
+
+#[must_use]
+pub fn client_addr(i: usize) -> String {
+    format!("10.77.0.{}", 50 + i)
+}
+
+/// Namespaces and links; processes are started separately so tests can kill and restart them.
+pub struct LbTopology {
+    pub prefix: RunPrefix,
+    pub clients: Vec<Netns>,
+    pub lb: Netns,
+    pub backends: Vec<Netns>,
+    pub pins: PinDir,
+    /// Files the backends serve (one directory, shared by all backends).
+    pub root: PathBuf,
+    // Dropped last: deleting it removes the bridge and every bridge port.
+    _bridge: Netns,
+}
+
+impl LbTopology {
+    pub fn new(clients: usize, backends: usize) -> Result<Self> {
+        let prefix = RunPrefix::new();
+        let net = Netns::new(prefix.name("net"))?;
+        net.ip(&["link", "add", "br0", "mtu", MTU, "type", "bridge"])?;
+        net.ip(&["link", "set", "br0", "up"])?;
+        let pins = PinDir::new(&prefix.name("lb"))?;
+        let root = std::env::temp_dir().join(prefix.name("root"));
+        std::fs::create_dir_all(&root).map_err(crate::io_error(format!("create {}", root.display())))?;
+        let lb = Netns::new(prefix.name("lb"))?;
+        attach_host(&net, &lb, "plb", &[&format!("{LB_ADDR}/24"), &format!("{VIP}/32")])?;
+        let backends = (0..backends)
+            .map(|i| {
+                let ns = Netns::new(prefix.name(&format!("b{i}")))?;
+                attach_host(&net, &ns, &format!("pb{i}"), &[&format!("{}/24", backend_addr(i))])?;
+                Ok(ns)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let clients = (0..clients)
+            .map(|i| {
+                let ns = Netns::new(prefix.name(&format!("c{i}")))?;
+                attach_host(&net, &ns, &format!("pc{i}"), &[&format!("{}/24", client_addr(i))])?;
+                Ok(ns)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { prefix, clients, lb, backends, pins, root, _bridge: net })
+    }
+
+    /// Starts the load balancer agent with every backend registered.
+    pub fn start_lb(&self, extra: &[&str]) -> Result<Process> {
+        let mut command = self.lb.command(binary("xdp-lb"));
+        command.arg("--pin-root").arg(self.pins.path());
+        command.args(["balance", "--iface", "eth0", "--vip", VIP, "--address", LB_ADDR]);
+        for i in 0..self.backends.len() {
+            command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        }
+        command.args(extra).env("RUST_LOG", "info");
+        Process::spawn(self.prefix.name("agent"), command)
+    }
+
+    /// Starts backend `i` in steered mode on the shared root.
+    pub fn start_backend(&self, i: usize) -> Result<Process> {
+        let mut command = self.backends[i].command(binary("tftp-backend"));
+        command.arg("--root").arg(&self.root);
+        command.args(["--steered", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        command.env("RUST_LOG", "info");
+        Process::spawn(self.prefix.name(&format!("backend{i}")), command)
+    }
+
+    /// `xdp-lb status --json` for this topology's balancer.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = crate::run(
+            &binary("xdp-lb").display().to_string(),
+            &["--pin-root", &self.pins.path().display().to_string(), "status", "--json"],
+        )?;
+        serde_json::from_str(&out).map_err(|e| crate::Error::Io {
+            what: "parse xdp-lb status --json".into(),
+            source: std::io::Error::other(e),
+        })
+    }
+}
+
+impl Drop for LbTopology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Connects `host` to the bridge: `eth0` in the host, `port` on the bridge, with addresses.
+fn attach_host(net: &Netns, host: &Netns, port: &str, addresses: &[&str]) -> Result<()> {
+    veth_pair(host, "eth0", net, port)?;
+    for (ns, iface) in [(host, "eth0"), (net, port)] {
+        ns.ip(&["link", "set", iface, "mtu", MTU])?;
+    }
+    net.ip(&["link", "set", port, "master", "br0"])?;
+    net.exec("ethtool", &["-K", port, "gro", "on"])?;
+    for address in addresses {
+        host.add_address("eth0", address)?;
+    }
+    Ok(())
+}
