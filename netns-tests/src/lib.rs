@@ -10,10 +10,13 @@
 //!
 //! Tests that need root fail loudly without it ([`require_root`]); they are never skipped.
 
+pub mod clients;
+pub mod files;
 mod netns;
 mod paths;
 mod process;
 pub mod topology;
+pub mod watch;
 
 pub use netns::{Netns, VethEnd, veth_pair};
 pub use paths::{PinDir, binary, ensure_bpffs};

@@ -91,7 +91,8 @@ impl Process {
         unsafe { libc::kill(pid, signal) };
     }
 
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Waits up to `timeout` for the process to exit; its status, or `None` if still running.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while self.is_running() {
             if Instant::now() > deadline {

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a developer or CI runs, in one place.
 mod cargo;
+mod demo;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then run the whole system in network namespaces: concurrent downloads through
+    /// the load balancer with a backend killed halfway; progress, events and a results table.
+    Demo(demo::Args),
     /// Build, then run `xdp-lb` with the given arguments, e.g.
     /// `cargo xtask run -- balance --iface eth0`.
     Run {
@@ -43,6 +47,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             cargo::build()?;
             cargo::test(&args)
+        }
+        Task::Demo(args) => {
+            cargo::build()?;
+            demo::run(&args)
         }
         Task::Run { args } => {
             cargo::build()?;

@@ -1,0 +1,169 @@
+//! The XDP load balancer with real steered backends and stock clients, in namespaces:
+//! downloads through the VIP, load spreading, and a backend killed mid-transfer.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use netns_tests::{
+    Process, require_root,
+    clients::Client,
+    files::{make_file, sha256},
+    topology::{LbTopology, VIP},
+    wait_for,
+    watch::{Growth, stall_after, wait_for_size},
+};
+
+const TFTP_PORT: u16 = 69;
+const MIB: usize = 1024 * 1024;
+
+/// A topology with the LB and every backend running and live.
+struct Running {
+    topo: LbTopology,
+    backends: Vec<Option<Process>>,
+    // Dropped before `topo` (fields drop in order): processes die before their namespaces.
+    _agent: Process,
+}
+
+impl Running {
+    fn start(clients: usize, backends: usize) -> Self {
+        require_root();
+        let topo = LbTopology::new(clients, backends).expect("topology");
+        let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
+        let agent = topo.start_lb(&[]).expect("xdp-lb balance");
+        let running = Self { topo, backends: backend_processes, _agent: agent };
+        running.wait_live(backends);
+        running
+    }
+
+    /// Waits until `n` backends are live (they answered a heartbeat).
+    fn wait_live(&self, n: usize) {
+        wait_for(&format!("{n} live backends"), 20, || {
+            let status = self.topo.status().ok()?;
+            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+            (live >= n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", self._agent.log()));
+    }
+
+    fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let path = self.topo.root.join(name);
+        make_file(&path, size, seed).expect("test file");
+        path
+    }
+
+    fn local(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(self.topo.prefix.name(name))
+    }
+
+    fn download(&self, client: usize, how: Client, remote: &str, local: &Path) -> Process {
+        let command = how.download(&self.topo.clients[client], VIP, TFTP_PORT, remote, local);
+        Process::spawn(self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap().to_string_lossy())), command)
+            .expect("start client")
+    }
+
+    fn counter(&self, name: &str) -> (u64, u64) {
+        let status = self.topo.status().expect("status");
+        let c = status["balance"]["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+        (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap())
+    }
+}
+
+/// Waits for a download to finish successfully and checks its content.
+fn finish(mut download: Process, local: &Path, source: &Path, timeout: Duration, what: &str) {
+    let status = download.wait(timeout).unwrap_or_else(|| panic!("{what}: not done after {timeout:?}"));
+    assert!(status.success(), "{what}: client failed ({status}):\n{}", download.log());
+    assert_eq!(sha256(local).unwrap(), sha256(source).unwrap(), "{what}: downloaded file differs");
+    let _ = std::fs::remove_file(local);
+}
+
+#[test]
+fn stock_clients_download_through_the_vip() {
+    let run = Running::start(1, 3);
+    let source = run.file("image.bin", 3 * MIB + 123, 1);
+    for (i, how) in [
+        Client::TftpHpa,
+        Client::Atftp { blksize: 1468, windowsize: 16 },
+        Client::Curl { blksize: 1468 },
+        Client::Busybox { blksize: 1024 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let local = run.local(&format!("get{i}"));
+        let download = run.download(0, how, "image.bin", &local);
+        finish(download, &local, &source, Duration::from_secs(60), &how.name());
+    }
+    assert!(run.counter("to_client").0 > 0);
+}
+
+#[test]
+fn concurrent_clients_spread_over_the_backends() {
+    let run = Running::start(2, 3);
+    let source = run.file("firmware.bin", 4 * MIB, 2);
+    let downloads: Vec<_> = (0..10)
+        .map(|i| {
+            let local = run.local(&format!("conc{i}"));
+            let how = if i % 2 == 0 { Client::TftpHpa } else { Client::Atftp { blksize: 1468, windowsize: 16 } };
+            (run.download(i % 2, how, "firmware.bin", &local), local, how)
+        })
+        .collect();
+    for (download, local, how) in downloads {
+        finish(download, &local, &source, Duration::from_secs(120), &how.name());
+    }
+    let status = run.topo.status().unwrap();
+    for backend in status["balance"]["backends"].as_array().unwrap() {
+        assert!(backend["packets_from"].as_u64().unwrap() > 100, "every backend served: {backend}");
+    }
+}
+
+#[test]
+fn killing_the_serving_backend_mid_transfer_loses_nothing() {
+    let mut run = Running::start(1, 3);
+    let size = 64 * MIB;
+    let source = run.file("big.bin", size, 3);
+    let local = run.local("big");
+    let download = run.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "big.bin", &local);
+    let growth = Growth::watch(local.clone());
+    assert!(wait_for_size(&local, (size / 2) as u64, Duration::from_secs(120)), "transfer reached half:\n{}", download.log());
+
+    // The serving backend is the session's backend in the LB's table.
+    let status = run.topo.status().unwrap();
+    let sessions = status["balance"]["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "one session in flight: {status}");
+    let serving = usize::try_from(sessions[0]["backend"].as_u64().unwrap()).unwrap();
+    let killed_at = Instant::now();
+    run.backends[serving].take().unwrap().kill_hard();
+
+    finish(download, &local, &source, Duration::from_secs(180), "download across the backend failure");
+    let samples = growth.stop();
+    let stall = stall_after(&samples, killed_at);
+    let (packets, bytes) = run.counter("to_client");
+    // Each DATA reached the LB with Ethernet/IP/UDP (42), steering header (64) and TFTP (4).
+    let resent = bytes.saturating_sub(packets * (42 + 64 + 4)).saturating_sub(size as u64);
+    eprintln!("backend failure at 50%: stall {} ms, about {resent} bytes sent twice", stall.as_millis());
+    let status = run.topo.status().unwrap();
+    let state = &status["balance"]["backends"][serving]["state"];
+    assert_eq!(state, "dead", "the killed backend is out of the active set: {status}");
+
+    // Restarted, it answers heartbeats and takes new sessions again.
+    run.backends[serving] = Some(run.topo.start_backend(serving).unwrap());
+    run.wait_live(3);
+    let small = run.file("small.bin", 2 * MIB, 4);
+    let downloads: Vec<_> = (0..3)
+        .map(|i| {
+            let local = run.local(&format!("after{i}"));
+            (run.download(0, Client::Atftp { blksize: 512, windowsize: 1 }, "small.bin", &local), local)
+        })
+        .collect();
+    wait_for("the restarted backend serves a session", 20, || {
+        let status = run.topo.status().ok()?;
+        let sessions = status["balance"]["sessions"].as_array()?.clone();
+        sessions.iter().any(|s| s["backend"].as_u64() == Some(serving as u64)).then_some(())
+    })
+    .expect("new sessions reach the restarted backend");
+    for (download, local) in downloads {
+        finish(download, &local, &small, Duration::from_secs(60), "download after the restart");
+    }
+}
