@@ -23,7 +23,7 @@ struct Running {
     topo: LbTopology,
     backends: Vec<Option<Process>>,
     // Dropped before `topo` (fields drop in order): processes die before their namespaces.
-    _agent: Process,
+    agent: Process,
 }
 
 impl Running {
@@ -32,7 +32,7 @@ impl Running {
         let topo = LbTopology::new(clients, backends).expect("topology");
         let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
         let agent = topo.start_lb(&[]).expect("xdp-lb balance");
-        let running = Self { topo, backends: backend_processes, _agent: agent };
+        let running = Self { topo, backends: backend_processes, agent };
         running.wait_live(backends);
         running
     }
@@ -44,7 +44,7 @@ impl Running {
             let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
             (live >= n).then_some(())
         })
-        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", self._agent.log()));
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", self.agent.log()));
     }
 
     fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
@@ -150,7 +150,7 @@ fn killing_the_serving_backend_mid_transfer_loses_nothing() {
     // Restarted, it answers heartbeats and takes new sessions again.
     run.backends[serving] = Some(run.topo.start_backend(serving).unwrap());
     run.wait_live(3);
-    let small = run.file("small.bin", 2 * MIB, 4);
+    let after_restart = run.file("small.bin", 2 * MIB, 4);
     let downloads: Vec<_> = (0..3)
         .map(|i| {
             let local = run.local(&format!("after{i}"));
@@ -164,6 +164,6 @@ fn killing_the_serving_backend_mid_transfer_loses_nothing() {
     })
     .expect("new sessions reach the restarted backend");
     for (download, local) in downloads {
-        finish(download, &local, &small, Duration::from_secs(60), "download after the restart");
+        finish(download, &local, &after_restart, Duration::from_secs(60), "download after the restart");
     }
 }

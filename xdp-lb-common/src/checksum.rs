@@ -109,7 +109,7 @@ mod tests {
     fn removing_a_block_matches_recomputation() {
         let data: Vec<u8> = (0..200u32).map(|i| u8::try_from(i * 13 % 256).unwrap()).collect();
         let removed: [u8; 64] = data[20..84].try_into().unwrap();
-        let mut rest: Vec<u8> = data[..20].iter().copied().collect();
+        let mut rest: Vec<u8> = data[..20].to_vec();
         rest.extend_from_slice(&data[84..]);
         assert_eq!(update(reference(&data), sum_words(&removed), 0), reference(&rest));
     }

@@ -206,7 +206,7 @@ mod tests {
             udp_check: [0, 0],
         };
         headers.fill_ip_checksum();
-        let mut out: Vec<u8> = bytemuck::bytes_of(&headers).iter().copied().collect();
+        let mut out: Vec<u8> = bytemuck::bytes_of(&headers).to_vec();
         out.extend_from_slice(payload);
         // Fill the UDP checksum from scratch: sum with the field zero, then complement.
         let pseudo = 0x0a01 + 0x0203 + 0x0a09 + 0x0807 + 17 + u32::from(udp_len);
@@ -248,7 +248,7 @@ mod tests {
             checksum::sum_words(&steering),
             0,
         );
-        let mut rewritten: Vec<u8> = bytemuck::bytes_of(&headers).iter().copied().collect();
+        let mut rewritten: Vec<u8> = bytemuck::bytes_of(&headers).to_vec();
         rewritten.extend_from_slice(tftp);
         assert!(checksums_valid(&rewritten));
     }
@@ -260,7 +260,7 @@ mod tests {
         let steering = [0x5au8; 64];
         let mut headers = *bytemuck::from_bytes::<FrameHeaders>(&original[..42]);
         headers.rewrite([10, 0, 0, 1], [10, 0, 0, 2], 6969u16.to_be_bytes(), 7000u16.to_be_bytes(), 64, 0, checksum::sum_words(&steering));
-        let mut rewritten: Vec<u8> = bytemuck::bytes_of(&headers).iter().copied().collect();
+        let mut rewritten: Vec<u8> = bytemuck::bytes_of(&headers).to_vec();
         rewritten.extend_from_slice(&steering);
         rewritten.extend_from_slice(tftp);
         assert!(checksums_valid(&rewritten));

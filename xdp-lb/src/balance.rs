@@ -333,8 +333,8 @@ fn interface_address(iface: &str, exclude: Ipv4Addr) -> anyhow::Result<Ipv4Addr>
         if i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET {
             continue;
         }
-        // SAFETY: AF_INET addresses are sockaddr_in.
-        let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+        // SAFETY: AF_INET addresses are sockaddr_in; read unaligned to be safe.
+        let sin = unsafe { entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned() };
         let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
         if addr != exclude {
             found = Some(addr);

@@ -70,7 +70,7 @@ fn rrq_opens_a_session_and_goes_to_a_backend_with_the_header() {
     assert_eq!(&out[42 + 64..], RRQ, "the TFTP payload follows the header unchanged");
     assert!(checksums_valid(&out), "IP and UDP checksums of the steered packet");
     assert_eq!(f.counter(C::NewSession).unwrap(), 1);
-    assert_eq!(f.session(&key).expect("session").backend, id);
+    assert_eq!(f.session(key).expect("session").backend, id);
     assert_eq!(f.maps.load(id).unwrap(), 1);
 }
 
@@ -100,7 +100,7 @@ fn backend_reply_reaches_the_client_from_the_tid_and_teaches_the_context() {
     assert_eq!((h.ip_dst, h.udp_dst_port()), (CLIENT, 40_001));
     assert_eq!(&out[42..], data, "the header is gone, the TFTP payload intact");
     assert!(checksums_valid(&out), "IP and UDP checksums of the client packet");
-    let session = f.session(&key).unwrap();
+    let session = f.session(key).unwrap();
     assert_eq!(session.header.block(), 1);
     assert_eq!(session.header.digest, [7; 16]);
     assert_ne!(session.header.flags & FLAG_HAS_CONTEXT, 0);
@@ -121,7 +121,7 @@ fn client_ack_carries_the_learned_context_to_the_backend() {
     assert_eq!((s.block(), s.blksize(), s.digest), (5, 1468, [7; 16]));
     assert_eq!(&out[42 + 64..], ack);
     assert!(checksums_valid(&out));
-    assert_eq!(f.session(&ClientKey::new(CLIENT, 40_002u16.to_be_bytes())).unwrap().last_ack, [0, 5]);
+    assert_eq!(f.session(ClientKey::new(CLIENT, 40_002u16.to_be_bytes())).unwrap().last_ack, [0, 5]);
     assert_eq!(f.counter(C::ToBackend).unwrap(), 1);
 }
 
@@ -146,7 +146,7 @@ fn finished_ends_the_session() {
     open(&mut f, 40_004);
     let (action, _) = f.run(&from_backend(0, &reply_header(40_004, 9, FLAG_FINISHED), b"")).unwrap();
     assert_eq!(action, XDP_DROP);
-    assert!(f.session(&ClientKey::new(CLIENT, 40_004u16.to_be_bytes())).is_none());
+    assert!(f.session(ClientKey::new(CLIENT, 40_004u16.to_be_bytes())).is_none());
     assert_eq!(f.maps.load(0).unwrap(), 0);
     assert_eq!(f.counter(C::SessionFinished).unwrap(), 1);
 }

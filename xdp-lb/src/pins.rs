@@ -46,5 +46,5 @@ fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("statfs {}", path.display()));
     }
-    Ok(i64::from(stat.f_type) == BPF_FS_MAGIC)
+    Ok(stat.f_type == BPF_FS_MAGIC)
 }

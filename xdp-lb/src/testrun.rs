@@ -94,8 +94,8 @@ impl Fixture {
         Ok(self.maps.counters()?[which as usize].packets)
     }
 
-    pub fn session(&self, key: &ClientKey) -> Option<xdp_lb_common::Session> {
-        self.maps.sessions.get(key, 0).ok()
+    pub fn session(&self, key: ClientKey) -> Option<xdp_lb_common::Session> {
+        self.maps.sessions.get(&key, 0).ok()
     }
 
     pub fn set_backend_state(&mut self, id: u32, state: u8) -> anyhow::Result<()> {

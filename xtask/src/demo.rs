@@ -82,12 +82,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         let first = std::fs::metadata(&transfers[0].local).map_or(0, |m| m.len());
-        if !args.no_failure && failure.is_none() && first >= (size / 2) as u64 {
-            if let Some(id) = serving_backend(&topo) {
-                backends[id].take().map(|mut p| p.kill_hard());
-                failure = Some(Instant::now());
-                bars.println(format!(">>> killed backend {id} (SIGKILL) with the first transfer at 50%"))?;
+        if !args.no_failure
+            && failure.is_none()
+            && first >= (size / 2) as u64
+            && let Some(id) = serving_backend(&topo)
+        {
+            if let Some(mut backend) = backends[id].take() {
+                backend.kill_hard();
             }
+            failure = Some(Instant::now());
+            bars.println(format!(">>> killed backend {id} (SIGKILL) with the first transfer at 50%"))?;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -114,11 +118,10 @@ fn report(transfers: &mut [Transfer], source: &std::path::Path, failure: Option<
         let size = std::fs::metadata(&t.local).map_or(0, |m| m.len());
         let stall = failure.map_or_else(|| "-".to_owned(), |at| format!("{} ms", stall_after(&samples, at).as_millis()));
         #[expect(clippy::cast_precision_loss, reason = "display only")]
-        let goodput = size as f64 / time.as_secs_f64().max(1e-9) / 1e6;
+        let (mib, goodput) = (size as f64 / 1_048_576.0, size as f64 / time.as_secs_f64().max(1e-9) / 1e6);
         println!(
-            "| {} | {:.1} MiB | {:.2} s | {goodput:.1} MB/s | {stall} | {} |",
+            "| {} | {mib:.1} MiB | {:.2} s | {goodput:.1} MB/s | {stall} | {} |",
             t.client.name(),
-            size as f64 / 1048576.0,
             time.as_secs_f64(),
             if ok { "match" } else { "MISMATCH" }
         );
