@@ -30,7 +30,7 @@ pub fn build() -> anyhow::Result<()> {
 }
 
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
-    run_checked(cargo().args(["test", "--release"]).args(extra))
+    run_checked(cargo().args(["test", "--release", "--no-fail-fast"]).args(extra))
 }
 
 /// The directory holding release binaries (honours CARGO_TARGET_DIR).

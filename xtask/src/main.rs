@@ -1,4 +1,5 @@
 //! `cargo xtask <task>`: everything a developer or CI runs, in one place.
+mod bench;
 mod cargo;
 mod demo;
 mod setup;
@@ -31,6 +32,9 @@ enum Task {
     /// Build, then run the whole system in network namespaces: concurrent downloads through
     /// the load balancer with a backend killed halfway; progress, events and a results table.
     Demo(demo::Args),
+    /// Build, then measure side by side: XDP cost per packet, goodput direct vs through the
+    /// load balancer. Markdown tables on stdout, JSON under results/.
+    Bench(bench::Args),
     /// Build, then run `xdp-lb` with the given arguments, e.g.
     /// `cargo xtask run -- balance --iface eth0`.
     Run {
@@ -51,6 +55,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => {
             cargo::build()?;
             demo::run(&args)
+        }
+        Task::Bench(args) => {
+            cargo::build()?;
+            bench::run(&args)
         }
         Task::Run { args } => {
             cargo::build()?;

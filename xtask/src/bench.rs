@@ -1,0 +1,145 @@
+//! `cargo xtask bench`: performance figures measured side by side in one run, printed as
+//! markdown tables with ratios and saved as JSON under `results/`.
+//!
+//! - XDP cost per packet of each path through `balance` (BPF_PROG_TEST_RUN, `xdp-lb bench-xdp`);
+//! - goodput of downloads direct from a backend vs through the load balancer, 1 and N clients.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use netns_tests::{
+    Process,
+    clients::Client,
+    files::make_file,
+    topology::{LbTopology, VIP, backend_addr},
+};
+use serde_json::json;
+
+use crate::cargo::release_dir;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Smaller files, fewer repeats: a few minutes instead of the full run.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for the JSON results.
+    #[arg(long, default_value = "results")]
+    out: std::path::PathBuf,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    // SAFETY: single-threaded here; the harness reads it when it locates binaries.
+    unsafe { std::env::set_var("XDP_LB_BIN_DIR", release_dir()?) };
+    let xdp = xdp_costs(if args.quick { 200_000 } else { 2_000_000 })?;
+    let goodput = goodput(args.quick)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let path = args.out.join(format!("bench-{stamp}.json"));
+    let results = json!({ "unix_time": stamp, "quick": args.quick, "xdp_ns_per_packet": xdp, "goodput": goodput });
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("\nresults saved to {}", path.display());
+    Ok(())
+}
+
+/// Mean ns per packet per path, with the ratio to Katran's published ~119 ns for its XDP path.
+fn xdp_costs(repeat: u32) -> anyhow::Result<Vec<serde_json::Value>> {
+    let output = Command::new(release_dir()?.join("xdp-lb"))
+        .args(["bench-xdp", "--repeat", &repeat.to_string()])
+        .output()
+        .context("run xdp-lb bench-xdp")?;
+    if !output.status.success() {
+        bail!("xdp-lb bench-xdp failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let rows: Vec<serde_json::Value> = String::from_utf8(output.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    println!("\n### XDP cost per packet (BPF_PROG_TEST_RUN, {repeat} runs per path)\n");
+    println!("| path | ns/packet | vs Katran's 119 ns |");
+    println!("|---|---:|---:|");
+    for row in &rows {
+        let ns = row["ns_per_packet"].as_f64().unwrap_or(f64::NAN);
+        println!("| {} | {ns:.0} | {:.2} |", row["path"].as_str().unwrap_or("?"), ns / 119.0);
+    }
+    Ok(rows)
+}
+
+/// Goodput direct from a standalone backend vs through the LB to a steered one, same
+/// topology, same client, same file.
+fn goodput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    let size = if quick { 16 << 20 } else { 64 << 20 };
+    let concurrent = if quick { 5 } else { 20 };
+    let topo = LbTopology::new(1, 1).context("creating namespaces (root?)")?;
+    make_file(&topo.root.join("bench.bin"), size, 7)?;
+    let client = Client::Atftp { blksize: 1468, windowsize: 16 };
+    let bar = ProgressBar::new(4).with_style(ProgressStyle::with_template("{spinner} goodput [{pos}/{len}] {msg}")?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut rows = Vec::new();
+    for clients in [1, concurrent] {
+        bar.set_message(format!("direct, {clients} client(s)"));
+        let direct = {
+            let _server = standalone_backend(&topo)?;
+            measure(&topo, &backend_addr(0), client, clients, size)?
+        };
+        bar.inc(1);
+        bar.set_message(format!("through xdp-lb, {clients} client(s)"));
+        let through = {
+            let _backend = topo.start_backend(0)?;
+            let agent = topo.start_lb(&[])?;
+            netns_tests::wait_for("backend live", 20, || {
+                let status = topo.status().ok()?;
+                (status["balance"]["backends"][0]["state"] == "live").then_some(())
+            })
+            .with_context(|| agent.log())?;
+            measure(&topo, VIP, client, clients, size)?
+        };
+        bar.inc(1);
+        rows.push(json!({ "clients": clients, "client": client.name(), "size": size, "direct_mb_s": direct, "xdp_lb_mb_s": through, "ratio": through / direct }));
+    }
+    bar.finish_and_clear();
+    println!("\n### Goodput: direct to a backend vs through xdp-lb ({} MiB, {})\n", size >> 20, client.name());
+    println!("| clients | direct MB/s | through xdp-lb MB/s | ratio |");
+    println!("|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} |",
+            r["clients"], r["direct_mb_s"].as_f64().unwrap_or(0.0), r["xdp_lb_mb_s"].as_f64().unwrap_or(0.0), r["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(rows)
+}
+
+fn standalone_backend(topo: &LbTopology) -> anyhow::Result<Process> {
+    let mut command = topo.backends[0].command(release_dir()?.join("tftp-backend"));
+    command.arg("--root").arg(&topo.root).args(["--listen", &format!("{}:69", backend_addr(0))]);
+    let process = Process::spawn(topo.prefix.name("standalone"), command)?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(process)
+}
+
+/// Aggregate goodput in MB/s of `clients` concurrent downloads of the file from `server`.
+fn measure(topo: &LbTopology, server: &str, client: Client, clients: usize, size: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let downloads = (0..clients)
+        .map(|i| {
+            let local = std::env::temp_dir().join(topo.prefix.name(&format!("bench{i}")));
+            let command = client.download(&topo.clients[0], server, 69, "bench.bin", &local);
+            Ok((Process::spawn(topo.prefix.name(&format!("bench-dl{i}")), command)?, local))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (mut download, local) in downloads {
+        let status = download.wait(Duration::from_secs(600)).context("download timed out")?;
+        let got = std::fs::metadata(&local).map_or(0, |m| m.len());
+        let _ = std::fs::remove_file(&local);
+        if !status.success() || got != size as u64 {
+            bail!("download from {server} failed ({status}, {got} bytes):\n{}", download.log());
+        }
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let rate = (size * clients) as f64 / started.elapsed().as_secs_f64() / 1e6;
+    Ok(rate)
+}
