@@ -8,6 +8,10 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    // aya-build watches the eBPF sources by absolute path. When several checkouts share one
+    // target directory (CI), the path recorded by the last run may be another checkout's, so
+    // `cargo xtask` and .ci/run name the checkout here: a different one re-runs this script.
+    println!("cargo:rerun-if-env-changed=XDP_LB_CHECKOUT");
     if std::env::var_os("RUSTC_BOOTSTRAP").is_none() {
         // SAFETY: build scripts are single-threaded at this point; nothing reads the environment
         // concurrently. aya-build reads the variable and the nested cargo inherits it.

@@ -6,6 +6,8 @@
 
 use core::ptr::copy_nonoverlapping;
 
+use aya_log_ebpf::{info, warn};
+
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_csum_diff, bpf_redirect, bpf_xdp_adjust_head},
@@ -155,8 +157,11 @@ fn forward_to_backend(
     let mut nudge = 0;
     if !backends::usable(session.backend) {
         let Some(id) = backends::least_loaded() else {
+            warn!(ctx, "no live backend for a session whose backend {} is gone", session.backend);
             return (BalanceCounter::DropNoBackend, DROP);
         };
+        // Rare (the agent normally moves sessions first), so worth a line in the agent's log.
+        info!(ctx, "session moved in the kernel from backend {} to {}", session.backend, id);
         backends::remove_session(session.backend);
         backends::add_session(id);
         session.backend = id;

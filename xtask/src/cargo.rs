@@ -4,7 +4,7 @@
 
 use std::{
     os::unix::process::CommandExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -21,8 +21,16 @@ pub fn run_checked(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The workspace root this xtask was built from.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // See xdp-lb/build.rs: re-run the eBPF build when another checkout shares the target dir.
+    command.current_dir(workspace_root()).env("XDP_LB_CHECKOUT", workspace_root());
+    command
 }
 
 pub fn build() -> anyhow::Result<()> {
