@@ -1,1 +1,90 @@
-fn main() {}
+//! `tftp-backend`: a TFTP server that can continue any transfer at a block offset.
+//!
+//! Standalone it is a plain RFC 1350/2347/2348/2349/7440 server. With `--steered` it sits
+//! behind xdp-lb's load balancers: every packet carries the steering header, and an ACK for a
+//! transfer this server never saw is served from that header alone.
+mod files;
+mod netascii;
+mod options;
+mod service;
+mod standalone;
+mod steered;
+mod timer;
+mod transfer;
+mod wire;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing::info;
+
+/// A TFTP server that resumes any transfer at a block offset.
+#[derive(Parser)]
+#[command(name = "tftp-backend", version, about, long_about = None)]
+struct Cli {
+    /// Directory served; no request reaches outside it (`..`, absolute paths and symlinks
+    /// leading out are refused).
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+
+    /// Address and port to listen on. Standalone: the TFTP service port (69); steered: the
+    /// port the load balancers send to.
+    #[arg(long, default_value = "0.0.0.0:69", value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+
+    /// Behind xdp-lb: expect the steering header on every packet, answer to the load balancer.
+    #[arg(long)]
+    steered: bool,
+
+    /// Accept uploads (WRQ). They are written to a temporary file and moved into place only
+    /// when complete and on disk.
+    #[arg(long)]
+    allow_upload: bool,
+
+    /// Let uploads replace existing files (atomically). Without it an existing name is refused.
+    #[arg(long, requires = "allow_upload")]
+    allow_overwrite: bool,
+
+    /// Largest block size granted (RFC 2348). Keep DATA within the path MTU: 1468 for 1500.
+    #[arg(long, default_value_t = 1468, value_parser = clap::value_parser!(u16).range(8..=65464))]
+    max_blksize: u16,
+
+    /// Largest window granted (RFC 7440).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    max_windowsize: u16,
+
+    /// Retransmission timeout when the client negotiates none, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    timeout_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let root = files::Root::new(&cli.root).with_context(|| format!("cannot serve {}", cli.root.display()))?;
+    let config = service::Config {
+        limits: options::Limits { max_blksize: cli.max_blksize, max_windowsize: cli.max_windowsize },
+        allow_upload: cli.allow_upload,
+        allow_overwrite: cli.allow_overwrite,
+        timeout: Duration::from_millis(cli.timeout_ms.max(1)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let socket = tokio::net::UdpSocket::bind(cli.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cli.listen))?;
+        info!(listen = %cli.listen, root = %root.dir().display(), steered = cli.steered, "serving");
+        if cli.steered {
+            steered::Steered::new(socket, root, config).run().await
+        } else {
+            standalone::run(socket, root, config).await
+        }
+    })
+}

@@ -1,0 +1,157 @@
+//! What both modes share: the configuration, opening a read or a write from a request, and
+//! building packets into reused buffers.
+
+use std::time::Duration;
+
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{MODE_NETASCII, MODE_OCTET, OPTION_BLKSIZE, OPTION_TIMEOUT, OPTION_TSIZE, OPTION_WINDOWSIZE},
+};
+
+use crate::{
+    files::{Refusal, Root, path_hash},
+    options::{Limits, Negotiated, negotiate},
+    transfer::{ReadTransfer, Source, WriteTransfer},
+    wire::{ErrorCode, Mode, Options, Repr},
+};
+
+/// Largest file served in netascii (converted in memory).
+const NETASCII_LIMIT: u64 = 64 << 20;
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub limits: Limits,
+    pub allow_upload: bool,
+    pub allow_overwrite: bool,
+    /// Retransmission timeout when the client asks for none.
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// The retransmission timeout of a transfer.
+    #[must_use]
+    pub fn timeout(&self, negotiated: Option<u8>) -> Duration {
+        negotiated.map_or(self.timeout, |s| Duration::from_secs(u64::from(s)))
+    }
+}
+
+/// Identity and options of a read, as the steering header carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    pub mode: Mode,
+    pub negotiated: Negotiated,
+    pub path_hash: [u8; 8],
+    pub digest: [u8; 16],
+    pub size: u64,
+}
+
+impl Context {
+    /// Fills the context fields of a steering header.
+    pub fn write_into(&self, header: &mut SteeringHeader) {
+        header.mode = match self.mode {
+            Mode::Octet => MODE_OCTET,
+            Mode::Netascii => MODE_NETASCII,
+        };
+        let o = &self.negotiated.oack;
+        header.options = [
+            (o.blksize.is_some(), OPTION_BLKSIZE),
+            (o.tsize.is_some(), OPTION_TSIZE),
+            (o.timeout.is_some(), OPTION_TIMEOUT),
+            (o.windowsize.is_some(), OPTION_WINDOWSIZE),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |bits, (_, bit)| bits | bit);
+        header.timeout = self.negotiated.timeout.unwrap_or(0);
+        header.blksize = self.negotiated.blksize.to_be_bytes();
+        header.windowsize = self.negotiated.windowsize.to_be_bytes();
+        header.path_hash = self.path_hash;
+        header.digest = self.digest;
+        header.file_size = self.size.to_be_bytes();
+    }
+
+    /// Reads the context back from a header (a transfer this backend never saw).
+    #[must_use]
+    pub fn from_header(header: &SteeringHeader) -> Self {
+        let mode = if header.mode == MODE_NETASCII { Mode::Netascii } else { Mode::Octet };
+        let timeout = (header.timeout != 0).then_some(header.timeout);
+        Self {
+            mode,
+            negotiated: Negotiated { blksize: header.blksize().max(8), windowsize: header.windowsize().max(1), timeout, oack: Options::default() },
+            path_hash: header.path_hash,
+            digest: header.digest,
+            size: header.file_size(),
+        }
+    }
+}
+
+/// Opens a read request: file, negotiated options, identity.
+pub fn open_read(root: &mut Root, config: &Config, filename: &str, mode: Mode, options: &Options) -> Result<(ReadTransfer, Context), Refusal> {
+    let relative = Root::relative(filename)?;
+    let (file, _) = root.open_read(&relative)?;
+    let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let source = source_for(file, mode)?;
+    let served = source.len().unwrap_or(size);
+    let negotiated = negotiate(options, &config.limits, Some(served));
+    let transfer = ReadTransfer::new(source, negotiated.blksize, negotiated.windowsize, !negotiated.oack.is_empty())
+        .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))?;
+    Ok((transfer, Context { mode, negotiated, path_hash: path_hash(&relative), digest, size }))
+}
+
+/// Reopens a read from its context alone, checking the file is the same version.
+pub fn resume_read(root: &mut Root, context: &Context, sent: u32) -> Result<ReadTransfer, Refusal> {
+    let relative = root.find_by_hash(context.path_hash).ok_or(refusal(ErrorCode::FileNotFound, "file not found on this server"))?;
+    let (file, _) = root.open_read(&relative)?;
+    let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
+    if digest != context.digest {
+        return Err(refusal(ErrorCode::NotDefined, "this server has another version of the file"));
+    }
+    let source = source_for(file, context.mode)?;
+    ReadTransfer::resume(source, context.negotiated.blksize, context.negotiated.windowsize, sent)
+        .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))
+}
+
+fn source_for(file: std::fs::File, mode: Mode) -> Result<Source, Refusal> {
+    match mode {
+        Mode::Octet => Ok(Source::File(file)),
+        Mode::Netascii => Source::netascii(&file, NETASCII_LIMIT).map_err(|_| refusal(ErrorCode::AccessViolation, "file too large for netascii")),
+    }
+}
+
+/// Opens a write request.
+pub fn open_write(root: &Root, config: &Config, filename: &str, mode: Mode, options: &Options) -> Result<(WriteTransfer, Negotiated), Refusal> {
+    if !config.allow_upload {
+        return Err(refusal(ErrorCode::AccessViolation, "uploads are disabled on this server"));
+    }
+    let relative = Root::relative(filename)?;
+    let target = root.write_target(&relative)?;
+    if !config.allow_overwrite && target.exists() {
+        return Err(refusal(ErrorCode::FileExists, "file already exists"));
+    }
+    let negotiated = negotiate(options, &config.limits, None);
+    let transfer = WriteTransfer::new(target, negotiated.blksize, negotiated.windowsize, mode == Mode::Netascii, config.allow_overwrite)
+        .map_err(|_| refusal(ErrorCode::AccessViolation, "cannot create the file"))?;
+    Ok((transfer, negotiated))
+}
+
+const fn refusal(code: ErrorCode, message: &'static str) -> Refusal {
+    Refusal { code, message }
+}
+
+/// Emits `repr` at `out[at..]`; returns the end offset (0 if it did not fit: never for the
+/// buffers this crate sizes).
+pub fn emit_at(repr: &Repr<'_>, out: &mut [u8], at: usize) -> usize {
+    out.get_mut(at..).and_then(|rest| repr.emit(rest)).map_or(0, |n| at + n)
+}
+
+/// Writes a DATA packet for block `n` of `transfer` at `out[at..]`, reading the file straight
+/// into place; returns the end offset.
+pub fn emit_data(transfer: &ReadTransfer, n: u32, out: &mut [u8], at: usize) -> std::io::Result<usize> {
+    let block = (n & 0xffff) as u16;
+    out[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
+    out[at + 2..at + 4].copy_from_slice(&block.to_be_bytes());
+    let len = transfer.read_block(n, &mut out[at + 4..])?;
+    Ok(at + 4 + len)
+}

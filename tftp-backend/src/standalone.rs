@@ -1,0 +1,151 @@
+//! Standalone mode: a plain TFTP server. Requests arrive on the service port; each transfer
+//! gets a socket of its own on a new port (its TID, RFC 1350) and a task that runs it.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::UdpSocket, sync::Mutex};
+use tracing::{debug, info, warn};
+
+use crate::{
+    files::{Refusal, Root},
+    service::{self, Config},
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
+    wire::{ErrorCode, MAX_PACKET, Packet, Repr},
+};
+
+pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Result<()> {
+    let root = Arc::new(Mutex::new(root));
+    let config = Arc::new(config);
+    let local_ip = socket.local_addr()?.ip();
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let (len, client) = socket.recv_from(&mut buf).await.context("receiving requests")?;
+        let request = buf[..len].to_vec();
+        let (root, config) = (Arc::clone(&root), Arc::clone(&config));
+        tokio::spawn(async move {
+            if let Err(error) = serve(&request, client, local_ip, &root, &config).await {
+                debug!(%client, %error, "transfer ended with an error");
+            }
+        });
+    }
+}
+
+/// Runs one transfer from its request to the end.
+async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind((local_ip, 0)).await.context("binding a transfer port")?;
+    socket.connect(client).await?;
+    let mut out = vec![0u8; MAX_PACKET];
+    let repr = match Packet::parse(request) {
+        Ok(repr) => repr,
+        Err(error) => {
+            debug!(%client, %error, "malformed request");
+            return send_error(&socket, &mut out, &Refusal { code: ErrorCode::IllegalOperation, message: "malformed request" }).await;
+        }
+    };
+    match repr {
+        Repr::Rrq { filename, mode, options } => {
+            let opened = service::open_read(&mut *root.lock().await, config, filename, mode, &options);
+            match opened {
+                Ok((transfer, context)) => {
+                    info!(%client, file = filename, size = transfer.size(), "read");
+                    read(&socket, &mut out, transfer, context.negotiated.oack, config.timeout(context.negotiated.timeout)).await
+                }
+                Err(refusal) => send_error(&socket, &mut out, &refusal).await,
+            }
+        }
+        Repr::Wrq { filename, mode, options } => {
+            let opened = service::open_write(&*root.lock().await, config, filename, mode, &options);
+            match opened {
+                Ok((transfer, negotiated)) => {
+                    info!(%client, file = filename, "write");
+                    let first = if negotiated.oack.is_empty() { Repr::Ack { block: 0 } } else { Repr::Oack { options: negotiated.oack } };
+                    write(&socket, &mut out, transfer, &first, config.timeout(negotiated.timeout)).await
+                }
+                Err(refusal) => send_error(&socket, &mut out, &refusal).await,
+            }
+        }
+        _ => send_error(&socket, &mut out, &Refusal { code: ErrorCode::IllegalOperation, message: "expected a request" }).await,
+    }
+}
+
+async fn read(socket: &UdpSocket, out: &mut [u8], mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut next = transfer.start();
+    loop {
+        match next {
+            Next::Send(blocks) => {
+                for n in blocks {
+                    let end = if n == 0 {
+                        service::emit_at(&Repr::Oack { options: oack }, out, 0)
+                    } else {
+                        service::emit_data(&transfer, n, out, 0)?
+                    };
+                    socket.send(&out[..end]).await?;
+                }
+            }
+            Next::Finished => return Ok(()),
+            Next::GiveUp => {
+                warn!("client stopped answering; transfer abandoned");
+                return Ok(());
+            }
+            Next::Nothing => {}
+        }
+        next = match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+            Err(_) => transfer.on_timeout(),
+            Ok(received) => match Packet::parse(&buf[..received?]) {
+                Ok(Repr::Ack { block }) => {
+                    let block = transfer.widen(block);
+                    transfer.on_ack(block, false)
+                }
+                Ok(Repr::Error { .. }) => return Ok(()),
+                _ => Next::Nothing,
+            },
+        };
+    }
+}
+
+async fn write(socket: &UdpSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, timeout: Duration) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; MAX_PACKET];
+    let end = service::emit_at(first, out, 0);
+    socket.send(&out[..end]).await?;
+    loop {
+        let received = match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+            Err(_) => {
+                if !transfer.on_timeout() {
+                    warn!("client stopped sending; upload abandoned");
+                    return Ok(());
+                }
+                // Repeat the last acknowledgement (or the OACK before any data).
+                let end = if transfer.last_ack() == 0 { service::emit_at(first, out, 0) } else { service::emit_at(&Repr::Ack { block: transfer.last_ack() }, out, 0) };
+                socket.send(&out[..end]).await?;
+                continue;
+            }
+            Ok(received) => received?,
+        };
+        match Packet::parse(&buf[..received]) {
+            Ok(Repr::Data { block, data }) => match transfer.on_data(block, data) {
+                WriteNext::Ack(n) => {
+                    let end = service::emit_at(&Repr::Ack { block: n }, out, 0);
+                    socket.send(&out[..end]).await?;
+                }
+                WriteNext::Done(n) => {
+                    let end = service::emit_at(&Repr::Ack { block: n }, out, 0);
+                    socket.send(&out[..end]).await?;
+                    info!("upload complete");
+                    return Ok(());
+                }
+                WriteNext::Nothing => {}
+                WriteNext::Fail(code, message) => return send_error(socket, out, &Refusal { code, message }).await,
+            },
+            Ok(Repr::Error { .. }) => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+async fn send_error(socket: &UdpSocket, out: &mut [u8], refusal: &Refusal) -> anyhow::Result<()> {
+    let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, out, 0);
+    socket.send(&out[..end]).await?;
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! Steered mode: one UDP socket receives packets from load balancers, each a steering header
+//! followed by a TFTP packet. Sessions are keyed by the client key in the header, and are only
+//! a cache: an ACK for a session this backend never saw is served from the header alone.
+//! One event loop, one timer queue, buffers reused for every packet.
+//!
+//! Every TFTP datagram gets at least one answer (the LB's watchdog counts unanswered packets):
+//! DATA, OACK, ACK, ERROR, or a header-only `FINISHED` when the transfer is over.
+
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
+
+use anyhow::Context as _;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+};
+
+use crate::{
+    files::{Refusal, Root},
+    service::{self, Config, Context},
+    timer::TimerQueue,
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
+    wire::{ErrorCode, MAX_PACKET, Packet, Repr},
+};
+
+/// Client IPv4, client port, VIP port: the session's name in every header.
+type Key = ([u8; 4], [u8; 2], [u8; 2]);
+
+const HEADER: usize = SteeringHeader::LEN;
+
+enum Kind {
+    Read(ReadTransfer),
+    Write(WriteTransfer),
+}
+
+struct Session {
+    kind: Kind,
+    /// Template for replies: client key, VIP, and the transfer context.
+    header: SteeringHeader,
+    /// Where replies go: the LB that sent the latest packet of this session.
+    lb: SocketAddr,
+    timeout: std::time::Duration,
+}
+
+pub struct Steered {
+    socket: UdpSocket,
+    root: Root,
+    config: Config,
+    sessions: HashMap<Key, Session>,
+    timers: TimerQueue<Key>,
+    out: Vec<u8>,
+}
+
+impl Steered {
+    #[must_use]
+    pub fn new(socket: UdpSocket, root: Root, config: Config) -> Self {
+        Self { socket, root, config, sessions: HashMap::new(), timers: TimerQueue::new(), out: vec![0; HEADER + MAX_PACKET] }
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; HEADER + MAX_PACKET];
+        loop {
+            let deadline = self.timers.next_deadline();
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => {
+                    let (len, from) = received.context("receiving from the steering socket")?;
+                    self.datagram(&buf[..len], from).await;
+                }
+                () = sleep_until(deadline) => self.expire().await,
+            }
+        }
+    }
+
+    async fn datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        let Some(header) = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied() else {
+            debug!(%from, len = datagram.len(), "dropped: no steering header");
+            return;
+        };
+        if !header.has_magic() || header.has_flag(FLAG_FROM_BACKEND) {
+            debug!(%from, "dropped: bad steering header");
+            return;
+        }
+        if header.has_flag(FLAG_HEARTBEAT) {
+            let mut echo = header;
+            echo.flags = FLAG_FROM_BACKEND | FLAG_HEARTBEAT;
+            self.send_header(&echo, from).await;
+            return;
+        }
+        let key = (header.client_ip, header.client_port, header.vip_port);
+        match Packet::parse(&datagram[HEADER..]) {
+            Ok(repr) => self.tftp(key, header, repr, from).await,
+            Err(error) => {
+                debug!(%from, %error, "malformed TFTP packet");
+                self.refuse(key, &header, from, &Refusal { code: ErrorCode::IllegalOperation, message: "malformed packet" }).await;
+            }
+        }
+    }
+
+    async fn tftp(&mut self, key: Key, header: SteeringHeader, repr: Repr<'_>, from: SocketAddr) {
+        match repr {
+            Repr::Rrq { filename, mode, options } => {
+                self.forget(&key);
+                match service::open_read(&mut self.root, &self.config, filename, mode, &options) {
+                    Ok((mut transfer, context)) => {
+                        info!(client = ?key.0, file = filename, "read");
+                        let first = transfer.start();
+                        self.insert(key, header, &context, Kind::Read(transfer), from);
+                        self.read_next(key, first).await;
+                    }
+                    Err(refusal) => self.refuse(key, &header, from, &refusal).await,
+                }
+            }
+            Repr::Wrq { filename, mode, options } => {
+                self.forget(&key);
+                match service::open_write(&self.root, &self.config, filename, mode, &options) {
+                    Ok((transfer, negotiated)) => {
+                        info!(client = ?key.0, file = filename, "write");
+                        let context = Context { mode, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
+                        self.insert(key, header, &context, Kind::Write(transfer), from);
+                        if negotiated.oack.is_empty() {
+                            self.send_tftp(key, &Repr::Ack { block: 0 }, 0).await;
+                        } else {
+                            self.send_tftp(key, &Repr::Oack { options: negotiated.oack }, 0).await;
+                        }
+                        self.arm(key);
+                    }
+                    Err(refusal) => self.refuse(key, &header, from, &refusal).await,
+                }
+            }
+            Repr::Ack { block } => self.ack(key, header, block, from).await,
+            Repr::Data { block, data } => self.data(key, &header, block, data, from).await,
+            Repr::Error { code, message } => {
+                debug!(client = ?key.0, ?code, message, "client aborted");
+                self.forget(&key);
+                self.finished(&header, from).await;
+            }
+            Repr::Oack { .. } => {
+                let refusal = Refusal { code: ErrorCode::IllegalOperation, message: "unexpected OACK" };
+                self.refuse(key, &header, from, &refusal).await;
+            }
+        }
+    }
+
+    async fn ack(&mut self, key: Key, header: SteeringHeader, wire: u16, from: SocketAddr) {
+        if !self.sessions.contains_key(&key) {
+            // Never seen here: continue from the header (the transfer moved to this backend).
+            if !header.has_flag(FLAG_HAS_CONTEXT) {
+                let refusal = Refusal { code: ErrorCode::UnknownTransferId, message: "unknown transfer" };
+                self.refuse(key, &header, from, &refusal).await;
+                return;
+            }
+            let context = Context::from_header(&header);
+            match service::resume_read(&mut self.root, &context, header.block()) {
+                Ok(transfer) => {
+                    info!(client = ?key.0, block = header.block(), "resuming a transfer started elsewhere");
+                    self.insert(key, header, &context, Kind::Read(transfer), from);
+                }
+                Err(refusal) => {
+                    warn!(client = ?key.0, reason = refusal.message, "cannot resume");
+                    self.refuse(key, &header, from, &refusal).await;
+                    return;
+                }
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        session.lb = from;
+        let next = match &mut session.kind {
+            Kind::Read(transfer) => {
+                // The LB's view of what was sent bounds the widening after a move.
+                let sent = transfer.sent().max(header.block());
+                let block = xdp_lb_common::steering::expand_block(wire, sent);
+                transfer.on_ack(block, header.has_flag(FLAG_NUDGE))
+            }
+            Kind::Write(_) => Next::Nothing,
+        };
+        self.read_next(key, next).await;
+    }
+
+    async fn data(&mut self, key: Key, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
+        let Some(Session { kind: Kind::Write(transfer), lb, .. }) = self.sessions.get_mut(&key) else {
+            let refusal = Refusal { code: ErrorCode::UnknownTransferId, message: "unknown transfer" };
+            self.refuse(key, header, from, &refusal).await;
+            return;
+        };
+        *lb = from;
+        match transfer.on_data(block, data) {
+            WriteNext::Ack(n) => {
+                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
+                self.arm(key);
+            }
+            WriteNext::Done(n) => {
+                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
+                self.forget(&key);
+                self.finished(header, from).await;
+            }
+            WriteNext::Nothing => {}
+            WriteNext::Fail(code, message) => {
+                self.forget(&key);
+                self.refuse(key, header, from, &Refusal { code, message }).await;
+            }
+        }
+    }
+
+    /// Sends what a read transfer asks for, or ends it.
+    async fn read_next(&mut self, key: Key, next: Next) {
+        match next {
+            Next::Send(blocks) => {
+                for n in blocks {
+                    if !self.send_block(key, n).await {
+                        return;
+                    }
+                }
+                self.arm(key);
+            }
+            Next::Finished | Next::GiveUp => {
+                if let Some(session) = self.forget(&key) {
+                    self.finished(&session.header, session.lb).await;
+                }
+            }
+            Next::Nothing => {}
+        }
+    }
+
+    /// Sends block `n` (0: the OACK) of a read; false if the session is gone.
+    async fn send_block(&mut self, key: Key, n: u32) -> bool {
+        let Some(session) = self.sessions.get(&key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
+        let mut header = session.header;
+        header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+        header.set_block(n);
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+        let end = if n == 0 {
+            let options = session_oack(session);
+            service::emit_at(&Repr::Oack { options }, &mut self.out, HEADER)
+        } else {
+            match service::emit_data(transfer, n, &mut self.out, HEADER) {
+                Ok(end) => end,
+                Err(error) => {
+                    warn!(%error, "read failed");
+                    let session = self.forget(&key);
+                    if let Some(s) = session {
+                        self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
+                    }
+                    return false;
+                }
+            }
+        };
+        let lb = session.lb;
+        if let Err(error) = self.socket.send_to(&self.out[..end], lb).await {
+            debug!(%error, "send failed");
+        }
+        true
+    }
+
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(key) = self.timers.pop_expired(now) {
+            let Some(session) = self.sessions.get_mut(&key) else { continue };
+            match &mut session.kind {
+                Kind::Read(transfer) => {
+                    let next = transfer.on_timeout();
+                    self.read_next(key, next).await;
+                }
+                Kind::Write(transfer) => {
+                    if transfer.on_timeout() {
+                        let block = transfer.last_ack();
+                        self.send_tftp(key, &Repr::Ack { block }, 0).await;
+                        self.arm(key);
+                    } else if let Some(session) = self.forget(&key) {
+                        self.finished(&session.header, session.lb).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, key: Key, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr) {
+        let mut template = header;
+        context.write_into(&mut template);
+        let timeout = self.config.timeout(context.negotiated.timeout);
+        self.sessions.insert(key, Session { kind, header: template, lb, timeout });
+    }
+
+    fn forget(&mut self, key: &Key) -> Option<Session> {
+        self.timers.cancel(key);
+        self.sessions.remove(key)
+    }
+
+    fn arm(&mut self, key: Key) {
+        if let Some(session) = self.sessions.get(&key) {
+            self.timers.schedule(key, Instant::now() + session.timeout);
+        }
+    }
+
+    /// Sends a TFTP message of a session, with its header.
+    async fn send_tftp(&mut self, key: Key, repr: &Repr<'_>, block: u32) {
+        let Some(session) = self.sessions.get(&key) else { return };
+        let mut header = session.header;
+        header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+        header.set_block(block);
+        let lb = session.lb;
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+        let end = service::emit_at(repr, &mut self.out, HEADER);
+        let _ = self.socket.send_to(&self.out[..end], lb).await;
+    }
+
+    /// Sends a TFTP ERROR, then tells the LB the transfer is over.
+    async fn refuse(&mut self, _key: Key, header: &SteeringHeader, to: SocketAddr, refusal: &Refusal) {
+        let mut reply = *header;
+        reply.flags = FLAG_FROM_BACKEND | (header.flags & FLAG_HAS_CONTEXT);
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&reply));
+        let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, &mut self.out, HEADER);
+        let _ = self.socket.send_to(&self.out[..end], to).await;
+        self.finished(header, to).await;
+    }
+
+    async fn finished(&mut self, header: &SteeringHeader, to: SocketAddr) {
+        let mut done = *header;
+        done.flags = FLAG_FROM_BACKEND | FLAG_FINISHED | (header.flags & FLAG_HAS_CONTEXT);
+        self.send_header(&done, to).await;
+    }
+
+    async fn send_header(&self, header: &SteeringHeader, to: SocketAddr) {
+        if let Err(error) = self.socket.send_to(bytemuck::bytes_of(header), to).await {
+            debug!(%error, %to, "send failed");
+        }
+    }
+}
+
+/// The options an OACK repeats: those negotiated for the session (tsize from the size).
+fn session_oack(session: &Session) -> crate::wire::Options {
+    let h = &session.header;
+    let bits = h.options;
+    crate::wire::Options {
+        blksize: (bits & xdp_lb_common::steering::OPTION_BLKSIZE != 0).then(|| u32::from(h.blksize())),
+        timeout: (bits & xdp_lb_common::steering::OPTION_TIMEOUT != 0).then(|| u32::from(h.timeout)),
+        tsize: (bits & xdp_lb_common::steering::OPTION_TSIZE != 0).then(|| match &session.kind {
+            Kind::Read(t) => t.size(),
+            Kind::Write(_) => h.file_size(),
+        }),
+        windowsize: (bits & xdp_lb_common::steering::OPTION_WINDOWSIZE != 0).then(|| u32::from(h.windowsize())),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

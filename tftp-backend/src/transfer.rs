@@ -1,0 +1,435 @@
+//! Transfer state machines, independent of sockets: which blocks to send after an ACK or a
+//! timeout, where a block lives in the file, and how uploads reach the disk. Blocks are counted
+//! with 32 bits (the wire's 16-bit numbers roll over after 65535); block `n` starts at byte
+//! `(n - 1) * blksize`, so a transfer can resume at any block knowing only the file and the
+//! options.
+
+use std::{
+    fs::File,
+    io::Write as _,
+    ops::RangeInclusive,
+    os::unix::fs::FileExt as _,
+    path::PathBuf,
+};
+
+use xdp_lb_common::steering::expand_block;
+
+use crate::{netascii, wire::ErrorCode};
+
+/// Retransmissions of one window before the transfer is abandoned.
+pub const MAX_RETRIES: u8 = 6;
+
+/// Where the bytes of a read come from: the file itself (octet), or its netascii form.
+pub enum Source {
+    File(File),
+    Memory(Vec<u8>),
+}
+
+impl Source {
+    /// Reads the netascii form of a file (whole; such files are small text).
+    pub fn netascii(file: &File, limit: u64) -> std::io::Result<Self> {
+        let len = file.metadata()?.len();
+        if len > limit {
+            return Err(std::io::Error::other("file too large for netascii"));
+        }
+        let mut local = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+        file.read_exact_at(&mut local, 0)?;
+        Ok(Self::Memory(netascii::encode(&local)))
+    }
+
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(match self {
+            Self::File(f) => f.metadata()?.len(),
+            Self::Memory(m) => m.len() as u64,
+        })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        match self {
+            Self::File(f) => {
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                Ok(done)
+            }
+            Self::Memory(m) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(m.len());
+                let n = buf.len().min(m.len() - start);
+                buf[..n].copy_from_slice(&m[start..start + n]);
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// What to do after an event of a read transfer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Send these blocks (block 0 means the OACK).
+    Send(RangeInclusive<u32>),
+    /// The client acknowledged the last block.
+    Finished,
+    /// Nothing to send (a stale or duplicate ACK).
+    Nothing,
+    /// Retries exhausted: abandon the transfer.
+    GiveUp,
+}
+
+/// A download in progress.
+pub struct ReadTransfer {
+    source: Source,
+    size: u64,
+    pub blksize: u16,
+    pub windowsize: u16,
+    /// The last block: a short (possibly empty) one ends the transfer.
+    last: u32,
+    /// Highest block the client acknowledged (0: none, or only the OACK).
+    acked: u32,
+    /// Highest block sent.
+    sent: u32,
+    retries: u8,
+    /// An OACK was (or is to be) sent and not acknowledged yet.
+    oack_pending: bool,
+}
+
+impl ReadTransfer {
+    /// A new transfer; with `oack` the first thing sent is the OACK (block 0), else DATA 1.
+    pub fn new(source: Source, blksize: u16, windowsize: u16, oack: bool) -> std::io::Result<Self> {
+        let size = source.len()?;
+        let blksize = blksize.max(1);
+        let last = u32::try_from(size / u64::from(blksize) + 1).map_err(|_| std::io::Error::other("file too large for 32-bit blocks"))?;
+        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack })
+    }
+
+    /// Picks a transfer up where another server left it: everything up to `sent` went out.
+    pub fn resume(source: Source, blksize: u16, windowsize: u16, sent: u32) -> std::io::Result<Self> {
+        let mut t = Self::new(source, blksize, windowsize, false)?;
+        t.sent = sent.min(t.last);
+        Ok(t)
+    }
+
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    #[must_use]
+    pub fn sent(&self) -> u32 {
+        self.sent
+    }
+
+    /// The first thing to send.
+    pub fn start(&mut self) -> Next {
+        if self.oack_pending {
+            return Next::Send(0..=0);
+        }
+        self.window_after(0)
+    }
+
+    /// Widens a 16-bit ACK to the 32-bit counter, relative to what was sent.
+    #[must_use]
+    pub fn widen(&self, wire: u16) -> u32 {
+        expand_block(wire, self.sent)
+    }
+
+    /// The client acknowledged `block` (32-bit). `nudge`: the load balancer asks to resend what
+    /// follows now, even if the ACK looks like a duplicate (the session just moved here).
+    ///
+    /// Windows (RFC 7440): an ACK that moves forward but not to the end of what was sent only
+    /// adds new blocks, leaving those in flight alone. Clients that count duplicates towards
+    /// their window (atftp) would otherwise stay out of phase after any resend and have half
+    /// of every window sent twice. A repeated ACK signals loss and resends from the block
+    /// after it; with a window of one it waits for the timer instead (no Sorcerer's
+    /// Apprentice).
+    pub fn on_ack(&mut self, block: u32, nudge: bool) -> Next {
+        if block > self.sent && !nudge {
+            // Acknowledges something never sent: stale from an old transfer; ignore.
+            return Next::Nothing;
+        }
+        if block >= self.last {
+            self.acked = self.last;
+            return Next::Finished;
+        }
+        let forward = block > self.acked || (block == 0 && self.oack_pending);
+        self.oack_pending = false;
+        if nudge || (forward && block >= self.sent) {
+            self.acked = block;
+            self.retries = 0;
+            return self.window_after(block);
+        }
+        if forward {
+            self.acked = block;
+            self.retries = 0;
+            let last = block.saturating_add(u32::from(self.windowsize)).min(self.last);
+            if last <= self.sent {
+                return Next::Nothing;
+            }
+            let first = self.sent + 1;
+            self.sent = last;
+            return Next::Send(first..=last);
+        }
+        if block == self.acked && self.windowsize > 1 {
+            return self.window_after(block);
+        }
+        Next::Nothing
+    }
+
+    /// The retransmission timer fired.
+    pub fn on_timeout(&mut self) -> Next {
+        self.retries += 1;
+        if self.retries > MAX_RETRIES {
+            return Next::GiveUp;
+        }
+        if self.oack_pending {
+            return Next::Send(0..=0);
+        }
+        self.window_after(self.acked)
+    }
+
+    fn window_after(&mut self, acked: u32) -> Next {
+        let first = acked + 1;
+        let last = acked.saturating_add(u32::from(self.windowsize)).min(self.last);
+        self.sent = self.sent.max(last);
+        Next::Send(first..=last)
+    }
+
+    /// Reads block `n` (1-based) into `buf`; returns its length (short for the last block).
+    pub fn read_block(&self, n: u32, buf: &mut [u8]) -> std::io::Result<usize> {
+        let offset = u64::from(n.saturating_sub(1)) * u64::from(self.blksize);
+        let len = usize::try_from(u64::from(self.blksize).min(self.size.saturating_sub(offset))).unwrap_or(0);
+        let len = len.min(buf.len());
+        let got = self.source.read_at(&mut buf[..len], offset)?;
+        if got != len {
+            return Err(std::io::Error::other("file shrank during the transfer"));
+        }
+        Ok(len)
+    }
+}
+
+/// What to do after DATA of an upload.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteNext {
+    /// Acknowledge this block (16-bit, as on the wire).
+    Ack(u16),
+    /// The file is complete and in place; acknowledge this last block.
+    Done(u16),
+    /// Out of order or duplicate within the window: nothing (our timer re-acknowledges).
+    Nothing,
+    /// Failed: send this error and drop the transfer.
+    Fail(ErrorCode, &'static str),
+}
+
+/// An upload in progress: written to a temporary file beside the target, made durable and
+/// moved into place only when complete. Dropped unfinished, it leaves nothing behind.
+pub struct WriteTransfer {
+    temp: Option<tempfile::NamedTempFile>,
+    target: PathBuf,
+    pub blksize: u16,
+    pub windowsize: u16,
+    /// Last block received in order.
+    received: u32,
+    netascii: Option<netascii::Decoder>,
+    overwrite: bool,
+    retries: u8,
+    decoded: Vec<u8>,
+}
+
+impl WriteTransfer {
+    pub fn new(target: PathBuf, blksize: u16, windowsize: u16, netascii: bool, overwrite: bool) -> std::io::Result<Self> {
+        let dir = target.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
+        let temp = tempfile::Builder::new().prefix(".tftp-upload-").tempfile_in(dir)?;
+        Ok(Self {
+            temp: Some(temp),
+            target,
+            blksize: blksize.max(1),
+            windowsize: windowsize.max(1),
+            received: 0,
+            netascii: netascii.then(netascii::Decoder::default),
+            overwrite,
+            retries: 0,
+            decoded: Vec::new(),
+        })
+    }
+
+    /// The block to acknowledge now (after the request, or on a timeout).
+    #[must_use]
+    pub fn last_ack(&self) -> u16 {
+        (self.received & 0xffff) as u16
+    }
+
+    /// Counts a timeout; false once retries are exhausted.
+    pub fn on_timeout(&mut self) -> bool {
+        self.retries += 1;
+        self.retries <= MAX_RETRIES
+    }
+
+    pub fn on_data(&mut self, wire: u16, data: &[u8]) -> WriteNext {
+        let block = expand_block(wire, self.received + 1);
+        if block != self.received + 1 || data.len() > usize::from(self.blksize) {
+            // A duplicate or a gap: RFC 7440 asks to acknowledge the last in-order block.
+            return if block <= self.received { WriteNext::Nothing } else { WriteNext::Ack(self.last_ack()) };
+        }
+        self.retries = 0;
+        if let Err(code) = self.append(data) {
+            return WriteNext::Fail(code, "cannot write the file");
+        }
+        self.received = block;
+        if data.len() < usize::from(self.blksize) {
+            return match self.commit() {
+                Ok(()) => WriteNext::Done(self.last_ack()),
+                Err(refusal) => WriteNext::Fail(refusal.0, refusal.1),
+            };
+        }
+        if self.received % u32::from(self.windowsize) == 0 {
+            WriteNext::Ack(self.last_ack())
+        } else {
+            WriteNext::Nothing
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
+        let Some(temp) = self.temp.as_mut() else { return Err(ErrorCode::NotDefined) };
+        let result = match self.netascii.as_mut() {
+            Some(decoder) => {
+                self.decoded.clear();
+                decoder.decode(data, &mut self.decoded);
+                temp.write_all(&self.decoded)
+            }
+            None => temp.write_all(data),
+        };
+        result.map_err(|e| if e.raw_os_error() == Some(libc_enospc()) { ErrorCode::DiskFull } else { ErrorCode::NotDefined })
+    }
+
+    /// fsync, then move into place: atomically replacing with --allow-overwrite, else linking
+    /// (which fails if the name exists) and unlinking the temporary name.
+    fn commit(&mut self) -> Result<(), (ErrorCode, &'static str)> {
+        let mut temp = self.temp.take().ok_or((ErrorCode::NotDefined, "upload already finished"))?;
+        if let Some(decoder) = self.netascii.as_mut() {
+            self.decoded.clear();
+            decoder.finish(&mut self.decoded);
+            temp.write_all(&self.decoded).map_err(|_| (ErrorCode::DiskFull, "cannot write the file"))?;
+        }
+        temp.as_file().sync_all().map_err(|_| (ErrorCode::DiskFull, "cannot sync the file"))?;
+        if self.overwrite {
+            temp.persist(&self.target).map_err(|_| (ErrorCode::AccessViolation, "cannot move the file into place"))?;
+        } else {
+            temp.persist_noclobber(&self.target).map_err(|e| {
+                if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                    (ErrorCode::FileExists, "file already exists")
+                } else {
+                    (ErrorCode::AccessViolation, "cannot move the file into place")
+                }
+            })?;
+        }
+        if let Some(dir) = self.target.parent().and_then(|d| File::open(d).ok()) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+const fn libc_enospc() -> i32 {
+    28
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn source(len: usize) -> Source {
+        Source::Memory((0..len).map(|i| (i % 251) as u8).collect())
+    }
+
+    #[test]
+    fn lock_step_download_with_exact_multiple_ends_with_an_empty_block() {
+        let mut t = ReadTransfer::new(source(1024), 512, 1, false).unwrap();
+        assert_eq!(t.start(), Next::Send(1..=1));
+        assert_eq!(t.on_ack(1, false), Next::Send(2..=2));
+        assert_eq!(t.on_ack(2, false), Next::Send(3..=3));
+        let mut buf = [0u8; 512];
+        assert_eq!(t.read_block(3, &mut buf).unwrap(), 0, "the terminating empty block");
+        assert_eq!(t.on_ack(3, false), Next::Finished);
+    }
+
+    #[test]
+    fn windows_and_partial_acks() {
+        let mut t = ReadTransfer::new(source(10 * 100 + 5), 100, 4, true).unwrap();
+        assert_eq!(t.start(), Next::Send(0..=0), "OACK first");
+        assert_eq!(t.on_ack(0, false), Next::Send(1..=4));
+        assert_eq!(t.on_ack(2, false), Next::Send(5..=6), "a partial ACK adds new blocks only");
+        assert_eq!(t.on_ack(2, false), Next::Send(3..=6), "a repeated ACK means loss: resend after it");
+        assert_eq!(t.on_timeout(), Next::Send(3..=6));
+        assert_eq!(t.on_ack(9, false), Next::Nothing, "beyond what was sent");
+        assert_eq!(t.on_ack(6, false), Next::Send(7..=10));
+        assert_eq!(t.on_ack(10, false), Next::Send(11..=11));
+        assert_eq!(t.on_ack(11, false), Next::Finished);
+    }
+
+    #[test]
+    fn lock_step_duplicates_wait_for_the_timer() {
+        let mut t = ReadTransfer::new(source(2000), 512, 1, false).unwrap();
+        t.start();
+        assert_eq!(t.on_ack(1, false), Next::Send(2..=2));
+        assert_eq!(t.on_ack(1, false), Next::Nothing, "no Sorcerer's Apprentice");
+    }
+
+    #[test]
+    fn resume_from_the_middle_reads_the_right_bytes_and_nudge_resends() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let mut t = ReadTransfer::resume(Source::Memory(data.clone()), 1000, 2, 3).unwrap();
+        assert_eq!(t.on_ack(2, true), Next::Send(3..=4), "nudge: resend after the ACK now");
+        let mut buf = [0u8; 1000];
+        assert_eq!(t.read_block(4, &mut buf).unwrap(), 1000);
+        assert_eq!(&buf[..], &data[3000..4000]);
+        assert_eq!(t.on_ack(4, false), Next::Send(5..=6));
+        assert_eq!(t.read_block(6, &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn rollover_widens_16_bit_acks() {
+        let mut t = ReadTransfer::new(source(70_000 * 8), 8, 1, false).unwrap();
+        t.sent = 65_536;
+        assert_eq!(t.widen(0), 65_536);
+        assert_eq!(t.widen(65_535), 65_535);
+    }
+
+    #[test]
+    fn timeouts_give_up_after_the_retry_limit() {
+        let mut t = ReadTransfer::new(source(10), 512, 1, false).unwrap();
+        t.start();
+        for _ in 0..MAX_RETRIES {
+            assert_eq!(t.on_timeout(), Next::Send(1..=1));
+        }
+        assert_eq!(t.on_timeout(), Next::GiveUp);
+    }
+
+    #[test]
+    fn upload_lands_only_when_complete_and_never_clobbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("up.bin");
+        let mut w = WriteTransfer::new(target.clone(), 4, 1, false, false).unwrap();
+        assert_eq!(w.on_data(1, b"abcd"), WriteNext::Ack(1));
+        assert_eq!(w.on_data(1, b"abcd"), WriteNext::Nothing);
+        assert!(!target.exists(), "nothing in place before the end");
+        assert_eq!(w.on_data(2, b"ef"), WriteNext::Done(2));
+        assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
+
+        let mut again = WriteTransfer::new(target.clone(), 4, 1, false, false).unwrap();
+        assert_eq!(again.on_data(1, b"x"), WriteNext::Fail(ErrorCode::FileExists, "file already exists"));
+        assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
+
+        let aborted = WriteTransfer::new(dir.path().join("gone.bin"), 4, 1, false, false).unwrap();
+        drop(aborted);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "an aborted upload leaves nothing");
+        let mut f = File::create(dir.path().join("x")).unwrap();
+        f.write_all(b"").unwrap();
+    }
+}
