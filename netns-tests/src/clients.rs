@@ -31,31 +31,41 @@ impl Client {
     /// A command that downloads `remote` from `server:port` into `local`, run in `ns`.
     #[must_use]
     pub fn download(self, ns: &Netns, server: &str, port: u16, remote: &str, local: &Path) -> Command {
-        let port = port.to_string();
-        let local_str = local.display().to_string();
+        let (program, args) = self.download_args(server, port, remote, local);
+        let mut command = ns.command(program);
+        command.args(args);
+        command
+    }
+
+    /// The same download, run in the caller's own network namespace (loopback tests).
+    #[must_use]
+    pub fn download_here(self, server: &str, port: u16, remote: &str, local: &Path) -> Command {
+        let (program, args) = self.download_args(server, port, remote, local);
+        let mut command = Command::new(program);
+        command.args(args);
+        command
+    }
+
+    fn download_args(self, server: &str, port: u16, remote: &str, local: &Path) -> (&'static str, Vec<String>) {
+        let (port, local) = (port.to_string(), local.display().to_string());
+        let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         match self {
-            Self::TftpHpa => {
-                let mut c = ns.command("tftp");
-                c.args(["-m", "binary", server, &port, "-c", "get", remote, &local_str]);
-                c
-            }
-            Self::Atftp { blksize, windowsize } => {
-                let mut c = ns.command("atftp");
-                c.args(["--option", &format!("blksize {blksize}"), "--option", &format!("windowsize {windowsize}")]);
-                c.args(["-g", "-r", remote, "-l", &local_str, server, &port]);
-                c
-            }
-            Self::Curl { blksize } => {
-                let mut c = ns.command("curl");
-                c.args(["-sS", "--fail", "--tftp-blksize", &blksize.to_string(), "-o", &local_str]);
-                c.arg(format!("tftp://{server}:{port}/{remote}"));
-                c
-            }
-            Self::Busybox { blksize } => {
-                let mut c = ns.command("busybox");
-                c.args(["tftp", "-g", "-r", remote, "-l", &local_str, "-b", &blksize.to_string(), server, &port]);
-                c
-            }
+            Self::TftpHpa => ("tftp", strings(&["-m", "binary", server, &port, "-c", "get", remote, &local])),
+            Self::Atftp { blksize, windowsize } => (
+                "atftp",
+                strings(&[
+                    "--option", &format!("blksize {blksize}"), "--option", &format!("windowsize {windowsize}"),
+                    "-g", "-r", remote, "-l", &local, server, &port,
+                ]),
+            ),
+            Self::Curl { blksize } => (
+                "curl",
+                strings(&["-sS", "--fail", "--tftp-blksize", &blksize.to_string(), "-o", &local, &format!("tftp://{server}:{port}/{remote}")]),
+            ),
+            Self::Busybox { blksize } => (
+                "busybox",
+                strings(&["tftp", "-g", "-r", remote, "-l", &local, "-b", &blksize.to_string(), server, &port]),
+            ),
         }
     }
 }

@@ -38,7 +38,7 @@ pub struct Negotiated {
 /// Negotiates a request's options. `size` is the file's size for a read (answered in tsize),
 /// `None` for a write (the client's tsize is echoed).
 #[must_use]
-pub fn negotiate(requested: &Options, limits: &Limits, size: Option<u64>) -> Negotiated {
+pub fn negotiate(requested: &Options, limits: Limits, size: Option<u64>) -> Negotiated {
     let mut oack = Options::default();
     let blksize = match requested.blksize {
         Some(b) if (BLKSIZE_MIN..=BLKSIZE_MAX).contains(&b) => {
@@ -75,7 +75,7 @@ mod tests {
 
     #[test]
     fn no_options_means_no_oack_and_rfc1350_defaults() {
-        let n = negotiate(&Options::default(), &Limits::default(), Some(100));
+        let n = negotiate(&Options::default(), Limits::default(), Some(100));
         assert_eq!((n.blksize, n.windowsize, n.timeout), (512, 1, None));
         assert!(n.oack.is_empty());
     }
@@ -83,19 +83,19 @@ mod tests {
     #[test]
     fn values_are_accepted_clamped_or_declined() {
         let asked = Options { blksize: Some(9000), windowsize: Some(1000), timeout: Some(3), tsize: Some(0) };
-        let n = negotiate(&asked, &Limits::default(), Some(123_456));
+        let n = negotiate(&asked, Limits::default(), Some(123_456));
         assert_eq!((n.blksize, n.windowsize, n.timeout), (1468, 64, Some(3)));
         assert_eq!(n.oack, Options { blksize: Some(1468), windowsize: Some(64), timeout: Some(3), tsize: Some(123_456) });
 
         let invalid = Options { blksize: Some(7), windowsize: Some(0), timeout: Some(0), tsize: None };
-        let n = negotiate(&invalid, &Limits::default(), Some(1));
+        let n = negotiate(&invalid, Limits::default(), Some(1));
         assert_eq!((n.blksize, n.windowsize, n.timeout), (512, 1, None));
         assert!(n.oack.is_empty(), "invalid values are declined, not acknowledged");
     }
 
     #[test]
     fn a_write_echoes_the_clients_tsize() {
-        let n = negotiate(&Options { tsize: Some(777), ..Options::default() }, &Limits::default(), None);
+        let n = negotiate(&Options { tsize: Some(777), ..Options::default() }, Limits::default(), None);
         assert_eq!(n.oack.tsize, Some(777));
     }
 }

@@ -91,10 +91,10 @@ pub fn open_read(root: &mut Root, config: &Config, filename: &str, mode: Mode, o
     let relative = Root::relative(filename)?;
     let (file, _) = root.open_read(&relative)?;
     let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let size = file.metadata().map_or(0, |m| m.len());
     let source = source_for(file, mode)?;
     let served = source.len().unwrap_or(size);
-    let negotiated = negotiate(options, &config.limits, Some(served));
+    let negotiated = negotiate(options, config.limits, Some(served));
     let transfer = ReadTransfer::new(source, negotiated.blksize, negotiated.windowsize, !negotiated.oack.is_empty())
         .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))?;
     Ok((transfer, Context { mode, negotiated, path_hash: path_hash(&relative), digest, size }))
@@ -130,7 +130,7 @@ pub fn open_write(root: &Root, config: &Config, filename: &str, mode: Mode, opti
     if !config.allow_overwrite && target.exists() {
         return Err(refusal(ErrorCode::FileExists, "file already exists"));
     }
-    let negotiated = negotiate(options, &config.limits, None);
+    let negotiated = negotiate(options, config.limits, None);
     let transfer = WriteTransfer::new(target, negotiated.blksize, negotiated.windowsize, mode == Mode::Netascii, config.allow_overwrite)
         .map_err(|_| refusal(ErrorCode::AccessViolation, "cannot create the file"))?;
     Ok((transfer, negotiated))

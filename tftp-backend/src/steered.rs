@@ -100,7 +100,7 @@ impl Steered {
     async fn tftp(&mut self, key: Key, header: SteeringHeader, repr: Repr<'_>, from: SocketAddr) {
         match repr {
             Repr::Rrq { filename, mode, options } => {
-                self.forget(&key);
+                self.forget(key);
                 match service::open_read(&mut self.root, &self.config, filename, mode, &options) {
                     Ok((mut transfer, context)) => {
                         info!(client = ?key.0, file = filename, "read");
@@ -112,7 +112,7 @@ impl Steered {
                 }
             }
             Repr::Wrq { filename, mode, options } => {
-                self.forget(&key);
+                self.forget(key);
                 match service::open_write(&self.root, &self.config, filename, mode, &options) {
                     Ok((transfer, negotiated)) => {
                         info!(client = ?key.0, file = filename, "write");
@@ -132,7 +132,7 @@ impl Steered {
             Repr::Data { block, data } => self.data(key, &header, block, data, from).await,
             Repr::Error { code, message } => {
                 debug!(client = ?key.0, ?code, message, "client aborted");
-                self.forget(&key);
+                self.forget(key);
                 self.finished(&header, from).await;
             }
             Repr::Oack { .. } => {
@@ -191,12 +191,12 @@ impl Steered {
             }
             WriteNext::Done(n) => {
                 self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
-                self.forget(&key);
+                self.forget(key);
                 self.finished(header, from).await;
             }
             WriteNext::Nothing => {}
             WriteNext::Fail(code, message) => {
-                self.forget(&key);
+                self.forget(key);
                 self.refuse(key, header, from, &Refusal { code, message }).await;
             }
         }
@@ -214,7 +214,7 @@ impl Steered {
                 self.arm(key);
             }
             Next::Finished | Next::GiveUp => {
-                if let Some(session) = self.forget(&key) {
+                if let Some(session) = self.forget(key) {
                     self.finished(&session.header, session.lb).await;
                 }
             }
@@ -238,7 +238,7 @@ impl Steered {
                 Ok(end) => end,
                 Err(error) => {
                     warn!(%error, "read failed");
-                    let session = self.forget(&key);
+                    let session = self.forget(key);
                     if let Some(s) = session {
                         self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
                     }
@@ -267,7 +267,7 @@ impl Steered {
                         let block = transfer.last_ack();
                         self.send_tftp(key, &Repr::Ack { block }, 0).await;
                         self.arm(key);
-                    } else if let Some(session) = self.forget(&key) {
+                    } else if let Some(session) = self.forget(key) {
                         self.finished(&session.header, session.lb).await;
                     }
                 }
@@ -282,9 +282,9 @@ impl Steered {
         self.sessions.insert(key, Session { kind, header: template, lb, timeout });
     }
 
-    fn forget(&mut self, key: &Key) -> Option<Session> {
-        self.timers.cancel(key);
-        self.sessions.remove(key)
+    fn forget(&mut self, key: Key) -> Option<Session> {
+        self.timers.cancel(&key);
+        self.sessions.remove(&key)
     }
 
     fn arm(&mut self, key: Key) {

@@ -56,11 +56,13 @@ impl<K: Hash + Eq + Ord + Clone> TimerQueue<K> {
         Some(key)
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn len(&self) -> usize {
         self.live.len()
     }
 
+    #[cfg(test)]
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()

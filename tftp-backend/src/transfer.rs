@@ -285,7 +285,7 @@ impl WriteTransfer {
                 Err(refusal) => WriteNext::Fail(refusal.0, refusal.1),
             };
         }
-        if self.received % u32::from(self.windowsize) == 0 {
+        if self.received.is_multiple_of(u32::from(self.windowsize)) {
             WriteNext::Ack(self.last_ack())
         } else {
             WriteNext::Nothing
@@ -344,7 +344,7 @@ mod tests {
     use super::*;
 
     fn source(len: usize) -> Source {
-        Source::Memory((0..len).map(|i| (i % 251) as u8).collect())
+        Source::Memory((0..len).map(|i| u8::try_from(i % 251).unwrap()).collect())
     }
 
     #[test]
@@ -382,7 +382,7 @@ mod tests {
 
     #[test]
     fn resume_from_the_middle_reads_the_right_bytes_and_nudge_resends() {
-        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let data: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i * 7 % 256).unwrap()).collect();
         let mut t = ReadTransfer::resume(Source::Memory(data.clone()), 1000, 2, 3).unwrap();
         assert_eq!(t.on_ack(2, true), Next::Send(3..=4), "nudge: resend after the ACK now");
         let mut buf = [0u8; 1000];

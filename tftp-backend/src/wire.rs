@@ -333,11 +333,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
-    /// Everything after the opcode.
-    #[must_use]
-    pub fn body(&self) -> &[u8] {
-        self.buffer.as_ref().get(field::BODY).unwrap_or_default()
-    }
 }
 
 impl<'a> Packet<&'a [u8]> {

@@ -1,0 +1,174 @@
+//! The real tftp-backend binary in standalone mode on loopback, driven by stock Debian clients
+//! (tftp-hpa, atftp, curl, busybox) and by hand-made hostile packets.
+
+use std::{
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use netns_tests::{
+    Process, RunPrefix,
+    clients::Client,
+    files::{make_file, sha256},
+};
+
+struct Server {
+    port: u16,
+    root: tempfile::TempDir,
+    _process: Process,
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts the server on a free loopback port with `extra` flags; waits until it answers.
+fn server(extra: &[&str]) -> Server {
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
+    command.arg("--root").arg(root.path()).args(["--listen", &format!("127.0.0.1:{port}")]).args(extra);
+    let process = Process::spawn(RunPrefix::new().name("tftp-backend"), command).unwrap();
+    let server = Server { port, root, _process: process };
+    // Ready when a request for a missing file gets its error.
+    for _ in 0..100 {
+        if request(&server, b"\x00\x01ready-probe\x00octet\x00").is_some() {
+            return server;
+        }
+    }
+    panic!("tftp-backend did not answer on port {port}");
+}
+
+/// Sends one datagram to the service port and returns the first answer, if any.
+fn request(server: &Server, datagram: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    socket.send_to(datagram, ("127.0.0.1", server.port)).unwrap();
+    let mut buf = [0u8; 1024];
+    socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+fn run(mut command: Command) -> std::process::Output {
+    let output = command.output().expect("client runs");
+    assert!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn local(name: &str) -> PathBuf {
+    std::env::temp_dir().join(RunPrefix::new().name(name))
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    assert_eq!(sha256(a).unwrap(), sha256(b).unwrap(), "{} differs from {}", a.display(), b.display());
+}
+
+#[test]
+fn stock_clients_download_identical_files() {
+    let s = server(&[]);
+    let big = s.root.path().join("image.bin");
+    make_file(&big, 2 * 1024 * 1024 + 77, 11).unwrap();
+    let exact = s.root.path().join("exact.bin");
+    make_file(&exact, 512 * 40, 12).unwrap();
+    for how in [
+        Client::TftpHpa,
+        Client::Atftp { blksize: 1468, windowsize: 16 },
+        Client::Atftp { blksize: 512, windowsize: 1 },
+        Client::Curl { blksize: 1468 },
+        Client::Busybox { blksize: 1024 },
+    ] {
+        for source in [&big, &exact] {
+            let out = local("dl");
+            let remote = source.file_name().unwrap().to_str().unwrap();
+            run(how.download_here("127.0.0.1", s.port, remote, &out));
+            assert_same(source, &out);
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
+#[test]
+fn block_numbers_roll_over_past_65535() {
+    let s = server(&[]);
+    // 8-byte blocks: 70 000 blocks, past the 16-bit block counter.
+    let source = s.root.path().join("rollover.bin");
+    make_file(&source, 8 * 70_000 + 3, 13).unwrap();
+    let out = local("rollover");
+    run(Client::Atftp { blksize: 8, windowsize: 64 }.download_here("127.0.0.1", s.port, "rollover.bin", &out));
+    assert_same(&source, &out);
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn netascii_downloads_convert_line_ends() {
+    let s = server(&[]);
+    let source = s.root.path().join("config.txt");
+    std::fs::write(&source, "hostname switch-1\ninterface eth0\n  mtu 9000\r\nend\n".repeat(200)).unwrap();
+    let out = local("ascii");
+    let mut command = Command::new("tftp");
+    command.args(["-m", "netascii", "127.0.0.1", &s.port.to_string(), "-c", "get", "config.txt"]).arg(&out);
+    run(command);
+    assert_same(&source, &out);
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn uploads_arrive_intact_only_when_allowed() {
+    let upload = local("upload-src");
+    make_file(&upload, 300_000, 14).unwrap();
+    let put = |port: u16, remote: &str| {
+        let mut command = Command::new("tftp");
+        command.args(["-m", "binary", "127.0.0.1", &port.to_string(), "-c", "put"]).arg(&upload).arg(remote);
+        command.output().unwrap()
+    };
+
+    let refusing = server(&[]);
+    let output = put(refusing.port, "new.bin");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("Error") || String::from_utf8_lossy(&output.stderr).contains("Error") || !output.status.success(), "upload refused");
+    assert!(!refusing.root.path().join("new.bin").exists());
+
+    let accepting = server(&["--allow-upload"]);
+    put(accepting.port, "new.bin");
+    assert_same(&upload, &accepting.root.path().join("new.bin"));
+    // Nothing but the file: no temporary left behind.
+    assert_eq!(std::fs::read_dir(accepting.root.path()).unwrap().count(), 1);
+    // An existing file is not replaced without --allow-overwrite.
+    std::fs::write(accepting.root.path().join("keep.bin"), b"original").unwrap();
+    put(accepting.port, "keep.bin");
+    assert_eq!(std::fs::read(accepting.root.path().join("keep.bin")).unwrap(), b"original");
+    std::fs::remove_file(&upload).unwrap();
+}
+
+/// Hostile or malformed requests: each gets the right TFTP error, and the server lives on.
+#[test]
+fn bad_requests_get_errors_and_the_server_survives() {
+    let s = server(&[]);
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    std::os::unix::fs::symlink(outside.path(), s.root.path().join("escape")).unwrap();
+    std::fs::create_dir(s.root.path().join("dir")).unwrap();
+    let huge_option = [b"\x00\x01f\x00octet\x00".as_slice(), &[b'x'; 600], b"\x00y\x00"].concat();
+    for (name, datagram, code) in [
+        ("truncated", b"\x00".to_vec(), 4),
+        ("no NUL after the filename", b"\x00\x01file".to_vec(), 4),
+        ("unknown opcode", b"\x00\x09abc\x00".to_vec(), 4),
+        ("mail mode", b"\x00\x01f\x00mail\x00".to_vec(), 4),
+        ("DATA as a request", b"\x00\x03\x00\x01xx".to_vec(), 4),
+        ("parent traversal", b"\x00\x01../../etc/passwd\x00octet\x00".to_vec(), 2),
+        ("absolute path outside", b"\x00\x01/../etc/passwd\x00octet\x00".to_vec(), 2),
+        ("symlink leading outside", b"\x00\x01escape\x00octet\x00".to_vec(), 2),
+        ("a directory", b"\x00\x01dir\x00octet\x00".to_vec(), 2),
+        ("missing file", b"\x00\x01nothing-here\x00octet\x00".to_vec(), 1),
+        ("upload while disabled", b"\x00\x02x.bin\x00octet\x00".to_vec(), 2),
+        ("huge unknown option", huge_option, 1),
+        ("bad option value", b"\x00\x01f\x00octet\x00blksize\x00lots\x00".to_vec(), 4),
+    ] {
+        let answer = request(&s, &datagram).unwrap_or_else(|| panic!("{name}: no answer"));
+        assert_eq!(&answer[..2], b"\x00\x05", "{name}: an ERROR packet");
+        assert_eq!(u16::from_be_bytes([answer[2], answer[3]]), code, "{name}: error code");
+    }
+    // Still serving.
+    std::fs::write(s.root.path().join("ok.bin"), b"fine").unwrap();
+    let answer = request(&s, b"\x00\x01ok.bin\x00octet\x00").unwrap();
+    assert_eq!(answer, b"\x00\x03\x00\x01fine");
+}

@@ -1,0 +1,162 @@
+//! Steered mode: the test plays the load balancer on loopback. A transfer started on backend A
+//! is finished by backend B, which never saw it, from the steering header alone.
+
+use std::{net::UdpSocket, process::Command, time::Duration};
+
+use netns_tests::{Process, RunPrefix, files::make_file};
+use sha2::{Digest as _, Sha256};
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+};
+
+const CLIENT: [u8; 4] = [10, 9, 8, 7];
+const VIP: [u8; 4] = [10, 9, 8, 1];
+
+struct Backend {
+    port: u16,
+    _process: Process,
+}
+
+fn backend(root: &std::path::Path) -> Backend {
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
+    command.arg("--root").arg(root).args(["--steered", "--listen", &format!("127.0.0.1:{port}")]);
+    let backend = Backend { port, _process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
+    let lb = Lb::new();
+    for _ in 0..100 {
+        if lb.heartbeat(&backend).is_some() {
+            return backend;
+        }
+    }
+    panic!("steered backend did not answer heartbeats");
+}
+
+/// The test's stand-in for a load balancer.
+struct Lb {
+    socket: UdpSocket,
+}
+
+impl Lb {
+    fn new() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Self { socket }
+    }
+
+    fn send(&self, to: &Backend, header: &SteeringHeader, tftp: &[u8]) {
+        let mut datagram = bytemuck::bytes_of(header).to_vec();
+        datagram.extend_from_slice(tftp);
+        self.socket.send_to(&datagram, ("127.0.0.1", to.port)).unwrap();
+    }
+
+    fn recv(&self) -> Option<(SteeringHeader, Vec<u8>)> {
+        let mut buf = [0u8; 2048];
+        let n = self.socket.recv(&mut buf).ok()?;
+        let header = *bytemuck::try_from_bytes::<SteeringHeader>(buf.get(..64)?).ok()?;
+        Some((header, buf[64..n].to_vec()))
+    }
+
+    fn heartbeat(&self, to: &Backend) -> Option<SteeringHeader> {
+        let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
+        beat.flags = FLAG_HEARTBEAT;
+        self.send(to, &beat, b"");
+        self.recv().map(|(h, _)| h)
+    }
+}
+
+fn client_header() -> SteeringHeader {
+    SteeringHeader::for_client(CLIENT, 40_000, VIP, 31_337)
+}
+
+fn ack(block: u16) -> Vec<u8> {
+    [&[0u8, 4][..], &block.to_be_bytes()].concat()
+}
+
+#[test]
+fn a_transfer_started_on_one_backend_finishes_on_another() {
+    let root = tempfile::tempdir().unwrap();
+    let source = root.path().join("fw.bin");
+    make_file(&source, 100_000, 21).unwrap();
+    let (a, b) = (backend(root.path()), backend(root.path()));
+    let lb = Lb::new();
+    let mut received = Vec::new();
+
+    // Start on A with blksize 1000, windowsize 4.
+    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00blksize\x001000\x00windowsize\x004\x00");
+    let (oack_header, oack) = lb.recv().expect("OACK from A");
+    assert_eq!(&oack[..2], b"\x00\x06");
+    assert_eq!(oack_header.flags, FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT);
+    assert_eq!((oack_header.blksize(), oack_header.windowsize(), oack_header.file_size()), (1000, 4, 100_000));
+    let mut context = oack_header;
+    lb.send(&a, &client_header(), &ack(0));
+    for expected in 1..=4u16 {
+        let (h, data) = lb.recv().expect("DATA from A");
+        assert_eq!(&data[..4], &[0, 3, 0, u8::try_from(expected).unwrap()]);
+        assert_eq!(h.block(), u32::from(expected));
+        received.extend_from_slice(&data[4..]);
+        context = h;
+    }
+    // A dies here. B gets the client's ACK of block 4 with the context A reported.
+    let mut moved = context;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    lb.send(&b, &moved, &ack(4));
+    let mut last_block = 4u16;
+    loop {
+        let (h, data) = lb.recv().expect("B answers");
+        if h.has_flag(FLAG_FINISHED) {
+            break;
+        }
+        assert_eq!(&data[..2], b"\x00\x03", "DATA from B");
+        let block = u16::from_be_bytes([data[2], data[3]]);
+        if block == last_block + 1 {
+            received.extend_from_slice(&data[4..]);
+            last_block = block;
+        }
+        if block % 4 == 0 || data.len() < 1004 {
+            let mut next = h;
+            next.flags = FLAG_HAS_CONTEXT;
+            lb.send(&b, &next, &ack(last_block));
+        }
+    }
+    assert_eq!(Sha256::digest(&received), Sha256::digest(std::fs::read(&source).unwrap()), "A's and B's blocks make the file");
+}
+
+#[test]
+fn another_version_of_the_file_gets_an_error_not_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 50_000, 22).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
+    let (h, _) = lb.recv().expect("DATA 1");
+    let b = backend(root.path());
+    let mut forged = h;
+    forged.flags = FLAG_HAS_CONTEXT;
+    forged.digest[0] ^= 0xff;
+    lb.send(&b, &forged, &ack(1));
+    let (_, reply) = lb.recv().expect("an answer");
+    assert_eq!(&reply[..2], b"\x00\x05", "a TFTP ERROR, not DATA");
+    let (finished, _) = lb.recv().expect("and the end of the session");
+    assert!(finished.has_flag(FLAG_FINISHED));
+}
+
+#[test]
+fn heartbeats_are_echoed_and_unknown_transfers_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    let echo = lb.heartbeat(&a).expect("heartbeat answer");
+    assert_eq!(echo.flags, FLAG_FROM_BACKEND | FLAG_HEARTBEAT);
+    // An ACK without context for a session A never saw.
+    lb.send(&a, &client_header(), &ack(3));
+    let (_, reply) = lb.recv().expect("an answer");
+    assert_eq!(&reply[..4], b"\x00\x05\x00\x05", "ERROR 5: unknown transfer");
+    assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED));
+    // Garbage after a valid header: illegal operation, and A lives on.
+    lb.send(&a, &client_header(), b"\x00");
+    let (_, reply) = lb.recv().expect("an answer");
+    assert_eq!(&reply[..4], b"\x00\x05\x00\x04");
+    assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED));
+    assert!(lb.heartbeat(&a).is_some());
+}
