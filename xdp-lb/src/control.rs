@@ -17,6 +17,9 @@ pub struct Policy {
     /// Unanswered packets per client with a session on the backend beyond this: dead.
     pub per_client_threshold: u64,
     /// No answer at all (heartbeats included) for this long: dead, even without sessions.
+    /// With sessions, `dead_after` applies: heartbeats keep a live backend's answers younger,
+    /// and a windowed client sends nothing while it waits for the rest of a window, so
+    /// silence is the only sign when a backend dies mid-window.
     pub silent_after: Duration,
 }
 
@@ -84,7 +87,8 @@ pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
                 }
             }
             let silent = now_ns.saturating_sub(b.last_answer_ns);
-            if silent > nanos(policy.silent_after) {
+            let allowed = if b.sessions > 0 { policy.dead_after } else { policy.silent_after };
+            if silent > nanos(allowed) {
                 return Judgement::Die(DeathReason::Silent { for_ms: ms(silent) });
             }
             Judgement::Keep
@@ -178,6 +182,14 @@ mod tests {
     fn an_idle_backend_that_misses_heartbeats_is_dead() {
         assert_eq!(judge(1000 * MS, &live(600 * MS), &policy()), Judgement::Die(DeathReason::Silent { for_ms: 400 }));
         assert_eq!(judge(1000 * MS, &live(800 * MS), &policy()), Judgement::Keep);
+    }
+
+    #[test]
+    fn a_backend_with_sessions_that_falls_silent_is_dead_sooner() {
+        let serving = BackendView { sessions: 2, ..live(850 * MS) };
+        assert_eq!(judge(1000 * MS, &serving, &policy()), Judgement::Die(DeathReason::Silent { for_ms: 150 }));
+        let answering = BackendView { sessions: 2, ..live(950 * MS) };
+        assert_eq!(judge(1000 * MS, &answering, &policy()), Judgement::Keep);
     }
 
     #[test]
