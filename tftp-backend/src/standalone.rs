@@ -14,6 +14,9 @@ use crate::{
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
+/// Buffer for everything but DATA: RFC 1350's classic packet size.
+const SMALL_PACKET: usize = 516;
+
 pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Result<()> {
     let root = Arc::new(Mutex::new(root));
     let config = Arc::new(config);
@@ -35,7 +38,9 @@ pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Resul
 async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config) -> anyhow::Result<()> {
     let socket = UdpSocket::bind((local_ip, 0)).await.context("binding a transfer port")?;
     socket.connect(client).await?;
-    let mut out = vec![0u8; MAX_PACKET];
+    // Requests, errors, ACKs and OACKs fit in 512 bytes; DATA gets a buffer sized to the
+    // negotiated block in `read`, so thousands of transfers do not each hold 128 KiB.
+    let mut out = vec![0u8; SMALL_PACKET];
     let repr = match Packet::parse(request) {
         Ok(repr) => repr,
         Err(error) => {
@@ -49,7 +54,7 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
             match opened {
                 Ok((transfer, context)) => {
                     info!(%client, file = filename, size = transfer.size(), "read");
-                    read(&socket, &mut out, transfer, context.negotiated.oack, config.timeout(context.negotiated.timeout)).await
+                    read(&socket, transfer, context.negotiated.oack, config.timeout(context.negotiated.timeout)).await
                 }
                 Err(refusal) => send_error(&socket, &mut out, &refusal).await,
             }
@@ -69,8 +74,12 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
     }
 }
 
-async fn read(socket: &UdpSocket, out: &mut [u8], mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; MAX_PACKET];
+async fn read(socket: &UdpSocket, mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
+    // The client only sends ACKs and ERRORs; a longer ERROR is cut, fails to parse, and the
+    // retry limit ends the transfer.
+    let mut buf = vec![0u8; SMALL_PACKET];
+    let mut out = vec![0u8; (4 + usize::from(transfer.blksize)).max(SMALL_PACKET)];
+    let out = out.as_mut_slice();
     let mut next = transfer.start();
     loop {
         match next {
@@ -106,7 +115,8 @@ async fn read(socket: &UdpSocket, out: &mut [u8], mut transfer: ReadTransfer, oa
 }
 
 async fn write(socket: &UdpSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, timeout: Duration) -> anyhow::Result<()> {
-    let mut buf = vec![0u8; MAX_PACKET];
+    // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
+    let mut buf = vec![0u8; (5 + usize::from(transfer.blksize)).min(MAX_PACKET + 1)];
     let end = service::emit_at(first, out, 0);
     socket.send(&out[..end]).await?;
     loop {

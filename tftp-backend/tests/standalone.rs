@@ -156,6 +156,8 @@ fn bad_requests_get_errors_and_the_server_survives() {
         ("DATA as a request", b"\x00\x03\x00\x01xx".to_vec(), 4),
         ("parent traversal", b"\x00\x01../../etc/passwd\x00octet\x00".to_vec(), 2),
         ("absolute path outside", b"\x00\x01/../etc/passwd\x00octet\x00".to_vec(), 2),
+        // A leading "/" means the root, as with tftp-hpa: /etc/passwd is root/etc/passwd.
+        ("absolute path", b"\x00\x01/etc/passwd\x00octet\x00".to_vec(), 1),
         ("symlink leading outside", b"\x00\x01escape\x00octet\x00".to_vec(), 2),
         ("a directory", b"\x00\x01dir\x00octet\x00".to_vec(), 2),
         ("missing file", b"\x00\x01nothing-here\x00octet\x00".to_vec(), 1),
@@ -171,4 +173,23 @@ fn bad_requests_get_errors_and_the_server_survives() {
     std::fs::write(s.root.path().join("ok.bin"), b"fine").unwrap();
     let answer = request(&s, b"\x00\x01ok.bin\x00octet\x00").unwrap();
     assert_eq!(answer, b"\x00\x03\x00\x01fine");
+}
+
+/// RRQ options answered in the OACK: tsize with the file's size, blksize clamped to the
+/// configured maximum, unknown options left out.
+#[test]
+fn oack_answers_tsize_and_clamps_blksize() {
+    let s = server(&["--max-blksize", "1024"]);
+    std::fs::write(s.root.path().join("sized.bin"), vec![7u8; 123_456]).unwrap();
+    let answer = request(&s, b"\x00\x01sized.bin\x00OcTeT\x00blksize\x009000\x00tsize\x000\x00colour\x00blue\x00").unwrap();
+    let mut expected = b"\x00\x06".to_vec();
+    expected.extend_from_slice(b"blksize\x001024\x00tsize\x00123456\x00");
+    // The order of options in the OACK is the server's; compare as sets of pairs.
+    let pairs = |bytes: &[u8]| {
+        let mut v: Vec<Vec<u8>> = bytes[2..].split(|b| *b == 0).map(<[u8]>::to_vec).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(&answer[..2], b"\x00\x06", "an OACK");
+    assert_eq!(pairs(&answer), pairs(&expected));
 }
