@@ -15,6 +15,7 @@ pub mod files;
 mod netns;
 mod paths;
 mod process;
+pub mod pair_topology;
 pub mod topology;
 pub mod watch;
 

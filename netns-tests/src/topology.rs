@@ -16,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+use crate::{Netns, PinDir, Process, Result, RunPrefix, binary};
 
 pub const VIP: &str = "10.77.0.100";
 pub const LB_ADDR: &str = "10.77.0.2";
@@ -98,15 +98,20 @@ impl LbTopology {
 
     /// `xdp-lb status --json` for this topology's balancer.
     pub fn status(&self) -> Result<serde_json::Value> {
-        let out = crate::run(
-            &binary("xdp-lb").display().to_string(),
-            &["--pin-root", &self.pins.path().display().to_string(), "status", "--json"],
-        )?;
-        serde_json::from_str(&out).map_err(|e| crate::Error::Io {
-            what: "parse xdp-lb status --json".into(),
-            source: std::io::Error::other(e),
-        })
+        status_at(&self.pins)
     }
+}
+
+/// `xdp-lb --pin-root <pins> status --json`, parsed.
+pub fn status_at(pins: &PinDir) -> Result<serde_json::Value> {
+    let out = crate::run(
+        &binary("xdp-lb").display().to_string(),
+        &["--pin-root", &pins.path().display().to_string(), "status", "--json"],
+    )?;
+    serde_json::from_str(&out).map_err(|e| crate::Error::Io {
+        what: "parse xdp-lb status --json".into(),
+        source: std::io::Error::other(e),
+    })
 }
 
 impl Drop for LbTopology {
@@ -117,12 +122,8 @@ impl Drop for LbTopology {
 
 /// Connects `host` to the bridge: `eth0` in the host, `port` on the bridge, with addresses.
 fn attach_host(net: &Netns, host: &Netns, port: &str, addresses: &[&str]) -> Result<()> {
-    veth_pair(host, "eth0", net, port)?;
-    for (ns, iface) in [(host, "eth0"), (net, port)] {
-        ns.ip(&["link", "set", iface, "mtu", MTU])?;
-    }
-    net.ip(&["link", "set", port, "master", "br0"])?;
-    for address in addresses {
+    crate::pair_topology::attach(net, "br0", host, "eth0", port, addresses[0])?;
+    for address in &addresses[1..] {
         host.add_address("eth0", address)?;
     }
     Ok(())

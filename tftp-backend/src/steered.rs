@@ -146,6 +146,12 @@ impl Steered {
         if !self.sessions.contains_key(&key) {
             // Never seen here: continue from the header (the transfer moved to this backend).
             if !header.has_flag(FLAG_HAS_CONTEXT) {
+                if header.has_flag(FLAG_NUDGE) {
+                    // A balancer that took over asks every backend it may concern; the client
+                    // is not waiting on this one.
+                    debug!(client = ?key.0, "nudge for a transfer not served here");
+                    return;
+                }
                 let refusal = Refusal { code: ErrorCode::UnknownTransferId, message: "unknown transfer" };
                 self.refuse(key, &header, from, &refusal).await;
                 return;

@@ -95,6 +95,9 @@ pub struct ReadTransfer {
     retries: u8,
     /// An OACK was (or is to be) sent and not acknowledged yet.
     oack_pending: bool,
+    /// Blocks after the last ACK may have been lost with a failed server or balancer (after a
+    /// nudge or a resume): the next ACK gets a whole window, not only blocks never sent.
+    resync: bool,
 }
 
 impl ReadTransfer {
@@ -103,13 +106,14 @@ impl ReadTransfer {
         let size = source.len()?;
         let blksize = blksize.max(1);
         let last = u32::try_from(size / u64::from(blksize) + 1).map_err(|_| std::io::Error::other("file too large for 32-bit blocks"))?;
-        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack })
+        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack, resync: false })
     }
 
     /// Picks a transfer up where another server left it: everything up to `sent` went out.
     pub fn resume(source: Source, blksize: u16, windowsize: u16, sent: u32) -> std::io::Result<Self> {
         let mut t = Self::new(source, blksize, windowsize, false)?;
         t.sent = sent.min(t.last);
+        t.resync = true;
         Ok(t)
     }
 
@@ -147,6 +151,8 @@ impl ReadTransfer {
     /// after it; with a window of one it waits for the timer instead (no Sorcerer's
     /// Apprentice).
     pub fn on_ack(&mut self, block: u32, nudge: bool) -> Next {
+        // A nudge carries the balancer's view, which may lag behind the ACKs this server saw.
+        let block = if nudge { block.max(self.acked) } else { block };
         if block > self.sent && !nudge {
             // Acknowledges something never sent: stale from an old transfer; ignore.
             return Next::Nothing;
@@ -155,9 +161,14 @@ impl ReadTransfer {
             self.acked = self.last;
             return Next::Finished;
         }
+        if nudge && self.oack_pending && block == 0 {
+            // The OACK itself may be what was lost with the failed balancer.
+            return Next::Send(0..=0);
+        }
         let forward = block > self.acked || (block == 0 && self.oack_pending);
         self.oack_pending = false;
-        if nudge || (forward && block >= self.sent) {
+        if nudge || (forward && (block >= self.sent || self.resync)) {
+            self.resync = nudge;
             self.acked = block;
             self.retries = 0;
             return self.window_after(block);

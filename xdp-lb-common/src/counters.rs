@@ -94,16 +94,54 @@ counters! {
         SessionFinished => "session_finished",
         /// Dropped: the kernel refused to grow or shrink the packet.
         DropAdjustHead => "drop_adjust_head",
+        /// A registered backend's reply for a client without a session created it (after a
+        /// load balancer takeover or an eviction), then went to the client.
+        Relearned => "relearned",
+        /// Dropped: a reply for a session whose way to the client is unknown and the kernel's
+        /// routing table has no resolved next hop for it yet.
+        DropNoRoute => "drop_no_route",
+    }
+}
+
+counters! {
+    /// Every decision the `switch` program makes, as an index into its counter map. Each packet
+    /// increments `Received` and exactly one other counter.
+    pub enum SwitchCounter {
+        /// Every packet the program saw.
+        Received => "received",
+        /// Passed to the stack: not IPv4 (ARP, IPv6, ...).
+        PassNotIpv4 => "pass_not_ipv4",
+        /// Passed to the stack: IPv4 but not UDP.
+        PassNotUdp => "pass_not_udp",
+        /// Passed to the stack: neither for the VIP nor from a load balancer.
+        PassOther => "pass_other",
+        /// Dropped: a header ran past the end of the packet.
+        DropTruncated => "drop_truncated",
+        /// Dropped: for the VIP, but fragmented or with IP options.
+        DropFragmentOrOptions => "drop_fragment_or_options",
+        /// Dropped: for the VIP, but the active load balancer's MAC is not known yet.
+        DropNoLb => "drop_no_lb",
+        /// A client packet steered to the active load balancer.
+        ToLb => "to_lb",
+        /// A load balancer's reply steered to its client.
+        ToClient => "to_client",
+        /// A load balancer's reply passed to the stack: no resolved route to the client yet.
+        ToClientByStack => "to_client_by_stack",
+        /// A load balancer's own traffic (heartbeat answers, sync): recorded, passed.
+        FromLb => "from_lb",
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::BalanceCounter;
+    use super::{BalanceCounter, SwitchCounter};
 
     #[test]
     fn all_is_in_index_order() {
         for (i, c) in BalanceCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} is out of order");
+        }
+        for (i, c) in SwitchCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{c:?} is out of order");
         }
     }

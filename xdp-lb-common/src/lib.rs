@@ -16,9 +16,9 @@ pub mod maps;
 pub mod names;
 pub mod steering;
 
-pub use counters::{BalanceCounter, Counter};
+pub use counters::{BalanceCounter, Counter, SwitchCounter};
 pub use frame::FrameHeaders;
-pub use maps::{Backend, BackendSeen, ClientKey, LbConfig, Session};
+pub use maps::{Backend, BackendSeen, ClientKey, LbConfig, LbSeen, Session, SwitchConfig};
 pub use steering::SteeringHeader;
 
 /// The well-known TFTP service port (RFC 1350).
@@ -37,4 +37,4 @@ macro_rules! impl_aya_pod {
 }
 
 #[cfg(feature = "user")]
-impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Session);
+impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Session, SwitchConfig);

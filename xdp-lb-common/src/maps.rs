@@ -120,6 +120,24 @@ pub struct Session {
     pub last_client_ns: u64,
 }
 
+/// The switch's settings, entry 0 of `SW_CONFIG`. Written by the switch agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SwitchConfig {
+    /// The service address whose traffic goes to the active load balancer.
+    pub vip: [u8; 4],
+    /// The two load balancers' own addresses (not the VIP): frames from them teach the switch
+    /// their MACs, and their replies mark them alive.
+    pub lbs: [[u8; 4]; 2],
+    /// Index into `lbs` of the active load balancer; the other is the backup.
+    pub active: u32,
+}
+
+/// What the switch's kernel sees of a load balancer (entry of `SW_SEEN`, index = slot in
+/// [`SwitchConfig::lbs`]): the same watchdog and learned next hop as [`BackendSeen`] is for a
+/// backend, so both agents judge with one policy.
+pub type LbSeen = BackendSeen;
+
 #[cfg(test)]
 mod tests {
     use super::{ClientKey, Session, TID_BASE, TID_SPAN};

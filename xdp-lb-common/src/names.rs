@@ -24,3 +24,19 @@ pub const MAP_LB_SEEN: &str = "LB_SEEN";
 pub const MAP_LB_LOAD: &str = "LB_LOAD";
 /// `ClientKey` -> `Session`, LRU.
 pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
+/// Ring buffer of client keys whose session the kernel created or moved: the agent mirrors them
+/// to the peer load balancer at once instead of waiting for its next sync.
+pub const MAP_LB_EVENTS: &str = "LB_EVENTS";
+
+/// The XDP program of the switch.
+pub const PROGRAM_SWITCH: &str = "switch";
+/// Subdirectory of the pin root for the switch role.
+pub const ROLE_SWITCH: &str = "switch";
+/// Per-CPU decision counters of `switch`, indexed by [`crate::SwitchCounter`].
+pub const MAP_SW_COUNTERS: &str = "SW_COUNTERS";
+/// `SwitchConfig` at index 0, written by the switch agent.
+pub const MAP_SW_CONFIG: &str = "SW_CONFIG";
+/// `LbSeen` for each of the two load balancers, written by `switch`.
+pub const MAP_SW_SEEN: &str = "SW_SEEN";
+/// `ClientKey` -> `bpf_ktime_get_ns` of its last packet (LRU): clients in flight.
+pub const MAP_SW_CLIENTS: &str = "SW_CLIENTS";

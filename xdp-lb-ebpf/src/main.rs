@@ -11,10 +11,12 @@
 mod backends;
 mod maps;
 mod parse;
+mod route;
 mod steer;
+mod switch;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use xdp_lb_common::BalanceCounter;
+use xdp_lb_common::{BalanceCounter, SwitchCounter};
 
 /// The load balancer's XDP entry point: steers TFTP transfers between clients and backends.
 #[xdp]
@@ -23,6 +25,17 @@ pub fn balance(ctx: XdpContext) -> u32 {
     maps::count(BalanceCounter::Received, len);
     let (counter, action) = steer::balance(&ctx);
     maps::count(counter, len);
+    action
+}
+
+/// The switch's XDP entry point: client traffic for the VIP to the active load balancer,
+/// replies back to the clients.
+#[xdp]
+pub fn switch(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    switch::count(SwitchCounter::Received, len);
+    let (counter, action) = switch::switch(&ctx);
+    switch::count(counter, len);
     action
 }
 

@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray},
+    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use xdp_lb_common::{
@@ -33,6 +33,18 @@ pub static LB_SCRATCH: PerCpuArray<Session, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static LB_SESSIONS: LruHashMap<ClientKey, Session, MAX_SESSIONS> = LruHashMap::new();
+
+/// Client keys of sessions the kernel created or moved, for the agent to mirror to its peer
+/// at once (4096 keys of 8 bytes plus record headers).
+#[btf_map]
+pub static LB_EVENTS: RingBuf<ClientKey, { 64 * 1024 }> = RingBuf::new();
+
+/// Tells the agent that `key`'s session is new or moved. A full ring only delays the news
+/// until the agent's next periodic sync.
+#[inline(always)]
+pub fn announce(key: &ClientKey) {
+    let _ = LB_EVENTS.output(*key, 0);
+}
 
 /// Adds one packet of `len` bytes to a decision counter.
 #[inline(always)]

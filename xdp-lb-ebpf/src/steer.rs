@@ -10,7 +10,7 @@ use aya_log_ebpf::{info, warn};
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_csum_diff, bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use xdp_lb_common::{
@@ -21,8 +21,9 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, now_ns},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, announce, now_ns},
     parse::{self, Layer, ptr_at, read_at},
+    route::{self, egress},
 };
 
 /// An outcome: the counter to increment and the XDP action.
@@ -103,6 +104,11 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
     };
     // SAFETY: map value pointer from a successful lookup.
     let session = unsafe { &mut *session };
+    // Replies go back the way the client's packets come: a session learned from the peer LB
+    // or from a backend gets its route here, and follows the client if its path changes.
+    session.client_mac = frame.eth_src;
+    session.lb_mac = frame.eth_dst;
+    session.ifindex = ctx.ingress_ifindex() as u32;
     session.last_client_ns = now_ns();
     if opcode == Some(OPCODE_ACK)
         && let Some(block) = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET + 2)
@@ -131,6 +137,7 @@ fn open_session<'a>(
             fresh.last_ack = [0; 2];
             LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
             backends::add_session(backend);
+            announce(key);
             LB_SESSIONS.get_ptr_mut(key)?
         }
     };
@@ -167,6 +174,7 @@ fn forward_to_backend(
         session.backend = id;
         nudge = FLAG_NUDGE;
         counter = BalanceCounter::Moved;
+        announce(&ClientKey::new(session.header.client_ip, session.header.client_port));
     }
     let (Some(backend), Some(seen)) = (LB_BACKENDS.get(session.backend), LB_SEEN.get(session.backend)) else {
         return (BalanceCounter::DropNoBackend, DROP);
@@ -223,8 +231,13 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         return (BalanceCounter::Heartbeat, PASS);
     }
     let key = ClientKey::new(header.client_ip, header.client_port);
-    let Some(session) = LB_SESSIONS.get_ptr_mut(key) else {
-        return (BalanceCounter::DropNoSession, DROP);
+    let (session, counter) = match LB_SESSIONS.get_ptr_mut(key) {
+        Some(session) => (session, BalanceCounter::ToClient),
+        None if header.has_flag(FLAG_FINISHED) => return (BalanceCounter::SessionFinished, DROP),
+        None => match relearn(config, &key, id) {
+            Some(session) => (session, BalanceCounter::Relearned),
+            None => return (BalanceCounter::DropNoSession, DROP),
+        },
     };
     // SAFETY: map value pointer from a successful lookup.
     let session = unsafe { &mut *session };
@@ -237,7 +250,27 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         return (BalanceCounter::SessionFinished, DROP);
     }
     learn_context(&mut session.header, header);
-    forward_to_client(ctx, config, frame, session, header)
+    forward_to_client(ctx, config, frame, session, header, counter)
+}
+
+/// A registered backend answers for a client this LB has no session for: it took over from
+/// its peer, or the LRU evicted the entry. The backend's header names the client; the way to
+/// the client comes from the routing table until the client's next packet shows it.
+#[inline(always)]
+fn relearn(config: &LbConfig, key: &ClientKey, backend: u32) -> Option<*mut Session> {
+    // SAFETY: per-CPU slot, ours for the duration of the program.
+    let fresh = unsafe { &mut *LB_SCRATCH.get_ptr_mut(0)? };
+    fresh.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
+    fresh.backend = backend;
+    fresh.ifindex = 0;
+    fresh.client_mac = [0; 6];
+    fresh.lb_mac = [0; 6];
+    fresh.last_ack = [0; 2];
+    fresh.last_client_ns = now_ns();
+    LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
+    backends::add_session(backend);
+    announce(key);
+    LB_SESSIONS.get_ptr_mut(key)
 }
 
 /// Keeps the transfer context the backend reports, so another backend can resume from it.
@@ -262,13 +295,23 @@ fn forward_to_client(
     ctx: &XdpContext,
     config: &LbConfig,
     frame: &FrameHeaders,
-    session: &Session,
+    session: &mut Session,
     header: &SteeringHeader,
+    counter: BalanceCounter,
 ) -> Verdict {
     // Everything needed from the steering header is read before the new Ethernet/IP/UDP
     // headers overwrite its tail.
     let header_sum = header_sum(header);
     let (client_ip, client_port) = (header.client_ip, header.client_port);
+    if session.ifindex == 0 {
+        let ip_len = frame.ip_len().saturating_sub(HEADER_LEN as u16);
+        let Some(hop) = route::toward(ctx, config.vip, client_ip, ip_len) else {
+            return (BalanceCounter::DropNoRoute, DROP);
+        };
+        session.ifindex = hop.ifindex;
+        session.client_mac = hop.dst_mac;
+        session.lb_mac = hop.src_mac;
+    }
     let Some(moved) = ptr_at::<FrameHeaders>(ctx, HEADER_LEN) else {
         return (BalanceCounter::DropBadHeader, DROP);
     };
@@ -284,7 +327,7 @@ fn forward_to_client(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, HEADER_LEN as i32) } != 0 {
         return (BalanceCounter::DropAdjustHead, DROP);
     }
-    (BalanceCounter::ToClient, egress(ctx, session.ifindex))
+    (counter, egress(ctx, session.ifindex))
 }
 
 /// Word sum of a steering header (in packet or map memory) for the incremental UDP checksum.
@@ -301,16 +344,4 @@ fn header_sum(header: &SteeringHeader) -> u32 {
     #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a 32-bit partial sum")]
     let sum = sum as u32;
     u32::from(fold(sum).swap_bytes())
-}
-
-/// Back out of the interface the packet came in on, or redirected to another one.
-#[inline(always)]
-fn egress(ctx: &XdpContext, ifindex: u32) -> u32 {
-    if ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
-    }
-    // SAFETY: plain helper call; returns XDP_REDIRECT on success, XDP_ABORTED otherwise.
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "the helper returns an XDP action")]
-    let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
-    action
 }

@@ -21,6 +21,7 @@ use crate::{
     control::{self, BackendView, Judgement, Policy},
     loader,
     maps::{self, LbMaps},
+    pair::{self, Pair},
     pins,
 };
 
@@ -78,6 +79,9 @@ pub struct Args {
     /// (generic XDP) works everywhere.
     #[arg(long, value_enum, default_value_t)]
     xdp_mode: loader::AttachMode,
+
+    #[command(flatten)]
+    pair: pair::PairArgs,
 }
 
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -99,6 +103,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     let pin_dir = pins::prepare_role_dir(pin_root, ROLE_BALANCE)?;
     let mut ebpf = loader::load_pinned(&pin_dir, maps::ALL)?;
     let mut lb_maps = LbMaps::take(&mut ebpf)?;
+    let events = pair::watch_events(maps::events(&mut ebpf)?)?;
     configure(&mut lb_maps, args, address)?;
     loader::attach_xdp(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode)?;
     let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
@@ -119,6 +124,8 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         },
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
+        pair: Pair::bind(address, &args.pair).await?,
+        events,
     };
     agent.run(args).await?;
     // Dropping `ebpf` detaches the program; the pinned maps stay for `xdp-lb status` and for
@@ -159,6 +166,10 @@ struct Agent {
     /// backends answer to the port `balance` watches.
     socket: UdpSocket,
     session_idle: Duration,
+    /// The switch's heartbeats and the peer balancer's session sync.
+    pair: Pair,
+    /// Sessions the kernel just created or moved (from `LB_EVENTS`).
+    events: tokio::sync::mpsc::Receiver<xdp_lb_common::ClientKey>,
 }
 
 impl Agent {
@@ -168,7 +179,9 @@ impl Agent {
         let mut tick = tokio::time::interval(Duration::from_millis(args.tick_ms.max(1)));
         let mut probe = tokio::time::interval(Duration::from_millis(args.probe_interval_ms.max(1)));
         let mut maintain = tokio::time::interval(Duration::from_secs(1));
+        let mut sync = tokio::time::interval(Duration::from_millis(args.pair.sync_ms.max(1)));
         let mut buf = [0u8; 2048];
+        let mut control = vec![0u8; 64 * 1024];
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -178,6 +191,20 @@ impl Agent {
                 _ = maintain.tick() => self.maintain()?,
                 // Heartbeat answers: the kernel already recorded them; just drain the socket.
                 _ = self.socket.recv_from(&mut buf) => {}
+                _ = sync.tick() => self.pair.sync(&self.maps).await,
+                Some(key) = self.events.recv() => {
+                    let mut keys = vec![key];
+                    while let Ok(key) = self.events.try_recv() {
+                        keys.push(key);
+                    }
+                    self.pair.announce(&keys, &self.maps).await;
+                }
+                received = self.pair.socket.recv_from(&mut control) => {
+                    let Ok((len, from)) = received else { continue };
+                    if self.pair.on_datagram(&control[..len], from, &mut self.maps).await {
+                        self.take_over().await?;
+                    }
+                }
             }
         }
     }
@@ -257,12 +284,10 @@ impl Agent {
             }
             moved += 1;
             loads[target as usize] += 1;
-            if let Some(datagram) = control::nudge(&session) {
-                let to = self.backends[target as usize];
-                match self.socket.send_to(&datagram, to).await {
-                    Ok(_) => nudged += 1,
-                    Err(error) => warn!(%error, backend = %to, "nudge failed"),
-                }
+            let to = self.backends[target as usize];
+            match self.socket.send_to(&control::nudge(&session), to).await {
+                Ok(_) => nudged += 1,
+                Err(error) => warn!(%error, backend = %to, "nudge failed"),
             }
         }
         loads[dead] = 0;
@@ -270,6 +295,35 @@ impl Agent {
             self.maps.load.set(u32::try_from(id)?, load, 0).context("writing LB_LOAD")?;
         }
         Ok((moved, nudged))
+    }
+
+    /// The switch made this balancer active: every session it knows (mirrored from the peer)
+    /// gets its backend nudged, so the outstanding window comes through this balancer now;
+    /// sessions on a backend this balancer considers dead move first.
+    async fn take_over(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        self.maintain()?;
+        let views = self.views()?;
+        let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
+        let (mut nudged, mut moved) = (0, 0);
+        for (key, mut session) in self.maps.sessions() {
+            let usable = views.get(session.backend as usize).is_some_and(|v| v.state == BACKEND_LIVE && v.mac_known);
+            if !usable {
+                let Some(target) = control::least_loaded(&views, &loads) else { continue };
+                session.backend = target;
+                loads[target as usize] += 1;
+                if self.maps.sessions.insert(key, session, 0).is_err() {
+                    continue;
+                }
+                moved += 1;
+            }
+            let to = self.backends[session.backend as usize];
+            if self.socket.send_to(&control::nudge(&session), to).await.is_ok() {
+                nudged += 1;
+            }
+        }
+        warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
+        Ok(())
     }
 
     /// Heartbeats to every backend: answers keep live ones live and bring dead ones back.

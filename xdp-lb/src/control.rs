@@ -126,19 +126,16 @@ pub fn count_sessions(sessions: &[(ClientKey, Session)]) -> [u64; MAX_BACKENDS] 
     counts
 }
 
-/// The datagram that tells a session's new backend to resend what is outstanding now: the
-/// session's header flagged `NUDGE`, then the client's last ACK. `None` while no DATA has been
-/// sent (the client is still waiting for the first answer and will repeat its request).
+/// The datagram that tells a session's backend to resend what is outstanding now: the
+/// session's header flagged `NUDGE`, then the client's last ACK. Without a context (no reply
+/// learned yet) only a backend that holds the transfer can act on it; others ignore it.
 #[must_use]
-pub fn nudge(session: &Session) -> Option<Vec<u8>> {
-    if session.header.flags & FLAG_HAS_CONTEXT == 0 || session.header.block() == 0 {
-        return None;
-    }
+pub fn nudge(session: &Session) -> Vec<u8> {
     let mut header: SteeringHeader = session.header;
-    header.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    header.flags = (session.header.flags & FLAG_HAS_CONTEXT) | FLAG_NUDGE;
     let mut datagram = bytemuck::bytes_of(&header).to_vec();
     datagram.extend_from_slice(&[0, 4, session.last_ack[0], session.last_ack[1]]);
-    Some(datagram)
+    datagram
 }
 
 #[cfg(test)]
@@ -215,15 +212,16 @@ mod tests {
     }
 
     #[test]
-    fn nudge_carries_the_last_ack_and_is_skipped_before_any_data() {
+    fn nudge_carries_the_last_ack_and_the_context_when_known() {
         let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
         let mut session: Session = bytemuck::Zeroable::zeroed();
         session.header = SteeringHeader::for_client(key.ip, 4000, [10, 0, 0, 1], key.tid());
-        assert!(nudge(&session).is_none());
+        let early: SteeringHeader = *bytemuck::from_bytes(&nudge(&session)[..64]);
+        assert_eq!(early.flags, FLAG_NUDGE, "no context before the first reply");
         session.header.flags = FLAG_HAS_CONTEXT;
         session.header.set_block(70_000);
         session.last_ack = 4460u16.to_be_bytes();
-        let datagram = nudge(&session).expect("a nudge");
+        let datagram = nudge(&session);
         let header: SteeringHeader = *bytemuck::from_bytes(&datagram[..64]);
         assert_eq!(header.flags, FLAG_HAS_CONTEXT | FLAG_NUDGE);
         assert_eq!(header.block(), 70_000);

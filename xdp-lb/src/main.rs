@@ -5,8 +5,11 @@ mod control;
 mod kernel_tests;
 mod loader;
 mod maps;
+mod pair;
+mod pair_wire;
 mod pins;
 mod status;
+mod switch;
 mod testrun;
 
 use std::path::PathBuf;
@@ -32,6 +35,10 @@ enum Command {
     /// Run the load balancer agent: load the `balance` XDP program, attach it to the given
     /// interfaces, pin its maps, and run until SIGINT or SIGTERM.
     Balance(balance::Args),
+    /// Run the switch agent: load the `switch` XDP program, attach it to the given interfaces,
+    /// steer VIP traffic to the active one of two load balancers and swap them when the active
+    /// one fails.
+    Switch(switch::Args),
     /// Show the state kept in the pinned maps (works whether or not an agent runs).
     Status(status::Args),
     /// Measure the per-packet cost of each path through `balance` with BPF_PROG_TEST_RUN
@@ -56,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Balance(args) => balance::run(&cli.pin_root, &args),
+        Command::Switch(args) => switch::run(&cli.pin_root, &args),
         Command::Status(args) => status::run(&cli.pin_root, &args),
         Command::BenchXdp { repeat } => {
             for (path, mean) in testrun::bench(repeat)? {

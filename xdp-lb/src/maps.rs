@@ -6,11 +6,14 @@ use std::path::Path;
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, Counter, LbConfig, Session,
-    names::{MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_LOAD, MAP_LB_SEEN, MAP_LB_SESSIONS},
+    Backend, BackendSeen, ClientKey, Counter, LbConfig, LbSeen, Session, SwitchConfig,
+    names::{
+        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_LOAD, MAP_LB_SEEN, MAP_LB_SESSIONS,
+        MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_SEEN,
+    },
 };
 
 /// Every map of `balance` that an agent, `status` or a test touches.
@@ -28,18 +31,12 @@ pub struct LbMaps {
 impl LbMaps {
     /// Takes the maps out of a loaded object (the programs keep their own references).
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"));
-        Self::from_maps(|name| take(name))
+        Self::from_maps(|name| take(ebpf, name))
     }
 
     /// Opens the maps pinned in `dir` (a role directory such as `<pin-root>/balance`).
     pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
-        Self::from_maps(|name| {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("cannot open pinned map {} (is a balancer running with this --pin-root, and are you root?)", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        })
+        Self::from_maps(|name| open_pinned(dir, name))
     }
 
     fn from_maps(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
@@ -56,13 +53,7 @@ impl LbMaps {
 
     /// Decision counters, each summed over all CPUs, in `BalanceCounter` order.
     pub fn counters(&self) -> anyhow::Result<Vec<Counter>> {
-        self.counters
-            .iter()
-            .map(|per_cpu| {
-                let per_cpu = per_cpu.context("reading LB_COUNTERS")?;
-                Ok(per_cpu.iter().fold(Counter::default(), |sum, c| sum.merged(*c)))
-            })
-            .collect()
+        sum_per_cpu(&self.counters)
     }
 
     pub fn backend(&self, id: u32) -> anyhow::Result<Backend> {
@@ -81,4 +72,82 @@ impl LbMaps {
     pub fn sessions(&self) -> Vec<(ClientKey, Session)> {
         self.sessions.iter().filter_map(Result::ok).collect()
     }
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
+    ebpf.take_map(name).with_context(|| format!("map {name} missing from the object"))
+}
+
+fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("cannot open pinned map {} (is an agent running with this --pin-root, and are you root?)", path.display())
+    })?;
+    Ok(Map::from_map_data(data)?)
+}
+
+/// A per-CPU counter array, each slot summed over all CPUs.
+fn sum_per_cpu(counters: &PerCpuArray<MapData, Counter>) -> anyhow::Result<Vec<Counter>> {
+    counters
+        .iter()
+        .map(|per_cpu| {
+            let per_cpu = per_cpu.context("reading a counter map")?;
+            Ok(per_cpu.iter().fold(Counter::default(), |sum, c| sum.merged(*c)))
+        })
+        .collect()
+}
+
+/// Every map of `switch` that its agent, `status` or a test touches.
+pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_CLIENTS];
+
+pub struct SwitchMaps {
+    pub counters: PerCpuArray<MapData, Counter>,
+    pub config: Array<MapData, SwitchConfig>,
+    pub seen: Array<MapData, LbSeen>,
+    pub clients: HashMap<MapData, ClientKey, u64>,
+}
+
+impl SwitchMaps {
+    pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::from_maps(|name| take(ebpf, name))
+    }
+
+    pub fn open_pinned(dir: &Path) -> anyhow::Result<Self> {
+        Self::from_maps(|name| open_pinned(dir, name))
+    }
+
+    fn from_maps(mut get: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            counters: PerCpuArray::try_from(get(MAP_SW_COUNTERS)?).context(MAP_SW_COUNTERS)?,
+            config: Array::try_from(get(MAP_SW_CONFIG)?).context(MAP_SW_CONFIG)?,
+            seen: Array::try_from(get(MAP_SW_SEEN)?).context(MAP_SW_SEEN)?,
+            clients: HashMap::try_from(get(MAP_SW_CLIENTS)?).context(MAP_SW_CLIENTS)?,
+        })
+    }
+
+    /// Decision counters in `SwitchCounter` order.
+    pub fn counters(&self) -> anyhow::Result<Vec<Counter>> {
+        sum_per_cpu(&self.counters)
+    }
+
+    pub fn config(&self) -> anyhow::Result<SwitchConfig> {
+        self.config.get(&0, 0).context("reading SW_CONFIG")
+    }
+
+    pub fn seen(&self, slot: u32) -> anyhow::Result<LbSeen> {
+        self.seen.get(&slot, 0).with_context(|| format!("reading what the kernel saw of load balancer {slot}"))
+    }
+
+    /// Clients whose last packet is younger than `window_ns` at `now_ns`.
+    pub fn clients_in_flight(&self, now_ns: u64, window_ns: u64) -> u64 {
+        let recent = self.clients.iter().filter_map(Result::ok).filter(|(_, seen)| now_ns.saturating_sub(*seen) < window_ns);
+        u64::try_from(recent.count()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The kernel's ring buffer of new and moved sessions (not pinned: only the running agent reads
+/// it).
+pub fn events(ebpf: &mut Ebpf) -> anyhow::Result<RingBuf<MapData>> {
+    let map = ebpf.take_map(MAP_LB_EVENTS).with_context(|| format!("map {MAP_LB_EVENTS} missing from the object"))?;
+    RingBuf::try_from(map).context(MAP_LB_EVENTS)
 }

@@ -8,12 +8,19 @@ use std::{
 
 use serde::Serialize;
 use xdp_lb_common::{
-    BalanceCounter,
+    BalanceCounter, Counter, SwitchCounter,
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
-    names::{MAP_LB_COUNTERS, ROLE_BALANCE},
+    names::{MAP_LB_COUNTERS, MAP_SW_COUNTERS, ROLE_BALANCE, ROLE_SWITCH},
 };
 
-use crate::{balance::monotonic_ns, maps::LbMaps, pins};
+use crate::{
+    balance::monotonic_ns,
+    maps::{LbMaps, SwitchMaps},
+    pins,
+};
+
+/// Clients whose last packet is younger than this count as in flight in the switch's report.
+const CLIENT_WINDOW_NS: u64 = 2_000_000_000;
 
 /// Sessions listed in the table before it is cut (JSON lists all).
 const TABLE_SESSIONS: usize = 40;
@@ -28,7 +35,30 @@ pub struct Args {
 /// Everything `status` reports. A role whose maps are not pinned is `None`.
 #[derive(Serialize)]
 struct Status {
+    switch: Option<SwitchStatus>,
     balance: Option<BalanceStatus>,
+}
+
+#[derive(Serialize)]
+struct SwitchStatus {
+    pin_dir: String,
+    vip: Ipv4Addr,
+    clients_in_flight: u64,
+    lbs: Vec<LbStatus>,
+    counters: Vec<NamedCounter>,
+}
+
+#[derive(Serialize)]
+struct LbStatus {
+    address: Ipv4Addr,
+    role: &'static str,
+    /// Its MAC has been learned from its own frames (it has answered at least once).
+    reachable: bool,
+    /// Watchdog: client packets sent to it since it last answered.
+    unanswered: u64,
+    last_answer_ms_ago: Option<u64>,
+    packets_to: u64,
+    packets_from: u64,
 }
 
 #[derive(Serialize)]
@@ -79,7 +109,9 @@ struct NamedCounter {
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     let dir = pins::role_dir(pin_root, ROLE_BALANCE);
     let balance = if dir.join(MAP_LB_COUNTERS).exists() { Some(read_balance(&dir)?) } else { None };
-    let status = Status { balance };
+    let switch_dir = pins::role_dir(pin_root, ROLE_SWITCH);
+    let switch = if switch_dir.join(MAP_SW_COUNTERS).exists() { Some(read_switch(&switch_dir)?) } else { None };
+    let status = Status { switch, balance };
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &status)?;
@@ -92,6 +124,36 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
 
 fn ms_ago(now: u64, then: u64) -> u64 {
     now.saturating_sub(then) / 1_000_000
+}
+
+fn named(names: impl Iterator<Item = &'static str>, counters: Vec<Counter>) -> Vec<NamedCounter> {
+    names.zip(counters).map(|(name, c)| NamedCounter { name, packets: c.packets, bytes: c.bytes }).collect()
+}
+
+fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
+    let maps = SwitchMaps::open_pinned(dir)?;
+    let now = monotonic_ns();
+    let config = maps.config()?;
+    let mut lbs = Vec::new();
+    for slot in 0..2u32 {
+        let seen = maps.seen(slot)?;
+        lbs.push(LbStatus {
+            address: config.lbs[slot as usize].into(),
+            role: if slot == config.active & 1 { "active" } else { "backup" },
+            reachable: seen.mac != [0; 6],
+            unanswered: seen.unanswered,
+            last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
+            packets_to: seen.packets_to,
+            packets_from: seen.packets_from,
+        });
+    }
+    Ok(SwitchStatus {
+        pin_dir: dir.display().to_string(),
+        vip: config.vip.into(),
+        clients_in_flight: maps.clients_in_flight(now, CLIENT_WINDOW_NS),
+        lbs,
+        counters: named(SwitchCounter::ALL.iter().map(|c| c.name()), maps.counters()?),
+    })
 }
 
 fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
@@ -135,11 +197,7 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
             idle_ms: ms_ago(now, s.last_client_ns),
         })
         .collect();
-    let counters = BalanceCounter::ALL
-        .iter()
-        .zip(maps.counters()?)
-        .map(|(which, c)| NamedCounter { name: which.name(), packets: c.packets, bytes: c.bytes })
-        .collect();
+    let counters = named(BalanceCounter::ALL.iter().map(|c| c.name()), maps.counters()?);
     Ok(BalanceStatus {
         pin_dir: dir.display().to_string(),
         vip: config.vip.into(),
@@ -151,6 +209,9 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
 }
 
 fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> anyhow::Result<()> {
+    if let Some(s) = &status.switch {
+        print_switch(out, s)?;
+    }
     let Some(b) = &status.balance else {
         writeln!(out, "balance: no maps pinned under {} (no load balancer has run with this --pin-root)", dir.display())?;
         return Ok(());
@@ -170,9 +231,27 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
     if b.sessions.len() > TABLE_SESSIONS {
         writeln!(out, "  ... {} more (see --json)", b.sessions.len() - TABLE_SESSIONS)?;
     }
+    print_counters(out, &b.counters)
+}
+
+fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Result<()> {
+    writeln!(out, "switch ({})  vip {}  clients in flight {}", s.pin_dir, s.vip, s.clients_in_flight)?;
+    writeln!(out, "\nload balancers")?;
+    writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from")?;
+    for lb in &s.lbs {
+        let last = lb.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
+        let reachable = if lb.reachable { "yes" } else { "no" };
+        writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}", lb.address, lb.role, reachable, lb.unanswered, last, lb.packets_to, lb.packets_from)?;
+    }
+    print_counters(out, &s.counters)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_counters(out: &mut impl std::io::Write, counters: &[NamedCounter]) -> anyhow::Result<()> {
     writeln!(out, "\ncounters")?;
     writeln!(out, "  {:<26} {:>14} {:>16}", "decision", "packets", "bytes")?;
-    for c in &b.counters {
+    for c in counters {
         writeln!(out, "  {:<26} {:>14} {:>16}", c.name, c.packets, c.bytes)?;
     }
     Ok(())

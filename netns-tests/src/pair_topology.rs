@@ -1,0 +1,180 @@
+//! The full topology: clients, the switch, an active/backup pair of load balancers and the
+//! backends, every host in a namespace of its own, two L2 segments (bridges in a shared
+//! namespace).
+//!
+//! ```text
+//!  client-i 10.78.0.50+i ─┐                              ┌─ lb-a 10.77.0.2  (balance)
+//!   (VIP via 10.78.0.1)   ├─ br0 ── eth0 switch eth1 ── br1 ─┼─ lb-b 10.77.0.3  (balance)
+//!                         ┘      10.78.0.1     10.77.0.1     └─ backend-i 10.77.0.11+i
+//! ```
+//!
+//! The switch routes the VIP to whichever balancer is active (by MAC, in XDP) and the
+//! balancers' replies back to the clients. The balancers do not hold the VIP as an address
+//! (their XDP program takes VIP traffic before the stack; a blackhole route drops it silently
+//! when no program runs) and route the client network via the switch. Forwarding is on in the switch and the balancers: the kernel's FIB lookup in XDP
+//! answers only on forwarding interfaces. Every program attaches in generic (skb) mode, for
+//! the reason given in [`crate::topology`].
+
+use std::path::PathBuf;
+
+use crate::{Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+
+pub const VIP: &str = "10.77.9.100";
+pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
+pub const SWITCH_LB_SIDE: &str = "10.77.0.1";
+pub const CONTROL_PORT: u16 = 6970;
+pub const BACKEND_PORT: u16 = 7000;
+const MTU: &str = "1600";
+
+#[must_use]
+pub fn lb_addr(i: usize) -> String {
+    format!("10.77.0.{}", 2 + i)
+}
+
+#[must_use]
+pub fn backend_addr(i: usize) -> String {
+    format!("10.77.0.{}", 11 + i)
+}
+
+#[must_use]
+pub fn client_addr(i: usize) -> String {
+    format!("10.78.0.{}", 50 + i)
+}
+
+/// Namespaces and links; processes are started separately so tests can kill and restart them.
+pub struct PairTopology {
+    pub prefix: RunPrefix,
+    pub clients: Vec<Netns>,
+    pub switch: Netns,
+    pub lbs: [Netns; 2],
+    pub backends: Vec<Netns>,
+    /// Pin roots of the switch and of each balancer (one per agent: they share the host's bpffs).
+    pub switch_pins: PinDir,
+    pub lb_pins: [PinDir; 2],
+    /// Files the backends serve (one directory, shared by all backends).
+    pub root: PathBuf,
+    // Dropped last: deleting it removes both bridges and every bridge port.
+    _bridges: Netns,
+}
+
+impl PairTopology {
+    pub fn new(clients: usize, backends: usize) -> Result<Self> {
+        let prefix = RunPrefix::new();
+        let net = Netns::new(prefix.name("net"))?;
+        for bridge in ["br0", "br1"] {
+            net.ip(&["link", "add", bridge, "mtu", MTU, "type", "bridge"])?;
+            net.ip(&["link", "set", bridge, "up"])?;
+        }
+        let root = std::env::temp_dir().join(prefix.name("root"));
+        std::fs::create_dir_all(&root).map_err(crate::io_error(format!("create {}", root.display())))?;
+
+        let switch = Netns::new(prefix.name("sw"))?;
+        attach(&net, "br0", &switch, "eth0", "psw0", &format!("{SWITCH_CLIENT_SIDE}/24"))?;
+        attach(&net, "br1", &switch, "eth1", "psw1", &format!("{SWITCH_LB_SIDE}/24"))?;
+        forwarding(&switch)?;
+
+        let lb = |i: usize| -> Result<Netns> {
+            let ns = Netns::new(prefix.name(&format!("lb{i}")))?;
+            attach(&net, "br1", &ns, "eth0", &format!("plb{i}"), &format!("{}/24", lb_addr(i)))?;
+            // Not a local address: should the program be gone, the stack drops VIP packets
+            // silently instead of answering "port unreachable", which aborts clients.
+            ns.ip(&["route", "add", "blackhole", &format!("{VIP}/32")])?;
+            forwarding(&ns)?;
+            ns.ip(&["route", "add", "10.78.0.0/24", "via", SWITCH_LB_SIDE])?;
+            Ok(ns)
+        };
+        let lbs = [lb(0)?, lb(1)?];
+        let backends = (0..backends)
+            .map(|i| {
+                let ns = Netns::new(prefix.name(&format!("b{i}")))?;
+                attach(&net, "br1", &ns, "eth0", &format!("pb{i}"), &format!("{}/24", backend_addr(i)))?;
+                Ok(ns)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let clients = (0..clients)
+            .map(|i| {
+                let ns = Netns::new(prefix.name(&format!("c{i}")))?;
+                attach(&net, "br0", &ns, "eth0", &format!("pc{i}"), &format!("{}/24", client_addr(i)))?;
+                ns.ip(&["route", "add", &format!("{VIP}/32"), "via", SWITCH_CLIENT_SIDE])?;
+                Ok(ns)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let switch_pins = PinDir::new(&prefix.name("sw"))?;
+        let lb_pins = [PinDir::new(&prefix.name("lba"))?, PinDir::new(&prefix.name("lbb"))?];
+        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, _bridges: net })
+    }
+
+    /// Starts the switch agent; balancer 0 starts active.
+    pub fn start_switch(&self, extra: &[&str]) -> Result<Process> {
+        let mut command = self.switch.command(binary("xdp-lb"));
+        command.arg("--pin-root").arg(self.switch_pins.path());
+        command.args(["switch", "--iface", "eth0", "--iface", "eth1", "--xdp-mode", "skb", "--vip", VIP]);
+        command.args(["--address", SWITCH_LB_SIDE]);
+        for i in 0..2 {
+            command.args(["--lb", &format!("{}:{CONTROL_PORT}", lb_addr(i))]);
+        }
+        command.args(extra).env("RUST_LOG", "info");
+        Process::spawn(self.prefix.name("switch"), command)
+    }
+
+    /// Starts balancer `i` with every backend registered and the other balancer as its peer.
+    pub fn start_lb(&self, i: usize, extra: &[&str]) -> Result<Process> {
+        let mut command = self.lbs[i].command(binary("xdp-lb"));
+        command.arg("--pin-root").arg(self.lb_pins[i].path());
+        command.args(["balance", "--iface", "eth0", "--xdp-mode", "skb", "--vip", VIP, "--address", &lb_addr(i)]);
+        command.args(["--peer", &format!("{}:{CONTROL_PORT}", lb_addr(1 - i))]);
+        for b in 0..self.backends.len() {
+            command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(b))]);
+        }
+        command.args(extra).env("RUST_LOG", "info");
+        Process::spawn(self.prefix.name(&format!("lb{i}")), command)
+    }
+
+    /// Starts backend `i` in steered mode on the shared root.
+    pub fn start_backend(&self, i: usize) -> Result<Process> {
+        let mut command = self.backends[i].command(binary("tftp-backend"));
+        command.arg("--root").arg(&self.root);
+        command.args(["--steered", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        command.env("RUST_LOG", std::env::var("NETNS_TESTS_BACKEND_LOG").unwrap_or_else(|_| "info".into()));
+        Process::spawn(self.prefix.name(&format!("backend{i}")), command)
+    }
+
+    /// Takes balancer `i` off the network (its link down): with its agent killed, nothing of
+    /// it is left on the data path, whatever stays attached or pinned.
+    pub fn unplug_lb(&self, i: usize) -> Result<()> {
+        self.lbs[i].ip(&["link", "set", "eth0", "down"]).map(drop)
+    }
+
+    /// Puts balancer `i` back on the network.
+    pub fn plug_lb(&self, i: usize) -> Result<()> {
+        self.lbs[i].ip(&["link", "set", "eth0", "up"])?;
+        // The route via the switch went with the link.
+        let _ = self.lbs[i].ip(&["route", "replace", "10.78.0.0/24", "via", SWITCH_LB_SIDE]);
+        Ok(())
+    }
+
+    /// `xdp-lb status --json` with one of the pin roots.
+    pub fn status(&self, pins: &PinDir) -> Result<serde_json::Value> {
+        crate::topology::status_at(pins)
+    }
+}
+
+impl Drop for PairTopology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn forwarding(ns: &Netns) -> Result<()> {
+    ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]).map(drop)
+}
+
+/// Connects `host` to `bridge`: `iface` in the host, `port` on the bridge, with an address.
+pub(crate) fn attach(net: &Netns, bridge: &str, host: &Netns, iface: &str, port: &str, address: &str) -> Result<()> {
+    veth_pair(host, iface, net, port)?;
+    for (ns, name) in [(host, iface), (net, port)] {
+        ns.ip(&["link", "set", name, "mtu", MTU])?;
+    }
+    net.ip(&["link", "set", port, "master", bridge])?;
+    host.add_address(iface, address)
+}

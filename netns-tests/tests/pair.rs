@@ -1,0 +1,291 @@
+//! The whole system: clients, the switch, an active/backup pair of load balancers and steered
+//! backends, in namespaces, with stock clients. Balancers and backends are killed mid-transfer;
+//! every file must arrive byte-identical, and each test reports the stall after each failure
+//! and the bytes the server side sent twice.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use netns_tests::{
+    Process,
+    clients::Client,
+    files::{make_file, sha256},
+    pair_topology::{PairTopology, VIP},
+    require_root, wait_for,
+    watch::{Growth, stall_after, wait_for_size},
+};
+
+const TFTP_PORT: u16 = 69;
+const MIB: usize = 1024 * 1024;
+/// The block size `Client::Atftp` asks for.
+const BLKSIZE: u64 = 1468;
+
+/// The topology with the switch, both balancers and every backend running.
+struct Running {
+    topo: PairTopology,
+    backends: Vec<Option<Process>>,
+    lbs: [Option<Process>; 2],
+    switch: Process,
+    /// Killed processes, kept so their logs are printed if the test fails.
+    killed: Vec<Process>,
+}
+
+impl Running {
+    fn start(clients: usize, backends: usize) -> Self {
+        require_root();
+        let topo = PairTopology::new(clients, backends).expect("topology");
+        let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
+        let lbs = [Some(topo.start_lb(0, &[]).expect("lb 0")), Some(topo.start_lb(1, &[]).expect("lb 1"))];
+        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
+        let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new() };
+        for lb in 0..2 {
+            running.wait_backends_live(lb, backends);
+        }
+        running.wait_lbs_reachable(&[0, 1]);
+        running
+    }
+
+    /// Agent logs and the non-zero counters of every role, for failure messages.
+    fn logs(&self) -> String {
+        let mut all = format!("--- switch\n{}", self.switch.log());
+        for (i, lb) in self.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                all += &format!("\n--- lb {i}\n{}", lb.log());
+            }
+        }
+        let pins = [("switch", &self.topo.switch_pins), ("lb 0", &self.topo.lb_pins[0]), ("lb 1", &self.topo.lb_pins[1])];
+        for (name, pins) in pins {
+            let Ok(status) = self.topo.status(pins) else { continue };
+            let role = if name == "switch" { "switch" } else { "balance" };
+            let counters: Vec<String> = status[role]["counters"]
+                .as_array()
+                .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
+                .unwrap_or_default();
+            all += &format!("\n--- {name} counters: {}", counters.join(" "));
+        }
+        all
+    }
+
+    fn wait_backends_live(&self, lb: usize, n: usize) {
+        wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
+            let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
+            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+            (live >= n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
+    }
+
+    /// Waits until the switch has heard from each of these balancers.
+    fn wait_lbs_reachable(&self, lbs: &[usize]) {
+        wait_for("the switch to reach the balancers", 20, || {
+            let status = self.topo.status(&self.topo.switch_pins).ok()?;
+            let all = status["switch"]["lbs"].as_array()?;
+            lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb["reachable"] == true)).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
+    }
+
+    /// The index of the balancer the switch calls active.
+    fn active_lb(&self) -> usize {
+        let status = self.topo.status(&self.topo.switch_pins).expect("switch status");
+        let lbs = status["switch"]["lbs"].as_array().expect("lbs").clone();
+        lbs.iter().position(|lb| lb["role"] == "active").expect("an active balancer")
+    }
+
+    /// Kills balancer `i`: SIGKILL of its agent and its link down.
+    fn kill_lb(&mut self, i: usize) {
+        if let Some(mut lb) = self.lbs[i].take() {
+            lb.kill_hard();
+            self.killed.push(lb);
+        }
+        self.topo.unplug_lb(i).expect("link down");
+    }
+
+    /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).
+    fn restart_lb(&mut self, i: usize) {
+        self.topo.plug_lb(i).expect("link up");
+        self.lbs[i] = Some(self.topo.start_lb(i, &[]).expect("restart lb"));
+        self.wait_backends_live(i, self.backends.iter().filter(|b| b.is_some()).count());
+    }
+
+    /// The balancer-side session of the client, if the balancer's maps have one.
+    fn serving_backend(&self, lb: usize) -> Option<usize> {
+        let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
+        let sessions = status["balance"]["sessions"].as_array()?;
+        let session = sessions.iter().find(|s| s["block"].as_u64().unwrap_or(0) > 0)?;
+        usize::try_from(session["backend"].as_u64()?).ok()
+    }
+
+    fn kill_backend(&mut self, i: usize) {
+        if let Some(mut backend) = self.backends[i].take() {
+            backend.kill_hard();
+            self.killed.push(backend);
+        }
+    }
+
+    /// Packets that took decision `name` at balancer `lb` (from its pinned counters, which
+    /// outlive its agent).
+    fn counter(&self, lb: usize, name: &str) -> u64 {
+        let status = self.topo.status(&self.topo.lb_pins[lb]).expect("status");
+        let counters = status["balance"]["counters"].as_array().expect("counters").clone();
+        counters.iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64()).unwrap_or(0)
+    }
+
+    /// Replies both balancers delivered to clients.
+    fn delivered(&self) -> u64 {
+        (0..2).map(|i| self.counter(i, "to_client") + self.counter(i, "relearned")).sum()
+    }
+
+    fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let path = self.topo.root.join(name);
+        make_file(&path, size, seed).expect("test file");
+        path
+    }
+
+    fn local(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(self.topo.prefix.name(name))
+    }
+
+    fn download(&self, client: usize, how: Client, remote: &str, local: &Path) -> Process {
+        let command = how.download(&self.topo.clients[client], VIP, TFTP_PORT, remote, local);
+        Process::spawn(self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap().to_string_lossy())), command)
+            .expect("start client")
+    }
+}
+
+/// Waits for a download to finish successfully and checks its content.
+fn finish(mut download: Process, local: &Path, source: &Path, timeout: Duration, what: &str, logs: impl Fn() -> String) {
+    let Some(status) = download.wait(timeout) else {
+        panic!("{what}: not done after {timeout:?}\n{}", logs());
+    };
+    assert!(status.success(), "{what}: client failed ({status}):\n{}\n{}", download.log(), logs());
+    assert_eq!(sha256(local).unwrap(), sha256(source).unwrap(), "{what}: downloaded file differs");
+    let _ = std::fs::remove_file(local);
+}
+
+/// Without failures: each stock client downloads through the switch and the active balancer.
+#[test]
+fn downloads_through_switch_and_active_balancer() {
+    let running = Running::start(1, 2);
+    let source = running.file("plain.bin", 3 * MIB + 77, 1);
+    for how in [Client::TftpHpa, Client::Atftp { blksize: 1468, windowsize: 16 }, Client::Curl { blksize: 1468 }] {
+        let local = running.local(&format!("plain-{}", how.name()));
+        let download = running.download(0, how, "plain.bin", &local);
+        finish(download, &local, &source, Duration::from_secs(30), &how.name(), || running.logs());
+    }
+    assert_eq!(running.active_lb(), 0, "no failure, no swap");
+    assert!(running.counter(0, "to_client") > 3 * (3 * MIB as u64 / BLKSIZE), "the active balancer carried the data");
+    assert_eq!(running.counter(1, "to_client"), 0, "the backup carried nothing");
+}
+
+/// One transfer through the pair; `fail` runs once the client has `at` bytes, and returns
+/// when the failures are injected. Reports the stall after each failure and the bytes the
+/// balancers delivered twice.
+fn transfer_with_failures(running: &mut Running, size: usize, steps: &[(f64, &dyn Fn(&mut Running))]) {
+    let source = running.file("big.bin", size, 7);
+    let local = running.local("big-atftp");
+    let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "big.bin", &local);
+    let growth = Growth::watch(local.clone());
+    let mut failures = Vec::new();
+    for (fraction, step) in steps {
+        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "a byte count")]
+        let at = (size as f64 * fraction) as u64;
+        assert!(wait_for_size(&local, at, Duration::from_secs(60)), "transfer did not reach {at} bytes\n{}", running.logs());
+        step(running);
+        failures.push(Instant::now());
+    }
+    finish(download, &local, &source, Duration::from_secs(120), "atftp through the pair", || running.logs());
+    let samples = growth.stop();
+    for (i, at) in failures.iter().enumerate() {
+        println!("failure {}: data stalled {} ms", i + 1, stall_after(&samples, *at).as_millis());
+    }
+    // One OACK and size/blksize + 1 DATA are needed; every further reply was a resend.
+    let needed = size as u64 / BLKSIZE + 2;
+    let twice = running.delivered().saturating_sub(needed);
+    println!("DATA sent twice: {twice} packets, about {} KiB", twice * BLKSIZE / 1024);
+}
+
+#[test]
+fn active_balancer_killed_mid_transfer() {
+    let mut running = Running::start(1, 2);
+    assert_eq!(running.active_lb(), 0, "the first --lb starts active");
+    transfer_with_failures(&mut running, 64 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
+    assert_eq!(running.active_lb(), 1, "the switch swapped to the backup");
+    assert!(running.counter(1, "to_client") + running.counter(1, "relearned") > 0, "the new active balancer carried data");
+}
+
+#[test]
+fn serving_backend_then_active_balancer_killed_in_one_transfer() {
+    let mut running = Running::start(1, 3);
+    let kill_serving_backend = |r: &mut Running| {
+        let serving = r.serving_backend(0).expect("a session with a backend at balancer 0");
+        r.kill_backend(serving);
+    };
+    transfer_with_failures(&mut running, 64 * MIB, &[(0.3, &kill_serving_backend), (0.6, &|r| r.kill_lb(0))]);
+    assert_eq!(running.active_lb(), 1);
+    assert!(running.counter(0, "moved") + running.counter(1, "moved") <= 1, "moves are the agents' job");
+}
+
+#[test]
+fn balancer_restarted_then_the_new_active_one_killed() {
+    let mut running = Running::start(1, 2);
+    let kill_restart = |r: &mut Running| {
+        r.kill_lb(0);
+        wait_for("the swap to balancer 1", 10, || (r.active_lb() == 1).then_some(())).expect("swap");
+        r.restart_lb(0);
+        r.wait_lbs_reachable(&[0]);
+        // Give the restarted backup a full sync before the next failure.
+        std::thread::sleep(Duration::from_millis(1200));
+    };
+    transfer_with_failures(&mut running, 96 * MIB, &[(0.25, &kill_restart), (0.7, &|r| r.kill_lb(1))]);
+    assert_eq!(running.active_lb(), 0, "the restarted balancer took over again");
+}
+
+/// A transfer whose request reached the active balancer just before it died: the backup
+/// learned it from the kernel's event ring at once, not from a periodic sync.
+#[test]
+fn session_started_moments_before_the_balancer_fails() {
+    let mut running = Running::start(1, 2);
+    let source = running.file("fresh.bin", 8 * MIB, 3);
+    let local = running.local("fresh-atftp");
+    let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "fresh.bin", &local);
+    std::thread::sleep(Duration::from_millis(10));
+    running.kill_lb(0);
+    assert_eq!(running.counter(0, "new_session"), 1, "the request reached the first balancer before it died");
+    let growth = Growth::watch(local.clone());
+    let killed = Instant::now();
+    finish(download, &local, &source, Duration::from_secs(60), "fresh transfer", || running.logs());
+    println!("data stalled {} ms", stall_after(&growth.stop(), killed).as_millis());
+    assert_eq!(running.active_lb(), 1);
+}
+
+/// Twenty clients with every stock client, across a balancer failure and a backend failure.
+#[test]
+fn twenty_clients_across_balancer_and_backend_failures() {
+    let mut running = Running::start(20, 3);
+    let source = running.file("many.bin", 12 * MIB, 5);
+    let kinds = [
+        Client::TftpHpa,
+        Client::Atftp { blksize: 1468, windowsize: 16 },
+        Client::Curl { blksize: 1468 },
+        Client::Atftp { blksize: 512, windowsize: 1 },
+    ];
+    let downloads: Vec<_> = (0..20)
+        .map(|i| {
+            let local = running.local(&format!("many-{i}"));
+            (running.download(i, kinds[i % kinds.len()], "many.bin", &local), local, kinds[i % kinds.len()])
+        })
+        .collect();
+    let watched = downloads[1].1.clone();
+    assert!(wait_for_size(&watched, 3 * MIB as u64, Duration::from_secs(60)), "transfers did not start\n{}", running.logs());
+    running.kill_lb(0);
+    let backend = running.serving_backend(1).unwrap_or(0);
+    assert!(wait_for_size(&watched, 6 * MIB as u64, Duration::from_secs(60)), "transfers stalled after the balancer failure\n{}", running.logs());
+    running.kill_backend(backend);
+    for (download, local, how) in downloads {
+        finish(download, &local, &source, Duration::from_secs(180), &how.name(), || running.logs());
+    }
+    assert_eq!(running.active_lb(), 1);
+}

@@ -1,0 +1,152 @@
+//! The switch: client traffic for the VIP goes to the active load balancer, the balancers'
+//! replies go to their clients, and every load balancer frame counts as a sign of life for the
+//! watchdog. The agent picks the active one; this program only follows `SW_CONFIG`.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{Array, LruHashMap, PerCpuArray},
+    macros::btf_map,
+    programs::XdpContext,
+};
+use xdp_lb_common::{ClientKey, Counter, FrameHeaders, LbSeen, SwitchConfig, SwitchCounter};
+
+use crate::{
+    maps::{atomic_add, now_ns},
+    parse::{self, Layer, ptr_at},
+    route::{self, egress},
+};
+
+/// Most clients the switch remembers as in flight (least recently seen evicted first).
+const MAX_CLIENTS: usize = 65_536;
+
+#[btf_map]
+pub static SW_COUNTERS: PerCpuArray<Counter, { SwitchCounter::COUNT }> = PerCpuArray::new();
+
+#[btf_map]
+pub static SW_CONFIG: Array<SwitchConfig, 1> = Array::new();
+
+#[btf_map]
+pub static SW_SEEN: Array<LbSeen, 2> = Array::new();
+
+#[btf_map]
+pub static SW_CLIENTS: LruHashMap<ClientKey, u64, MAX_CLIENTS> = LruHashMap::new();
+
+type Verdict = (SwitchCounter, u32);
+
+const PASS: u32 = xdp_action::XDP_PASS;
+const DROP: u32 = xdp_action::XDP_DROP;
+
+/// Adds one packet of `len` bytes to a decision counter.
+#[inline(always)]
+pub fn count(counter: SwitchCounter, len: u64) {
+    if let Some(slot) = SW_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the per-CPU slot belongs to this CPU for the duration of the program.
+        unsafe { (*slot).record(len) };
+    }
+}
+
+#[inline(always)]
+pub fn switch(ctx: &XdpContext) -> Verdict {
+    let packet = parse::describe(ctx);
+    match packet.layer {
+        Layer::Truncated => return (SwitchCounter::DropTruncated, DROP),
+        Layer::NotIpv4 => return (SwitchCounter::PassNotIpv4, PASS),
+        Layer::NotUdp => return (SwitchCounter::PassNotUdp, PASS),
+        Layer::Udp => {}
+    }
+    let Some(config) = SW_CONFIG.get(0) else {
+        return (SwitchCounter::PassOther, PASS);
+    };
+    let Some(frame) = ptr_at::<FrameHeaders>(ctx, 0) else {
+        return (SwitchCounter::DropTruncated, DROP);
+    };
+    // SAFETY: bounds-checked by ptr_at; alignment 1.
+    let frame = unsafe { &mut *frame };
+    if packet.dst_ip == config.vip {
+        if !packet.plain {
+            return (SwitchCounter::DropFragmentOrOptions, DROP);
+        }
+        return to_active_lb(ctx, config, frame);
+    }
+    // A load balancer's own traffic teaches us where it is; its replies to clients (from the
+    // VIP) are recognised by the MAC learned that way.
+    if frame.ip_src == config.lbs[0] || frame.ip_src == config.lbs[1] {
+        let slot = u32::from(frame.ip_src == config.lbs[1]);
+        answered_by(slot, Some((frame.eth_src, frame.eth_dst, ctx.ingress_ifindex() as u32)));
+        return (SwitchCounter::FromLb, PASS);
+    }
+    if frame.ip_src == config.vip {
+        let Some(slot) = lb_by_mac(frame.eth_src) else {
+            return (SwitchCounter::PassOther, PASS);
+        };
+        answered_by(slot, None);
+        return to_client(ctx, frame);
+    }
+    (SwitchCounter::PassOther, PASS)
+}
+
+/// A client packet for the VIP: to the active load balancer, unchanged but for the MACs.
+#[inline(always)]
+fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeaders) -> Verdict {
+    let slot = config.active & 1;
+    let Some(seen) = SW_SEEN.get_ptr_mut(slot) else {
+        return (SwitchCounter::DropNoLb, DROP);
+    };
+    // SAFETY: map value pointer from a successful lookup; racy counters by design.
+    let seen = unsafe { &mut *seen };
+    if seen.mac == [0; 6] {
+        return (SwitchCounter::DropNoLb, DROP);
+    }
+    let now = now_ns();
+    if seen.unanswered == 0 {
+        seen.unanswered_since_ns = now;
+    }
+    atomic_add(&raw mut seen.unanswered, 1);
+    atomic_add(&raw mut seen.packets_to, 1);
+    let key = ClientKey::new(frame.ip_src, frame.udp_src);
+    let _ = SW_CLIENTS.insert(&key, &now, 0);
+    frame.eth_dst = seen.mac;
+    frame.eth_src = seen.lb_mac;
+    (SwitchCounter::ToLb, egress(ctx, seen.ifindex))
+}
+
+/// A load balancer's reply from the VIP: to the client by the routing table, or through the
+/// stack while the client's MAC is not resolved yet.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, frame: &mut FrameHeaders) -> Verdict {
+    let Some(hop) = route::toward(ctx, frame.ip_src, frame.ip_dst, frame.ip_len()) else {
+        return (SwitchCounter::ToClientByStack, PASS);
+    };
+    frame.eth_dst = hop.dst_mac;
+    frame.eth_src = hop.src_mac;
+    (SwitchCounter::ToClient, egress(ctx, hop.ifindex))
+}
+
+/// The slot of the load balancer whose MAC sent a frame.
+#[inline(always)]
+fn lb_by_mac(mac: [u8; 6]) -> Option<u32> {
+    for slot in 0..2 {
+        if SW_SEEN.get(slot).is_some_and(|seen| seen.mac == mac && mac != [0; 6]) {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// Records a frame from load balancer `slot`, and where it came from when it was its own.
+#[inline(always)]
+fn answered_by(slot: u32, learned: Option<([u8; 6], [u8; 6], u32)>) {
+    let Some(seen) = SW_SEEN.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let seen = unsafe { &mut *seen };
+    seen.unanswered = 0;
+    seen.last_answer_ns = now_ns();
+    atomic_add(&raw mut seen.packets_from, 1);
+    if let Some((mac, our_mac, ifindex)) = learned {
+        seen.mac = mac;
+        seen.lb_mac = our_mac;
+        seen.ifindex = ifindex;
+    }
+}

@@ -1,0 +1,233 @@
+//! A load balancer's side of the active/backup pair: it answers the switch's heartbeats (which
+//! say whether it is active), and mirrors its sessions to the peer balancer while it is active.
+//!
+//! Sync is soft state: the active balancer sends what changed since its last sync every
+//! `--sync-ms`, every session once a second, and forgets for sessions that ended; the backup
+//! applies them to its own `LB_SESSIONS`, so its kernel already knows every transfer when the
+//! switch swaps. Sessions the kernel creates or moves are announced through the `LB_EVENTS`
+//! ring buffer and mirrored at once, so even a transfer that started a moment before the
+//! failure is known to the backup. A session the backup still misses is relearned from the
+//! first reply its backend sends (see `relearn` in the kernel program).
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, net::UdpSocket, sync::mpsc};
+use tracing::{debug, info, warn};
+use xdp_lb_common::{ClientKey, Session, maps::BACKEND_UNUSED};
+
+use crate::{balance::monotonic_ns, maps::LbMaps, pair_wire::Message};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PairArgs {
+    /// The other load balancer of the pair: the ADDR:PORT of its --control-port. While this
+    /// balancer is active it mirrors its sessions there. Both must list the same --backend
+    /// addresses in the same order.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub peer: Option<SocketAddrV4>,
+
+    /// UDP port on --address for the switch's heartbeats and the peer's session sync.
+    #[arg(long, default_value_t = 6970)]
+    pub control_port: u16,
+
+    /// Interval of the session sync to the peer (ms). New and moved sessions go at once.
+    #[arg(long, default_value_t = 25)]
+    pub sync_ms: u64,
+}
+
+/// What the switch last said about this balancer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// No switch heard from yet: steers what reaches it, mirrors nothing.
+    Alone,
+    Active,
+    Backup,
+}
+
+/// What was last sent to the peer about a session, to send only changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    backend: u32,
+    block: u32,
+    flags: u8,
+}
+
+impl Sent {
+    fn of(session: &Session) -> Self {
+        Self { backend: session.backend, block: session.header.block(), flags: session.header.flags }
+    }
+}
+
+/// Every session is sent again this often, so a restarted peer catches up.
+const FULL_SYNC: Duration = Duration::from_secs(1);
+
+pub struct Pair {
+    pub role: Role,
+    peer: Option<SocketAddrV4>,
+    /// Bound to the control port: heartbeats in and out, sync in and out.
+    pub socket: UdpSocket,
+    sent: HashMap<ClientKey, Sent>,
+    last_full: Instant,
+}
+
+impl Pair {
+    pub async fn bind(address: std::net::Ipv4Addr, args: &PairArgs) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(SocketAddrV4::new(address, args.control_port))
+            .await
+            .with_context(|| format!("cannot bind the control port {address}:{}", args.control_port))?;
+        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now() })
+    }
+
+    /// Handles a control datagram. Returns true when the switch just made this balancer active.
+    pub async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, maps: &mut LbMaps) -> bool {
+        let message = match Message::parse(datagram) {
+            Ok(message) => message,
+            Err(error) => {
+                debug!(%from, %error, "control datagram ignored");
+                return false;
+            }
+        };
+        match message {
+            Message::Heartbeat { active } => {
+                if let Err(error) = self.socket.send_to(datagram, from).await {
+                    debug!(%error, %from, "heartbeat answer not sent");
+                }
+                let role = if active { Role::Active } else { Role::Backup };
+                let promoted = role == Role::Active && self.role != Role::Active;
+                if role != self.role {
+                    info!(?role, switch = %from, "the switch changed this balancer's role");
+                    self.role = role;
+                    self.sent.clear();
+                }
+                promoted
+            }
+            // The active balancer's table is the truth; a backup mirrors it.
+            Message::Upsert(sessions) if self.role != Role::Active => {
+                let applied = sessions.into_iter().filter(|(key, session)| mirror(maps, key, *session)).count();
+                debug!(applied, %from, "sessions mirrored from the peer");
+                false
+            }
+            Message::Forget(keys) if self.role != Role::Active => {
+                for key in keys {
+                    let _ = maps.sessions.remove(&key);
+                }
+                false
+            }
+            Message::Upsert(_) | Message::Forget(_) => {
+                debug!(%from, "sync from the peer ignored: this balancer is active");
+                false
+            }
+        }
+    }
+
+    /// Sends the peer what changed since the last sync (everything, once a second).
+    pub async fn sync(&mut self, maps: &LbMaps) {
+        let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
+            return;
+        };
+        let full = self.last_full.elapsed() >= FULL_SYNC;
+        if full {
+            self.last_full = Instant::now();
+        }
+        let sessions = maps.sessions();
+        let mut changed = Vec::new();
+        let mut present = HashMap::with_capacity(sessions.len());
+        for (key, session) in sessions {
+            let now = Sent::of(&session);
+            if full || self.sent.get(&key) != Some(&now) {
+                changed.push((key, session));
+            }
+            present.insert(key, now);
+        }
+        let gone: Vec<ClientKey> = self.sent.keys().filter(|key| !present.contains_key(key)).copied().collect();
+        self.sent = present;
+        self.send(peer, &Message::Upsert(changed)).await;
+        self.send(peer, &Message::Forget(gone)).await;
+    }
+
+    /// Mirrors sessions the kernel just created or moved, without waiting for the next sync.
+    pub async fn announce(&mut self, keys: &[ClientKey], maps: &LbMaps) {
+        let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
+            return;
+        };
+        let sessions: Vec<(ClientKey, Session)> =
+            keys.iter().filter_map(|key| Some((*key, maps.sessions.get(key, 0).ok()?))).collect();
+        for (key, session) in &sessions {
+            self.sent.insert(*key, Sent::of(session));
+        }
+        self.send(peer, &Message::Upsert(sessions)).await;
+    }
+
+    async fn send(&self, peer: SocketAddrV4, message: &Message) {
+        let empty = matches!(message, Message::Upsert(v) if v.is_empty()) || matches!(message, Message::Forget(v) if v.is_empty());
+        if empty {
+            return;
+        }
+        for datagram in message.emit() {
+            if let Err(error) = self.socket.send_to(&datagram, peer).await {
+                debug!(%error, %peer, "sync not sent");
+            }
+        }
+    }
+}
+
+/// Writes a session from the peer into our table. The way back to the client is ours to find
+/// (our MACs differ from the peer's): kept if we know it already, else left for the kernel to
+/// look up. Returns false for a session naming a backend we do not have.
+fn mirror(maps: &mut LbMaps, key: &ClientKey, mut session: Session) -> bool {
+    let registered = maps.backend(session.backend).is_ok_and(|b| b.state != BACKEND_UNUSED);
+    if !registered {
+        warn!(backend = session.backend, "peer session names an unknown backend: both balancers need the same --backend list");
+        return false;
+    }
+    match maps.sessions.get(key, 0) {
+        Ok(ours) => {
+            session.ifindex = ours.ifindex;
+            session.client_mac = ours.client_mac;
+            session.lb_mac = ours.lb_mac;
+            if ours.header.block() > session.header.block() {
+                session.header.set_block(ours.header.block());
+            }
+        }
+        Err(_) => {
+            session.ifindex = 0;
+            session.client_mac = [0; 6];
+            session.lb_mac = [0; 6];
+        }
+    }
+    // Our clock, for our idle collection: the peer's monotonic clock means nothing here.
+    session.last_client_ns = monotonic_ns();
+    maps.sessions.insert(key, session, 0).is_ok()
+}
+
+/// Reads client keys from the kernel's `LB_EVENTS` ring buffer into a channel, as they come.
+pub fn watch_events(ring: RingBuf<MapData>) -> anyhow::Result<mpsc::Receiver<ClientKey>> {
+    let (tx, rx) = mpsc::channel(4096);
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
+    // (which owns the ring buffer) is dropped.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|error| error.into_parts().1)
+        .context("cannot poll the LB_EVENTS ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else { return };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Ok(key) = bytemuck::try_pod_read_unaligned::<ClientKey>(&item[..item.len().min(size_of::<ClientKey>())]) else {
+                    continue;
+                };
+                // A full channel only delays the news to the next periodic sync.
+                if tx.try_send(key).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(rx)
+}

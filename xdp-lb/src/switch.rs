@@ -1,0 +1,239 @@
+//! The switch agent (`xdp-lb switch`): loads and attaches `switch`, heartbeats both load
+//! balancers (telling each whether it is active), and swaps active and backup when the active
+//! one stops answering. The kernel re-steers every client at once: they all follow
+//! `SW_CONFIG.active`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+use xdp_lb_common::{
+    SwitchConfig,
+    maps::{BACKEND_DEAD, BACKEND_LIVE},
+    names::{PROGRAM_SWITCH, ROLE_SWITCH},
+};
+
+use crate::{
+    balance::monotonic_ns,
+    control::{self, BackendView, Judgement, Policy},
+    loader,
+    maps::{SWITCH_ALL, SwitchMaps},
+    pair_wire::Message,
+    pins,
+};
+
+/// How long the first --lb has, after the agent starts, to answer before the second one is
+/// made active instead.
+const STARTUP_GRACE_NS: u64 = 2_000_000_000;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Interface to attach the `switch` XDP program to; repeat for several (the client side
+    /// and the load balancer side).
+    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    interfaces: Vec<String>,
+
+    /// The service address (VIP) whose traffic goes to the active load balancer.
+    #[arg(long, value_name = "IPV4")]
+    vip: Ipv4Addr,
+
+    /// A load balancer: its own address and its --control-port. Give exactly two; the first
+    /// starts active.
+    #[arg(long = "lb", value_name = "ADDR:PORT", required = true)]
+    lbs: Vec<SocketAddrV4>,
+
+    /// Local address the heartbeats leave from (default: chosen by the routing table).
+    #[arg(long, value_name = "IPV4")]
+    address: Option<Ipv4Addr>,
+
+    /// How often the watchdog reads the kernel's counters (ms).
+    #[arg(long, default_value_t = 25)]
+    tick_ms: u64,
+
+    /// The active balancer is dead when client packets to it stay unanswered this long, or it
+    /// falls silent this long while clients are in flight (ms).
+    #[arg(long, default_value_t = 100)]
+    dead_after_ms: u64,
+
+    /// The active balancer is dead with more unanswered packets per client in flight than this.
+    #[arg(long, default_value_t = 8)]
+    watchdog_per_client: u64,
+
+    /// Interval of the heartbeats to both balancers (ms).
+    #[arg(long, default_value_t = 20)]
+    probe_interval_ms: u64,
+
+    /// A balancer silent this long, heartbeats included, is dead even without clients (ms).
+    #[arg(long, default_value_t = 300)]
+    silent_after_ms: u64,
+
+    /// A client counts as in flight while its last packet is younger than this (ms).
+    #[arg(long, default_value_t = 2000)]
+    client_window_ms: u64,
+
+    /// XDP attach mode: `auto` lets the kernel choose, `native` requires driver support, `skb`
+    /// (generic XDP) works everywhere.
+    #[arg(long, value_enum, default_value_t)]
+    xdp_mode: loader::AttachMode,
+}
+
+pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+    let [first, second] = args.lbs[..] else {
+        bail!("give exactly two load balancers with --lb, got {}", args.lbs.len());
+    };
+    if first.ip() == second.ip() {
+        bail!("the two load balancers need different addresses, both are {}", first.ip());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    runtime.block_on(serve(pin_root, args))
+}
+
+async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+    let pin_dir = pins::prepare_role_dir(pin_root, ROLE_SWITCH)?;
+    let mut ebpf = loader::load_pinned(&pin_dir, SWITCH_ALL)?;
+    let mut maps = SwitchMaps::take(&mut ebpf)?;
+    let active = configure(&mut maps, args)?;
+    loader::attach_xdp(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode)?;
+    let bind = SocketAddrV4::new(args.address.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
+    let socket = UdpSocket::bind(bind).await.with_context(|| format!("cannot bind the heartbeat socket {bind}"))?;
+    info!(interfaces = ?args.interfaces, vip = %args.vip, lbs = ?args.lbs, active = %args.lbs[active], pin_dir = %pin_dir.display(), "switch attached");
+    let mut agent = Agent {
+        maps,
+        lbs: [args.lbs[0], args.lbs[1]],
+        states: [BACKEND_DEAD; 2],
+        dead_since_ns: [0; 2],
+        policy: Policy {
+            dead_after: Duration::from_millis(args.dead_after_ms),
+            per_client_threshold: args.watchdog_per_client,
+            silent_after: Duration::from_millis(args.silent_after_ms),
+        },
+        client_window_ns: args.client_window_ms * 1_000_000,
+        socket,
+        started_ns: monotonic_ns(),
+    };
+    agent.run(args).await?;
+    info!("shutting down, detaching");
+    drop(ebpf);
+    Ok(())
+}
+
+/// Writes the VIP and the balancers. A previous agent's choice of the active one is kept when
+/// the balancers are the same (a restarted agent does not swap).
+fn configure(maps: &mut SwitchMaps, args: &Args) -> anyhow::Result<usize> {
+    let lbs = [args.lbs[0].ip().octets(), args.lbs[1].ip().octets()];
+    let old = maps.config().unwrap_or_default();
+    let active = if old.lbs == lbs && old.vip == args.vip.octets() { old.active & 1 } else { 0 };
+    let config = SwitchConfig { vip: args.vip.octets(), lbs, active };
+    maps.config.set(0, config, 0).context("writing SW_CONFIG")?;
+    Ok(active as usize)
+}
+
+struct Agent {
+    maps: SwitchMaps,
+    lbs: [SocketAddrV4; 2],
+    /// The agent's verdict on each balancer: `BACKEND_LIVE` or `BACKEND_DEAD`.
+    states: [u8; 2],
+    dead_since_ns: [u64; 2],
+    policy: Policy,
+    client_window_ns: u64,
+    socket: UdpSocket,
+    /// When the agent started: the configured active balancer gets `STARTUP_GRACE_NS` to
+    /// answer before the backup is preferred, so starting order does not decide the roles.
+    started_ns: u64,
+}
+
+impl Agent {
+    async fn run(&mut self, args: &Args) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut tick = tokio::time::interval(Duration::from_millis(args.tick_ms.max(1)));
+        let mut probe = tokio::time::interval(Duration::from_millis(args.probe_interval_ms.max(1)));
+        let mut buf = [0u8; 512];
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = terminate.recv() => return Ok(()),
+                _ = tick.tick() => self.watchdog().await?,
+                _ = probe.tick() => self.heartbeat().await?,
+                // Answers: the kernel recorded them from the balancers' frames; drain.
+                _ = self.socket.recv_from(&mut buf) => {}
+            }
+        }
+    }
+
+    fn active(&self) -> anyhow::Result<usize> {
+        Ok((self.maps.config()?.active & 1) as usize)
+    }
+
+    /// Tells each balancer its role; the answers (any frame from it) keep it alive.
+    async fn heartbeat(&self) -> anyhow::Result<()> {
+        let active = self.active()?;
+        for (slot, lb) in self.lbs.iter().enumerate() {
+            for datagram in (Message::Heartbeat { active: slot == active }).emit() {
+                if let Err(error) = self.socket.send_to(&datagram, lb).await {
+                    debug!(%error, %lb, "heartbeat not sent");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn watchdog(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let active = self.active()?;
+        let clients = self.maps.clients_in_flight(now, self.client_window_ns);
+        for slot in 0..2 {
+            let seen = self.maps.seen(u32::try_from(slot)?)?;
+            let view = BackendView {
+                state: self.states[slot],
+                unanswered: seen.unanswered,
+                unanswered_since_ns: seen.unanswered_since_ns,
+                last_answer_ns: seen.last_answer_ns,
+                mac_known: seen.mac != [0; 6],
+                sessions: if slot == active { clients } else { 0 },
+                dead_since_ns: self.dead_since_ns[slot],
+            };
+            match control::judge(now, &view, &self.policy) {
+                Judgement::Keep => {}
+                Judgement::Revive => {
+                    self.states[slot] = BACKEND_LIVE;
+                    let role = if slot == active { "active" } else { "backup" };
+                    info!(lb = %self.lbs[slot], role, "load balancer answers");
+                }
+                Judgement::Die(reason) => {
+                    self.states[slot] = BACKEND_DEAD;
+                    self.dead_since_ns[slot] = now;
+                    warn!(lb = %self.lbs[slot], %reason, clients, "load balancer dead");
+                }
+            }
+        }
+        let backup = 1 - active;
+        let grace = self.dead_since_ns[active] == 0 && now.saturating_sub(self.started_ns) < STARTUP_GRACE_NS;
+        if self.states[active] != BACKEND_LIVE && self.states[backup] == BACKEND_LIVE && !grace {
+            self.swap(backup).await?;
+        } else if self.states == [BACKEND_DEAD; 2] && clients > 0 {
+            debug!("both load balancers are dead; clients wait");
+        }
+        Ok(())
+    }
+
+    /// Makes `slot` the active balancer: from the next packet on, every client goes there.
+    async fn swap(&mut self, slot: usize) -> anyhow::Result<()> {
+        let mut config = self.maps.config()?;
+        config.active = u32::try_from(slot)?;
+        self.maps.config.set(0, config, 0).context("writing SW_CONFIG")?;
+        // Tell the new active balancer at once, so it nudges its backends now rather than at
+        // the next heartbeat.
+        self.heartbeat().await?;
+        warn!(active = %self.lbs[slot], dead = %self.lbs[1 - slot], "swapped: the backup load balancer is active now");
+        Ok(())
+    }
+}
