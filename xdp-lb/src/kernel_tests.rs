@@ -259,3 +259,32 @@ fn without_live_backends_requests_are_dropped() {
     let (action, _) = f.run(&from_client(CLIENT, 40_008, TFTP_PORT, RRQ)).unwrap();
     assert_eq!((action, f.counter(C::DropNoBackend).unwrap()), (XDP_DROP, 1));
 }
+
+/// A balancer that took over learns a transfer it never saw from the backend's reply; the way
+/// to the client comes from the routing table (none in the test's namespace: the reply is
+/// dropped and counted) until the client's next packet shows it.
+#[test]
+fn a_reply_for_an_unknown_client_relearns_the_session() {
+    let mut f = fixture(2);
+    let port: u16 = 40_100;
+    let key = ClientKey::new(CLIENT, port.to_be_bytes());
+    let (action, _) = f.run(&from_backend(1, &reply_header(port, 500, 0), b"\x00\x03\x01\xf4data")).unwrap();
+    assert_eq!(action, XDP_DROP, "no route to the client yet");
+    assert_eq!(f.counter(C::DropNoRoute).unwrap(), 1);
+    let session = f.session(key).expect("relearned session");
+    assert_eq!((session.backend, session.header.block(), session.header.vip_port()), (1, 500, key.tid()));
+    assert_ne!(session.header.flags & FLAG_HAS_CONTEXT, 0, "with the backend's context");
+    assert_eq!(f.maps.load(1).unwrap(), 1);
+
+    let (action, out) = f.run(&from_client(CLIENT, port, key.tid(), b"\x00\x04\x01\xf4")).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(headers(&out).ip_dst, backend_ip(1), "the client's ACK follows the relearned session");
+    let (action, out) = f.run(&from_backend(1, &reply_header(port, 501, 0), b"\x00\x03\x01\xf5data")).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!((headers(&out).eth_dst, headers(&out).ip_dst), (CLIENT_MAC, CLIENT), "route learned from the ACK");
+    assert!(checksums_valid(&out));
+
+    let finished = from_backend(0, &reply_header(40_101, 9, FLAG_FINISHED), b"");
+    assert_eq!(f.run(&finished).unwrap().0, XDP_DROP);
+    assert!(f.session(ClientKey::new(CLIENT, 40_101u16.to_be_bytes())).is_none(), "FINISHED creates nothing");
+}

@@ -10,6 +10,8 @@ mod pair_wire;
 mod pins;
 mod status;
 mod switch;
+#[cfg(test)]
+mod switch_tests;
 mod testrun;
 
 use std::path::PathBuf;
