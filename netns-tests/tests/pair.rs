@@ -49,10 +49,11 @@ impl Running {
 
     /// Agent logs and the non-zero counters of every role, for failure messages.
     fn logs(&self) -> String {
+        use std::fmt::Write as _;
         let mut all = format!("--- switch\n{}", self.switch.log());
         for (i, lb) in self.lbs.iter().enumerate() {
             if let Some(lb) = lb {
-                all += &format!("\n--- lb {i}\n{}", lb.log());
+                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
             }
         }
         let pins = [("switch", &self.topo.switch_pins), ("lb 0", &self.topo.lb_pins[0]), ("lb 1", &self.topo.lb_pins[1])];
@@ -63,7 +64,7 @@ impl Running {
                 .as_array()
                 .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
                 .unwrap_or_default();
-            all += &format!("\n--- {name} counters: {}", counters.join(" "));
+            let _ = write!(all, "\n--- {name} counters: {}", counters.join(" "));
         }
         all
     }
@@ -180,10 +181,12 @@ fn downloads_through_switch_and_active_balancer() {
     assert_eq!(running.counter(1, "to_client"), 0, "the backup carried nothing");
 }
 
-/// One transfer through the pair; `fail` runs once the client has `at` bytes, and returns
-/// when the failures are injected. Reports the stall after each failure and the bytes the
-/// balancers delivered twice.
-fn transfer_with_failures(running: &mut Running, size: usize, steps: &[(f64, &dyn Fn(&mut Running))]) {
+/// A failure injected once the download reached a fraction of the file.
+type Step<'a> = (f64, &'a dyn Fn(&mut Running));
+
+/// One atftp transfer through the pair with failures injected on the way. Reports the stall
+/// after each failure and the DATA the balancers delivered twice.
+fn transfer_with_failures(running: &mut Running, size: usize, steps: &[Step<'_>]) {
     let source = running.file("big.bin", size, 7);
     let local = running.local("big-atftp");
     let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "big.bin", &local);

@@ -108,7 +108,7 @@ impl Pair {
             }
             // The active balancer's table is the truth; a backup mirrors it.
             Message::Upsert(sessions) if self.role != Role::Active => {
-                let applied = sessions.into_iter().filter(|(key, session)| mirror(maps, key, *session)).count();
+                let applied = sessions.into_iter().filter(|(key, session)| mirror(maps, *key, *session)).count();
                 debug!(applied, %from, "sessions mirrored from the peer");
                 false
             }
@@ -179,27 +179,25 @@ impl Pair {
 /// Writes a session from the peer into our table. The way back to the client is ours to find
 /// (our MACs differ from the peer's): kept if we know it already, else left for the kernel to
 /// look up. Returns false for a session naming a backend we do not have.
-fn mirror(maps: &mut LbMaps, key: &ClientKey, mut session: Session) -> bool {
+fn mirror(maps: &mut LbMaps, key: ClientKey, mut session: Session) -> bool {
     let registered = maps.backend(session.backend).is_ok_and(|b| b.state != BACKEND_UNUSED);
     if !registered {
         warn!(backend = session.backend, "peer session names an unknown backend: both balancers need the same --backend list");
         return false;
     }
-    match maps.sessions.get(key, 0) {
+    // The route to the client is ours (the peer's MACs differ): kept if known, else cleared.
+    let (ifindex, client_mac, lb_mac) = match maps.sessions.get(&key, 0) {
         Ok(ours) => {
-            session.ifindex = ours.ifindex;
-            session.client_mac = ours.client_mac;
-            session.lb_mac = ours.lb_mac;
             if ours.header.block() > session.header.block() {
                 session.header.set_block(ours.header.block());
             }
+            (ours.ifindex, ours.client_mac, ours.lb_mac)
         }
-        Err(_) => {
-            session.ifindex = 0;
-            session.client_mac = [0; 6];
-            session.lb_mac = [0; 6];
-        }
-    }
+        Err(_) => (0, [0; 6], [0; 6]),
+    };
+    session.ifindex = ifindex;
+    session.client_mac = client_mac;
+    session.lb_mac = lb_mac;
     // Our clock, for our idle collection: the peer's monotonic clock means nothing here.
     session.last_client_ns = monotonic_ns();
     maps.sessions.insert(key, session, 0).is_ok()
