@@ -30,16 +30,23 @@ struct Running {
     switch: Process,
     /// Killed processes, kept so their logs are printed if the test fails.
     killed: Vec<Process>,
+    // Last: released after everything above is gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One topology at a time: each runs several agents and up to twenty clients, and the
+/// measured stalls mean little on an overloaded machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Running {
     fn start(clients: usize, backends: usize) -> Self {
         require_root();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
         let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
         let lbs = [Some(topo.start_lb(0, &[]).expect("lb 0")), Some(topo.start_lb(1, &[]).expect("lb 1"))];
         let switch = topo.start_switch(&[]).expect("xdp-lb switch");
-        let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new() };
+        let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
             running.wait_backends_live(lb, backends);
         }

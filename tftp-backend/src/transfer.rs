@@ -162,8 +162,10 @@ impl ReadTransfer {
             return Next::Finished;
         }
         if nudge && self.oack_pending && block == 0 {
-            // The OACK itself may be what was lost with the failed balancer.
-            return Next::Send(0..=0);
+            // Whether the OACK or the client's ACK of it was lost with the failed balancer is
+            // unknown, and a client that sees a second OACK aborts: its own retransmission
+            // (RRQ or ACK 0) settles it.
+            return Next::Nothing;
         }
         let forward = block > self.acked || (block == 0 && self.oack_pending);
         self.oack_pending = false;
