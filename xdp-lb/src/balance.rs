@@ -105,7 +105,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     let mut lb_maps = LbMaps::take(&mut ebpf)?;
     let events = pair::watch_events(maps::events(&mut ebpf)?)?;
     configure(&mut lb_maps, args, address)?;
-    loader::attach_xdp(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode)?;
+    let links = loader::attach_pinned(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
         .await
         .with_context(|| format!("cannot bind the steering port {address}:{}", args.steer_port))?;
@@ -128,9 +128,11 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         events,
     };
     agent.run(args).await?;
-    // Dropping `ebpf` detaches the program; the pinned maps stay for `xdp-lb status` and for
-    // the next agent.
-    info!("shutting down, detaching");
+    // Clean shutdown: unpinning and closing the links detaches the program (a killed agent
+    // leaves them pinned, steering, for the next one to re-adopt); the pinned maps stay for
+    // `xdp-lb status` and for the next agent.
+    info!(links = ?links.paths(), "shutting down, unpinning the links and detaching");
+    links.detach()?;
     drop(ebpf);
     Ok(())
 }

@@ -16,6 +16,25 @@ pub fn role_dir(pin_root: &Path, role: &str) -> PathBuf {
     pin_root.join(role)
 }
 
+/// Where the XDP link of `iface` is pinned in a role directory: `<role dir>/link-<iface>`.
+pub fn link_path(role_dir: &Path, iface: &str) -> PathBuf {
+    role_dir.join(format!("{LINK_PREFIX}{iface}"))
+}
+
+/// File-name prefix of pinned XDP links in a role directory.
+pub const LINK_PREFIX: &str = "link-";
+
+/// The interfaces that have a link pinned in `role_dir` (empty when it does not exist).
+pub fn pinned_link_interfaces(role_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(role_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.strip_prefix(LINK_PREFIX).map(str::to_owned))
+        .collect()
+}
+
 /// Creates the role directory and checks that it lives on a bpffs, so pinning cannot fail later
 /// with an obscure error.
 pub fn prepare_role_dir(pin_root: &Path, role: &str) -> anyhow::Result<PathBuf> {
