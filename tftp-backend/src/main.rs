@@ -5,13 +5,15 @@
 //! transfer this server never saw is served from that header alone.
 mod files;
 mod netascii;
-mod options;
 mod service;
 mod standalone;
 mod steered;
 mod timer;
 mod transfer;
-mod wire;
+
+// Wire format and negotiation live in the library (fuzzed there); `crate::wire` and
+// `crate::options` keep working for the binary's modules through this import.
+use tftp_backend::{options, wire};
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -259,9 +259,14 @@ impl<'a> Repr<'a> {
     }
 
     /// Writes the message into `out`, which must hold [`Self::buffer_len`] bytes; returns the
-    /// length written, or `None` if `out` is too small.
+    /// length written, or `None` if `out` is too small or the message would be longer than
+    /// [`MAX_PACKET`] (which [`Packet::parse`] refuses: an ERROR parsed without its NUL at the
+    /// size limit grows by one byte when emitted).
     pub fn emit(&self, out: &mut [u8]) -> Option<usize> {
         let len = self.buffer_len();
+        if len > MAX_PACKET {
+            return None;
+        }
         let out = out.get_mut(..len)?;
         let (opcode, rest) = out.split_at_mut(2);
         let code = match self {
@@ -436,6 +441,19 @@ mod tests {
             assert_eq!(Packet::parse(bytes), Err(error), "{bytes:?}");
         }
         assert_eq!(Packet::parse(&vec![0u8; MAX_PACKET + 1]), Err(Error::TooLong));
+    }
+
+    /// Found by fuzzing (fuzz/corpus replay): an ERROR of MAX_PACKET bytes without its NUL
+    /// parses, but its emission would be one byte longer than any parser accepts.
+    #[test]
+    fn nothing_longer_than_max_packet_is_emitted() {
+        let mut error = vec![b'e'; MAX_PACKET];
+        error[..4].copy_from_slice(b"\x00\x05\x00\x01");
+        let repr = Packet::parse(&error).expect("accepted without the NUL");
+        assert_eq!(repr.buffer_len(), MAX_PACKET + 1);
+        assert_eq!(repr.emit(&mut vec![0u8; MAX_PACKET + 1]), None);
+        let largest = Repr::Data { block: 1, data: &error[4..] };
+        assert_eq!(largest.emit(&mut vec![0u8; MAX_PACKET]), Some(MAX_PACKET));
     }
 
     fn options() -> impl Strategy<Value = Options> {
