@@ -2,6 +2,8 @@
 mod balance;
 mod control;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod kernel_tests;
 mod loader;
 mod maps;
