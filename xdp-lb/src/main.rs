@@ -1,5 +1,6 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
+mod config;
 mod control;
 #[cfg(test)]
 mod hostile_tests;
@@ -18,12 +19,12 @@ mod testrun;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use xdp_lb_common::names::DEFAULT_PIN_ROOT;
 
 /// Highly available TFTP: XDP load balancers that steer every transfer to a live backend.
 #[derive(Parser)]
-#[command(name = "xdp-lb", version, about, long_about = None)]
+#[command(name = "xdp-lb", version, about, long_about = None, args_override_self = true)]
 struct Cli {
     /// bpffs directory under which each role pins its maps (`<pin-root>/<role>/<MAP>`). Use a
     /// separate directory per instance when several run on one host.
@@ -64,7 +65,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `balance --config FILE`: the file's options go before the command line's (config.rs).
+    let command = config::with_config_flag(Cli::command());
+    let args = config::expand(std::env::args_os().collect(), &command)?;
+    let cli = Cli::from_arg_matches(&command.get_matches_from(args)).unwrap_or_else(|error| error.exit());
     match cli.command {
         Command::Balance(args) => balance::run(&cli.pin_root, &args),
         Command::Switch(args) => switch::run(&cli.pin_root, &args),
