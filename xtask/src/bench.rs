@@ -29,17 +29,33 @@ pub struct Args {
     /// Directory for the JSON results.
     #[arg(long, default_value = "results")]
     out: std::path::PathBuf,
+    /// Run only these sections (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+/// Sections of `cargo xtask bench`, for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// XDP cost per packet.
+    Xdp,
+    /// Goodput direct vs through the load balancer.
+    Lb,
+    /// tftp-backend vs tftpd-hpa vs atftpd (loopback).
+    Backend,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; the harness reads it when it locates binaries.
     unsafe { std::env::set_var("XDP_LB_BIN_DIR", release_dir()?) };
-    let xdp = xdp_costs(if args.quick { 200_000 } else { 2_000_000 })?;
-    let goodput = goodput(args.quick)?;
+    let section = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let xdp = if section(Section::Xdp) { xdp_costs(if args.quick { 200_000 } else { 2_000_000 })? } else { Vec::new() };
+    let goodput = if section(Section::Lb) { goodput(args.quick)? } else { Vec::new() };
+    let backend = if section(Section::Backend) { crate::bench_backend::run(args.quick, &args.out)? } else { serde_json::Value::Null };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let path = args.out.join(format!("bench-{stamp}.json"));
-    let results = json!({ "unix_time": stamp, "quick": args.quick, "xdp_ns_per_packet": xdp, "goodput": goodput });
+    let results = json!({ "unix_time": stamp, "quick": args.quick, "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!("\nresults saved to {}", path.display());
     Ok(())
