@@ -222,6 +222,19 @@ impl ReadTransfer {
         }
         Ok(len)
     }
+
+    /// Reads blocks `first..first + count` (1-based) back to back into `buf` with one read;
+    /// returns the bytes read (fewer than `count * blksize` only at the end of the file).
+    pub fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> std::io::Result<usize> {
+        let offset = u64::from(first.saturating_sub(1)) * u64::from(self.blksize);
+        let want = (u64::from(count) * u64::from(self.blksize)).min(self.size.saturating_sub(offset));
+        let len = usize::try_from(want).unwrap_or(usize::MAX).min(buf.len());
+        let got = self.source.read_at(&mut buf[..len], offset)?;
+        if got != len {
+            return Err(std::io::Error::other("file shrank during the transfer"));
+        }
+        Ok(len)
+    }
 }
 
 /// What to do after DATA of an upload.
@@ -403,6 +416,18 @@ mod tests {
         assert_eq!(&buf[..], &data[3000..4000]);
         assert_eq!(t.on_ack(4, false), Next::Send(5..=6));
         assert_eq!(t.read_block(6, &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn read_blocks_reads_a_window_at_once_and_stops_at_the_end() {
+        let data: Vec<u8> = (0..1050u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let t = ReadTransfer::new(Source::Memory(data.clone()), 100, 4, false).unwrap();
+        let mut buf = [0u8; 400];
+        assert_eq!(t.read_blocks(3, 4, &mut buf).unwrap(), 400);
+        assert_eq!(&buf[..], &data[200..600]);
+        assert_eq!(t.read_blocks(10, 4, &mut buf).unwrap(), 150, "blocks 10 and 11 (short), 12 and 13 past the end");
+        assert_eq!(&buf[..150], &data[900..]);
+        assert_eq!(t.read_blocks(12, 1, &mut buf).unwrap(), 0);
     }
 
     #[test]
