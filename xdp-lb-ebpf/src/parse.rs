@@ -72,7 +72,11 @@ pub fn describe(ctx: &XdpContext) -> PacketDescription {
     };
     // SAFETY: as above.
     // `ihl()` is already in bytes.
-    let (proto, ip_len) = unsafe { ((*ip).proto, usize::from((*ip).ihl())) };
+    let (version, proto, ip_len) = unsafe { ((*ip).version(), (*ip).proto, usize::from((*ip).ihl())) };
+    if version != 4 {
+        // An IPv4 EtherType with another version is not ours to interpret.
+        return PacketDescription::at(Layer::NotIpv4);
+    }
     if proto != IpProto::Udp as u8 {
         return PacketDescription::at(Layer::NotUdp);
     }
