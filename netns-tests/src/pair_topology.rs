@@ -119,10 +119,17 @@ impl PairTopology {
 
     /// Starts balancer `i` with every backend registered and the other balancer as its peer.
     pub fn start_lb(&self, i: usize, extra: &[&str]) -> Result<Process> {
+        self.start_lb_with(i, true, extra)
+    }
+
+    /// Starts balancer `i`; without `mirror` it keeps its sessions to itself (no --peer).
+    pub fn start_lb_with(&self, i: usize, mirror: bool, extra: &[&str]) -> Result<Process> {
         let mut command = self.lbs[i].command(binary("xdp-lb"));
         command.arg("--pin-root").arg(self.lb_pins[i].path());
         command.args(["balance", "--iface", "eth0", "--xdp-mode", "skb", "--vip", VIP, "--address", &lb_addr(i)]);
-        command.args(["--peer", &format!("{}:{CONTROL_PORT}", lb_addr(1 - i))]);
+        if mirror {
+            command.args(["--peer", &format!("{}:{CONTROL_PORT}", lb_addr(1 - i))]);
+        }
         for b in 0..self.backends.len() {
             command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(b))]);
         }

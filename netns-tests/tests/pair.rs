@@ -40,11 +40,16 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Running {
     fn start(clients: usize, backends: usize) -> Self {
+        Self::start_mirroring(clients, backends, true)
+    }
+
+    /// With `mirror` false the balancers do not sync sessions: a promoted one knows nothing.
+    fn start_mirroring(clients: usize, backends: usize, mirror: bool) -> Self {
         require_root();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
         let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
-        let lbs = [Some(topo.start_lb(0, &[]).expect("lb 0")), Some(topo.start_lb(1, &[]).expect("lb 1"))];
+        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, &[]).expect("lb")));
         let switch = topo.start_switch(&[]).expect("xdp-lb switch");
         let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
@@ -251,6 +256,18 @@ fn balancer_restarted_then_the_new_active_one_killed() {
     };
     transfer_with_failures(&mut running, 96 * MIB, &[(0.25, &kill_restart), (0.7, &|r| r.kill_lb(1))]);
     assert_eq!(running.active_lb(), 0, "the restarted balancer took over again");
+}
+
+/// Without any mirrored state the promoted balancer still carries the transfer: the client's
+/// next ACK finds no session, the agent asks the backends, and the one holding the transfer
+/// answers through the new balancer, whose kernel relearns the session from the reply.
+#[test]
+fn a_promoted_balancer_that_knows_nothing_relearns_from_the_backend() {
+    let mut running = Running::start_mirroring(1, 2, false);
+    transfer_with_failures(&mut running, 32 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
+    assert_eq!(running.active_lb(), 1);
+    assert!(running.counter(1, "relearned") > 0, "the session was relearned from a reply");
+    assert!(running.counter(1, "drop_no_session") > 0, "the client's packets found no session first");
 }
 
 /// A transfer whose request reached the active balancer just before it died: the backup

@@ -173,9 +173,15 @@ impl Steered {
         session.lb = from;
         let next = match &mut session.kind {
             Kind::Read(transfer) => {
-                // The LB's view of what was sent bounds the widening after a move.
-                let sent = transfer.sent().max(header.block());
-                let block = xdp_lb_common::steering::expand_block(wire, sent);
+                let block = if header.has_flag(FLAG_NUDGE) && !header.has_flag(FLAG_HAS_CONTEXT) {
+                    // A balancer that lacks the context knows nothing of the blocks either:
+                    // resend from this server's own state.
+                    transfer.acked()
+                } else {
+                    // The LB's view of what was sent bounds the widening after a move.
+                    let sent = transfer.sent().max(header.block());
+                    xdp_lb_common::steering::expand_block(wire, sent)
+                };
                 transfer.on_ack(block, header.has_flag(FLAG_NUDGE))
             }
             Kind::Write(_) => Next::Nothing,

@@ -127,6 +127,11 @@ impl ReadTransfer {
         self.sent
     }
 
+    /// Highest block the client acknowledged.
+    pub fn acked(&self) -> u32 {
+        self.acked
+    }
+
     /// The first thing to send.
     pub fn start(&mut self) -> Next {
         if self.oack_pending {

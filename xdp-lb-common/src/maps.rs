@@ -120,6 +120,21 @@ pub struct Session {
     pub last_client_ns: u64,
 }
 
+/// A record of the `LB_EVENTS` ring buffer: something about a client's session the agent must
+/// act on now rather than at its next tick.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionEvent {
+    pub key: ClientKey,
+    /// `EVENT_CHANGED` or `EVENT_UNKNOWN`.
+    pub kind: u32,
+}
+
+/// The kernel created, relearned or moved the session: mirror it to the peer balancer.
+pub const EVENT_CHANGED: u32 = 1;
+/// A client packet arrived for a session this balancer does not have: ask the backends.
+pub const EVENT_UNKNOWN: u32 = 2;
+
 /// The switch's settings, entry 0 of `SW_CONFIG`. Written by the switch agent only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

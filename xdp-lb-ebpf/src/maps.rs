@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, LbConfig, Session,
-    maps::{MAX_BACKENDS, MAX_SESSIONS},
+    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, LbConfig, Session, SessionEvent,
+    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_SESSIONS},
 };
 
 #[btf_map]
@@ -34,16 +34,23 @@ pub static LB_SCRATCH: PerCpuArray<Session, 1> = PerCpuArray::new();
 #[btf_map]
 pub static LB_SESSIONS: LruHashMap<ClientKey, Session, MAX_SESSIONS> = LruHashMap::new();
 
-/// Client keys of sessions the kernel created or moved, for the agent to mirror to its peer
-/// at once (4096 keys of 8 bytes plus record headers).
+/// Sessions the agent must hear about now: created or moved (mirror them to the peer), or
+/// missing (ask the backends). About 2700 records of 12 bytes plus record headers.
 #[btf_map]
-pub static LB_EVENTS: RingBuf<ClientKey, { 64 * 1024 }> = RingBuf::new();
+pub static LB_EVENTS: RingBuf<SessionEvent, { 64 * 1024 }> = RingBuf::new();
 
 /// Tells the agent that `key`'s session is new or moved. A full ring only delays the news
 /// until the agent's next periodic sync.
 #[inline(always)]
 pub fn announce(key: &ClientKey) {
-    let _ = LB_EVENTS.output(*key, 0);
+    let _ = LB_EVENTS.output(SessionEvent { key: *key, kind: EVENT_CHANGED }, 0);
+}
+
+/// Tells the agent that a client sent to its TID without a session here: its backend, which
+/// holds the transfer, will answer the agent's nudge and the reply relearns the session.
+#[inline(always)]
+pub fn report_unknown(key: &ClientKey) {
+    let _ = LB_EVENTS.output(SessionEvent { key: *key, kind: EVENT_UNKNOWN }, 0);
 }
 
 /// Adds one packet of `len` bytes to a decision counter.

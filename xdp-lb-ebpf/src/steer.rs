@@ -21,7 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, announce, now_ns},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, announce, now_ns, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
 };
@@ -85,7 +85,11 @@ pub fn balance(ctx: &XdpContext) -> Verdict {
 #[inline(always)]
 fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> Verdict {
     let key = ClientKey::new(frame.ip_src, frame.udp_src);
-    let opcode = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET).map(u16::from_be_bytes);
+    // Read only inside the datagram: Ethernet padding after a short one is not TFTP.
+    let payload_len = frame.udp_len().saturating_sub(8);
+    let opcode = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET)
+        .filter(|_| payload_len >= 2)
+        .map(u16::from_be_bytes);
     let port = frame.udp_dst_port();
     if port == TFTP_PORT {
         if !matches!(opcode, Some(OPCODE_RRQ | OPCODE_WRQ)) {
@@ -100,6 +104,7 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
         return (BalanceCounter::PassNotService, PASS);
     }
     let Some(session) = LB_SESSIONS.get_ptr_mut(key) else {
+        report_unknown(&key);
         return (BalanceCounter::DropNoSession, DROP);
     };
     // SAFETY: map value pointer from a successful lookup.
@@ -111,6 +116,7 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
     session.ifindex = ctx.ingress_ifindex() as u32;
     session.last_client_ns = now_ns();
     if opcode == Some(OPCODE_ACK)
+        && payload_len >= 4
         && let Some(block) = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET + 2)
     {
         session.last_ack = block;

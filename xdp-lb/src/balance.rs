@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
-    Backend, LbConfig, SteeringHeader,
-    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
+    Backend, ClientKey, LbConfig, Session, SessionEvent, SteeringHeader,
+    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
 };
@@ -126,6 +126,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         session_idle: Duration::from_secs(args.session_idle_secs),
         pair: Pair::bind(address, &args.pair).await?,
         events,
+        sought: std::collections::HashMap::new(),
     };
     agent.run(args).await?;
     // Clean shutdown: unpinning and closing the links detaches the program (a killed agent
@@ -171,7 +172,9 @@ struct Agent {
     /// The switch's heartbeats and the peer balancer's session sync.
     pair: Pair,
     /// Sessions the kernel just created or moved (from `LB_EVENTS`).
-    events: tokio::sync::mpsc::Receiver<xdp_lb_common::ClientKey>,
+    events: tokio::sync::mpsc::Receiver<SessionEvent>,
+    /// When the backends were last asked about a client without a session (see `seek`).
+    sought: std::collections::HashMap<ClientKey, Instant>,
 }
 
 impl Agent {
@@ -194,12 +197,16 @@ impl Agent {
                 // Heartbeat answers: the kernel already recorded them; just drain the socket.
                 _ = self.socket.recv_from(&mut buf) => {}
                 _ = sync.tick() => self.pair.sync(&self.maps).await,
-                Some(key) = self.events.recv() => {
-                    let mut keys = vec![key];
-                    while let Ok(key) = self.events.try_recv() {
-                        keys.push(key);
+                Some(event) = self.events.recv() => {
+                    let mut events = vec![event];
+                    while let Ok(event) = self.events.try_recv() {
+                        events.push(event);
                     }
-                    self.pair.announce(&keys, &self.maps).await;
+                    let (changed, unknown): (Vec<SessionEvent>, Vec<SessionEvent>) =
+                        events.into_iter().partition(|e| e.kind == EVENT_CHANGED);
+                    let changed: Vec<ClientKey> = changed.iter().map(|e| e.key).collect();
+                    self.pair.announce(&changed, &self.maps).await;
+                    self.seek(args.vip, unknown.iter().map(|e| e.key)).await;
                 }
                 received = self.pair.socket.recv_from(&mut control) => {
                     let Ok((len, from)) = received else { continue };
@@ -326,6 +333,32 @@ impl Agent {
         }
         warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
         Ok(())
+    }
+
+    /// Asks every live backend to resend what is outstanding for clients that sent to their
+    /// TID without a session here (one this balancer never learned: it took over between two
+    /// syncs, or was restarted). The backend holding the transfer answers through this
+    /// balancer and the kernel relearns the session from the reply; the others ignore a nudge
+    /// without context. At most once per 100 ms per client.
+    async fn seek(&mut self, vip: Ipv4Addr, keys: impl Iterator<Item = ClientKey>) {
+        const AGAIN_AFTER: Duration = Duration::from_millis(100);
+        let now = Instant::now();
+        self.sought.retain(|_, asked| now.duration_since(*asked) < AGAIN_AFTER);
+        let live: Vec<SocketAddrV4> = self.views().map_or_else(|_| Vec::new(), |views| {
+            views.iter().zip(&self.backends).filter(|(v, _)| v.state == BACKEND_LIVE).map(|(_, b)| *b).collect()
+        });
+        for key in keys {
+            if self.sought.insert(key, now).is_some() {
+                continue;
+            }
+            let mut session: Session = bytemuck::Zeroable::zeroed();
+            session.header.reset_for_client(key.ip, key.port, vip.octets(), key.tid());
+            let datagram = control::nudge(&session);
+            for backend in &live {
+                let _ = self.socket.send_to(&datagram, backend).await;
+            }
+            debug!(client = ?key, backends = live.len(), "asked the backends about a client without a session");
+        }
     }
 
     /// Heartbeats to every backend: answers keep live ones live and bring dead ones back.

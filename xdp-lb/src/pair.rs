@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
-use xdp_lb_common::{ClientKey, Session, maps::BACKEND_UNUSED};
+use xdp_lb_common::{ClientKey, Session, SessionEvent, maps::BACKEND_UNUSED};
 
 use crate::{balance::monotonic_ns, maps::LbMaps, pair_wire::Message};
 
@@ -203,8 +203,8 @@ fn mirror(maps: &mut LbMaps, key: ClientKey, mut session: Session) -> bool {
     maps.sessions.insert(key, session, 0).is_ok()
 }
 
-/// Reads client keys from the kernel's `LB_EVENTS` ring buffer into a channel, as they come.
-pub fn watch_events(ring: RingBuf<MapData>) -> anyhow::Result<mpsc::Receiver<ClientKey>> {
+/// Reads the kernel's `LB_EVENTS` ring buffer into a channel, as they come.
+pub fn watch_events(ring: RingBuf<MapData>) -> anyhow::Result<mpsc::Receiver<SessionEvent>> {
     let (tx, rx) = mpsc::channel(4096);
     // SAFETY: the ring buffer owns its map fd, which stays open and the same until the AsyncFd
     // (which owns the ring buffer) is dropped.
@@ -216,11 +216,11 @@ pub fn watch_events(ring: RingBuf<MapData>) -> anyhow::Result<mpsc::Receiver<Cli
             let Ok(mut guard) = ring.readable_mut().await else { return };
             let ring = guard.get_inner_mut();
             while let Some(item) = ring.next() {
-                let Ok(key) = bytemuck::try_pod_read_unaligned::<ClientKey>(&item[..item.len().min(size_of::<ClientKey>())]) else {
+                let Ok(event) = bytemuck::try_pod_read_unaligned::<SessionEvent>(&item[..item.len().min(size_of::<SessionEvent>())]) else {
                     continue;
                 };
                 // A full channel only delays the news to the next periodic sync.
-                if tx.try_send(key).is_err() && tx.is_closed() {
+                if tx.try_send(event).is_err() && tx.is_closed() {
                     return;
                 }
             }
