@@ -138,6 +138,19 @@ impl Running {
         }
     }
 
+    /// The failover events the agents logged: detection, swap, takeover, first data.
+    fn print_timeline(&self) {
+        let agents = self.lbs.iter().flatten().chain(self.killed.iter()).chain(std::iter::once(&self.switch));
+        let mut events: Vec<String> = agents
+            .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| ["dead", "swapped", "now the active", "first DATA"].iter().any(|w| l.contains(w)))
+            .collect();
+        events.sort();
+        for event in events {
+            println!("  {event}");
+        }
+    }
+
     /// Packets that took decision `name` at balancer `lb` (from its pinned counters, which
     /// outlive its agent).
     fn counter(&self, lb: usize, name: &str) -> u64 {
@@ -216,6 +229,7 @@ fn transfer_with_failures(running: &mut Running, size: usize, steps: &[Step<'_>]
     for (i, at) in failures.iter().enumerate() {
         println!("failure {}: data stalled {} ms", i + 1, stall_after(&samples, *at).as_millis());
     }
+    running.print_timeline();
     // One OACK and size/blksize + 1 DATA are needed; every further reply was a resend.
     let needed = size as u64 / BLKSIZE + 2;
     let twice = running.delivered().saturating_sub(needed);

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
-    Backend, ClientKey, LbConfig, Session, SessionEvent, SteeringHeader,
+    Backend, BalanceCounter, ClientKey, LbConfig, Session, SessionEvent, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
@@ -127,6 +127,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         pair: Pair::bind(address, &args.pair).await?,
         events,
         sought: std::collections::HashMap::new(),
+        awaiting_data: None,
     };
     agent.run(args).await?;
     // Clean shutdown: unpinning and closing the links detaches the program (a killed agent
@@ -175,6 +176,9 @@ struct Agent {
     events: tokio::sync::mpsc::Receiver<SessionEvent>,
     /// When the backends were last asked about a client without a session (see `seek`).
     sought: std::collections::HashMap<ClientKey, Instant>,
+    /// Since a takeover, until the first reply reaches a client: when, and the replies counted
+    /// then (for the failover timeline in the log).
+    awaiting_data: Option<(Instant, u64)>,
 }
 
 impl Agent {
@@ -236,7 +240,25 @@ impl Agent {
             .collect()
     }
 
+    /// Replies this balancer delivered to clients (steered or relearned).
+    fn replies_delivered(&self) -> anyhow::Result<u64> {
+        let counters = self.maps.counters()?;
+        Ok(counters[BalanceCounter::ToClient as usize].packets + counters[BalanceCounter::Relearned as usize].packets)
+    }
+
+    /// Completes the failover timeline once data flows through this balancer.
+    fn note_first_data(&mut self) -> anyhow::Result<()> {
+        if let Some((since, before)) = self.awaiting_data
+            && self.replies_delivered()? > before
+        {
+            info!(after_ms = since.elapsed().as_millis(), "first DATA to a client through this balancer since it took over");
+            self.awaiting_data = None;
+        }
+        Ok(())
+    }
+
     async fn watchdog(&mut self) -> anyhow::Result<()> {
+        self.note_first_data()?;
         let now = monotonic_ns();
         let mut views = self.views()?;
         for id in 0..views.len() {
@@ -331,7 +353,12 @@ impl Agent {
                 nudged += 1;
             }
         }
-        warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
+        if nudged + moved > 0 {
+            warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
+            self.awaiting_data = Some((started, self.replies_delivered()?));
+        } else {
+            info!("now the active balancer");
+        }
         Ok(())
     }
 
