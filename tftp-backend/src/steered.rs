@@ -157,6 +157,14 @@ impl Steered {
                 return;
             }
             let context = Context::from_header(&header);
+            let limits = self.config.limits;
+            if context.negotiated.blksize > limits.max_blksize || context.negotiated.windowsize > limits.max_windowsize {
+                // Beyond what this server would have negotiated: a forged or foreign header, not
+                // a transfer to resume (it could make this server send huge windows).
+                let refusal = Refusal { code: ErrorCode::OptionRefused, message: "options beyond this server's limits" };
+                self.refuse(key, &header, from, &refusal).await;
+                return;
+            }
             match service::resume_read(&mut self.root, &context, header.block()) {
                 Ok(transfer) => {
                     info!(client = ?key.0, block = header.block(), "resuming a transfer started elsewhere");

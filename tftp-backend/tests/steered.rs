@@ -160,3 +160,33 @@ fn heartbeats_are_echoed_and_unknown_transfers_refused() {
     assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED));
     assert!(lb.heartbeat(&a).is_some());
 }
+
+/// A header whose options exceed this server's limits is refused, not resumed (it could make
+/// the server send windows of thousands of blocks), and a nudge without context for a transfer
+/// this server does not hold gets no answer at all (a balancer asks every backend).
+#[test]
+fn oversized_contexts_are_refused_and_stray_nudges_ignored() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 50_000, 23).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
+    let (h, _) = lb.recv().expect("DATA 1");
+    let b = backend(root.path());
+    let mut forged = h;
+    forged.flags = FLAG_HAS_CONTEXT;
+    forged.windowsize = 60_000u16.to_be_bytes();
+    lb.send(&b, &forged, &ack(1));
+    let (_, reply) = lb.recv().expect("an answer");
+    assert_eq!(&reply[..4], b"\x00\x05\x00\x08", "ERROR 8: options refused");
+    assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED));
+
+    // A socket of its own: backend A keeps resending DATA 1 to the first one.
+    let other = Lb::new();
+    let mut stray = SteeringHeader::for_client(CLIENT, 40_001, VIP, 31_338);
+    stray.flags = FLAG_NUDGE;
+    other.send(&b, &stray, &ack(0));
+    let answer = other.recv();
+    assert!(answer.is_none(), "no answer to a nudge for a transfer not held here: {answer:?}");
+    assert!(other.heartbeat(&b).is_some());
+}
