@@ -167,3 +167,35 @@ fn killing_the_serving_backend_mid_transfer_loses_nothing() {
         finish(download, &local, &after_restart, Duration::from_secs(60), "download after the restart");
     }
 }
+
+/// A flood of requests from one address (thousands of source ports) while another client
+/// downloads: the flood is paced in the kernel and counted, the session table stays small,
+/// and the legitimate transfer completes intact.
+#[test]
+fn a_request_flood_is_paced_and_legitimate_transfers_complete() {
+    let run = Running::start(2, 2);
+    let source = run.file("during-flood.bin", 8 * MIB, 17);
+    let local = run.local("during-flood");
+    let download = run.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "during-flood.bin", &local);
+    let sent = run.topo.clients[1]
+        .enter(|| {
+            let started = Instant::now();
+            let mut sent = 0u32;
+            while started.elapsed() < Duration::from_secs(2) {
+                // A new socket each time: a new source port, so a new client key.
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+                let _ = socket.send_to(b"\x00\x01during-flood.bin\x00octet\x00", (VIP, TFTP_PORT));
+                sent += 1;
+            }
+            sent
+        })
+        .expect("flood from the second client");
+    finish(download, &local, &source, Duration::from_secs(60), "download during the flood");
+    let (limited, _) = run.counter("drop_rate_limited");
+    let (admitted, _) = run.counter("new_session");
+    println!("flood: {sent} requests in 2 s, {limited} dropped by the rate limit, {admitted} sessions opened");
+    // Default pace: 50 a second after a burst of 100, per address; the legitimate client adds one.
+    assert!(admitted <= 100 + 2 * 50 + 20, "{admitted} sessions opened by the flood");
+    assert!(limited + admitted >= u64::from(sent) / 2, "the flood reached the balancer");
+    assert!(limited > 0);
+}

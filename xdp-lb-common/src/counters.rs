@@ -100,6 +100,8 @@ counters! {
         /// Dropped: a reply for a session whose way to the client is unknown and the kernel's
         /// routing table has no resolved next hop for it yet.
         DropNoRoute => "drop_no_route",
+        /// Dropped: a request from a client address over its request rate (flood guard).
+        DropRateLimited => "drop_rate_limited",
     }
 }
 

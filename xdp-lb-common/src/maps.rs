@@ -57,8 +57,18 @@ pub struct LbConfig {
     pub steer_addr: [u8; 4],
     /// UDP port on `steer_addr` where backends answer.
     pub steer_port: [u8; 2],
-    pub pad: [u8; 2],
+    pub pad: [u8; 6],
+    /// Requests from one client address are admitted one per `request_interval_ns` on
+    /// average (GCRA; 0: no limit) ...
+    pub request_interval_ns: u64,
+    /// ... with bursts up to this much ahead of that pace (`(burst - 1) × interval`).
+    pub request_burst_ns: u64,
 }
+
+/// When the next request from a client address is due at the configured pace (GCRA's
+/// theoretical arrival time), value of `LB_RATE` keyed by the IPv4 address. Written by
+/// `balance` only.
+pub type RequestPace = u64;
 
 /// State of a backend slot in `LB_BACKENDS`.
 pub const BACKEND_UNUSED: u8 = 0;

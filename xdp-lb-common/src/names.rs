@@ -24,6 +24,9 @@ pub const MAP_LB_SEEN: &str = "LB_SEEN";
 pub const MAP_LB_LOAD: &str = "LB_LOAD";
 /// `ClientKey` -> `Session`, LRU.
 pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
+/// Client IPv4 address -> `RequestPace` (LRU): the per-source request rate limit.
+pub const MAP_LB_RATE: &str = "LB_RATE";
+
 /// Ring buffer of client keys whose session the kernel created or moved: the agent mirrors them
 /// to the peer load balancer at once instead of waiting for its next sync.
 pub const MAP_LB_EVENTS: &str = "LB_EVENTS";

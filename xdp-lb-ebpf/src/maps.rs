@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     Backend, BackendSeen, BalanceCounter, ClientKey, Counter, LbConfig, Session, SessionEvent,
-    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_SESSIONS},
+    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_SESSIONS, RequestPace},
 };
 
 #[btf_map]
@@ -25,6 +25,11 @@ pub static LB_SEEN: Array<BackendSeen, MAX_BACKENDS> = Array::new();
 
 #[btf_map]
 pub static LB_LOAD: Array<u64, MAX_BACKENDS> = Array::new();
+
+/// Per-source request pacing (GCRA), one entry per client address; the least recently seen
+/// addresses are forgotten first.
+#[btf_map]
+pub static LB_RATE: LruHashMap<[u8; 4], RequestPace, MAX_SESSIONS> = LruHashMap::new();
 
 /// Per-CPU staging slot where a new session is built before insertion: a `Session` is too
 /// large for the BPF stack next to everything else.
@@ -51,6 +56,24 @@ pub fn announce(key: &ClientKey) {
 #[inline(always)]
 pub fn report_unknown(key: &ClientKey) {
     let _ = LB_EVENTS.output(SessionEvent { key: *key, kind: EVENT_UNKNOWN }, 0);
+}
+
+/// Admits a request from `ip` if the address keeps to the configured pace (GCRA: each request
+/// moves the address's due time one interval on; a due time further ahead than the burst
+/// allowance means too many too fast). Concurrent CPUs may let a request or two more through.
+#[inline(always)]
+pub fn admit_request(ip: [u8; 4], config: &LbConfig) -> bool {
+    if config.request_interval_ns == 0 {
+        return true;
+    }
+    let now = now_ns();
+    // SAFETY: plain read of a map value.
+    let due = unsafe { LB_RATE.get(&ip) }.copied().unwrap_or(now).max(now);
+    if due - now > config.request_burst_ns {
+        return false;
+    }
+    let _ = LB_RATE.insert(&ip, &(due + config.request_interval_ns), 0);
+    true
 }
 
 /// Adds one packet of `len` bytes to a decision counter.

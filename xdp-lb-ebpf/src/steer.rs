@@ -21,7 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, announce, now_ns, report_unknown},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, admit_request, announce, now_ns, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
 };
@@ -94,6 +94,9 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
     if port == TFTP_PORT {
         if !matches!(opcode, Some(OPCODE_RRQ | OPCODE_WRQ)) {
             return (BalanceCounter::DropNotRequest, DROP);
+        }
+        if !admit_request(key.ip, config) {
+            return (BalanceCounter::DropRateLimited, DROP);
         }
         let Some(session) = open_session(ctx, config, &key, frame) else {
             return (BalanceCounter::DropNoBackend, DROP);

@@ -80,8 +80,26 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     xdp_mode: loader::AttachMode,
 
+    /// Requests (RRQ/WRQ) admitted per second from one client address, on average; more are
+    /// dropped in the kernel and counted as `drop_rate_limited`. 0: no limit.
+    #[arg(long, default_value_t = 50)]
+    requests_per_sec: u32,
+
+    /// Requests one client address may send at once before the per-second rate applies.
+    #[arg(long, default_value_t = 100)]
+    request_burst: u32,
+
     #[command(flatten)]
     pair: pair::PairArgs,
+}
+
+/// The kernel's GCRA parameters for `per_sec` requests a second with bursts of `burst`.
+fn request_pace(per_sec: u32, burst: u32) -> (u64, u64) {
+    if per_sec == 0 {
+        return (0, 0);
+    }
+    let interval = 1_000_000_000 / u64::from(per_sec);
+    (interval, interval * u64::from(burst.max(1) - 1))
 }
 
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -142,7 +160,15 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
 /// Writes the VIP and the backends, keeping the state of backends a previous agent already
 /// registered at the same slot (re-adoption: their sessions stay where they are).
 fn configure(maps: &mut LbMaps, args: &Args, address: Ipv4Addr) -> anyhow::Result<()> {
-    let config = LbConfig { vip: args.vip.octets(), steer_addr: address.octets(), steer_port: args.steer_port.to_be_bytes(), pad: [0; 2] };
+    let (request_interval_ns, request_burst_ns) = request_pace(args.requests_per_sec, args.request_burst);
+    let config = LbConfig {
+        vip: args.vip.octets(),
+        steer_addr: address.octets(),
+        steer_port: args.steer_port.to_be_bytes(),
+        request_interval_ns,
+        request_burst_ns,
+        ..LbConfig::default()
+    };
     maps.config.set(0, config, 0).context("writing LB_CONFIG")?;
     for id in 0..MAX_BACKENDS {
         let id_u32 = u32::try_from(id)?;

@@ -288,3 +288,24 @@ fn a_reply_for_an_unknown_client_relearns_the_session() {
     assert_eq!(f.run(&finished).unwrap().0, XDP_DROP);
     assert!(f.session(ClientKey::new(CLIENT, 40_101u16.to_be_bytes())).is_none(), "FINISHED creates nothing");
 }
+
+/// A client address that sends requests faster than the configured pace is cut off after its
+/// burst (counted); other addresses, and its running sessions, are unaffected.
+#[test]
+fn requests_beyond_the_per_source_pace_are_dropped_and_counted() {
+    let mut f = fixture(2);
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    // One request a minute, bursts of three: a burst of ten in a test's time gets three in.
+    config.request_interval_ns = 60_000_000_000;
+    config.request_burst_ns = 2 * config.request_interval_ns;
+    f.maps.config.set(0, config, 0).unwrap();
+    let actions: Vec<u32> = (0..10).map(|i| f.run(&from_client(CLIENT, 42_000 + i, TFTP_PORT, RRQ)).unwrap().0).collect();
+    assert_eq!(actions.iter().filter(|&&a| a == XDP_TX).count(), 3, "the burst: {actions:?}");
+    assert_eq!(f.counter(C::DropRateLimited).unwrap(), 7);
+    assert_eq!(f.counter(C::NewSession).unwrap(), 3);
+    let other = [10, 77, 0, 51];
+    assert_eq!(f.run(&from_client(other, 42_000, TFTP_PORT, RRQ)).unwrap().0, XDP_TX, "another address has its own pace");
+    let key = ClientKey::new(CLIENT, 42_000u16.to_be_bytes());
+    let ack = from_client(CLIENT, 42_000, key.tid(), b"\x00\x04\x00\x01");
+    assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not paced");
+}

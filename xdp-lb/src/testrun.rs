@@ -51,7 +51,7 @@ impl Fixture {
         let program: &mut Xdp = ebpf.program_mut(PROGRAM_BALANCE).context("no balance program")?.try_into()?;
         program.load().context("the verifier rejected balance")?;
         let mut maps = LbMaps::take(&mut ebpf)?;
-        let config = LbConfig { vip: VIP, steer_addr: STEER_ADDR, steer_port: STEER_PORT.to_be_bytes(), pad: [0; 2] };
+        let config = LbConfig { vip: VIP, steer_addr: STEER_ADDR, steer_port: STEER_PORT.to_be_bytes(), ..LbConfig::default() };
         maps.config.set(0, config, 0)?;
         for id in 0..backends {
             let backend = Backend { ip: backend_ip(id), port: BACKEND_PORT.to_be_bytes(), state: BACKEND_LIVE, pad: 0 };
