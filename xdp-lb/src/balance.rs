@@ -51,25 +51,8 @@ pub struct Args {
     #[arg(long, default_value_t = 6969)]
     steer_port: u16,
 
-    /// How often the watchdog reads the kernel's counters, in milliseconds.
-    #[arg(long, default_value_t = 25)]
-    tick_ms: u64,
-
-    /// A backend with packets unanswered for this long while clients wait is dead (ms).
-    #[arg(long, default_value_t = 100)]
-    dead_after_ms: u64,
-
-    /// A backend with more unanswered packets per client than this is dead.
-    #[arg(long, default_value_t = 8)]
-    watchdog_per_client: u64,
-
-    /// Interval of the heartbeats that detect idle deaths and revivals (ms).
-    #[arg(long, default_value_t = 50)]
-    probe_interval_ms: u64,
-
-    /// A backend silent this long, heartbeats included, is dead (ms).
-    #[arg(long, default_value_t = 300)]
-    silent_after_ms: u64,
+    #[command(flatten)]
+    watchdog: control::WatchdogArgs,
 
     /// Sessions whose client has been quiet this long are forgotten (seconds).
     #[arg(long, default_value_t = 120)]
@@ -106,11 +89,7 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if args.backends.len() > MAX_BACKENDS {
         bail!("at most {MAX_BACKENDS} backends, got {}", args.backends.len());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the tokio runtime")?;
-    runtime.block_on(serve(pin_root, args))
+    crate::block_on(serve(pin_root, args))
 }
 
 async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -135,11 +114,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         maps: lb_maps,
         backends: args.backends.clone(),
         dead_since_ns: vec![0; args.backends.len()],
-        policy: Policy {
-            dead_after: Duration::from_millis(args.dead_after_ms),
-            per_client_threshold: args.watchdog_per_client,
-            silent_after: Duration::from_millis(args.silent_after_ms),
-        },
+        policy: args.watchdog.policy(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
         pair: Pair::bind(address, &args.pair).await?,
@@ -211,8 +186,7 @@ impl Agent {
     async fn run(&mut self, args: &Args) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut tick = tokio::time::interval(Duration::from_millis(args.tick_ms.max(1)));
-        let mut probe = tokio::time::interval(Duration::from_millis(args.probe_interval_ms.max(1)));
+        let (mut tick, mut probe) = args.watchdog.intervals();
         let mut maintain = tokio::time::interval(Duration::from_secs(1));
         let mut sync = tokio::time::interval(Duration::from_millis(args.pair.sync_ms.max(1)));
         let mut buf = [0u8; 2048];

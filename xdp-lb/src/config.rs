@@ -23,13 +23,16 @@ use clap::{Arg, Command};
 const FLAG: &str = "config";
 
 /// Subcommands that accept `--config`.
-pub const SUBCOMMANDS: &[&str] = &["balance"];
+pub const SUBCOMMANDS: &[&str] = &["balance", "switch"];
 
 /// Adds `--config FILE` to the subcommands that read a configuration file, for `--help` and so
 /// that clap accepts it after the expansion.
 #[must_use]
 pub fn with_config_flag(mut command: Command) -> Command {
     for &name in SUBCOMMANDS {
+        if command.find_subcommand(name).is_none() {
+            continue;
+        }
         command = command.mut_subcommand(name, |sub| {
             sub.arg(
                 Arg::new(FLAG)

@@ -23,6 +23,52 @@ pub struct Policy {
     pub silent_after: Duration,
 }
 
+/// Watchdog settings, the same for the switch (judging load balancers) and a load balancer
+/// (judging backends).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct WatchdogArgs {
+    /// How often the watchdog reads the kernel's counters (ms).
+    #[arg(long, default_value_t = 25)]
+    pub tick_ms: u64,
+
+    /// A peer whose packets stay unanswered this long, or that falls silent this long while
+    /// clients wait on it, is dead (ms).
+    #[arg(long, default_value_t = 100)]
+    pub dead_after_ms: u64,
+
+    /// A peer with more unanswered packets per waiting client than this is dead.
+    #[arg(long, default_value_t = 8)]
+    pub watchdog_per_client: u64,
+
+    /// Interval of the heartbeats that detect idle deaths and revivals (ms).
+    #[arg(long, default_value_t = 20)]
+    pub probe_interval_ms: u64,
+
+    /// A peer silent this long, heartbeats included, is dead even when no client waits (ms).
+    #[arg(long, default_value_t = 300)]
+    pub silent_after_ms: u64,
+}
+
+impl WatchdogArgs {
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        Policy {
+            dead_after: Duration::from_millis(self.dead_after_ms),
+            per_client_threshold: self.watchdog_per_client,
+            silent_after: Duration::from_millis(self.silent_after_ms),
+        }
+    }
+
+    /// The watchdog's and the heartbeats' timers.
+    #[must_use]
+    pub fn intervals(&self) -> (tokio::time::Interval, tokio::time::Interval) {
+        (
+            tokio::time::interval(Duration::from_millis(self.tick_ms.max(1))),
+            tokio::time::interval(Duration::from_millis(self.probe_interval_ms.max(1))),
+        )
+    }
+}
+
 /// One backend as the agent sees it at a tick.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BackendView {

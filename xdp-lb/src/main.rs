@@ -56,6 +56,17 @@ enum Command {
     },
 }
 
+/// Runs an agent on a single-threaded tokio runtime: agents wait on timers and sockets, the
+/// data path is in the kernel.
+pub fn block_on(agent: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    runtime.block_on(agent)
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

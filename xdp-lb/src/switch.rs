@@ -6,7 +6,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -51,26 +50,8 @@ pub struct Args {
     #[arg(long, value_name = "IPV4")]
     address: Option<Ipv4Addr>,
 
-    /// How often the watchdog reads the kernel's counters (ms).
-    #[arg(long, default_value_t = 25)]
-    tick_ms: u64,
-
-    /// The active balancer is dead when client packets to it stay unanswered this long, or it
-    /// falls silent this long while clients are in flight (ms).
-    #[arg(long, default_value_t = 100)]
-    dead_after_ms: u64,
-
-    /// The active balancer is dead with more unanswered packets per client in flight than this.
-    #[arg(long, default_value_t = 8)]
-    watchdog_per_client: u64,
-
-    /// Interval of the heartbeats to both balancers (ms).
-    #[arg(long, default_value_t = 20)]
-    probe_interval_ms: u64,
-
-    /// A balancer silent this long, heartbeats included, is dead even without clients (ms).
-    #[arg(long, default_value_t = 300)]
-    silent_after_ms: u64,
+    #[command(flatten)]
+    watchdog: control::WatchdogArgs,
 
     /// A client counts as in flight while its last packet is younger than this (ms).
     #[arg(long, default_value_t = 2000)]
@@ -89,11 +70,7 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if first.ip() == second.ip() {
         bail!("the two load balancers need different addresses, both are {}", first.ip());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the tokio runtime")?;
-    runtime.block_on(serve(pin_root, args))
+    crate::block_on(serve(pin_root, args))
 }
 
 async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -110,11 +87,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         lbs: [args.lbs[0], args.lbs[1]],
         states: [BACKEND_DEAD; 2],
         dead_since_ns: [0; 2],
-        policy: Policy {
-            dead_after: Duration::from_millis(args.dead_after_ms),
-            per_client_threshold: args.watchdog_per_client,
-            silent_after: Duration::from_millis(args.silent_after_ms),
-        },
+        policy: args.watchdog.policy(),
         client_window_ns: args.client_window_ms * 1_000_000,
         socket,
         started_ns: monotonic_ns(),
@@ -154,8 +127,7 @@ impl Agent {
     async fn run(&mut self, args: &Args) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut tick = tokio::time::interval(Duration::from_millis(args.tick_ms.max(1)));
-        let mut probe = tokio::time::interval(Duration::from_millis(args.probe_interval_ms.max(1)));
+        let (mut tick, mut probe) = args.watchdog.intervals();
         let mut buf = [0u8; 512];
         loop {
             tokio::select! {
