@@ -69,3 +69,23 @@ impl Client {
         }
     }
 }
+
+/// Waits up to `timeout` for a download, then checks that the client succeeded and that the
+/// file equals `source` (SHA-256), and removes it. Failure messages name the transfer (`what`)
+/// and add `context()` (agent logs, counters).
+pub fn expect_download(
+    mut download: crate::Process,
+    local: &Path,
+    source: &Path,
+    timeout: std::time::Duration,
+    what: &str,
+    context: impl Fn() -> String,
+) {
+    let Some(status) = download.wait(timeout) else {
+        panic!("{what}: not done after {timeout:?}\n{}", context());
+    };
+    assert!(status.success(), "{what}: client failed ({status}):\n{}\n{}", download.log(), context());
+    let (got, want) = (crate::files::sha256(local), crate::files::sha256(source));
+    assert!(got.is_ok() && got.as_ref().ok() == want.as_ref().ok(), "{what}: downloaded file differs ({got:?} vs {want:?})");
+    let _ = std::fs::remove_file(local);
+}

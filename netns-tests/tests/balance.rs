@@ -8,8 +8,8 @@ use std::{
 
 use netns_tests::{
     Process, require_root,
-    clients::Client,
-    files::{make_file, sha256},
+    clients::{Client, expect_download},
+    files::make_file,
     topology::{LbTopology, VIP},
     wait_for,
     watch::{Growth, stall_after, wait_for_size},
@@ -71,11 +71,8 @@ impl Running {
 }
 
 /// Waits for a download to finish successfully and checks its content.
-fn finish(mut download: Process, local: &Path, source: &Path, timeout: Duration, what: &str) {
-    let status = download.wait(timeout).unwrap_or_else(|| panic!("{what}: not done after {timeout:?}"));
-    assert!(status.success(), "{what}: client failed ({status}):\n{}", download.log());
-    assert_eq!(sha256(local).unwrap(), sha256(source).unwrap(), "{what}: downloaded file differs");
-    let _ = std::fs::remove_file(local);
+fn finish(download: Process, local: &Path, source: &Path, timeout: Duration, what: &str) {
+    expect_download(download, local, source, timeout, what, String::new);
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::{
 
 use netns_tests::{
     Process,
-    clients::Client,
-    files::{make_file, sha256},
+    clients::{Client, expect_download},
+    files::make_file,
     pair_topology::{PairTopology, VIP},
     require_root, wait_for,
     watch::{Growth, stall_after, wait_for_size},
@@ -182,13 +182,8 @@ impl Running {
 }
 
 /// Waits for a download to finish successfully and checks its content.
-fn finish(mut download: Process, local: &Path, source: &Path, timeout: Duration, what: &str, logs: impl Fn() -> String) {
-    let Some(status) = download.wait(timeout) else {
-        panic!("{what}: not done after {timeout:?}\n{}", logs());
-    };
-    assert!(status.success(), "{what}: client failed ({status}):\n{}\n{}", download.log(), logs());
-    assert_eq!(sha256(local).unwrap(), sha256(source).unwrap(), "{what}: downloaded file differs");
-    let _ = std::fs::remove_file(local);
+fn finish(download: Process, local: &Path, source: &Path, timeout: Duration, what: &str, logs: impl Fn() -> String) {
+    expect_download(download, local, source, timeout, what, logs);
 }
 
 /// Without failures: each stock client downloads through the switch and the active balancer.

@@ -122,17 +122,32 @@ fn a_transfer_started_on_one_backend_finishes_on_another() {
     assert_eq!(Sha256::digest(&received), Sha256::digest(std::fs::read(&source).unwrap()), "A's and B's blocks make the file");
 }
 
+/// A transfer of `fw.bin` started on a first backend (kept running), and a second backend
+/// that never saw it: the test then sends the second one the first one's context.
+struct StartedElsewhere {
+    _root: tempfile::TempDir,
+    _first: Backend,
+    second: Backend,
+    lb: Lb,
+    /// The first backend's reply header, flagged as a context to resume from.
+    context: SteeringHeader,
+}
+
+fn started_elsewhere(seed: u64) -> StartedElsewhere {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 50_000, seed).unwrap();
+    let first = backend(root.path());
+    let lb = Lb::new();
+    lb.send(&first, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
+    let (mut context, _) = lb.recv().expect("DATA 1");
+    context.flags = FLAG_HAS_CONTEXT;
+    let second = backend(root.path());
+    StartedElsewhere { _root: root, _first: first, second, lb, context }
+}
+
 #[test]
 fn another_version_of_the_file_gets_an_error_not_bytes() {
-    let root = tempfile::tempdir().unwrap();
-    make_file(&root.path().join("fw.bin"), 50_000, 22).unwrap();
-    let a = backend(root.path());
-    let lb = Lb::new();
-    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
-    let (h, _) = lb.recv().expect("DATA 1");
-    let b = backend(root.path());
-    let mut forged = h;
-    forged.flags = FLAG_HAS_CONTEXT;
+    let StartedElsewhere { _root: _kept_root, _first: _kept_first, second: b, lb, context: mut forged } = started_elsewhere(22);
     forged.digest[0] ^= 0xff;
     lb.send(&b, &forged, &ack(1));
     let (_, reply) = lb.recv().expect("an answer");
@@ -166,22 +181,14 @@ fn heartbeats_are_echoed_and_unknown_transfers_refused() {
 /// this server does not hold gets no answer at all (a balancer asks every backend).
 #[test]
 fn oversized_contexts_are_refused_and_stray_nudges_ignored() {
-    let root = tempfile::tempdir().unwrap();
-    make_file(&root.path().join("fw.bin"), 50_000, 23).unwrap();
-    let a = backend(root.path());
-    let lb = Lb::new();
-    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
-    let (h, _) = lb.recv().expect("DATA 1");
-    let b = backend(root.path());
-    let mut forged = h;
-    forged.flags = FLAG_HAS_CONTEXT;
+    let StartedElsewhere { _root: _kept_root, _first: _kept_first, second: b, lb, context: mut forged } = started_elsewhere(23);
     forged.windowsize = 60_000u16.to_be_bytes();
     lb.send(&b, &forged, &ack(1));
     let (_, reply) = lb.recv().expect("an answer");
     assert_eq!(&reply[..4], b"\x00\x05\x00\x08", "ERROR 8: options refused");
     assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED));
 
-    // A socket of its own: backend A keeps resending DATA 1 to the first one.
+    // A socket of its own: the first backend keeps resending DATA 1 to the first one.
     let other = Lb::new();
     let mut stray = SteeringHeader::for_client(CLIENT, 40_001, VIP, 31_338);
     stray.flags = FLAG_NUDGE;
