@@ -1,155 +1,903 @@
-//! `cargo xtask demo`: the load balancer and three backends in network namespaces, concurrent
-//! downloads with stock clients, and the serving backend of the first transfer killed halfway.
-//! Live progress bars, failure events as they happen, and a table at the end.
+//! `cargo xtask demo`: the whole system in network namespaces — clients, the XDP switch, an
+//! active/backup pair of load balancers and three backends — with concurrent downloads by stock
+//! clients. The active load balancer is killed at ~30% of the first transfer and the backend
+//! serving it at ~60%; then the same transfers run again without failures. Live progress bars
+//! and failure events, then a side-by-side table, JSON and a PNG timeline under `results/`.
+
+mod timeline;
 
 use std::{
-    path::PathBuf,
+    collections::BTreeSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use netns_tests::{
-    Process,
+    PinDir, Process,
     clients::Client,
-    files::{make_file, sha256},
-    topology::{LbTopology, VIP, client_addr},
-    watch::{Growth, stall_after},
+    files::make_file,
+    pair_topology::{PairTopology, VIP, backend_addr, client_addr, lb_addr},
 };
+use serde_json::{Value, json};
+
+const MIB: u64 = 1024 * 1024;
+const BACKENDS: usize = 3;
+const TFTP_PORT: u16 = 69;
+/// Every load balancer reply carries the 64-byte steering header and Ethernet, IPv4, UDP and
+/// TFTP headers (14 + 20 + 8 + 4) when the kernel counts it.
+const REPLY_OVERHEAD: u64 = 64 + 14 + 20 + 8 + 4;
 
 #[derive(clap::Args)]
+#[command(after_help = "Needs root (network namespaces, XDP, bpffs). Ctrl-C stops the demo and removes \
+everything it created.\n\nExamples:\n  cargo xtask demo\n  cargo xtask demo --fail lb --clients 4\n  \
+cargo xtask demo --size-mib 16 --fail none")]
 pub struct Args {
-    /// Size of the file every client downloads, in MiB.
-    #[arg(long, default_value_t = 32)]
-    size_mib: usize,
-    /// Number of concurrent downloads (clients alternate between atftp and curl).
-    #[arg(long, default_value_t = 2)]
-    clients: usize,
-    /// Run without killing a backend.
+    /// Size of the large file (atftp and curl download it), in MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    size_mib: u64,
+    /// Size of the small file tftp-hpa downloads (lock-step, 512-byte blocks), in MiB.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    small_mib: u64,
+    /// Number of concurrent downloads, each from a client namespace of its own; clients take
+    /// turns: atftp (windowsize 16), curl, tftp-hpa (small file).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
+    clients: u64,
+    /// Failures to inject during the first run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "lb,backend")]
+    fail: Vec<Fail>,
+    /// Kill the active load balancer when the first transfer reaches this percentage.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=99))]
+    lb_at: u8,
+    /// Kill the backend serving the first transfer when it reaches this percentage.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u8).range(1..=99))]
+    backend_at: u8,
+    /// Skip the second run without failures (no side-by-side comparison).
     #[arg(long)]
-    no_failure: bool,
+    skip_baseline: bool,
+    /// Directory for demo.json and demo-timeline.png.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// Give up on a run whose transfers are not all done after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
 }
 
-struct Transfer {
+/// What `--fail` can inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Fail {
+    /// SIGKILL the active load balancer's agent and take its link down.
+    Lb,
+    /// SIGKILL the backend serving the first transfer.
+    Backend,
+    /// No failure (only the run without failures).
+    None,
+}
+
+impl Fail {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Lb => "LB kill",
+            Self::Backend => "backend kill",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Set by SIGINT/SIGTERM; every wait checks it and returns an error, so guards drop and clean up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn catch_signals() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+/// One download of the demo: which client, which file.
+#[derive(Clone)]
+struct Spec {
     client: Client,
+    remote: &'static str,
+    size: u64,
+    /// Packets the server side must deliver: one per block, the last one short (maybe empty),
+    /// plus an OACK when the client negotiates options.
+    needed: u64,
+}
+
+impl Spec {
+    fn new(i: usize, big: u64, small: u64) -> Self {
+        let (client, remote, size) = match i % 3 {
+            0 => (Client::Atftp { blksize: 1468, windowsize: 16 }, "boot.img", big),
+            1 => (Client::Curl { blksize: 1468 }, "boot.img", big),
+            _ => (Client::TftpHpa, "small.img", small),
+        };
+        let (blksize, oack) = match client {
+            Client::Atftp { blksize, .. } | Client::Curl { blksize } | Client::Busybox { blksize } => (u64::from(blksize), 1),
+            Client::TftpHpa => (512, 0),
+        };
+        Self { client, remote, size, needed: size / blksize + 1 + oack }
+    }
+
+    fn label(&self, i: usize) -> String {
+        let short = match self.client {
+            Client::Atftp { windowsize, .. } => format!("atftp ws{windowsize}"),
+            Client::Curl { .. } => "curl".to_owned(),
+            Client::TftpHpa => "tftp-hpa".to_owned(),
+            Client::Busybox { .. } => "busybox".to_owned(),
+        };
+        format!("c{} {short}", i + 1)
+    }
+}
+
+/// Size samples of a growing file, taken every 2 ms on a thread, readable while it runs.
+struct Sampler {
+    samples: Arc<Mutex<Vec<(Instant, u64)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn watch(path: PathBuf) -> Self {
+        let samples = Arc::new(Mutex::new(vec![(Instant::now(), 0)]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, flag) = (Arc::clone(&samples), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut last = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if size != last {
+                    last = size;
+                    out.lock().expect("sampler lock").push((Instant::now(), size));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Self { samples, stop, thread: Some(thread) }
+    }
+
+    fn snapshot(&self) -> Vec<(Instant, u64)> {
+        self.samples.lock().expect("sampler lock").clone()
+    }
+
+    fn last(&self) -> (Instant, u64) {
+        *self.samples.lock().expect("sampler lock").last().expect("one sample at least")
+    }
+
+    fn stop(&mut self) -> Vec<(Instant, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.snapshot()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The stall a failure at `since` caused: the longest time without growth from `since` until
+/// `end` (the next failure, or now), and when data came back after it (`None`: not before `end`).
+fn stall(samples: &[(Instant, u64)], since: Instant, end: Instant) -> (Duration, Option<Instant>) {
+    let mut previous = since;
+    let mut longest = (Duration::ZERO, None);
+    for &(at, _) in samples.iter().filter(|(at, _)| *at > since) {
+        if at >= end {
+            break;
+        }
+        if at - previous > longest.0 {
+            longest = (at - previous, Some(at));
+        }
+        previous = at;
+    }
+    if end.saturating_duration_since(previous) > longest.0 {
+        longest = (end.saturating_duration_since(previous), None);
+    }
+    longest
+}
+
+/// The longest time a transfer did not grow between its first and last byte.
+fn longest_gap(samples: &[(Instant, u64)]) -> Duration {
+    samples.windows(2).skip(1).map(|w| w[1].0 - w[0].0).max().unwrap_or_default()
+}
+
+/// A download in flight.
+struct Transfer {
+    spec: Spec,
+    label: String,
     local: PathBuf,
     process: Process,
     bar: ProgressBar,
-    growth: Option<Growth>,
+    sampler: Sampler,
     started: Instant,
-    finished: Option<Duration>,
+    exited: Option<Instant>,
+}
+
+/// What a transfer came to.
+struct Outcome {
+    label: String,
+    client: String,
+    size: u64,
+    seconds: f64,
+    ok: bool,
+    /// Per injected failure: the stall it caused, `None` when the transfer was not running.
+    stalls: Vec<Option<Duration>>,
+    longest_gap: Duration,
+    samples: Vec<(Instant, u64)>,
+}
+
+/// Something that happened during a run, for the log, the JSON and the plot.
+struct Event {
+    at: Instant,
+    kind: EventKind,
+    text: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EventKind {
+    Killed(Fail),
+    Swapped,
+    Resumed,
+}
+
+/// One run: its transfers, events and the server side's resends.
+struct RunResult {
+    title: &'static str,
+    started: Instant,
+    failures: Vec<(Fail, Instant)>,
+    events: Vec<Event>,
+    outcomes: Vec<Outcome>,
+    needed: u64,
+    delivered: u64,
+    twice_packets: u64,
+    twice_bytes: u64,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; the harness reads it when it locates binaries.
     unsafe { std::env::set_var("XDP_LB_BIN_DIR", crate::cargo::release_dir()?) };
-    let size = args.size_mib * 1024 * 1024;
-    println!("building the topology: {} client(s), 1 load balancer, 3 backends", args.clients.max(1));
-    let topo = LbTopology::new(args.clients.max(1), 3).context("creating namespaces (root?)")?;
-    let source = topo.root.join("boot.img");
-    make_file(&source, size, 42)?;
-    let mut backends: Vec<Option<Process>> = (0..3).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_, _>>()?;
-    let agent = topo.start_lb(&[])?;
-    wait_live(&topo, 3)?;
-    println!("load balancer up: VIP {VIP}, 3 live backends");
+    catch_signals();
+    let begun = Instant::now();
+    let failures: Vec<(Fail, u8)> = args
+        .fail
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|f| match f {
+            Fail::Lb => Some((f, args.lb_at)),
+            Fail::Backend => Some((f, args.backend_at)),
+            Fail::None => None,
+        })
+        .collect();
+    if args.fail.contains(&Fail::None) && !failures.is_empty() {
+        bail!("--fail none cannot be combined with other failures");
+    }
+    let specs: Vec<Spec> = (0..usize::try_from(args.clients)?).map(|i| Spec::new(i, args.size_mib * MIB, args.small_mib * MIB)).collect();
+    let mut runs = Vec::new();
+    if !failures.is_empty() {
+        runs.push(run_once("with failures", &specs, &failures, args)?);
+    }
+    if failures.is_empty() || !args.skip_baseline {
+        runs.push(run_once("without failures", &specs, &[], args)?);
+    }
+    check_interrupted()?;
+    let table = table(&runs);
+    println!("\n{table}");
+    let (json_path, png_path) = save(&runs, args)?;
+    println!("results: {} and {}", json_path.display(), png_path.display());
+    println!("demo took {:.1} s; namespaces, processes and pinned maps removed", begun.elapsed().as_secs_f64());
+    let failed = runs.iter().flat_map(|r| &r.outcomes).filter(|o| !o.ok).count();
+    if failed > 0 {
+        bail!("{failed} transfer(s) failed or differ from the source");
+    }
+    Ok(())
+}
+
+/// The topology with every process of a run; dropping it stops them and removes everything.
+struct Running {
+    // Processes first: they stop before their namespaces go.
+    backends: Vec<Option<Process>>,
+    lbs: [Option<Process>; 2],
+    switch: Process,
+    killed: Vec<Process>,
+    topo: PairTopology,
+}
+
+impl Running {
+    fn start(clients: usize) -> anyhow::Result<Self> {
+        let topo = PairTopology::new(clients, BACKENDS).context("creating namespaces (are you root?)")?;
+        let backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_, _>>()?;
+        let lbs = [Some(topo.start_lb(0, &[])?), Some(topo.start_lb(1, &[])?)];
+        let switch = topo.start_switch(&[])?;
+        let running = Self { backends, lbs, switch, killed: Vec::new(), topo };
+        for lb in 0..2 {
+            running.wait(&format!("{BACKENDS} live backends at LB {}", lb_addr(lb)), || {
+                let status = status(running.topo.lb_pins[lb].path()).ok()?;
+                let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+                (live >= BACKENDS).then_some(())
+            })?;
+        }
+        running.wait("the switch to reach both LBs", || {
+            let status = status(running.topo.switch_pins.path()).ok()?;
+            let lbs = status["switch"]["lbs"].as_array()?;
+            (lbs.len() == 2 && lbs.iter().all(|lb| lb["reachable"] == true)).then_some(())
+        })?;
+        Ok(running)
+    }
+
+    /// Polls `check` every 20 ms for up to 20 s; fails with the agents' logs.
+    fn wait<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            check_interrupted()?;
+            if let Some(value) = check() {
+                return Ok(value);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut all = format!("--- switch log\n{}", self.switch.log());
+        for (i, lb) in self.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                let _ = write!(all, "\n--- LB {} log\n{}", lb_addr(i), lb.log());
+            }
+        }
+        all
+    }
+
+    /// The balancer the switch calls active.
+    fn active_lb(&self) -> Option<usize> {
+        let status = status(self.topo.switch_pins.path()).ok()?;
+        status["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active")
+    }
+
+    /// The backend serving client 0, from the active balancer's table (else the other one's).
+    fn serving_backend(&self, active: usize) -> Option<usize> {
+        let prefix = format!("{}:", client_addr(0));
+        [active, 1 - active].into_iter().find_map(|lb| {
+            let status = status(self.topo.lb_pins[lb].path()).ok()?;
+            // Its most recently active session that has data going (not a warm-up request).
+            let session = status["balance"]["sessions"]
+                .as_array()?
+                .iter()
+                .filter(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["block"].as_u64() > Some(0))
+                .min_by_key(|s| s["idle_ms"].as_u64().unwrap_or(u64::MAX))?
+                .clone();
+            usize::try_from(session["backend"].as_u64()?).ok()
+        })
+    }
+
+    /// Replies both balancers delivered to clients (packets, bytes), from their pinned counters,
+    /// which outlive a killed agent.
+    fn delivered(&self) -> (u64, u64) {
+        let mut total = (0, 0);
+        for pins in &self.topo.lb_pins {
+            let Ok(status) = status(pins.path()) else { continue };
+            for counter in status["balance"]["counters"].as_array().into_iter().flatten() {
+                if counter["name"] == "to_client" || counter["name"] == "relearned" {
+                    total.0 += counter["packets"].as_u64().unwrap_or(0);
+                    total.1 += counter["bytes"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+}
+
+/// `xdp-lb --pin-root <pins> status --json`.
+fn status(pins: &Path) -> anyhow::Result<Value> {
+    let output = std::process::Command::new(netns_tests::binary("xdp-lb"))
+        .arg("--pin-root")
+        .arg(pins)
+        .args(["status", "--json"])
+        .output()?;
+    if !output.status.success() {
+        bail!("xdp-lb status: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Polls the switch until a balancer other than `killed` is active; sends when it saw it.
+fn watch_swap(switch_pins: &PinDir, killed: usize) -> mpsc::Receiver<(Instant, usize)> {
+    let (tx, rx) = mpsc::channel();
+    let pins = switch_pins.path().to_path_buf();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
+            let active = status(&pins).ok().and_then(|s| s["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active"));
+            if let Some(active) = active.filter(|&a| a != killed) {
+                let _ = tx.send((Instant::now(), active));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    rx
+}
+
+/// A line above the progress bars (or plain, when they are hidden: not a terminal).
+fn say(bars: &MultiProgress, line: String) {
+    if bars.is_hidden() {
+        println!("{line}");
+    } else {
+        let _ = bars.println(line);
+    }
+}
+
+fn secs(at: Instant, since: Instant) -> f64 {
+    at.saturating_duration_since(since).as_secs_f64()
+}
+
+/// Builds a fresh topology, runs every download at once, injects `failures` at their
+/// percentage of the first transfer, and measures.
+#[expect(clippy::too_many_lines, reason = "one sequential story: start, watch, inject, measure")]
+fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: &Args) -> anyhow::Result<RunResult> {
+    check_interrupted()?;
+    let plan = if failures.is_empty() {
+        "no failures".to_owned()
+    } else {
+        failures.iter().map(|(f, at)| format!("{} at {at}%", f.label())).collect::<Vec<_>>().join(", ")
+    };
+    println!("\n=== run {title}: {} clients, switch, 2 LBs, {BACKENDS} backends; {plan}", specs.len());
+    let setup = Instant::now();
+    let mut running = Running::start(specs.len())?;
+    let root = running.topo.root.clone();
+    make_file(&root.join("boot.img"), usize::try_from(args.size_mib * MIB)?, 42)?;
+    make_file(&root.join("small.img"), usize::try_from(args.small_mib * MIB)?, 43)?;
+    let digests = [("boot.img", sha256(&root.join("boot.img"))?), ("small.img", sha256(&root.join("small.img"))?)];
+    println!(
+        "    ready in {:.1} s: VIP {VIP}, LB {} active, LB {} backup, backends {}",
+        setup.elapsed().as_secs_f64(),
+        lb_addr(0),
+        lb_addr(1),
+        (0..BACKENDS).map(backend_addr).collect::<Vec<_>>().join(" ")
+    );
+    check_interrupted()?;
+    let warm = Instant::now();
+    warm_up(&running, &["boot.img", "small.img"])?;
+    let (warm_packets, warm_bytes) = running.delivered();
+    println!("    warm-up done in {:.1} s (every backend hashed every file; {warm_packets} replies)", warm.elapsed().as_secs_f64());
 
     let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template("{prefix:>28} [{bar:40}] {bytes:>10}/{total_bytes} {bytes_per_sec:>12}")?
-        .progress_chars("=> ");
-    let mut transfers: Vec<Transfer> = (0..args.clients.max(1))
-        .map(|i| {
-            let client = if i % 2 == 0 { Client::Atftp { blksize: 1468, windowsize: 16 } } else { Client::Curl { blksize: 1468 } };
-            let local = std::env::temp_dir().join(topo.prefix.name(&format!("demo{i}")));
-            let command = client.download(&topo.clients[i], VIP, 69, "boot.img", &local);
-            let process = Process::spawn(topo.prefix.name(&format!("demo-client{i}")), command)?;
-            let bar = bars.add(ProgressBar::new(size as u64).with_style(style.clone()).with_prefix(client.name()));
-            Ok(Transfer { client, growth: Some(Growth::watch(local.clone())), local, process, bar, started: Instant::now(), finished: None })
+    let style = ProgressStyle::with_template("{prefix:>13} [{bar:40}] {bytes:>10}/{total_bytes:<9} {bytes_per_sec:>11} {msg}")?.progress_chars("=> ");
+    let started = Instant::now();
+    let mut transfers = specs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let local = std::env::temp_dir().join(running.topo.prefix.name(&format!("demo{i}")));
+            let command = spec.client.download(&running.topo.clients[i], VIP, TFTP_PORT, spec.remote, &local);
+            let process = Process::spawn(running.topo.prefix.name(&format!("demo-client{i}")), command)?;
+            let label = spec.label(i);
+            let bar = bars.add(ProgressBar::new(spec.size).with_style(style.clone()).with_prefix(label.clone()));
+            Ok(Transfer { spec: spec.clone(), label, sampler: Sampler::watch(local.clone()), local, process, bar, started: Instant::now(), exited: None })
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let mut failure: Option<Instant> = None;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while transfers.iter().any(|t| t.finished.is_none()) {
-        if Instant::now() > deadline {
-            bail!("transfers did not finish within 5 minutes");
-        }
+    let mut events: Vec<Event> = Vec::new();
+    let mut log = |bars: &MultiProgress, at: Instant, kind: EventKind, text: String| {
+        say(bars, format!("  [+{:6.3} s] {text}", secs(at, started)));
+        events.push(Event { at, kind, text });
+    };
+    let mut pending: Vec<(Fail, u8)> = failures.to_vec();
+    pending.sort_by_key(|&(_, at)| at);
+    pending.reverse();
+    let mut injected: Vec<(Fail, Instant)> = Vec::new();
+    // (transfer, failure) pairs whose stall is not settled yet, and the settled stalls.
+    let mut unsettled: Vec<(usize, usize)> = Vec::new();
+    let mut stalls: Vec<Vec<Option<Duration>>> = vec![Vec::new(); transfers.len()];
+    let mut swap: Option<mpsc::Receiver<(Instant, usize)>> = None;
+    let deadline = started + Duration::from_secs(args.timeout_secs);
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
         for t in &mut transfers {
-            let len = std::fs::metadata(&t.local).map_or(0, |m| m.len());
-            t.bar.set_position(len);
-            if t.finished.is_none() && !t.process.is_running() {
-                t.finished = Some(t.started.elapsed());
-                t.bar.finish();
+            t.bar.set_position(t.sampler.last().1);
+            if t.exited.is_none() && !t.process.is_running() {
+                t.exited = Some(now);
+                t.bar.set_position(t.sampler.last().1);
+                if t.process.wait(Duration::ZERO).is_some_and(|s| s.success()) {
+                    t.bar.finish_with_message("done");
+                } else {
+                    t.bar.abandon_with_message("FAILED");
+                }
             }
         }
-        let first = std::fs::metadata(&transfers[0].local).map_or(0, |m| m.len());
-        if !args.no_failure
-            && failure.is_none()
-            && first >= (size / 2) as u64
-            && let Some(id) = serving_backend(&topo)
+        // Inject the next failure once the first transfer is far enough.
+        if let Some(&(fail, at)) = pending.last()
+            && transfers[0].sampler.last().1 * 100 >= transfers[0].spec.size * u64::from(at)
+            && transfers[0].exited.is_none()
         {
-            if let Some(mut backend) = backends[id].take() {
-                backend.kill_hard();
+            pending.pop();
+            let active = running.active_lb().context("no active LB at the switch")?;
+            let what = match fail {
+                Fail::Lb => {
+                    if let Some(mut lb) = running.lbs[active].take() {
+                        lb.kill_hard();
+                        running.killed.push(lb);
+                    }
+                    running.topo.unplug_lb(active)?;
+                    swap = Some(watch_swap(&running.topo.switch_pins, active));
+                    Some(format!("killed the ACTIVE LB {} (SIGKILL of its agent, link down)", lb_addr(active)))
+                }
+                Fail::Backend => match running.serving_backend(active) {
+                    Some(id) if running.backends.get(id).is_some_and(Option::is_some) => {
+                        if let Some(mut backend) = running.backends[id].take() {
+                            backend.kill_hard();
+                            running.killed.push(backend);
+                        }
+                        Some(format!("killed the SERVING backend {} of {} (SIGKILL)", backend_addr(id), transfers[0].label))
+                    }
+                    _ => None,
+                },
+                Fail::None => None,
+            };
+            let at_time = Instant::now();
+            if let Some(what) = what {
+                log(&bars, at_time, EventKind::Killed(fail), format!("{what}, {} at {at}%", transfers[0].label));
+                let index = injected.len();
+                injected.push((fail, at_time));
+                for (i, t) in transfers.iter().enumerate() {
+                    stalls[i].push(None);
+                    if t.exited.is_none() {
+                        unsettled.push((i, index));
+                    }
+                }
+            } else {
+                say(&bars, format!("  [+{:6.3} s] {}: no session of {} found, not injected", secs(at_time, started), fail.label(), transfers[0].label));
             }
-            failure = Some(Instant::now());
-            bars.println(format!(">>> killed backend {id} (SIGKILL) with the first transfer at 50%"))?;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if let Some(rx) = &swap
+            && let Ok((at, to)) = rx.try_recv()
+        {
+            let after = injected.iter().rev().find(|(f, _)| *f == Fail::Lb).map_or(0, |(_, k)| at.saturating_duration_since(*k).as_millis());
+            log(&bars, at, EventKind::Swapped, format!("the switch swapped: LB {} active ({after} ms after the kill)", lb_addr(to)));
+            swap = None;
+        }
+        // Settle stalls: once the next failure came (a stall is cut there), the transfer
+        // ended, or data has flowed again for 200 ms after the longest gap so far.
+        let mut settled = Vec::new();
+        for &(i, f) in &unsettled {
+            let t = &transfers[i];
+            let since = injected[f].1;
+            let next = injected.get(f + 1).map(|&(_, at)| at);
+            let samples = t.sampler.snapshot();
+            let last = samples.last().map_or(now, |s| s.0);
+            let end = next.unwrap_or(if t.exited.is_some() { last } else { now });
+            let (gap, resumed) = stall(&samples, since, end);
+            let flowing = resumed.is_some_and(|r| now - r > Duration::from_millis(200));
+            if next.is_some() || t.exited.is_some() || flowing {
+                settled.push((i, f));
+                stalls[i][f] = Some(gap);
+                let what = injected[f].0.label();
+                match resumed {
+                    _ if gap < Duration::from_millis(20) => {
+                        say(&bars, format!("{:>13} {}: no stall after the {what} (longest gap {} ms)", "", t.label, gap.as_millis()));
+                    }
+                    Some(resumed) => log(&bars, resumed, EventKind::Resumed, format!("{}: data resumed after the {what}, stalled {} ms", t.label, gap.as_millis())),
+                    None => say(&bars, format!("{:>13} {}: stalled {} ms after the {what}, until the next failure", "", t.label, gap.as_millis())),
+                }
+            }
+        }
+        unsettled.retain(|p| !settled.contains(p));
+        if transfers.iter().all(|t| t.exited.is_some()) && unsettled.is_empty() {
+            break;
+        }
+        if now > deadline {
+            bail!("transfers not done after {} s\n{}", args.timeout_secs, running.logs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     drop(bars);
-    report(&mut transfers, &source, failure)?;
-    println!("\nload balancer log (failover events):");
-    for line in agent.log().lines().filter(|l| l.contains("dead") || l.contains("active set")) {
-        println!("  {line}");
-    }
-    println!("cleaning up namespaces, processes and pinned maps");
-    Ok(())
-}
 
-fn report(transfers: &mut [Transfer], source: &std::path::Path, failure: Option<Instant>) -> anyhow::Result<()> {
-    let expected = sha256(source)?;
-    println!("\n| client | size | time | goodput | stall after failure | SHA-256 |");
-    println!("|---|---|---|---|---|---|");
-    let mut all_ok = true;
-    for t in transfers {
-        let samples = t.growth.take().map(Growth::stop).unwrap_or_default();
-        let ok = t.process.wait(Duration::from_secs(1)).is_some_and(|s| s.success()) && sha256(&t.local)? == expected;
-        all_ok &= ok;
-        let time = t.finished.unwrap_or_default();
-        let size = std::fs::metadata(&t.local).map_or(0, |m| m.len());
-        let stall = failure.map_or_else(|| "-".to_owned(), |at| format!("{} ms", stall_after(&samples, at).as_millis()));
-        #[expect(clippy::cast_precision_loss, reason = "display only")]
-        let (mib, goodput) = (size as f64 / 1_048_576.0, size as f64 / time.as_secs_f64().max(1e-9) / 1e6);
-        println!(
-            "| {} | {mib:.1} MiB | {:.2} s | {goodput:.1} MB/s | {stall} | {} |",
-            t.client.name(),
-            time.as_secs_f64(),
-            if ok { "match" } else { "MISMATCH" }
-        );
+    let mut outcomes = Vec::new();
+    for (i, mut t) in transfers.into_iter().enumerate() {
+        let samples = t.sampler.stop();
+        let expected = &digests.iter().find(|(name, _)| *name == t.spec.remote).expect("a digest per file").1;
+        let success = t.process.wait(Duration::ZERO).is_some_and(|s| s.success());
+        let got = std::fs::metadata(&t.local).map_or(0, |m| m.len());
+        let ok = success && got == t.spec.size && sha256(&t.local)? == *expected;
+        if !ok {
+            eprintln!("{}: client failed or file differs ({got} of {} bytes)\n{}", t.label, t.spec.size, t.process.log());
+        }
+        // Done when the last byte landed (the exit is only seen at the loop's pace).
+        let end = samples.last().map_or(t.exited.unwrap_or(t.started), |s| s.0);
+        outcomes.push(Outcome {
+            label: t.label.clone(),
+            client: t.spec.client.name(),
+            size: t.spec.size,
+            seconds: secs(end, t.started),
+            ok,
+            stalls: std::mem::take(&mut stalls[i]),
+            longest_gap: longest_gap(&samples),
+            samples,
+        });
         let _ = std::fs::remove_file(&t.local);
     }
-    if !all_ok {
-        bail!("a transfer failed or differs from the source");
+    let (delivered, delivered_bytes) = running.delivered();
+    let (delivered, delivered_bytes) = (delivered.saturating_sub(warm_packets), delivered_bytes.saturating_sub(warm_bytes));
+    let needed: u64 = specs.iter().map(|s| s.needed).sum();
+    let needed_bytes: u64 = specs.iter().map(|s| s.size + s.needed * REPLY_OVERHEAD).sum();
+    let twice_packets = delivered.saturating_sub(needed);
+    let twice_bytes = delivered_bytes.saturating_sub(needed_bytes + twice_packets * REPLY_OVERHEAD);
+    println!("    DATA sent twice: {twice_packets} packets, {} KiB ({delivered} replies delivered, {needed} needed)", twice_bytes / 1024);
+    if !failures.is_empty() {
+        // The agents' own account of the failures, with their timestamps (UTC).
+        println!("    agent logs:");
+        let mut agents: Vec<(String, &Process)> = vec![("switch".to_owned(), &running.switch)];
+        for (i, lb) in running.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                agents.push((format!("LB {}", lb_addr(i)), lb));
+            }
+        }
+        for (name, process) in agents {
+            for line in process.log().lines().filter(|l| l.contains(" WARN ") && !l.contains("nudged=0 moved=0")) {
+                // `2026-11-23T09:18:59.886915Z  WARN xdp_lb::balance: text` → `09:18:59.886 text`
+                let (time, text) = line.split_once(" WARN ").unwrap_or(("", line));
+                let text = text.split_once(": ").map_or(text, |(_, text)| text);
+                println!("      {} {name}: {text}", time.get(11..23).unwrap_or(time));
+            }
+        }
+    }
+    println!("    stopping processes, removing namespaces and pins");
+    drop(running);
+    events.sort_by_key(|e| e.at);
+    Ok(RunResult { title, started, failures: injected, events, outcomes, needed, delivered, twice_packets, twice_bytes })
+}
+
+/// A backend hashes a file (SHA-256, for the steering header's digest) at the first request for
+/// it, on its event loop: for a large file that takes longer than the balancers' watchdog
+/// allows, so the first request of each file would find its backend declared dead for a moment
+/// and the client waiting for its retransmission timeout (atftp: 5 s). Before the measured
+/// transfers, every file is requested once per backend (three requests at once: the balancer
+/// spreads them by load) and each request is ended with a TFTP ERROR at its first answer,
+/// so every backend has every digest cached and no session is left behind.
+fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
+    for file in files {
+        running.topo.clients[0].enter(|| warm_file(file))??;
+    }
+    running.wait("every backend live after the warm-up", || {
+        let status = status(running.topo.lb_pins[0].path()).ok()?;
+        let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+        (live == BACKENDS).then_some(())
+    })?;
+    // A backend that was busy hashing when its request moved elsewhere still answers it (the
+    // balancer relearns the session from that answer) until it gives up: wait for those to end
+    // so they do not count as resends of the measured run.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        check_interrupted()?;
+        let sessions = status(running.topo.lb_pins[0].path()).ok().and_then(|s| s["balance"]["sessions"].as_array().map(Vec::len));
+        if sessions == Some(0) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("    (warm-up sessions still open; their answers may count as resends)");
+    Ok(())
+}
+
+/// Requests `file` from `BACKENDS` sockets at once (RRQ resent every second until answered)
+/// and aborts each transfer at its first answer (OACK) with an ERROR, as RFC 2347 allows.
+fn warm_file(file: &str) -> anyhow::Result<()> {
+    let vip: std::net::Ipv4Addr = VIP.parse()?;
+    let mut rrq = vec![0, 1];
+    for field in [file, "octet", "blksize", "1468"] {
+        rrq.extend_from_slice(field.as_bytes());
+        rrq.push(0);
+    }
+    let abort = [&[0u8, 5, 0, 0][..], b"warm-up done\0"].concat();
+    let sockets = (0..BACKENDS)
+        .map(|_| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut sent: Vec<Option<Instant>> = vec![None; sockets.len()];
+    let mut answered = vec![false; sockets.len()];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 2048];
+    while answered.contains(&false) {
+        check_interrupted()?;
+        if Instant::now() > deadline {
+            bail!("warm-up: no answer to a request for {file} within 15 s");
+        }
+        for (i, socket) in sockets.iter().enumerate() {
+            if answered[i] {
+                continue;
+            }
+            if sent[i].is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                socket.send_to(&rrq, (vip, TFTP_PORT))?;
+                sent[i] = Some(Instant::now());
+            }
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if n >= 2 && buf[1] != 5 {
+                    socket.send_to(&abort, from)?;
+                }
+                answered[i] = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
 }
 
-fn wait_live(topo: &LbTopology, n: usize) -> anyhow::Result<()> {
-    netns_tests::wait_for("live backends", 20, || {
-        let status = topo.status().ok()?;
-        let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-        (live >= n).then_some(())
-    })?;
-    Ok(())
+/// SHA-256 of a file, hex: `sha256sum` when present (the xtask itself is a debug build, where
+/// hashing 64 MiB in Rust takes seconds), else the harness's own.
+fn sha256(path: &Path) -> anyhow::Result<String> {
+    if let Ok(output) = std::process::Command::new("sha256sum").arg(path).output()
+        && output.status.success()
+        && let Some(hex) = String::from_utf8_lossy(&output.stdout).split_whitespace().next()
+    {
+        return Ok(hex.to_owned());
+    }
+    Ok(netns_tests::files::sha256(path)?)
 }
 
-/// The backend serving the first client's session, from the LB's table.
-fn serving_backend(topo: &LbTopology) -> Option<usize> {
-    let status = topo.status().ok()?;
-    let prefix = format!("{}:", client_addr(0));
-    let session = status["balance"]["sessions"]
-        .as_array()?
+fn ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "–".to_owned(), |d| format!("{} ms", d.as_millis()))
+}
+
+fn size_text(bytes: u64) -> String {
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let mib = bytes as f64 / MIB as f64;
+    format!("{mib:.0} MiB")
+}
+
+/// The final markdown table: one row per transfer, the run with failures and without side by side.
+fn table(runs: &[RunResult]) -> String {
+    let fail = runs.iter().find(|r| !r.failures.is_empty());
+    let base = runs.iter().find(|r| r.failures.is_empty());
+    let kinds: Vec<Fail> = fail.map(|r| r.failures.iter().map(|f| f.0).collect()).unwrap_or_default();
+    let mut header = vec!["client".to_owned(), "size".to_owned()];
+    let mut out = String::new();
+    let first = fail.or(base).expect("one run at least");
+    let both = fail.is_some() && base.is_some();
+    header.push(if both { "time with / without failures".to_owned() } else { "time".to_owned() });
+    for kind in &kinds {
+        header.push(format!("stall after {}", kind.label()));
+    }
+    if base.is_some() {
+        header.push("longest gap without failures".to_owned());
+    }
+    header.push(if both { "DATA sent twice with / without".to_owned() } else { "DATA sent twice".to_owned() });
+    header.push(if both { "SHA-256 with / without".to_owned() } else { "SHA-256".to_owned() });
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|{}", header.iter().enumerate().map(|(i, _)| if i < 2 { "---|" } else { "---:|" }).collect::<String>());
+    let verdict = |ok: bool| if ok { "match" } else { "MISMATCH" };
+    let pair = |with: String, without: Option<String>| match without {
+        Some(without) if both => format!("{with} / {without}"),
+        _ => with,
+    };
+    for (i, o) in first.outcomes.iter().enumerate() {
+        let b = base.filter(|_| both).map(|r| &r.outcomes[i]);
+        let tag = o.label.split_whitespace().next().unwrap_or_default();
+        let mut row = vec![format!("{tag} {}", o.client), size_text(o.size)];
+        row.push(pair(format!("{:.2} s", o.seconds), b.map(|b| format!("{:.2} s", b.seconds))));
+        for f in 0..kinds.len() {
+            row.push(ms(o.stalls.get(f).copied().flatten()));
+        }
+        if let Some(base) = base {
+            row.push(format!("{} ms", base.outcomes[i].longest_gap.as_millis()));
+        }
+        row.push("(in total)".to_owned());
+        row.push(pair(verdict(o.ok).to_owned(), b.map(|b| verdict(b.ok).to_owned())));
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    let total = |r: &RunResult| format!("{} pkts, {} KiB", r.twice_packets, r.twice_bytes / 1024);
+    let wall = |r: &RunResult| {
+        let end = r.outcomes.iter().map(|o| o.seconds).fold(0.0, f64::max);
+        format!("{end:.2} s")
+    };
+    let all_ok = |r: &RunResult| format!("{}/{}", r.outcomes.iter().filter(|o| o.ok).count(), r.outcomes.len());
+    let b = base.filter(|_| both);
+    let mut row = vec!["all transfers".to_owned(), size_text(first.outcomes.iter().map(|o| o.size).sum())];
+    row.push(pair(wall(first), b.map(wall)));
+    row.extend(std::iter::repeat_n(String::new(), kinds.len() + usize::from(base.is_some())));
+    row.push(pair(total(first), b.map(total)));
+    row.push(pair(all_ok(first), b.map(all_ok)));
+    let _ = writeln!(out, "| {} |", row.join(" | "));
+    let _ = write!(
+        out,
+        "\nStall: the longest time a download did not grow after the failure (until the next one). DATA sent\n\
+twice: replies both LBs delivered (counters to_client + relearned) minus the packets the files need."
+    );
+    out
+}
+
+/// Writes `demo.json` and `demo-timeline.png` under `--out`.
+fn save(runs: &[RunResult], args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let json_runs: Vec<Value> = runs
         .iter()
-        .find(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)))?
-        .clone();
-    usize::try_from(session["backend"].as_u64()?).ok()
+        .map(|r| {
+            json!({
+                "run": r.title,
+                "failures": r.failures.iter().map(|(f, at)| json!({ "what": f.label(), "at_s": secs(*at, r.started) })).collect::<Vec<_>>(),
+                "events": r.events.iter().map(|e| json!({ "at_s": secs(e.at, r.started), "event": e.text })).collect::<Vec<_>>(),
+                "data_sent_twice": { "packets": r.twice_packets, "kib": r.twice_bytes / 1024, "delivered": r.delivered, "needed": r.needed },
+                "transfers": r.outcomes.iter().map(|o| json!({
+                    "client": o.label,
+                    "program": o.client,
+                    "size": o.size,
+                    "seconds": o.seconds,
+                    "sha256_match": o.ok,
+                    "stalls_ms": o.stalls.iter().map(|s| s.map(|d| d.as_millis())).collect::<Vec<_>>(),
+                    "longest_gap_ms": o.longest_gap.as_millis(),
+                    "samples": o.samples.iter().map(|&(at, bytes)| json!([secs(at, r.started), bytes])).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let results = json!({
+        "unix_time": stamp,
+        "size_mib": args.size_mib,
+        "small_mib": args.small_mib,
+        "clients": args.clients,
+        "runs": json_runs,
+    });
+    let json_path = args.out.join("demo.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    let png_path = args.out.join("demo-timeline.png");
+    let panels: Vec<timeline::Panel> = runs
+        .iter()
+        .map(|r| timeline::Panel {
+            title: format!("{}: MiB received per transfer", r.title),
+            series: r
+                .outcomes
+                .iter()
+                .map(|o| {
+                    #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
+                    let points = o.samples.iter().map(|&(at, bytes)| (secs(at, r.started), bytes as f64 / MIB as f64)).collect();
+                    (o.label.clone(), points)
+                })
+                .collect(),
+            marks: r
+                .events
+                .iter()
+                .filter_map(|e| {
+                    let mark = match e.kind {
+                        EventKind::Killed(Fail::Lb) => timeline::Mark::LbKilled,
+                        EventKind::Killed(_) => timeline::Mark::BackendKilled,
+                        EventKind::Swapped => timeline::Mark::Swapped,
+                        EventKind::Resumed => return None,
+                    };
+                    Some((secs(e.at, r.started), mark))
+                })
+                .collect(),
+        })
+        .collect();
+    timeline::plot(&png_path, &panels)?;
+    Ok((json_path, png_path))
 }
