@@ -58,30 +58,6 @@ pub fn load_pinned(pin_dir: &Path, maps: &[&'static str]) -> anyhow::Result<Ebpf
     Ok(ebpf)
 }
 
-/// Loads the XDP program `name` and attaches it to each interface.
-pub fn attach_xdp(
-    ebpf: &mut Ebpf,
-    name: &str,
-    interfaces: &[String],
-    mode: AttachMode,
-) -> anyhow::Result<()> {
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from the object"))?
-        .try_into()
-        .with_context(|| format!("program {name} is not an XDP program"))?;
-    program
-        .load()
-        .with_context(|| format!("the kernel rejected program {name}"))?;
-    for iface in interfaces {
-        program.attach(iface, mode.into()).with_context(|| {
-            format!("failed to attach {name} to {iface} in {mode:?} mode (does the interface exist? try --xdp-mode skb)")
-        })?;
-        debug!(program = name, iface, ?mode, "attached");
-    }
-    Ok(())
-}
-
 /// The XDP links of one program, each pinned at `<pin dir>/link-<iface>`.
 ///
 /// A pinned link keeps the program attached, steering from the pinned maps, after the agent

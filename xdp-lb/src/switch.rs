@@ -78,7 +78,8 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     let mut ebpf = loader::load_pinned(&pin_dir, SWITCH_ALL)?;
     let mut maps = SwitchMaps::take(&mut ebpf)?;
     let active = configure(&mut maps, args)?;
-    loader::attach_xdp(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode)?;
+    // Pinned links: a killed agent leaves the switch steering; the next one re-adopts them.
+    let links = loader::attach_pinned(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let bind = SocketAddrV4::new(args.address.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
     let socket = UdpSocket::bind(bind).await.with_context(|| format!("cannot bind the heartbeat socket {bind}"))?;
     info!(interfaces = ?args.interfaces, vip = %args.vip, lbs = ?args.lbs, active = %args.lbs[active], pin_dir = %pin_dir.display(), "switch attached");
@@ -93,7 +94,8 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         started_ns: monotonic_ns(),
     };
     agent.run(args).await?;
-    info!("shutting down, detaching");
+    info!(links = ?links.paths(), "shutting down, unpinning the links and detaching");
+    links.detach()?;
     drop(ebpf);
     Ok(())
 }
