@@ -102,6 +102,9 @@ counters! {
         DropNoRoute => "drop_no_route",
         /// Dropped: a request from a client address over its request rate (flood guard).
         DropRateLimited => "drop_rate_limited",
+        /// Passed untouched: a unicast frame for another host's MAC (a bridge flooding frames
+        /// for a peer that went away); steering it would answer in the peer's name.
+        PassNotOurs => "pass_not_ours",
     }
 }
 

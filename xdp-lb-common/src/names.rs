@@ -24,6 +24,10 @@ pub const MAP_LB_SEEN: &str = "LB_SEEN";
 pub const MAP_LB_LOAD: &str = "LB_LOAD";
 /// `ClientKey` -> `Session`, LRU.
 pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
+/// Interface index -> the MAC of this balancer's interface, written by the agent: frames to
+/// other MACs are not steered.
+pub const MAP_LB_OWN_MACS: &str = "LB_OWN_MACS";
+
 /// Client IPv4 address -> `RequestPace` (LRU): the per-source request rate limit.
 pub const MAP_LB_RATE: &str = "LB_RATE";
 

@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use xdp_lb_common::{
@@ -25,6 +25,21 @@ pub static LB_SEEN: Array<BackendSeen, MAX_BACKENDS> = Array::new();
 
 #[btf_map]
 pub static LB_LOAD: Array<u64, MAX_BACKENDS> = Array::new();
+
+/// This balancer's MAC on each interface it is attached to (key: ifindex), written by the agent.
+#[btf_map]
+pub static LB_OWN_MACS: HashMap<u32, [u8; 6], 64> = HashMap::new();
+
+/// Whether a frame arriving on `ifindex` is addressed to this balancer (or the agent has not
+/// said which MAC is ours there). Multicast and broadcast are never steered traffic.
+#[inline(always)]
+pub fn addressed_to_us(ifindex: u32, dst: [u8; 6]) -> bool {
+    // SAFETY: plain read of a map value.
+    match unsafe { LB_OWN_MACS.get(&ifindex) } {
+        Some(ours) => *ours == dst,
+        None => dst[0] & 1 == 0,
+    }
+}
 
 /// Per-source request pacing (GCRA), one entry per client address; the least recently seen
 /// addresses are forgotten first.

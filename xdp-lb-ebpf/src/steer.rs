@@ -21,7 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, admit_request, announce, now_ns, report_unknown},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, addressed_to_us, admit_request, announce, now_ns, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
 };
@@ -57,6 +57,10 @@ pub fn balance(ctx: &XdpContext) -> Verdict {
     if !from_client && !from_backend {
         return (BalanceCounter::PassNotService, PASS);
     }
+    let eth_dst = read_at::<[u8; 6]>(ctx, 0).unwrap_or_default();
+    if !addressed_to_us(ctx.ingress_ifindex() as u32, eth_dst) {
+        return (BalanceCounter::PassNotOurs, PASS);
+    }
     if !packet.plain {
         return (BalanceCounter::DropFragmentOrOptions, DROP);
     }
@@ -65,6 +69,7 @@ pub fn balance(ctx: &XdpContext) -> Verdict {
     };
     // SAFETY: bounds-checked by ptr_at; alignment 1.
     let frame = unsafe { &*frame };
+
     // The lengths the rewrite adjusts must agree with each other and with the frame.
     let udp_len = usize::from(frame.udp_len());
     if udp_len < 8

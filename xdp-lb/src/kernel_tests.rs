@@ -309,3 +309,18 @@ fn requests_beyond_the_per_source_pace_are_dropped_and_counted() {
     let ack = from_client(CLIENT, 42_000, key.tid(), b"\x00\x04\x00\x01");
     assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not paced");
 }
+
+/// A bridge floods frames for a balancer that went away to every port: the other balancer must
+/// not steer them (it would answer with the dead one's MAC and keep it looking alive).
+#[test]
+fn frames_for_another_mac_are_not_steered() {
+    let mut f = fixture(2);
+    f.set_own_mac(LB_MAC).unwrap();
+    let mut flooded = from_client(CLIENT, 43_000, TFTP_PORT, RRQ);
+    flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let (action, out) = f.run(&flooded).unwrap();
+    assert_eq!((action, out), (XDP_PASS, flooded), "passed untouched; the stack drops it as another host's");
+    assert_eq!(f.counter(C::PassNotOurs).unwrap(), 1);
+    assert!(f.session(ClientKey::new(CLIENT, 43_000u16.to_be_bytes())).is_none());
+    assert_eq!(f.run(&from_client(CLIENT, 43_001, TFTP_PORT, RRQ)).unwrap().0, XDP_TX, "frames to our MAC are steered");
+}

@@ -11,7 +11,8 @@ use aya::{
 use xdp_lb_common::{
     Backend, BackendSeen, ClientKey, Counter, LbConfig, LbSeen, Session, SwitchConfig,
     names::{
-        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_LOAD, MAP_LB_SEEN, MAP_LB_SESSIONS,
+        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_LOAD, MAP_LB_OWN_MACS, MAP_LB_SEEN,
+        MAP_LB_SESSIONS,
         MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_SEEN,
     },
 };
@@ -143,6 +144,11 @@ impl SwitchMaps {
         let recent = self.clients.iter().filter_map(Result::ok).filter(|(_, seen)| now_ns.saturating_sub(*seen) < window_ns);
         u64::try_from(recent.count()).unwrap_or(u64::MAX)
     }
+}
+
+/// The balancer's own MAC per interface (`LB_OWN_MACS`, not pinned: each agent writes it).
+pub fn own_macs(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<MapData, u32, [u8; 6]>> {
+    HashMap::try_from(take(ebpf, MAP_LB_OWN_MACS)?).context(MAP_LB_OWN_MACS)
 }
 
 /// The kernel's ring buffer of new and moved sessions (not pinned: only the running agent reads

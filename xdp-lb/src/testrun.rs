@@ -98,6 +98,12 @@ impl Fixture {
         self.maps.sessions.get(&key, 0).ok()
     }
 
+    /// Tells the program the balancer's MAC on the test's interface (as the agent does).
+    pub fn set_own_mac(&mut self, mac: [u8; 6]) -> anyhow::Result<()> {
+        let mut own = crate::maps::own_macs(&mut self.ebpf)?;
+        Ok(own.insert(TEST_IFINDEX, mac, 0)?)
+    }
+
     pub fn set_backend_state(&mut self, id: u32, state: u8) -> anyhow::Result<()> {
         let mut backend = self.maps.backend(id)?;
         backend.state = state;
