@@ -8,6 +8,7 @@ use std::{
     io::Read as _,
     os::unix::fs::MetadataExt as _,
     path::{Component, Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use sha2::{Digest as _, Sha256};
@@ -16,6 +17,40 @@ use crate::wire::ErrorCode;
 
 /// Entries the catalog walk visits at most (bounds the work a miss can cause).
 const CATALOG_WALK_LIMIT: usize = 100_000;
+
+/// A file's identity for the digest cache: device, inode, size, modification time (ns). A
+/// change of content changes the last two.
+pub type FileId = (u64, u64, u64, i64);
+
+/// Content digests by file identity, shared with the threads that compute them (hashing a
+/// large file must not stall a server's event loop).
+pub type DigestCache = Arc<Mutex<HashMap<FileId, [u8; 16]>>>;
+
+/// The identity of an open file.
+pub fn file_id(file: &File) -> std::io::Result<FileId> {
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino(), meta.size(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000))
+}
+
+/// First 16 bytes of SHA-256 of the file's content, computed and stored in `cache`.
+pub fn compute_digest(cache: &DigestCache, file: &File) -> std::io::Result<[u8; 16]> {
+    let id = file_id(file)?;
+    let mut hasher = Sha256::new();
+    let mut reader = file.try_clone()?;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&hasher.finalize()[..16]);
+    cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, digest);
+    Ok(digest)
+}
 
 /// A refusal with the TFTP error to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,13 +77,13 @@ pub fn path_hash(relative: &str) -> [u8; 8] {
 pub struct Root {
     dir: PathBuf,
     catalog: HashMap<[u8; 8], String>,
-    /// Content digests by (device, inode, size, mtime): recomputed when the file changes.
-    digests: HashMap<(u64, u64, u64, i64), [u8; 16]>,
+    /// Content digests by file identity: recomputed when the file changes.
+    digests: DigestCache,
 }
 
 impl Root {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        Ok(Self { dir: dir.canonicalize()?, catalog: HashMap::new(), digests: HashMap::new() })
+        Ok(Self { dir: dir.canonicalize()?, catalog: HashMap::new(), digests: DigestCache::default() })
     }
 
     #[must_use]
@@ -115,28 +150,26 @@ impl Root {
         Ok(target)
     }
 
-    /// First 16 bytes of SHA-256 of the file's content, cached while the file is unchanged.
+    /// First 16 bytes of SHA-256 of the file's content, cached while the file is unchanged
+    /// (computed here, blocking, on a miss).
     pub fn digest(&mut self, file: &File) -> std::io::Result<[u8; 16]> {
-        let meta = file.metadata()?;
-        let key = (meta.dev(), meta.ino(), meta.size(), meta.mtime_nsec() + meta.mtime() * 1_000_000_000);
-        if let Some(digest) = self.digests.get(&key) {
-            return Ok(*digest);
+        match self.cached_digest(file) {
+            Some(digest) => Ok(digest),
+            None => compute_digest(&self.digests, file),
         }
-        let mut hasher = Sha256::new();
-        let mut reader = file.try_clone()?;
-        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let mut digest = [0u8; 16];
-        digest.copy_from_slice(&hasher.finalize()[..16]);
-        self.digests.insert(key, digest);
-        Ok(digest)
+    }
+
+    /// The file's digest if it is cached and the file unchanged.
+    #[must_use]
+    pub fn cached_digest(&self, file: &File) -> Option<[u8; 16]> {
+        let id = file_id(file).ok()?;
+        self.digests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).copied()
+    }
+
+    /// The digest cache, for computing digests off the caller's thread.
+    #[must_use]
+    pub fn digest_cache(&self) -> DigestCache {
+        Arc::clone(&self.digests)
     }
 
     /// The relative path whose hash is `hash`: from the catalog, else by walking the root once.

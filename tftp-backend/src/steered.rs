@@ -6,10 +6,10 @@
 //! Every TFTP datagram gets at least one answer (the LB's watchdog counts unanswered packets):
 //! DATA, OACK, ACK, ERROR, or a header-only `FINISHED` when the transfer is over.
 
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{collections::HashMap, fs::File, net::SocketAddr, time::Instant};
 
 use anyhow::Context as _;
-use tokio::net::UdpSocket;
+use tokio::{net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
@@ -17,7 +17,7 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    files::{Refusal, Root},
+    files::{self, FileId, Refusal, Root},
     service::{self, Config, Context},
     timer::TimerQueue,
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
@@ -43,6 +43,9 @@ struct Session {
     timeout: std::time::Duration,
 }
 
+/// A datagram set aside until its file's digest is computed.
+type Deferred = (Vec<u8>, SocketAddr);
+
 pub struct Steered {
     socket: UdpSocket,
     root: Root,
@@ -50,12 +53,24 @@ pub struct Steered {
     sessions: HashMap<Key, Session>,
     timers: TimerQueue<Key>,
     out: Vec<u8>,
+    /// Datagrams waiting for a digest being computed off the loop, by file.
+    waiting: HashMap<FileId, Vec<Deferred>>,
+    digested: (mpsc::UnboundedSender<FileId>, mpsc::UnboundedReceiver<FileId>),
 }
 
 impl Steered {
     #[must_use]
     pub fn new(socket: UdpSocket, root: Root, config: Config) -> Self {
-        Self { socket, root, config, sessions: HashMap::new(), timers: TimerQueue::new(), out: vec![0; HEADER + MAX_PACKET] }
+        Self {
+            socket,
+            root,
+            config,
+            sessions: HashMap::new(),
+            timers: TimerQueue::new(),
+            out: vec![0; HEADER + MAX_PACKET],
+            waiting: HashMap::new(),
+            digested: mpsc::unbounded_channel(),
+        }
     }
 
     pub async fn run(mut self) -> anyhow::Result<()> {
@@ -65,11 +80,61 @@ impl Steered {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
-                    self.datagram(&buf[..len], from).await;
+                    if !self.defer_until_digested(&buf[..len], from) {
+                        self.datagram(&buf[..len], from).await;
+                    }
+                }
+                Some(id) = self.digested.1.recv() => {
+                    for (datagram, from) in self.waiting.remove(&id).unwrap_or_default() {
+                        self.datagram(&datagram, from).await;
+                    }
                 }
                 () = sleep_until(deadline) => self.expire().await,
             }
         }
+    }
+
+    /// A request, or an ACK to resume, for a file whose digest is not cached yet waits while a
+    /// blocking thread hashes the file: hashing a large file here would stall every other
+    /// transfer and the heartbeats (the balancers would call this backend dead). Returns
+    /// whether the datagram was set aside.
+    fn defer_until_digested(&mut self, datagram: &[u8], from: SocketAddr) -> bool {
+        let Some(file) = self.file_to_digest(datagram) else { return false };
+        let Ok(id) = files::file_id(&file) else { return false };
+        let waiting = self.waiting.entry(id).or_default();
+        waiting.push((datagram.to_vec(), from));
+        if waiting.len() == 1 {
+            let (cache, done) = (self.root.digest_cache(), self.digested.0.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = files::compute_digest(&cache, &file) {
+                    // The datagram is handled anyway, and meets the same error there.
+                    warn!(%error, "cannot hash a file");
+                }
+                let _ = done.send(id);
+            });
+        }
+        true
+    }
+
+    /// The file a datagram needs the digest of, if that digest is not cached.
+    fn file_to_digest(&mut self, datagram: &[u8]) -> Option<File> {
+        let header = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied()?;
+        if !header.has_magic() || header.has_flag(FLAG_FROM_BACKEND | FLAG_HEARTBEAT) {
+            return None;
+        }
+        let relative = match Packet::parse(&datagram[HEADER..]).ok()? {
+            Repr::Rrq { filename, .. } => Root::relative(filename).ok()?,
+            Repr::Ack { .. } if header.has_flag(FLAG_HAS_CONTEXT) => {
+                let key = (header.client_ip, header.client_port, header.vip_port);
+                if self.sessions.contains_key(&key) {
+                    return None;
+                }
+                self.root.find_by_hash(header.path_hash)?
+            }
+            _ => return None,
+        };
+        let (file, _) = self.root.open_read(&relative).ok()?;
+        self.root.cached_digest(&file).is_none().then_some(file)
     }
 
     async fn datagram(&mut self, datagram: &[u8], from: SocketAddr) {

@@ -197,3 +197,22 @@ fn oversized_contexts_are_refused_and_stray_nudges_ignored() {
     assert!(answer.is_none(), "no answer to a nudge for a transfer not held here: {answer:?}");
     assert!(other.heartbeat(&b).is_some());
 }
+
+/// Hashing a large file for its first request happens off the event loop: heartbeats (and
+/// every other transfer) keep being answered meanwhile, so no balancer calls this backend dead.
+#[test]
+fn a_first_request_for_a_large_file_does_not_stall_heartbeats() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("big.img"), 256 << 20, 29).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    let started = std::time::Instant::now();
+    lb.send(&a, &client_header(), b"\x00\x01big.img\x00octet\x00");
+    let beat = lb.heartbeat(&a).expect("a heartbeat answer");
+    let answered_after = started.elapsed();
+    assert!(beat.has_flag(FLAG_HEARTBEAT), "the heartbeat is answered before the request");
+    let (h, data) = lb.recv().or_else(|| lb.recv()).or_else(|| lb.recv()).expect("DATA 1 once the file is hashed");
+    println!("heartbeat answered after {answered_after:?}, DATA 1 after {:?}", started.elapsed());
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01");
+    assert!(h.has_flag(FLAG_HAS_CONTEXT));
+}
