@@ -30,8 +30,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build, then run the whole system in network namespaces: concurrent downloads through
-    /// the load balancer with a backend killed halfway; progress, events and a results table.
+    /// Build, then run the whole system in network namespaces (clients, switch, two load
+    /// balancers, three backends): concurrent downloads with the active load balancer and then
+    /// the serving backend killed mid-transfer, beside a run without failures; live progress
+    /// and events, a results table, JSON and a PNG timeline under results/.
     Demo(demo::Args),
     /// Build, then measure side by side: XDP cost per packet, goodput direct vs through the
     /// load balancer. Markdown tables on stdout, JSON under results/.
