@@ -3,6 +3,7 @@
 //! Standalone it is a plain RFC 1350/2347/2348/2349/7440 server. With `--steered` it sits
 //! behind xdp-lb's load balancers: every packet carries the steering header, and an ACK for a
 //! transfer this server never saw is served from that header alone.
+mod batch;
 mod files;
 mod netascii;
 mod service;

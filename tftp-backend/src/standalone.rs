@@ -1,13 +1,14 @@
 //! Standalone mode: a plain TFTP server. Requests arrive on the service port; each transfer
 //! gets a socket of its own on a new port (its TID, RFC 1350) and a task that runs it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::{net::UdpSocket, sync::Mutex};
+use tokio::{io::Interest, net::UdpSocket, sync::Mutex};
 use tracing::{debug, info, warn};
 
 use crate::{
+    batch::SendBatch,
     files::{Refusal, Root},
     service::{self, Config},
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
@@ -112,12 +113,15 @@ async fn read(socket: &UdpSocket, mut transfer: ReadTransfer, oack: crate::wire:
     }
 }
 
-/// DATA of a read, several blocks per file read: the blocks are read back to back, 4 bytes
-/// after the start of `buf`, and each packet's header is written over the last 4 bytes of the
-/// block before it, which has been sent by then. A window of 16 costs one read instead of 16,
-/// and nothing is copied. Lock-step transfers hold one block, windows at most `BATCH_BYTES`.
+/// DATA of a read, several blocks per file read and per system call: the blocks are read back
+/// to back into `buf`, their headers written to `headers`, and one system call gathers each
+/// packet from its header and its block (a UDP_SEGMENT sendmsg, else sendmmsg: `batch`). A
+/// window of 16 costs one read and one send instead of 16 of each, and nothing is copied. Lock-step transfers hold one block, windows at most
+/// `BATCH_BYTES`; all of it is allocated with the transfer.
 struct Window {
     buf: Vec<u8>,
+    headers: Vec<[u8; 4]>,
+    sender: SendBatch,
     blksize: usize,
     /// Blocks per file read.
     batch: u32,
@@ -130,7 +134,8 @@ impl Window {
     fn new(transfer: &ReadTransfer) -> Self {
         let blksize = usize::from(transfer.blksize);
         let batch = u32::try_from(BATCH_BYTES / blksize).unwrap_or(u32::MAX).clamp(1, u32::from(transfer.windowsize));
-        Self { buf: vec![0u8; 4 + blksize * batch as usize], blksize, batch }
+        let blocks = batch as usize;
+        Self { buf: vec![0u8; blksize * blocks], headers: vec![[0u8; 4]; blocks], sender: SendBatch::new(blocks), blksize, batch }
     }
 
     /// Sends blocks `first..=last`.
@@ -138,14 +143,22 @@ impl Window {
         let mut n = first;
         while n <= last {
             let count = (last - n + 1).min(self.batch);
-            let read = transfer.read_blocks(n, count, &mut self.buf[4..])?;
-            for (i, block) in (n..n + count).enumerate() {
-                let at = i * self.blksize;
-                let len = read.saturating_sub(at).min(self.blksize);
+            let read = transfer.read_blocks(n, count, &mut self.buf)?;
+            for (header, block) in self.headers.iter_mut().zip(n..n + count) {
                 let block = (block & 0xffff) as u16;
-                self.buf[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
-                self.buf[at + 2..at + 4].copy_from_slice(&block.to_be_bytes());
-                socket.send(&self.buf[at..at + 4 + len]).await?;
+                header[..2].copy_from_slice(&3u16.to_be_bytes());
+                header[2..].copy_from_slice(&block.to_be_bytes());
+            }
+            let (buf, blksize) = (&self.buf, self.blksize);
+            let packet = |i: usize| {
+                let at = i * blksize;
+                (&self.headers[i][..], &buf[at..at + read.saturating_sub(at).min(blksize)])
+            };
+            // The kernel may take fewer than all (a full send buffer): send the rest again.
+            let mut sent = 0;
+            while sent < count as usize {
+                let packets = (sent..count as usize).map(packet);
+                sent += socket.async_io(Interest::WRITABLE, || self.sender.send(socket.as_fd(), 4 + blksize, packets.clone())).await?;
             }
             n += count;
         }
