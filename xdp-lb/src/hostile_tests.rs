@@ -55,7 +55,7 @@ fn tid(ip: [u8; 4], port: u16) -> u16 {
 }
 
 /// Recomputes the IPv4 header checksum over the header's real length (options included).
-fn fix_ip_checksum(frame: &mut [u8]) {
+pub(crate) fn fix_ip_checksum(frame: &mut [u8]) {
     // A header length past the frame is a truncation case: sum what there is.
     let ihl = (usize::from(frame[14] & 0x0f) * 4).min(frame.len() - 14);
     frame[24..26].fill(0);
@@ -72,7 +72,7 @@ fn ip_checksum_valid(frame: &[u8]) -> bool {
 }
 
 /// `frame` with `words` 32-bit words of IP options (NOPs) after the fixed IPv4 header.
-fn with_ip_options(frame: &[u8], words: u8) -> Vec<u8> {
+pub(crate) fn with_ip_options(frame: &[u8], words: u8) -> Vec<u8> {
     let mut out = frame[..34].to_vec();
     out.extend(std::iter::repeat_n(1u8, usize::from(words) * 4));
     out.extend_from_slice(&frame[34..]);
@@ -84,7 +84,7 @@ fn with_ip_options(frame: &[u8], words: u8) -> Vec<u8> {
 }
 
 /// `frame` with its IPv4 header edited by `edit`, checksum recomputed.
-fn edit_ip(frame: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+pub(crate) fn edit_ip(frame: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
     let mut out = frame.to_vec();
     edit(&mut out);
     fix_ip_checksum(&mut out);
@@ -92,7 +92,7 @@ fn edit_ip(frame: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
 }
 
 /// An Ethernet frame with `ethertype` and `body`.
-fn ethernet(ethertype: [u8; 2], body: &[u8]) -> Vec<u8> {
+pub(crate) fn ethernet(ethertype: [u8; 2], body: &[u8]) -> Vec<u8> {
     let mut out = LB_MAC.to_vec();
     out.extend_from_slice(&CLIENT_MAC);
     out.extend_from_slice(&ethertype);

@@ -14,6 +14,8 @@ mod pins;
 mod status;
 mod switch;
 #[cfg(test)]
+mod switch_hostile_tests;
+#[cfg(test)]
 mod switch_tests;
 mod testrun;
 

@@ -11,25 +11,25 @@ use xdp_lb_common::{ClientKey, FrameHeaders, LbSeen, SwitchConfig, SwitchCounter
 
 use crate::{maps::SwitchMaps, testrun::{TEST_IFINDEX, udp_frame}};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+pub(crate) const XDP_DROP: u32 = 1;
+pub(crate) const XDP_PASS: u32 = 2;
+pub(crate) const XDP_TX: u32 = 3;
 
-const VIP: [u8; 4] = [10, 77, 9, 100];
-const LBS: [[u8; 4]; 2] = [[10, 77, 0, 2], [10, 77, 0, 3]];
-const LB_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 0, 0xa0], [0x02, 0, 0, 0, 0, 0xa1]];
-const SWITCH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const CLIENT: [u8; 4] = [10, 78, 0, 50];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
+pub(crate) const VIP: [u8; 4] = [10, 77, 9, 100];
+pub(crate) const LBS: [[u8; 4]; 2] = [[10, 77, 0, 2], [10, 77, 0, 3]];
+pub(crate) const LB_MACS: [[u8; 6]; 2] = [[0x02, 0, 0, 0, 0, 0xa0], [0x02, 0, 0, 0, 0, 0xa1]];
+pub(crate) const SWITCH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub(crate) const CLIENT: [u8; 4] = [10, 78, 0, 50];
+pub(crate) const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 
-struct Switch {
+pub(crate) struct Switch {
     ebpf: Ebpf,
-    maps: SwitchMaps,
+    pub(crate) maps: SwitchMaps,
 }
 
 impl Switch {
     /// A loaded `switch` with balancer 0 active; `known` says which balancers' MACs it learned.
-    fn new(known: [bool; 2]) -> Self {
+    pub(crate) fn new(known: [bool; 2]) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
         let mut ebpf = EbpfLoader::new().load(crate::loader::OBJECT).expect("loading the object");
@@ -37,16 +37,24 @@ impl Switch {
         program.load().expect("the verifier accepts switch");
         let mut maps = SwitchMaps::take(&mut ebpf).expect("switch maps");
         maps.config.set(0, SwitchConfig { vip: VIP, lbs: LBS, active: 0 }, 0).expect("config");
-        for slot in 0..2 {
-            if known[slot] {
-                let seen = LbSeen { mac: LB_MACS[slot], lb_mac: SWITCH_MAC, ifindex: TEST_IFINDEX, ..LbSeen::default() };
-                maps.seen.set(u32::try_from(slot).unwrap(), seen, 0).expect("seen");
-            }
-        }
-        Self { ebpf, maps }
+        let mut switch = Self { ebpf, maps };
+        switch.know(known);
+        switch
     }
 
-    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+    /// Sets what the program saw of each balancer: its MAC learned (`known`) or nothing yet.
+    pub(crate) fn know(&mut self, known: [bool; 2]) {
+        for slot in 0..2 {
+            let seen = if known[slot] {
+                LbSeen { mac: LB_MACS[slot], lb_mac: SWITCH_MAC, ifindex: TEST_IFINDEX, ..LbSeen::default() }
+            } else {
+                LbSeen::default()
+            };
+            self.maps.seen.set(u32::try_from(slot).unwrap(), seen, 0).expect("seen");
+        }
+    }
+
+    pub(crate) fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &mut Xdp = self.ebpf.program_mut(PROGRAM_SWITCH).expect("switch").try_into().expect("xdp");
         let mut out = vec![0u8; frame.len() + 64];
         let result = program
@@ -57,26 +65,26 @@ impl Switch {
         (result.return_value, out)
     }
 
-    fn counter(&self, which: C) -> u64 {
+    pub(crate) fn counter(&self, which: C) -> u64 {
         self.maps.counters().unwrap()[which as usize].packets
     }
 
-    fn seen(&self, slot: u32) -> LbSeen {
+    pub(crate) fn seen(&self, slot: u32) -> LbSeen {
         self.maps.seen(slot).unwrap()
     }
 
-    fn set_active(&mut self, slot: u32) {
+    pub(crate) fn set_active(&mut self, slot: u32) {
         let mut config = self.maps.config().unwrap();
         config.active = slot;
         self.maps.config.set(0, config, 0).unwrap();
     }
 }
 
-fn headers(frame: &[u8]) -> FrameHeaders {
+pub(crate) fn headers(frame: &[u8]) -> FrameHeaders {
     *bytemuck::from_bytes::<FrameHeaders>(&frame[..FrameHeaders::LEN])
 }
 
-fn client_ack(port: u16) -> Vec<u8> {
+pub(crate) fn client_ack(port: u16) -> Vec<u8> {
     udp_frame((CLIENT_MAC, SWITCH_MAC), (CLIENT, port), (VIP, 23_456), b"\x00\x04\x00\x07")
 }
 
