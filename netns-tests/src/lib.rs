@@ -12,6 +12,7 @@
 
 pub mod clients;
 pub mod files;
+pub mod impair;
 mod netns;
 mod paths;
 mod process;

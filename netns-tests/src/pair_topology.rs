@@ -160,6 +160,14 @@ impl PairTopology {
         Ok(())
     }
 
+    /// The namespace holding both bridges (`br0`: clients and switch; `br1`: switch, balancers
+    /// and backends), where tests can impair traffic (see [`crate::impair`]).
+    #[must_use]
+    #[expect(clippy::used_underscore_binding, reason = "the field is named for its drop order")]
+    pub fn bridges(&self) -> &Netns {
+        &self._bridges
+    }
+
     /// `xdp-lb status --json` with one of the pin roots.
     pub fn status(&self, pins: &PinDir) -> Result<serde_json::Value> {
         crate::topology::status_at(pins)

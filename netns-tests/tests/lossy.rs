@@ -1,0 +1,332 @@
+//! The whole system over a bad network: stock clients download through the switch and the
+//! balancer pair while the clients' links lose, delay, duplicate and reorder frames (this
+//! kernel has no netem: loss is an nftables rule on the clients' bridge, the rest a userspace
+//! relay spliced into each client's bridge port, see `netns_tests::impair`). Every file must
+//! arrive byte-identical, with and without the active balancer killed mid-transfer; each test
+//! reports transfer times, the longest stalls, what the impairment did and every watchdog
+//! verdict.
+//!
+//! What sets the pace: a lost or overtaken DATA in an atftp window costs a 1 s client timeout
+//! (atftp ACKs the last in-order block once and ignores the rest of the window; the backend
+//! takes that partial ACK as "send new blocks" and resends the gap only on the repeated ACK
+//! after the client's timeout), and tftp-hpa pays a round trip per 512-byte block. Hence the
+//! small files. The TFTP setup (request, OACK, ACK 0) is spared from loss and duplication: a
+//! second OACK aborts atftp, see `Impairment::spare_tftp_setup`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use netns_tests::{
+    Process,
+    clients::expect_download,
+    files::make_file,
+    impair::{Impairment, Loss, Relay, RelayStats, install_loss, loss_dropped},
+    pair_topology::{PairTopology, VIP},
+    require_root, wait_for,
+    watch::{Growth, stall_after},
+};
+
+const TFTP_PORT: u16 = 69;
+const KIB: usize = 1024;
+/// Loss on the clients' bridge, each direction.
+const LOSS_PERCENT: u8 = 5;
+/// What each client's relay does, each direction: 20 ms one way, 5 % of the frames twice, 2 %
+/// held back 5 ms (a window's later frames overtake them); requests and OACKs are never
+/// duplicated. Each lost or overtaken DATA costs atftp a 1 s timeout (see the report in
+/// `stock_clients_over_an_impaired_network`), which sets the sizes below.
+const IMPAIRMENT: Impairment = Impairment {
+    delay: Duration::from_millis(20),
+    duplicate_percent: 5,
+    reorder_percent: 2,
+    hold_back: Duration::from_millis(5),
+    loss_percent: 0,
+    // A duplicated OACK aborts atftp against any server (see `Impairment`).
+    spare_tftp_setup: true,
+};
+
+/// The stock clients, with a 1 s retransmission timeout (their defaults are 5 s).
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    /// atftp, blksize 1468, windowsize 16.
+    Atftp,
+    /// tftp-hpa: lock-step, 512-byte blocks; driven through its command interpreter, the only
+    /// way to set `rexmt`.
+    TftpHpa,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Atftp => "atftp windowsize 16",
+            Self::TftpHpa => "tftp-hpa",
+        }
+    }
+
+    fn command(self, topo: &PairTopology, client: usize, remote: &str, local: &Path) -> std::process::Command {
+        let ns = &topo.clients[client];
+        match self {
+            Self::Atftp => {
+                let mut command = ns.command("atftp");
+                command.args(["--tftp-timeout", "1", "--option", "blksize 1468", "--option", "windowsize 16", "-g", "-r", remote]);
+                command.arg("-l").arg(local).args([VIP, &TFTP_PORT.to_string()]);
+                command
+            }
+            Self::TftpHpa => {
+                let script = format!(
+                    "printf 'binary\\nrexmt 1\\ntimeout 60\\nget {remote} {}\\n' | tftp {VIP} {TFTP_PORT}",
+                    local.display()
+                );
+                let mut command = ns.command("sh");
+                command.args(["-c", &script]);
+                command
+            }
+        }
+    }
+}
+
+/// The topology with the switch, both balancers and the backends running, and each client's
+/// link impaired.
+struct Lossy {
+    backends: Vec<Process>,
+    lbs: [Option<Process>; 2],
+    switch: Process,
+    killed: Vec<Process>,
+    relays: Vec<Relay>,
+    topo: PairTopology,
+    // Last: released after everything above is gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One topology at a time: the timings mean little on an overloaded machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Lossy {
+    /// Loss on the clients' bridge (`everywhere`: on both bridges, so also between the
+    /// balancers and the backends) and a relay on each client's port.
+    fn start(clients: usize, backends: usize, everywhere: bool) -> Self {
+        Self::start_with(clients, backends, everywhere, IMPAIRMENT, LOSS_PERCENT)
+    }
+
+    fn start_with(clients: usize, backends: usize, everywhere: bool, impairment: Impairment, loss: u8) -> Self {
+        require_root();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let topo = PairTopology::new(clients, backends).expect("topology");
+        let relays = (0..clients)
+            .map(|i| {
+                let name = topo.prefix.name(&format!("im{i}"));
+                Relay::insert(topo.bridges(), "br0", &format!("pc{i}"), &name, impairment).expect("impairment relay")
+            })
+            .collect();
+        let bridge = if everywhere { None } else { Some("br0") };
+        install_loss(topo.bridges(), &Loss { percent: loss, bridge, spare_tftp_setup: true }).expect("loss");
+        let backends = (0..backends).map(|i| topo.start_backend(i).expect("backend")).collect();
+        let lbs = [0, 1].map(|i| Some(topo.start_lb(i, &[]).expect("lb")));
+        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
+        let lossy = Self { backends, lbs, switch, killed: Vec::new(), relays, topo, _turn: turn };
+        let n = lossy.backends.len();
+        for lb in 0..2 {
+            wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
+                let status = lossy.topo.status(&lossy.topo.lb_pins[lb]).ok()?;
+                let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+                (live >= n).then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
+        }
+        wait_for("the switch to reach both balancers", 20, || {
+            let status = lossy.topo.status(&lossy.topo.switch_pins).ok()?;
+            status["switch"]["lbs"].as_array()?.iter().all(|lb| lb["reachable"] == true).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
+        lossy
+    }
+
+    fn logs(&self) -> String {
+        use std::fmt::Write as _;
+        let mut all = format!("--- switch\n{}", self.switch.log());
+        for (i, lb) in self.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
+            }
+        }
+        for (i, backend) in self.backends.iter().enumerate() {
+            let _ = write!(all, "\n--- backend {i}\n{}", backend.log());
+        }
+        let pins = [("switch", &self.topo.switch_pins), ("lb 0", &self.topo.lb_pins[0]), ("lb 1", &self.topo.lb_pins[1])];
+        for (name, pins) in pins {
+            let Ok(status) = self.topo.status(pins) else { continue };
+            let role = if name == "switch" { "switch" } else { "balance" };
+            let counters: Vec<String> = status[role]["counters"]
+                .as_array()
+                .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
+                .unwrap_or_default();
+            let _ = write!(all, "\n--- {name} counters: {}", counters.join(" "));
+        }
+        all
+    }
+
+    fn active_lb(&self) -> usize {
+        let status = self.topo.status(&self.topo.switch_pins).expect("switch status");
+        let lbs = status["switch"]["lbs"].as_array().expect("lbs").clone();
+        lbs.iter().position(|lb| lb["role"] == "active").expect("an active balancer")
+    }
+
+    /// Kills balancer `i` as pair.rs does: SIGKILL of its agent and its link down.
+    fn kill_lb(&mut self, i: usize) {
+        if let Some(mut lb) = self.lbs[i].take() {
+            lb.kill_hard();
+            self.killed.push(lb);
+        }
+        self.topo.unplug_lb(i).expect("link down");
+    }
+
+    /// Lines of the agents' logs saying something was declared dead, swapped or taken over.
+    fn verdicts(&self) -> Vec<String> {
+        self.lbs
+            .iter()
+            .flatten()
+            .chain(&self.killed)
+            .chain(std::iter::once(&self.switch))
+            .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| ["dead", "swapped", "backends nudged"].iter().any(|w| l.contains(w)))
+            .collect()
+    }
+
+    fn print_verdicts(&self, when: &str) {
+        let verdicts = self.verdicts();
+        println!("watchdog verdicts {when}: {}", verdicts.len());
+        for verdict in verdicts {
+            println!("  {verdict}");
+        }
+    }
+
+    fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let path = self.topo.root.join(name);
+        make_file(&path, size, seed).expect("test file");
+        path
+    }
+
+    fn download(&self, client: usize, how: Client, remote: &str) -> Transfer {
+        let local = std::env::temp_dir().join(self.topo.prefix.name(&format!("{remote}-{client}")));
+        let command = how.command(&self.topo, client, remote, &local);
+        let process = Process::spawn(self.topo.prefix.name(&format!("dl{client}-{remote}")), command).expect("start client");
+        Transfer { how, process, growth: Growth::watch(local.clone()), local, started: Instant::now() }
+    }
+
+    /// What the impairment did so far: frames nftables dropped and the relays' sums.
+    fn impairment_report(&self) -> (u64, RelayStats) {
+        let dropped = loss_dropped(self.topo.bridges()).expect("nft counter");
+        let stats = self.relays.iter().map(Relay::stats).fold(RelayStats::default(), |a, b| RelayStats {
+            received: a.received + b.received,
+            sent: a.sent + b.sent,
+            duplicated: a.duplicated + b.duplicated,
+            held_back: a.held_back + b.held_back,
+            dropped: a.dropped + b.dropped,
+        });
+        println!(
+            "impairment: {dropped} frames lost (nft), relays: {} received, {} sent, {} duplicated, {} held back",
+            stats.received, stats.sent, stats.duplicated, stats.held_back
+        );
+        (dropped, stats)
+    }
+}
+
+/// A download in progress.
+struct Transfer {
+    how: Client,
+    process: Process,
+    growth: Growth,
+    local: PathBuf,
+    started: Instant,
+}
+
+impl Transfer {
+    /// Waits for it, checks the content, and prints the time and the longest stalls (overall,
+    /// and after `failure` if given).
+    fn finish(self, source: &Path, failure: Option<Instant>, lossy: &Lossy) {
+        let Self { how, process, growth, local, started } = self;
+        let what = how.name();
+        expect_download(process, &local, source, Duration::from_secs(50), what, || lossy.logs());
+        let samples = growth.stop();
+        // Until the file was complete (another transfer may have been waited for first).
+        let elapsed = samples.last().map_or_else(|| started.elapsed(), |&(at, _)| at - started);
+        let size = std::fs::metadata(source).map_or(0, |m| m.len());
+        #[expect(clippy::cast_precision_loss, reason = "a rate for display")]
+        let rate = size as f64 / elapsed.as_secs_f64() / 1024.0;
+        print!(
+            "{what}: {} KiB in {} ms ({rate:.0} KiB/s), longest stall {} ms",
+            size / 1024,
+            elapsed.as_millis(),
+            stall_after(&samples, started).as_millis()
+        );
+        match failure {
+            Some(at) => println!(", after the balancer was killed {} ms", stall_after(&samples, at).as_millis()),
+            None => println!(),
+        }
+    }
+}
+
+/// Sizes: each window atftp loses a DATA of, or sees out of order, waits for its 1 s timeout;
+/// tftp-hpa pays a round trip (40 ms) per 512-byte block and a 1 s timeout per lost one.
+const ATFTP_SIZE: usize = 384 * KIB + 333;
+const TFTP_HPA_SIZE: usize = 48 * KIB + 77;
+
+/// Both stock clients at once over lossy, slow, duplicating, reordering links; no failure.
+#[test]
+fn stock_clients_over_an_impaired_network() {
+    let lossy = Lossy::start(2, 2, false);
+    let big = lossy.file("big.bin", ATFTP_SIZE, 11);
+    let small = lossy.file("small.bin", TFTP_HPA_SIZE, 12);
+    let atftp = lossy.download(0, Client::Atftp, "big.bin");
+    let hpa = lossy.download(1, Client::TftpHpa, "small.bin");
+    atftp.finish(&big, None, &lossy);
+    hpa.finish(&small, None, &lossy);
+    let (lost, relays) = lossy.impairment_report();
+    assert!(lost > 0 && relays.duplicated > 0 && relays.held_back > 0, "the network was impaired: {lost} lost, {relays:?}");
+    // Loss before the switch leaves nothing unanswered where the watchdogs look; a verdict
+    // here means an agent was starved (a loaded machine), not that the network fooled it.
+    lossy.print_verdicts("without any failure");
+}
+
+/// The same, with the active balancer killed once both transfers are a fifth done: both
+/// finish through the backup.
+#[test]
+fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
+    let mut lossy = Lossy::start(2, 2, false);
+    let big = lossy.file("big.bin", ATFTP_SIZE, 21);
+    let small = lossy.file("small.bin", TFTP_HPA_SIZE, 22);
+    let atftp = lossy.download(0, Client::Atftp, "big.bin");
+    let hpa = lossy.download(1, Client::TftpHpa, "small.bin");
+    // Both a fifth done: neither can be finished yet (tftp-hpa needs 40 ms per block alone).
+    let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+    wait_for("both transfers a fifth done", 30, || {
+        (size(&atftp.local) >= ATFTP_SIZE as u64 / 5 && size(&hpa.local) >= TFTP_HPA_SIZE as u64 / 5).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
+    let at_kill = (size(&atftp.local), size(&hpa.local));
+    lossy.kill_lb(0);
+    let killed = Instant::now();
+    println!("balancer 0 killed; atftp had {} KiB, tftp-hpa {} KiB", at_kill.0 / 1024, at_kill.1 / 1024);
+    assert!(at_kill.0 < ATFTP_SIZE as u64 && at_kill.1 < TFTP_HPA_SIZE as u64, "both transfers were in flight at the kill");
+    atftp.finish(&big, Some(killed), &lossy);
+    hpa.finish(&small, Some(killed), &lossy);
+    lossy.impairment_report();
+    lossy.print_verdicts("with the active balancer killed");
+    assert_eq!(lossy.active_lb(), 1, "the switch swapped to the backup");
+}
+
+/// Loss on both bridges: also between the switch and the balancers and between the balancers
+/// and the backends, where the watchdogs look. atftp must still get its file, and the report
+/// says whether the watchdogs took lost packets for dead backends or balancers.
+#[test]
+fn loss_on_the_backend_side_too() {
+    let lossy = Lossy::start(1, 2, true);
+    let big = lossy.file("big.bin", ATFTP_SIZE / 4, 31);
+    let atftp = lossy.download(0, Client::Atftp, "big.bin");
+    atftp.finish(&big, None, &lossy);
+    let (lost, _) = lossy.impairment_report();
+    assert!(lost > 0, "frames were lost");
+    lossy.print_verdicts("with loss on the backend side, without any failure");
+}
+
