@@ -1,38 +1,52 @@
 //! `cargo xtask bench`: performance figures measured side by side in one run, printed as
-//! markdown tables with ratios and saved as JSON under `results/`.
+//! markdown tables with ratios and saved under the results directory (`bench-<unix time>.json`,
+//! `bench-<unix time>.md`, and a PNG per charted section). Sections (`--only` picks some):
 //!
-//! - XDP cost per packet of each path through `balance` (BPF_PROG_TEST_RUN, `xdp-lb bench-xdp`);
-//! - goodput of downloads direct from a backend vs through the load balancer, 1 and 20 clients;
-//! - failover: the serving backend SIGKILLed at 50% of a download through the load balancer,
-//!   stall and bytes sent twice over several runs (`--only failover`).
+//! - `xdp`: cost per packet of each path through `balance` (BPF_PROG_TEST_RUN, `xdp-lb bench-xdp`);
+//! - `lb`: goodput of 1 and 20 clients direct from a backend, through the kernel path a user
+//!   would build today (nftables DNAT + the TFTP conntrack helper) and through xdp-lb
+//!   ([`goodput`]);
+//! - `backend`: tftp-backend against tftpd-hpa and atftpd on loopback (`bench_backend.rs`);
+//! - `failover`: the active LB, then the serving backend, killed at 50% of a download through
+//!   the full pair topology, stall and DATA sent twice over many runs ([`failover`]);
+//! - `scaling`: 1 to 1000 concurrent small transfers through the LB, aggregate goodput and the
+//!   memory of the LB agent and the backend ([`scaling`]).
+//!
+//! Speed targets appear only here, as ratios from one run; tests never time anything.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+#[path = "bench_failover.rs"]
+mod failover;
+#[path = "bench_goodput.rs"]
+mod goodput;
+#[path = "bench_scaling.rs"]
+mod scaling;
+
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use indicatif::{ProgressBar, ProgressStyle};
-use netns_tests::{
-    Process,
-    clients::Client,
-    files::{make_file, sha256},
-    topology::{LbTopology, VIP, backend_addr},
-    watch::{Growth, stall_after, wait_for_size},
-};
 use serde_json::json;
 
 use crate::cargo::release_dir;
 
 #[derive(clap::Args)]
+#[command(after_help = "\
+Sections: xdp (XDP cost per packet), lb (goodput direct / nftables DNAT + conntrack helper / \
+xdp-lb, 1 and 20 clients), backend (tftp-backend vs tftpd-hpa vs atftpd), failover (active LB \
+and serving backend killed at 50%, stall and DATA sent twice), scaling (1..1000 concurrent \
+transfers, goodput and RSS).
+
+Output: markdown tables on stdout; bench-<time>.json and bench-<time>.md (the same tables, \
+machine and date) in --out, plus backend-<time>.{json,png} and scaling-<time>.png. Needs root \
+(network namespaces, XDP). docs/BENCHMARKS.md explains each figure.")]
 pub struct Args {
-    /// Smaller files, fewer repeats: a few minutes instead of the full run.
+    /// Smaller files, fewer repeats (failover: 3 runs each instead of 20; scaling: up to 100
+    /// transfers instead of 1000): a few minutes instead of the full run.
     #[arg(long)]
     quick: bool,
-    /// Directory for the JSON results.
+    /// Directory for the results (JSON, markdown, PNG).
     #[arg(long, default_value = "results")]
     out: std::path::PathBuf,
-    /// Run only these sections (comma-separated); all by default.
+    /// Run only these sections (comma-separated, e.g. `--only lb,scaling`); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
 }
@@ -40,35 +54,105 @@ pub struct Args {
 /// Sections of `cargo xtask bench`, for `--only`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
-    /// XDP cost per packet.
+    /// XDP cost per packet of each path through `balance`.
     Xdp,
-    /// Goodput direct vs through the load balancer.
+    /// Goodput of 1 and 20 clients: direct, nftables DNAT + conntrack helper, xdp-lb.
     Lb,
     /// tftp-backend vs tftpd-hpa vs atftpd (loopback).
     Backend,
-    /// Stall and DATA sent twice when the serving backend is killed mid-transfer.
+    /// Stall and DATA sent twice when the active LB, then the serving backend, is killed.
     Failover,
+    /// 1, 10, 100, 1000 concurrent transfers: aggregate goodput, RSS of LB agent and backend.
+    Scaling,
+}
+
+/// The markdown of a run: every table is printed and kept for `bench-<time>.md`.
+#[derive(Default)]
+pub struct Report {
+    markdown: String,
+}
+
+impl Report {
+    /// Prints a line and keeps it.
+    pub fn line(&mut self, text: impl AsRef<str>) {
+        let text = text.as_ref();
+        println!("{text}");
+        self.markdown.push_str(text);
+        self.markdown.push('\n');
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; the harness reads it when it locates binaries.
     unsafe { std::env::set_var("XDP_LB_BIN_DIR", release_dir()?) };
     let section = |s: Section| args.only.is_empty() || args.only.contains(&s);
-    let xdp = if section(Section::Xdp) { xdp_costs(if args.quick { 200_000 } else { 2_000_000 })? } else { Vec::new() };
-    let goodput = if section(Section::Lb) { goodput(args.quick)? } else { Vec::new() };
-    let backend = if section(Section::Backend) { crate::bench_backend::run(args.quick, &args.out)? } else { serde_json::Value::Null };
-    let failover = if section(Section::Failover) { failover(args.quick)? } else { serde_json::Value::Null };
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let machine = machine();
+    let mut report = Report::default();
+    report.line(format!(
+        "## xdp-lb benchmarks{}\n\nMachine: {} CPUs ({}), {} GiB RAM, Linux {}; date {} (unix {stamp}).",
+        if args.quick { " (--quick)" } else { "" },
+        machine["nproc"],
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["mem_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        date(),
+    ));
+    let xdp = if section(Section::Xdp) { xdp_costs(if args.quick { 200_000 } else { 2_000_000 }, &mut report)? } else { Vec::new() };
+    let goodput = if section(Section::Lb) { goodput::run(args.quick, &mut report)? } else { serde_json::Value::Null };
+    let backend = if section(Section::Backend) {
+        let backend = crate::bench_backend::run(args.quick, &args.out)?;
+        report.line("\n### TFTP servers on loopback\n");
+        report.line(format!(
+            "Table on stdout (not repeated here); figures in backend-{}.json, chart {}.",
+            backend["unix_time"],
+            backend["chart"].as_str().unwrap_or("(none)")
+        ));
+        backend
+    } else {
+        serde_json::Value::Null
+    };
+    let failover = if section(Section::Failover) { failover::run(args.quick, &mut report)? } else { serde_json::Value::Null };
+    let scaling = if section(Section::Scaling) {
+        scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), &mut report)?
+    } else {
+        serde_json::Value::Null
+    };
     let path = args.out.join(format!("bench-{stamp}.json"));
-    let results = json!({ "unix_time": stamp, "quick": args.quick, "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "failover": failover });
+    let results = json!({
+        "unix_time": stamp, "quick": args.quick, "machine": machine,
+        "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "failover": failover, "scaling": scaling,
+    });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("\nresults saved to {}", path.display());
+    let markdown = args.out.join(format!("bench-{stamp}.md"));
+    std::fs::write(&markdown, &report.markdown)?;
+    println!("\nresults saved to {} and {}", path.display(), markdown.display());
     Ok(())
 }
 
+/// CPUs, CPU model, memory and kernel of this machine, for the record.
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split_once(':')).map_or("unknown", |(_, m)| m.trim());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "nproc": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        "cpu": cpu,
+        "mem_gib": mem_kib.div_ceil(1 << 20),
+        "kernel": kernel.trim(),
+    })
+}
+
+/// Today's date (UTC) as `date` prints it, for the report.
+fn date() -> String {
+    Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map_or_else(|_| "?".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
 /// Mean ns per packet per path, with the ratio to Katran's published ~119 ns for its XDP path.
-fn xdp_costs(repeat: u32) -> anyhow::Result<Vec<serde_json::Value>> {
+fn xdp_costs(repeat: u32, report: &mut Report) -> anyhow::Result<Vec<serde_json::Value>> {
     let output = Command::new(release_dir()?.join("xdp-lb"))
         .args(["bench-xdp", "--repeat", &repeat.to_string()])
         .output()
@@ -80,200 +164,38 @@ fn xdp_costs(repeat: u32) -> anyhow::Result<Vec<serde_json::Value>> {
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    println!("\n### XDP cost per packet (BPF_PROG_TEST_RUN, {repeat} runs per path)\n");
-    println!("| path | ns/packet | vs Katran's 119 ns |");
-    println!("|---|---:|---:|");
+    report.line(format!("\n### XDP cost per packet (BPF_PROG_TEST_RUN, {repeat} runs per path)\n"));
+    report.line("| path | ns/packet | vs Katran's 119 ns |");
+    report.line("|---|---:|---:|");
     for row in &rows {
         let ns = row["ns_per_packet"].as_f64().unwrap_or(f64::NAN);
-        println!("| {} | {ns:.0} | {:.2} |", row["path"].as_str().unwrap_or("?"), ns / 119.0);
+        report.line(format!("| {} | {ns:.0} | {:.2} |", row["path"].as_str().unwrap_or("?"), ns / 119.0));
     }
     Ok(rows)
 }
 
-/// Goodput direct from a standalone backend vs through the LB to a steered one, same
-/// topology, same client, same file.
-fn goodput(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
-    let size = if quick { 16 << 20 } else { 64 << 20 };
-    let concurrent = 20;
-    let topo = LbTopology::new(1, 1).context("creating namespaces (root?)")?;
-    make_file(&topo.root.join("bench.bin"), size, 7)?;
-    let client = Client::Atftp { blksize: 1468, windowsize: 16 };
-    let bar = ProgressBar::new(4).with_style(ProgressStyle::with_template("{spinner} goodput [{pos}/{len}] {msg}")?);
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let mut rows = Vec::new();
-    for clients in [1, concurrent] {
-        bar.set_message(format!("direct, {clients} client(s)"));
-        let direct = {
-            let _server = standalone_backend(&topo)?;
-            measure(&topo, &backend_addr(0), client, clients, size)?
-        };
-        bar.inc(1);
-        bar.set_message(format!("through xdp-lb, {clients} client(s)"));
-        let through = {
-            let _backend = topo.start_backend(0)?;
-            let agent = topo.start_lb(&[])?;
-            netns_tests::wait_for("backend live", 20, || {
-                let status = topo.status().ok()?;
-                (status["balance"]["backends"][0]["state"] == "live").then_some(())
-            })
-            .with_context(|| agent.log())?;
-            measure(&topo, VIP, client, clients, size)?
-        };
-        bar.inc(1);
-        rows.push(json!({ "clients": clients, "client": client.name(), "size": size, "direct_mb_s": direct, "xdp_lb_mb_s": through, "ratio": through / direct }));
-    }
-    bar.finish_and_clear();
-    println!("\n### Goodput: direct to a backend vs through xdp-lb ({} MiB, {})\n", size >> 20, client.name());
-    println!("| clients | direct MB/s | through xdp-lb MB/s | ratio |");
-    println!("|---:|---:|---:|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {:.1} | {:.1} | {:.2} |",
-            r["clients"], r["direct_mb_s"].as_f64().unwrap_or(0.0), r["xdp_lb_mb_s"].as_f64().unwrap_or(0.0), r["ratio"].as_f64().unwrap_or(0.0)
-        );
-    }
-    Ok(rows)
+/// Waits until a balancer's status (`status()`, `xdp-lb status --json`) shows `n` live backends
+/// that answered within the last 100 ms. An agent that re-adopts pinned maps first sees its
+/// predecessor's verdicts ("live", with an old last answer), declares the backend dead at its
+/// first watchdog tick and live again at the next answer: requests in that gap would be lost.
+pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<serde_json::Value>) -> anyhow::Result<()> {
+    netns_tests::wait_for(what, 20, || {
+        let status = status()?;
+        let fresh = status["balance"]["backends"]
+            .as_array()?
+            .iter()
+            .filter(|b| b["state"] == "live" && b["last_answer_ms_ago"].as_u64().is_some_and(|ms| ms < 100))
+            .count();
+        (fresh >= n).then_some(())
+    })?;
+    Ok(())
 }
 
-fn standalone_backend(topo: &LbTopology) -> anyhow::Result<Process> {
-    let mut command = topo.backends[0].command(release_dir()?.join("tftp-backend"));
-    command.arg("--root").arg(&topo.root).args(["--listen", &format!("{}:69", backend_addr(0))]);
-    let process = Process::spawn(topo.prefix.name("standalone"), command)?;
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(process)
-}
-
-/// Aggregate goodput in MB/s of `clients` concurrent downloads of the file from `server`.
-fn measure(topo: &LbTopology, server: &str, client: Client, clients: usize, size: usize) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let downloads = (0..clients)
-        .map(|i| {
-            let local = std::env::temp_dir().join(topo.prefix.name(&format!("bench{i}")));
-            let command = client.download(&topo.clients[0], server, 69, "bench.bin", &local);
-            Ok((Process::spawn(topo.prefix.name(&format!("bench-dl{i}")), command)?, local))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for (mut download, local) in downloads {
-        let status = download.wait(Duration::from_secs(600)).context("download timed out")?;
-        let got = std::fs::metadata(&local).map_or(0, |m| m.len());
-        let _ = std::fs::remove_file(&local);
-        if !status.success() || got != size as u64 {
-            bail!("download from {server} failed ({status}, {got} bytes):\n{}", download.log());
-        }
-    }
-    #[expect(clippy::cast_precision_loss, reason = "a rate")]
-    let rate = (size * clients) as f64 / started.elapsed().as_secs_f64() / 1e6;
-    Ok(rate)
-}
-
-/// The stall target of a failover (issue 4): the client sees no gap longer than this.
-const FAILOVER_TARGET_MS: u128 = 250;
-
-/// Failover through the load balancer: `runs` downloads, each with its serving backend
-/// SIGKILLed at 50% (then restarted and live again before the next run). Per run: the longest
-/// time the file did not grow after the kill, and the bytes the LB delivered beyond the file
-/// (DATA sent twice). The file must arrive whole and identical every time.
-fn failover(quick: bool) -> anyhow::Result<serde_json::Value> {
-    const BACKENDS: usize = 3;
-    // Per DATA delivered to the client, what the LB counts besides the file's bytes: Ethernet,
-    // IPv4 and UDP (42), the steering header it removed (64), the TFTP header (4).
-    const PER_PACKET: u64 = 42 + 64 + 4;
-    let runs = if quick { 3 } else { 10 };
-    let size: usize = if quick { 32 << 20 } else { 64 << 20 };
-    let client = Client::Atftp { blksize: 1468, windowsize: 16 };
-    let topo = LbTopology::new(1, BACKENDS).context("creating namespaces (root?)")?;
-    let source = topo.root.join("failover.bin");
-    make_file(&source, size, 9)?;
-    let digest = sha256(&source)?;
-    let mut backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<Vec<_>, _>>()?;
-    let agent = topo.start_lb(&[])?;
-    let live = |topo: &LbTopology| -> anyhow::Result<()> {
-        netns_tests::wait_for("every backend live", 20, || {
-            let status = topo.status().ok()?;
-            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-            (live == BACKENDS).then_some(())
-        })
-        .with_context(|| agent.log())
-    };
-    let to_client = |topo: &LbTopology| -> anyhow::Result<(u64, u64)> {
-        let status = topo.status()?;
-        let counter = status["balance"]["counters"]
-            .as_array()
-            .and_then(|c| c.iter().find(|c| c["name"] == "to_client"))
-            .context("no to_client counter in xdp-lb status")?;
-        Ok((counter["packets"].as_u64().unwrap_or(0), counter["bytes"].as_u64().unwrap_or(0)))
-    };
-    live(&topo)?;
-    let bar = ProgressBar::new(runs).with_style(ProgressStyle::with_template("{spinner} failover [{pos}/{len}] {msg}")?);
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let (mut stalls, mut resent) = (Vec::new(), Vec::new());
-    for run in 0..runs {
-        let (packets_before, bytes_before) = to_client(&topo)?;
-        // Sessions left from earlier runs (a finished transfer's session can linger until its
-        // idle expiry) must not be mistaken for this run's.
-        let clients_before: Vec<serde_json::Value> =
-            topo.status()?["balance"]["sessions"].as_array().map(|s| s.iter().map(|s| s["client"].clone()).collect()).unwrap_or_default();
-        let local = std::env::temp_dir().join(topo.prefix.name(&format!("failover{run}")));
-        let mut download = Process::spawn(
-            topo.prefix.name(&format!("failover-dl{run}")),
-            client.download(&topo.clients[0], VIP, 69, "failover.bin", &local),
-        )?;
-        let growth = Growth::watch(local.clone());
-        if !wait_for_size(&local, (size / 2) as u64, Duration::from_secs(120)) {
-            bail!("run {run}: the download did not reach 50%:\n{}", download.log());
-        }
-        let status = topo.status()?;
-        let serving = status["balance"]["sessions"]
-            .as_array()
-            .and_then(|s| {
-                s.iter().filter(|s| !clients_before.contains(&s["client"])).min_by_key(|s| s["idle_ms"].as_u64().unwrap_or(u64::MAX))
-            })
-            .and_then(|s| s["backend"].as_u64())
-            .and_then(|b| usize::try_from(b).ok())
-            .with_context(|| format!("run {run}: no session in flight: {status}"))?;
-        let killed_at = Instant::now();
-        if let Some(mut backend) = backends[serving].take() {
-            backend.kill_hard();
-        }
-        bar.set_message(format!("run {}: backend {serving} killed", run + 1));
-        let exit = download.wait(Duration::from_secs(300)).context("download timed out after the failover")?;
-        let samples = growth.stop();
-        if !exit.success() || sha256(&local)? != digest {
-            bail!("run {run}: the download failed or differs after the failover ({exit}):\n{}", download.log());
-        }
-        let _ = std::fs::remove_file(&local);
-        let stall = stall_after(&samples, killed_at);
-        let (packets, bytes) = to_client(&topo)?;
-        let twice = (bytes - bytes_before).saturating_sub((packets - packets_before) * PER_PACKET).saturating_sub(size as u64);
-        stalls.push(stall.as_millis());
-        resent.push(twice);
-        backends[serving] = Some(topo.start_backend(serving)?);
-        live(&topo)?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let stats = |values: &[u128]| {
-        let mut sorted = values.to_vec();
-        sorted.sort_unstable();
-        let median = if sorted.len() % 2 == 1 { sorted[sorted.len() / 2] } else { u128::midpoint(sorted[sorted.len() / 2 - 1], sorted[sorted.len() / 2]) };
-        (sorted[0], median, sorted[sorted.len() - 1])
-    };
-    let (stall_min, stall_median, stall_max) = stats(&stalls);
-    let resent_kib: Vec<u128> = resent.iter().map(|b| u128::from(*b) / 1024).collect();
-    let (resent_min, resent_median, resent_max) = stats(&resent_kib);
-    println!(
-        "\n### Failover: the serving backend SIGKILLed at 50% of a download through xdp-lb ({runs} runs, {} MiB, {})\n",
-        size >> 20,
-        client.name()
-    );
-    println!("| | min | median | max | target |");
-    println!("|---|---:|---:|---:|---:|");
-    let verdict = if stall_max <= FAILOVER_TARGET_MS { "met" } else { "missed" };
-    println!("| stall | {stall_min} ms | {stall_median} ms | {stall_max} ms | ≤ {FAILOVER_TARGET_MS} ms ({verdict}) |");
-    println!("| DATA sent twice | {resent_min} KiB | {resent_median} KiB | {resent_max} KiB | |");
-    Ok(json!({
-        "runs": runs, "size": size, "client": client.name(), "target_stall_ms": FAILOVER_TARGET_MS,
-        "stall_ms": stalls, "stall_ms_min": stall_min, "stall_ms_median": stall_median, "stall_ms_max": stall_max,
-        "resent_bytes": resent, "resent_kib_min": resent_min, "resent_kib_median": resent_median, "resent_kib_max": resent_max,
-    }))
+/// Min, median and max of a non-empty list.
+pub fn min_median_max(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 { sorted[n / 2] } else { f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]) };
+    (sorted[0], median, sorted[n - 1])
 }

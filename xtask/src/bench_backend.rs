@@ -607,7 +607,7 @@ fn plot(cells: &[Cell], png: &Path) -> anyhow::Result<()> {
 
 /// plotters draws text with a font registered at run time (no fontconfig); DejaVu Sans ships
 /// with Debian's fonts-dejavu-core.
-fn register_font() -> anyhow::Result<()> {
+pub(crate) fn register_font() -> anyhow::Result<()> {
     const CANDIDATES: [&str; 3] = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",

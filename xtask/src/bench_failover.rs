@@ -1,0 +1,313 @@
+//! `--only failover`: failures in the middle of a download through the full topology
+//! ([`PairTopology`]: switch, active and backup LB, three steered backends), over many runs:
+//!
+//! - **LB failure**: at 50% of the download the ACTIVE load balancer is killed as in
+//!   `netns-tests/tests/pair.rs` (SIGKILL of its agent, its link down); the switch promotes the
+//!   backup. After the run it comes back (link up, a new agent) as the backup.
+//! - **backend failure**: at 50% the backend serving the download is SIGKILLed; the active LB
+//!   moves the session. After the run it is restarted and every backend is warmed up again.
+//!
+//! Per run: the stall (the longest time the downloaded file did not grow after the kill) and
+//! the DATA sent twice (replies both LBs delivered, counters `to_client` + `relearned`, minus
+//! the packets the file needs). Every file must arrive whole and identical.
+//!
+//! Each backend computes a file's digest on its first request for it (cached in memory), so
+//! before the runs and after each backend restart every backend is warmed up with a download
+//! of the file: a stall then measures the failover, not a cold cache.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use netns_tests::{
+    Process,
+    clients::Client,
+    files::{make_file, sha256},
+    pair_topology::{PairTopology, VIP},
+    watch::{Growth, stall_after, wait_for_size},
+};
+use serde_json::json;
+
+use super::{Report, min_median_max};
+
+/// The stall target of a failover (issue 4): the client sees no gap longer than this.
+const TARGET_MS: f64 = 250.0;
+const BACKENDS: usize = 3;
+const BLKSIZE: u16 = 1468;
+const CLIENT: Client = Client::Atftp { blksize: BLKSIZE, windowsize: 16 };
+const FILE: &str = "failover.bin";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Lb,
+    Backend,
+}
+
+impl Failure {
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Lb => "active LB killed (SIGKILL + link down)",
+            Self::Backend => "serving backend killed (SIGKILL)",
+        }
+    }
+
+    const fn key(self) -> &'static str {
+        match self {
+            Self::Lb => "lb",
+            Self::Backend => "backend",
+        }
+    }
+}
+
+/// One run's figures.
+struct Outcome {
+    stall_ms: f64,
+    twice_packets: u64,
+}
+
+/// The topology with the switch, both balancers and every backend running.
+struct Running {
+    topo: PairTopology,
+    backends: Vec<Option<Process>>,
+    lbs: [Option<Process>; 2],
+    switch: Process,
+    size: usize,
+    digest: String,
+}
+
+impl Running {
+    fn start(size: usize) -> anyhow::Result<Self> {
+        let topo = PairTopology::new(1, BACKENDS).context("creating namespaces (root?)")?;
+        let source = topo.root.join(FILE);
+        make_file(&source, size, 9)?;
+        let digest = sha256(&source)?;
+        let backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<Vec<_>, _>>()?;
+        let lbs = [topo.start_lb(0, &[])?, topo.start_lb(1, &[])?].map(Some);
+        let switch = topo.start_switch(&[])?;
+        let running = Self { topo, backends, lbs, switch, size, digest };
+        for lb in 0..2 {
+            running.wait_backends_live(lb)?;
+        }
+        running.wait_lbs_reachable()?;
+        Ok(running)
+    }
+
+    /// Agent logs, for failure messages.
+    fn logs(&self) -> String {
+        let mut all = format!("--- switch\n{}", self.switch.log());
+        for (i, lb) in self.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
+            }
+        }
+        all
+    }
+
+    fn wait_backends_live(&self, lb: usize) -> anyhow::Result<()> {
+        super::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.status(&self.topo.lb_pins[lb]).ok())
+            .with_context(|| self.logs())
+    }
+
+    fn wait_lbs_reachable(&self) -> anyhow::Result<()> {
+        netns_tests::wait_for("the switch to reach both balancers", 20, || {
+            let status = self.topo.status(&self.topo.switch_pins).ok()?;
+            status["switch"]["lbs"].as_array()?.iter().all(|lb| lb["reachable"] == true).then_some(())
+        })
+        .with_context(|| self.logs())
+    }
+
+    /// The balancer the switch calls active.
+    fn active_lb(&self) -> anyhow::Result<usize> {
+        let status = self.topo.status(&self.topo.switch_pins)?;
+        status["switch"]["lbs"].as_array().and_then(|lbs| lbs.iter().position(|lb| lb["role"] == "active")).context("no active balancer")
+    }
+
+    /// Replies both balancers delivered to clients (pinned counters outlive a killed agent).
+    fn delivered(&self) -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for pins in &self.topo.lb_pins {
+            let status = self.topo.status(pins)?;
+            let counters = status["balance"]["counters"].as_array().context("no counters")?;
+            sum += counters.iter().filter(|c| c["name"] == "to_client" || c["name"] == "relearned").filter_map(|c| c["packets"].as_u64()).sum::<u64>();
+        }
+        Ok(sum)
+    }
+
+    fn local(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(self.topo.prefix.name(name))
+    }
+
+    fn download(&self, local: &std::path::Path) -> anyhow::Result<Process> {
+        let name = self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap_or_default().to_string_lossy()));
+        Ok(Process::spawn(name, CLIENT.download(&self.topo.clients[0], VIP, 69, FILE, local))?)
+    }
+
+    /// Waits for a download and checks its content; removes the file.
+    fn finish(&self, mut download: Process, local: &std::path::Path, what: &str) -> anyhow::Result<()> {
+        let exit = download.wait(Duration::from_secs(120));
+        let ok = exit.is_some_and(|e| e.success()) && sha256(local).is_ok_and(|d| d == self.digest);
+        let _ = std::fs::remove_file(local);
+        if !ok {
+            bail!("{what}: the download failed or differs ({exit:?}):\n{}\n{}", download.log(), self.logs());
+        }
+        Ok(())
+    }
+
+    /// One download per backend at once (least-loaded spreads them), so that every backend has
+    /// the file's digest cached.
+    fn warm_up(&self) -> anyhow::Result<()> {
+        let downloads = (0..BACKENDS)
+            .map(|i| {
+                let local = self.local(&format!("warm{i}"));
+                Ok((self.download(&local)?, local))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (download, local) in downloads {
+            self.finish(download, &local, "warm-up")?;
+        }
+        Ok(())
+    }
+
+    /// Sessions at balancer `lb` as (client, backend, idle ms).
+    fn sessions(&self, lb: usize) -> anyhow::Result<Vec<(serde_json::Value, Option<usize>, u64)>> {
+        let status = self.topo.status(&self.topo.lb_pins[lb])?;
+        Ok(status["balance"]["sessions"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .map(|s| {
+                        let backend = s["backend"].as_u64().and_then(|b| usize::try_from(b).ok());
+                        (s["client"].clone(), backend, s["idle_ms"].as_u64().unwrap_or(u64::MAX))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// One download with `failure` injected at 50%, then the killed part brought back.
+    fn run(&mut self, failure: Failure, run: usize) -> anyhow::Result<Outcome> {
+        let before = self.delivered()?;
+        let active = self.active_lb()?;
+        let clients_before: Vec<serde_json::Value> = self.sessions(active)?.into_iter().map(|s| s.0).collect();
+        let local = self.local(&format!("failover-{}-{run}", failure.key()));
+        let download = self.download(&local)?;
+        let growth = Growth::watch(local.clone());
+        if !wait_for_size(&local, (self.size / 2) as u64, Duration::from_secs(60)) {
+            bail!("run {run}: the download did not reach 50%:\n{}\n{}", download.log(), self.logs());
+        }
+        // What was killed: the balancer or the backend at this index.
+        let killed = match failure {
+            Failure::Lb => {
+                if let Some(mut lb) = self.lbs[active].take() {
+                    lb.kill_hard();
+                }
+                self.topo.unplug_lb(active)?;
+                active
+            }
+            Failure::Backend => {
+                let serving = self
+                    .sessions(active)?
+                    .into_iter()
+                    .filter(|s| !clients_before.contains(&s.0))
+                    .min_by_key(|s| s.2)
+                    .and_then(|s| s.1)
+                    .with_context(|| format!("run {run}: no session in flight at balancer {active}"))?;
+                if let Some(mut backend) = self.backends[serving].take() {
+                    backend.kill_hard();
+                }
+                serving
+            }
+        };
+        let killed_at = Instant::now();
+        self.finish(download, &local, &format!("run {run}"))?;
+        let samples = growth.stop();
+        let outcome = self.outcome(&samples, killed_at, before)?;
+        match failure {
+            Failure::Lb => {
+                self.topo.plug_lb(killed)?;
+                self.lbs[killed] = Some(self.topo.start_lb(killed, &[])?);
+                self.wait_backends_live(killed)?;
+                self.wait_lbs_reachable()?;
+            }
+            Failure::Backend => {
+                self.backends[killed] = Some(self.topo.start_backend(killed)?);
+                for lb in 0..2 {
+                    self.wait_backends_live(lb)?;
+                }
+                self.warm_up()?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn outcome(&self, samples: &[(Instant, u64)], killed_at: Instant, before: u64) -> anyhow::Result<Outcome> {
+        // One OACK and size / blksize + 1 DATA are needed; every further reply was a resend.
+        let needed = self.size as u64 / u64::from(BLKSIZE) + 2;
+        let delivered = self.delivered()? - before;
+        Ok(Outcome { stall_ms: stall_after(samples, killed_at).as_secs_f64() * 1e3, twice_packets: delivered.saturating_sub(needed) })
+    }
+}
+
+pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+    let runs = if quick { 3 } else { 20 };
+    let size: usize = if quick { 32 << 20 } else { 64 << 20 };
+    let mut running = Running::start(size)?;
+    running.warm_up()?;
+    let kinds = [Failure::Lb, Failure::Backend];
+    let bar = ProgressBar::new((runs * kinds.len()) as u64).with_style(ProgressStyle::with_template("{spinner} failover [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut results = Vec::new();
+    for kind in kinds {
+        let mut outcomes = Vec::new();
+        for run in 0..runs {
+            bar.set_message(format!("{}, run {}", kind.label(), run + 1));
+            outcomes.push(running.run(kind, run)?);
+            bar.inc(1);
+        }
+        results.push((kind, outcomes));
+    }
+    bar.finish_and_clear();
+    drop(running);
+
+    report.line(format!(
+        "\n### Failover: killed at 50% of a download through the switch and the LB pair ({runs} runs each, {} MiB, {})\n",
+        size >> 20,
+        CLIENT.name()
+    ));
+    report.line("| failure | stall min | median | max | target | DATA sent twice min | median | max |");
+    report.line("|---|---:|---:|---:|---|---:|---:|---:|");
+    let kib = |packets: f64| packets * f64::from(BLKSIZE) / 1024.0;
+    let mut json_rows = Vec::new();
+    for (kind, outcomes) in &results {
+        let stalls: Vec<f64> = outcomes.iter().map(|o| o.stall_ms).collect();
+        #[expect(clippy::cast_precision_loss, reason = "packet counts")]
+        let twice: Vec<f64> = outcomes.iter().map(|o| o.twice_packets as f64).collect();
+        let (s_min, s_med, s_max) = min_median_max(&stalls);
+        let (t_min, t_med, t_max) = min_median_max(&twice);
+        let met = stalls.iter().filter(|&&s| s <= TARGET_MS).count();
+        report.line(format!(
+            "| {} | {s_min:.0} ms | {s_med:.0} ms | {s_max:.0} ms | ≤ {TARGET_MS:.0} ms: {met}/{} runs, max/target {:.2} | {t_min:.0} ({:.0} KiB) | {t_med:.0} ({:.0} KiB) | {t_max:.0} ({:.0} KiB) |",
+            kind.label(),
+            outcomes.len(),
+            s_max / TARGET_MS,
+            kib(t_min),
+            kib(t_med),
+            kib(t_max),
+        ));
+        json_rows.push(json!({
+            "failure": kind.key(), "runs": outcomes.len(),
+            "stall_ms": stalls, "stall_ms_min": s_min, "stall_ms_median": s_med, "stall_ms_max": s_max,
+            "runs_within_target": met,
+            "twice_packets": twice, "twice_packets_min": t_min, "twice_packets_median": t_med, "twice_packets_max": t_max,
+        }));
+    }
+    report.line(
+        "\nStall: longest time the file did not grow after the kill (sampled every 2 ms). DATA sent twice: packets \
+         (and KiB of payload) both LBs delivered beyond the OACK and DATA the file needs.",
+    );
+    Ok(json!({ "runs": runs, "size": size, "client": CLIENT.name(), "target_stall_ms": TARGET_MS, "rows": json_rows }))
+}

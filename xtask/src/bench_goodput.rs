@@ -1,0 +1,246 @@
+//! `--only lb`: goodput of 1 and 20 concurrent downloads over three paths in the same
+//! topology ([`LbTopology`]: clients, the LB host and backends on one bridge), same client,
+//! same file:
+//!
+//! - **direct**: the client asks a standalone `tftp-backend` on its own address;
+//! - **nftables**: what a user would build today without xdp-lb: the LB host DNATs `VIP:69` to
+//!   the same standalone backend, and the kernel's TFTP conntrack helper (`nf_conntrack_tftp`,
+//!   with `nf_nat_tftp`) expects the reply from the server's transfer port and NATs it back to
+//!   the VIP. The backend routes the clients via the LB host, as it would through its gateway;
+//! - **xdp-lb**: `balance` on the LB host, the backend in steered mode.
+//!
+//! If the kernel path cannot work here (no helper, nft refused the ruleset, the download
+//! failed), the table says so with the reason instead of a number.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use netns_tests::{
+    Process,
+    clients::Client,
+    files::make_file,
+    topology::{LB_ADDR, LbTopology, VIP, backend_addr, client_addr},
+};
+use serde_json::json;
+
+use super::Report;
+use crate::cargo::release_dir;
+
+const CLIENT: Client = Client::Atftp { blksize: 1468, windowsize: 16 };
+
+/// One path's figure in one row: MB/s, or why there is none.
+enum Figure {
+    Rate(f64),
+    Failed(String),
+}
+
+impl Figure {
+    const fn rate(&self) -> Option<f64> {
+        match self {
+            Self::Rate(r) => Some(*r),
+            Self::Failed(_) => None,
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Rate(r) => format!("{r:.1}"),
+            Self::Failed(_) => "not measured ¹".into(),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Self::Rate(r) => json!(r),
+            Self::Failed(why) => json!({ "failed": why }),
+        }
+    }
+}
+
+pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+    let size = if quick { 16 << 20 } else { 64 << 20 };
+    let topo = LbTopology::new(1, 1).context("creating namespaces (root?)")?;
+    make_file(&topo.root.join("bench.bin"), size, 7)?;
+    let bar = ProgressBar::new(6).with_style(ProgressStyle::with_template("{spinner} goodput [{pos}/{len}] {msg}")?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut rows = Vec::new();
+    for clients in [1, 20] {
+        bar.set_message(format!("direct, {clients} client(s)"));
+        let (direct, nft) = {
+            let _server = standalone_backend(&topo)?;
+            let direct = measure(&topo, &backend_addr(0), clients, size)?;
+            bar.inc(1);
+            bar.set_message(format!("nftables DNAT + conntrack helper, {clients} client(s)"));
+            let nft = match kernel_path(&topo, clients, size) {
+                Ok(rate) => Figure::Rate(rate),
+                Err(error) => {
+                    bar.suspend(|| eprintln!("nftables path, {clients} client(s): {error:#}"));
+                    Figure::Failed(format!("{error:#}"))
+                }
+            };
+            bar.inc(1);
+            (direct, nft)
+        };
+        bar.set_message(format!("through xdp-lb, {clients} client(s)"));
+        let through = {
+            let _backend = topo.start_backend(0)?;
+            let agent = topo.start_lb(&[])?;
+            super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
+            measure(&topo, VIP, clients, size)?
+        };
+        bar.inc(1);
+        rows.push((clients, direct, nft, through));
+    }
+    bar.finish_and_clear();
+
+    report.line(format!(
+        "\n### Goodput: direct vs nftables DNAT + TFTP conntrack helper vs xdp-lb ({} MiB per client, {}, MB/s of all clients together)\n",
+        size >> 20,
+        CLIENT.name()
+    ));
+    report.line("| clients | direct | nftables + helper | xdp-lb | nftables / direct | xdp-lb / direct | xdp-lb / nftables |");
+    report.line("|---:|---:|---:|---:|---:|---:|---:|");
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or_else(|| "-".into(), |(a, b)| format!("{:.2}", a / b));
+    for (clients, direct, nft, through) in &rows {
+        report.line(format!(
+            "| {clients} | {direct:.1} | {} | {through:.1} | {} | {} | {} |",
+            nft.text(),
+            ratio(nft.rate(), Some(*direct)),
+            ratio(Some(*through), Some(*direct)),
+            ratio(Some(*through), nft.rate()),
+        ));
+    }
+    let failures: Vec<String> = rows.iter().filter_map(|(c, _, nft, _)| match nft {
+        Figure::Failed(why) => Some(format!("{c} client(s): {why}")),
+        Figure::Rate(_) => None,
+    }).collect();
+    if !failures.is_empty() {
+        report.line(format!("\n¹ the nftables path did not work here: {}", failures.join("; ")));
+    }
+    report.line(
+        "\nnftables: `dnat to BACKEND:69` for `VIP:69` and `ct helper set \"tftp\"` on the LB host (forwarding on), \
+         the backend routes clients via the LB host; the same standalone tftp-backend as \"direct\". \
+         xdp-lb: `balance` (generic XDP) and tftp-backend --steered.",
+    );
+    Ok(json!({
+        "size": size,
+        "client": CLIENT.name(),
+        "rows": rows.iter().map(|(clients, direct, nft, through)| json!({
+            "clients": clients, "direct_mb_s": direct, "nftables_mb_s": nft.to_json(), "xdp_lb_mb_s": through,
+            "xdp_lb_vs_direct": through / direct,
+            "nftables_vs_direct": nft.rate().map(|r| r / direct),
+            "xdp_lb_vs_nftables": nft.rate().map(|r| through / r),
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// The standalone backend on port 69 of backend 0 (stopped on drop).
+fn standalone_backend(topo: &LbTopology) -> anyhow::Result<Process> {
+    let mut command = topo.backends[0].command(release_dir()?.join("tftp-backend"));
+    command.arg("--root").arg(&topo.root).args(["--listen", &format!("{}:69", backend_addr(0))]);
+    command.env("RUST_LOG", "warn");
+    let process = Process::spawn(topo.prefix.name("standalone"), command)?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(process)
+}
+
+/// Name of the nftables table the kernel path adds to the LB namespace.
+const TABLE: &str = "xlbench";
+
+/// The kernel path set up in the LB namespace and on backend 0; undone on drop (the
+/// namespaces go with the topology in any case).
+struct KernelPath<'a> {
+    topo: &'a LbTopology,
+}
+
+impl<'a> KernelPath<'a> {
+    fn new(topo: &'a LbTopology) -> anyhow::Result<Self> {
+        if !std::path::Path::new("/sys/module/nf_conntrack_tftp").exists() {
+            // Built as a module: load it (built in, it shows up under /sys/module anyway).
+            netns_tests::run("modprobe", &["nf_conntrack_tftp"]).context("modprobe nf_conntrack_tftp (the TFTP conntrack helper)")?;
+        }
+        let path = Self { topo };
+        topo.lb.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0"])?;
+        topo.backends[0].ip(&["route", "add", &format!("{}/32", client_addr(0)), "via", LB_ADDR])?;
+        let backend = backend_addr(0);
+        let ruleset = format!(
+            "table ip {TABLE} {{
+  ct helper tftp {{ type \"tftp\" protocol udp; }}
+  chain to_backend {{
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr {VIP} udp dport 69 dnat to {backend}:69
+  }}
+  chain assign_helper {{
+    type filter hook prerouting priority filter; policy accept;
+    ip daddr {backend} udp dport 69 ct state new ct helper set \"tftp\"
+  }}
+}}
+"
+        );
+        let file = std::env::temp_dir().join(topo.prefix.name("-nft.conf"));
+        std::fs::write(&file, ruleset)?;
+        let loaded = topo.lb.exec("nft", &["-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(&file);
+        loaded.context("nft -f (DNAT + ct helper tftp)")?;
+        Ok(path)
+    }
+
+    /// Transfers the TFTP helper carried: connections from the backend's transfer port that
+    /// the kernel created from the helper's expectation and NATed back to the VIP (original
+    /// direction from the backend, reply direction to the VIP).
+    fn helped(&self) -> usize {
+        let from_backend = format!("src={}", backend_addr(0));
+        let to_vip = format!("dst={VIP} ");
+        self.topo.lb.exec("cat", &["/proc/net/nf_conntrack"]).map_or(0, |table| {
+            table.lines().filter(|l| l.split_whitespace().find(|f| f.starts_with("src=")).is_some_and(|f| f == from_backend) && l.contains(&to_vip)).count()
+        })
+    }
+}
+
+impl Drop for KernelPath<'_> {
+    fn drop(&mut self) {
+        let _ = self.topo.lb.exec("nft", &["delete", "table", "ip", TABLE]);
+        let _ = self.topo.lb.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=0"]);
+        let _ = self.topo.backends[0].ip(&["route", "del", &format!("{}/32", client_addr(0))]);
+    }
+}
+
+/// Goodput through the kernel path (the standalone backend must be running).
+fn kernel_path(topo: &LbTopology, clients: usize, size: usize) -> anyhow::Result<f64> {
+    let path = KernelPath::new(topo)?;
+    let rate = measure(topo, VIP, clients, size)?;
+    let helped = path.helped();
+    if helped < clients {
+        bail!("only {helped} of {clients} transfers went through the TFTP conntrack helper (NATed expected connections)");
+    }
+    Ok(rate)
+}
+
+/// Aggregate goodput in MB/s of `clients` concurrent downloads of the file from `server`;
+/// every download must arrive whole.
+fn measure(topo: &LbTopology, server: &str, clients: usize, size: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let downloads = (0..clients)
+        .map(|i| {
+            let local = std::env::temp_dir().join(topo.prefix.name(&format!("bench{i}")));
+            let command = CLIENT.download(&topo.clients[0], server, 69, "bench.bin", &local);
+            Ok((Process::spawn(topo.prefix.name(&format!("bench-dl{i}")), command)?, local))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut failure = None;
+    for (mut download, local) in downloads {
+        let status = download.wait(Duration::from_secs(120));
+        let got = std::fs::metadata(&local).map_or(0, |m| m.len());
+        let _ = std::fs::remove_file(&local);
+        if failure.is_none() && (status.is_none_or(|s| !s.success()) || got != size as u64) {
+            failure = Some(format!("download from {server} failed ({status:?}, {got} of {size} bytes): {}", download.log().trim()));
+        }
+    }
+    if let Some(failure) = failure {
+        bail!(failure);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a rate")]
+    let rate = (size * clients) as f64 / started.elapsed().as_secs_f64() / 1e6;
+    Ok(rate)
+}
