@@ -133,6 +133,12 @@ fn lb_by_mac(mac: [u8; 6]) -> Option<u32> {
     None
 }
 
+/// A MAC a single host can have: not all zeros, group bit clear.
+#[inline(always)]
+fn is_unicast(mac: [u8; 6]) -> bool {
+    mac[0] & 1 == 0 && mac != [0; 6]
+}
+
 /// Records a frame from load balancer `slot`, and where it came from when it was its own.
 #[inline(always)]
 fn answered_by(slot: u32, learned: Option<([u8; 6], [u8; 6], u32)>) {
@@ -144,7 +150,12 @@ fn answered_by(slot: u32, learned: Option<([u8; 6], [u8; 6], u32)>) {
     seen.unanswered = 0;
     seen.last_answer_ns = now_ns();
     atomic_add(&raw mut seen.packets_from, 1);
-    if let Some((mac, our_mac, ifindex)) = learned {
+    // Only unicast addresses are learned: a balancer's multicast (or a forged zero or group
+    // address) would black-hole or flood every client packet.
+    if let Some((mac, our_mac, ifindex)) = learned
+        && is_unicast(mac)
+        && is_unicast(our_mac)
+    {
         seen.mac = mac;
         seen.lb_mac = our_mac;
         seen.ifindex = ifindex;

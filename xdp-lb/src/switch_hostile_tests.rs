@@ -138,6 +138,15 @@ fn lb0_relearned(sw: &mut Switch) {
     assert!(seen.last_answer_ns > 0);
 }
 
+/// A balancer's frame from or to an address no single host has (multicast, broadcast, zero)
+/// is a sign of life but teaches nothing: learning it would black-hole or flood the clients.
+fn lb0_alive_not_relearned(sw: &mut Switch) {
+    let seen = sw.seen(0);
+    assert_eq!((seen.mac, seen.lb_mac, seen.packets_from), (LB_MACS[0], SWITCH_MAC, 1));
+    let (action, out) = sw.run(&ack());
+    assert_eq!((action, headers(&out).eth_dst, headers(&out).eth_src), (XDP_TX, LB_MACS[0], SWITCH_MAC));
+}
+
 /// A client packet from a balancer's address is a client packet: it teaches no MAC.
 fn lb0_not_learned(sw: &mut Switch) {
     let seen = sw.seen(0);
@@ -274,6 +283,12 @@ fn cases() -> Vec<Case> {
         .then(lb0_answered),
         // From a balancer's address: a sign of life that teaches its MAC.
         case("LB 0's heartbeat answer, its own MAC", from_lb(0, LB_MACS[0], SWITCH_MAC), XDP_PASS, C::FromLb).then(lb0_relearned),
+        case("LB 0's multicast to the broadcast MAC", from_lb(0, LB_MACS[0], [0xff; 6]), XDP_PASS, C::FromLb)
+            .then(lb0_alive_not_relearned),
+        case("LB 0's address, all-zero source MAC", from_lb(0, [0; 6], SWITCH_MAC), XDP_PASS, C::FromLb)
+            .then(lb0_alive_not_relearned),
+        case("LB 0's address, broadcast source MAC", from_lb(0, [0xff; 6], SWITCH_MAC), XDP_PASS, C::FromLb)
+            .then(lb0_alive_not_relearned),
         // Not defended (docs/SECURITY.md): any frame with a balancer's source address, from any
         // MAC on any interface the switch is attached to, moves that balancer there.
         case("LB 0's address, forged MAC", from_lb(0, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb0_hijacked),
