@@ -165,6 +165,13 @@ impl Steered {
     async fn tftp(&mut self, key: Key, header: SteeringHeader, repr: Repr<'_>, from: SocketAddr) {
         match repr {
             Repr::Rrq { filename, mode, options } => {
+                if self.duplicate_request(key, filename) {
+                    // A repeated or duplicated RRQ while the first one's OACK or DATA 1 is
+                    // outstanding: a second OACK from the same TID makes clients abort, and the
+                    // timer resends the first answer if it was lost.
+                    debug!(client = ?key.0, file = filename, "duplicate request ignored");
+                    return;
+                }
                 self.forget(key);
                 match service::open_read(&mut self.root, &self.config, filename, mode, &options) {
                     Ok((mut transfer, context)) => {
@@ -205,6 +212,15 @@ impl Steered {
                 self.refuse(key, &header, from, &refusal).await;
             }
         }
+    }
+
+    /// Whether an RRQ repeats the request of a read from the same client that has not
+    /// progressed past its first answer.
+    fn duplicate_request(&self, key: Key, filename: &str) -> bool {
+        let Some(session) = self.sessions.get(&key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
+        let same_file = Root::relative(filename).is_ok_and(|relative| files::path_hash(&relative) == session.header.path_hash);
+        same_file && transfer.acked() == 0
     }
 
     async fn ack(&mut self, key: Key, header: SteeringHeader, wire: u16, from: SocketAddr) {
@@ -251,9 +267,12 @@ impl Steered {
                     // resend from this server's own state.
                     transfer.acked()
                 } else {
-                    // The LB's view of what was sent bounds the widening after a move.
-                    let sent = transfer.sent().max(header.block());
-                    xdp_lb_common::steering::expand_block(wire, sent)
+                    // The LB's view of what was sent bounds the widening after a move; a
+                    // transfer that moved away and back has a stale copy here.
+                    if header.has_flag(FLAG_HAS_CONTEXT) {
+                        transfer.catch_up(header.block());
+                    }
+                    xdp_lb_common::steering::expand_block(wire, transfer.sent())
                 };
                 transfer.on_ack(block, header.has_flag(FLAG_NUDGE))
             }

@@ -127,6 +127,16 @@ impl ReadTransfer {
         self.sent
     }
 
+    /// Takes note that blocks up to `sent` went out from another server (this one's copy of the
+    /// transfer is older than the balancer's view): the client's ACKs up to there are valid, and
+    /// what followed this server's last ACK may be lost, so the next ACK gets a whole window.
+    pub fn catch_up(&mut self, sent: u32) {
+        if sent > self.sent {
+            self.sent = sent.min(self.last);
+            self.resync = true;
+        }
+    }
+
     /// Highest block the client acknowledged.
     pub fn acked(&self) -> u32 {
         self.acked
@@ -387,6 +397,20 @@ mod tests {
         let mut buf = [0u8; 512];
         assert_eq!(t.read_block(3, &mut buf).unwrap(), 0, "the terminating empty block");
         assert_eq!(t.on_ack(3, false), Next::Finished);
+    }
+
+    #[test]
+    fn a_stale_copy_catches_up_with_the_balancers_view() {
+        // This server sent up to 8 and saw ACK 4; the transfer then ran elsewhere up to 20.
+        let mut t = ReadTransfer::new(source(100 * 100), 100, 4, false).unwrap();
+        t.start();
+        t.on_ack(4, false);
+        assert_eq!(t.sent(), 8);
+        assert_eq!(t.on_ack(16, false), Next::Nothing, "beyond what this copy sent: stale");
+        t.catch_up(20);
+        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "after catching up, a whole window");
+        t.catch_up(10);
+        assert_eq!(t.sent(), 20, "never backwards");
     }
 
     #[test]

@@ -216,3 +216,24 @@ fn a_first_request_for_a_large_file_does_not_stall_heartbeats() {
     assert_eq!(&data[..4], b"\x00\x03\x00\x01");
     assert!(h.has_flag(FLAG_HAS_CONTEXT));
 }
+
+/// A repeated RRQ (a client retry, or a duplicate from the network) while the first answer is
+/// outstanding gets no second OACK: clients abort on one.
+#[test]
+fn a_duplicate_request_gets_one_oack() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 50_000, 31).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    let rrq = b"\x00\x01fw.bin\x00octet\x00blksize\x001024\x00";
+    lb.send(&a, &client_header(), rrq);
+    let (_, oack) = lb.recv().expect("an OACK");
+    assert_eq!(&oack[..2], b"\x00\x06");
+    lb.send(&a, &client_header(), rrq);
+    lb.socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(lb.recv().is_none(), "no second OACK");
+    lb.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    lb.send(&a, &client_header(), &ack(0));
+    let (_, data) = lb.recv().expect("DATA 1 after ACK 0");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01");
+}
