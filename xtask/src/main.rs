@@ -35,8 +35,9 @@ enum Task {
     /// the serving backend killed mid-transfer, beside a run without failures; live progress
     /// and events, a results table, JSON and a PNG timeline under results/.
     Demo(demo::Args),
-    /// Build, then measure side by side: XDP cost per packet, goodput direct vs through the
-    /// load balancer. Markdown tables on stdout, JSON under results/.
+    /// Build, then measure side by side in one run: XDP cost per packet; goodput direct vs
+    /// nftables DNAT vs xdp-lb; failover stalls; scaling and memory; tftp-backend vs tftpd-hpa
+    /// and atftpd. Markdown tables on stdout, JSON and PNG under results/.
     Bench(bench::Args),
     /// Build, then run `xdp-lb` with the given arguments, e.g.
     /// `cargo xtask run -- balance --iface eth0`.
