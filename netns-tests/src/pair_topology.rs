@@ -168,6 +168,24 @@ impl PairTopology {
         &self._bridges
     }
 
+    /// The non-zero decision counters of the switch and both balancers, a line each (for
+    /// failure messages).
+    #[must_use]
+    pub fn counters_summary(&self) -> String {
+        use std::fmt::Write as _;
+        let roles = [("switch", "switch", &self.switch_pins), ("lb 0", "balance", &self.lb_pins[0]), ("lb 1", "balance", &self.lb_pins[1])];
+        let mut summary = String::new();
+        for (name, role, pins) in roles {
+            let Ok(status) = self.status(pins) else { continue };
+            let counters: Vec<String> = status[role]["counters"]
+                .as_array()
+                .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
+                .unwrap_or_default();
+            let _ = write!(summary, "\n--- {name} counters: {}", counters.join(" "));
+        }
+        summary
+    }
+
     /// `xdp-lb status --json` with one of the pin roots.
     pub fn status(&self, pins: &PinDir) -> Result<serde_json::Value> {
         crate::topology::status_at(pins)

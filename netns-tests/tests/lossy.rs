@@ -153,17 +153,7 @@ impl Lossy {
         for (i, backend) in self.backends.iter().enumerate() {
             let _ = write!(all, "\n--- backend {i}\n{}", backend.log());
         }
-        let pins = [("switch", &self.topo.switch_pins), ("lb 0", &self.topo.lb_pins[0]), ("lb 1", &self.topo.lb_pins[1])];
-        for (name, pins) in pins {
-            let Ok(status) = self.topo.status(pins) else { continue };
-            let role = if name == "switch" { "switch" } else { "balance" };
-            let counters: Vec<String> = status[role]["counters"]
-                .as_array()
-                .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
-                .unwrap_or_default();
-            let _ = write!(all, "\n--- {name} counters: {}", counters.join(" "));
-        }
-        all
+        all + &self.topo.counters_summary()
     }
 
     fn active_lb(&self) -> usize {
