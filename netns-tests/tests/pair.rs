@@ -315,3 +315,21 @@ fn twenty_clients_across_balancer_and_backend_failures() {
     }
     assert_eq!(running.active_lb(), 1);
 }
+
+/// The switch agent killed mid-transfer: its pinned XDP links keep steering from the pinned
+/// maps, the transfer completes, and a restarted agent re-adopts them without a swap.
+#[test]
+fn switch_agent_killed_and_restarted_mid_transfer() {
+    let mut running = Running::start(1, 2);
+    let restart_switch = |r: &mut Running| {
+        r.switch.kill_hard();
+        std::thread::sleep(Duration::from_millis(300));
+        let restarted = r.topo.start_switch(&[]).expect("restart the switch agent");
+        r.killed.push(std::mem::replace(&mut r.switch, restarted));
+    };
+    transfer_with_failures(&mut running, 64 * MIB, &[(0.4, &restart_switch)]);
+    assert_eq!(running.active_lb(), 0, "no swap: both balancers stayed alive");
+    assert_eq!(running.counter(1, "to_client"), 0, "the backup carried nothing");
+    let log = running.switch.log();
+    assert!(!log.contains("swapped"), "the restarted agent swapped:\n{log}");
+}

@@ -17,7 +17,7 @@ use netns_tests::{
 struct Server {
     port: u16,
     root: tempfile::TempDir,
-    _process: Process,
+    process: Process,
 }
 
 fn free_port() -> u16 {
@@ -31,7 +31,7 @@ fn server(extra: &[&str]) -> Server {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
     command.arg("--root").arg(root.path()).args(["--listen", &format!("127.0.0.1:{port}")]).args(extra);
     let process = Process::spawn(RunPrefix::new().name("tftp-backend"), command).unwrap();
-    let server = Server { port, root, _process: process };
+    let server = Server { port, root, process };
     // Ready when a request for a missing file gets its error.
     for _ in 0..100 {
         if request(&server, b"\x00\x01ready-probe\x00octet\x00").is_some() {
@@ -192,4 +192,32 @@ fn oack_answers_tsize_and_clamps_blksize() {
     };
     assert_eq!(&answer[..2], b"\x00\x06", "an OACK");
     assert_eq!(pairs(&answer), pairs(&expected));
+}
+
+/// A server killed (SIGKILL) in the middle of an upload leaves nothing under the target name:
+/// the data went to a temporary file that is renamed only when the upload is complete.
+#[test]
+fn an_upload_cut_by_a_killed_server_leaves_no_partial_file() {
+    let mut s = server(&["--allow-upload"]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    socket.send_to(b"\x00\x02cut.bin\x00octet\x00", ("127.0.0.1", s.port)).unwrap();
+    let mut buf = [0u8; 600];
+    let (n, tid) = socket.recv_from(&mut buf).expect("ACK 0 from the transfer port");
+    assert_eq!(&buf[..n], b"\x00\x04\x00\x00");
+    for block in 1..=20u16 {
+        let mut data = vec![0, 3];
+        data.extend_from_slice(&block.to_be_bytes());
+        data.extend_from_slice(&[0x5a; 512]);
+        socket.send_to(&data, tid).unwrap();
+        let (n, _) = socket.recv_from(&mut buf).expect("ACK");
+        assert_eq!(&buf[..n], [&[0u8, 4][..], &block.to_be_bytes()].concat().as_slice());
+    }
+    s.process.kill_hard();
+    assert!(!s.root.path().join("cut.bin").exists(), "no partial file under the target name");
+    let names: Vec<String> = std::fs::read_dir(s.root.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| n != "cut.bin"), "{names:?}");
+    // The blocks did land: in the temporary file a crash leaves behind (not under the name).
+    let landed = std::fs::read_dir(s.root.path()).unwrap().any(|e| e.unwrap().metadata().unwrap().len() == 20 * 512);
+    assert!(landed, "the 20 acknowledged blocks are in a temporary file: {names:?}");
 }
