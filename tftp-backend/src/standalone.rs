@@ -35,10 +35,36 @@ pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Resul
     }
 }
 
+/// IPv4 and UDP headers and the TFTP DATA header: what a block adds on the wire.
+const DATA_OVERHEAD: usize = 20 + 8 + 4;
+
+/// The limits with the block size lowered to what fits the path MTU toward the client (RFC
+/// 2348: a block must not make the datagram fragment), when the kernel knows it.
+fn clamped_to_path_mtu(config: &Config, socket: &UdpSocket) -> Config {
+    let mut config = config.clone();
+    if let Some(fits) = path_mtu(socket).and_then(|mtu| mtu.checked_sub(DATA_OVERHEAD)) {
+        let smallest = u16::try_from(crate::options::BLKSIZE_MIN).unwrap_or(8);
+        let fits = u16::try_from(fits).unwrap_or(u16::MAX).max(smallest);
+        config.limits.max_blksize = config.limits.max_blksize.min(fits);
+    }
+    config
+}
+
+/// The path MTU of a connected socket (`IP_MTU`), if the kernel has one.
+fn path_mtu(socket: &UdpSocket) -> Option<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut mtu: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
+    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+    (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
+}
+
 /// Runs one transfer from its request to the end.
 async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config) -> anyhow::Result<()> {
     let socket = UdpSocket::bind((local_ip, 0)).await.context("binding a transfer port")?;
     socket.connect(client).await?;
+    let config = &clamped_to_path_mtu(config, &socket);
     // Requests, errors, ACKs and OACKs fit in 512 bytes; DATA gets a buffer sized to the
     // negotiated block in `read`, so thousands of transfers do not each hold 128 KiB.
     let mut out = vec![0u8; SMALL_PACKET];

@@ -221,3 +221,35 @@ fn an_upload_cut_by_a_killed_server_leaves_no_partial_file() {
     let landed = std::fs::read_dir(s.root.path()).unwrap().any(|e| e.unwrap().metadata().unwrap().len() == 20 * 512);
     assert!(landed, "the 20 acknowledged blocks are in a temporary file: {names:?}");
 }
+
+/// The block size granted fits the path MTU toward the client (RFC 2348: no fragments), here
+/// a link of MTU 1000 between two namespaces: 1000 − 20 (IPv4) − 8 (UDP) − 4 (TFTP) = 968.
+#[test]
+fn blksize_is_clamped_to_the_path_mtu() {
+    netns_tests::require_root();
+    let prefix = RunPrefix::new();
+    let (server_ns, client_ns) = (netns_tests::Netns::new(prefix.name("srv")).unwrap(), netns_tests::Netns::new(prefix.name("cli")).unwrap());
+    netns_tests::veth_pair(&server_ns, "eth0", &client_ns, "eth0").unwrap();
+    for (ns, addr) in [(&server_ns, "10.79.0.1/24"), (&client_ns, "10.79.0.2/24")] {
+        ns.ip(&["link", "set", "eth0", "mtu", "1000"]).unwrap();
+        ns.add_address("eth0", addr).unwrap();
+    }
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("mtu.bin"), 100_000, 41).unwrap();
+    let mut command = server_ns.command(env!("CARGO_BIN_EXE_tftp-backend"));
+    command.arg("--root").arg(root.path()).args(["--listen", "10.79.0.1:69"]);
+    let _server = Process::spawn(prefix.name("mtu-server"), command).unwrap();
+    let oack = client_ns
+        .enter(|| {
+            let socket = UdpSocket::bind("10.79.0.2:0").unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 512];
+            (0..30).find_map(|_| {
+                socket.send_to(b"\x00\x01mtu.bin\x00octet\x00blksize\x001468\x00", "10.79.0.1:69").ok()?;
+                socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+            })
+        })
+        .unwrap()
+        .expect("an OACK");
+    assert_eq!(oack, b"\x00\x06blksize\x00968\x00", "granted block fits the 1000-byte MTU");
+}
