@@ -1,11 +1,18 @@
-//! Several datagrams in one system call on a connected UDP socket: one sendmsg(2) with UDP
-//! segmentation offload (UDP_SEGMENT) where the kernel and device take it, else sendmmsg(2).
+//! Several datagrams in one system call: on a connected UDP socket one sendmsg(2) with UDP
+//! segmentation offload (UDP_SEGMENT) where the kernel and device take it, else sendmmsg(2);
+//! to an explicit destination (`send_to`, the steered backend's one unconnected socket)
+//! sendmmsg(2) only.
 //!
 //! In this VM a `send` costs ~1.5 µs, most of a windowed transfer's CPU; a window of 16 blocks
 //! pays for the system call once, and with UDP_SEGMENT the stack below UDP sees one packet.
+//!
+//! No UDP_SEGMENT toward a load balancer: over veth the super-packet reaches the balancer's
+//! (generic) XDP program whole, which would see one packet with one steering header where
+//! there are sixteen. The balancer must see every datagram on its own.
 
 use std::{
     io,
+    net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
@@ -23,6 +30,8 @@ pub struct SendBatch {
     iovs: Vec<[libc::iovec; 2]>,
     /// The control message of a UDP_SEGMENT send (`u64`s for the alignment of a cmsghdr).
     control: [u64; 4],
+    /// The destination of `send_to`, which every message names.
+    name: libc::sockaddr_storage,
     /// Cleared for good the first time the kernel refuses UDP_SEGMENT.
     gso: bool,
 }
@@ -44,7 +53,46 @@ impl SendBatch {
             })
             .collect();
         let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
-        Self { msgs, iovs: vec![[empty; 2]; capacity], control: [0; 4], gso: true }
+        // SAFETY: sockaddr_storage is plain C data; all zeroes is a valid (unspecified) address.
+        let name = unsafe { std::mem::zeroed() };
+        Self { msgs, iovs: vec![[empty; 2]; capacity], control: [0; 4], name, gso: true }
+    }
+
+    /// Sends each `(header, payload)` as one datagram to `to` on the socket `fd` (connected or
+    /// not), the first `capacity` of them at most, with one sendmmsg and never UDP_SEGMENT (see
+    /// the module's documentation). Returns how many the kernel took (at least one; the caller
+    /// sends the rest again), or the error of the first one: `WouldBlock` when the send buffer
+    /// is full. Never blocks.
+    pub fn send_to<'a>(&mut self, fd: BorrowedFd<'_>, to: SocketAddr, datagrams: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<usize> {
+        let (count, _, _) = self.gather(0, datagrams);
+        if count == 0 {
+            return Ok(0);
+        }
+        let len = write_sockaddr(to, &mut self.name);
+        let name = (&raw mut self.name).cast::<libc::c_void>();
+        for msg in self.msgs.iter_mut().take(count) {
+            msg.msg_hdr.msg_name = name;
+            msg.msg_hdr.msg_namelen = len;
+        }
+        self.send_mmsg(fd, count)
+    }
+
+    /// Points the iovecs at the datagrams, the first `capacity` of them at most. Returns their
+    /// count, their total length, and whether all but the last are `segment` bytes long and
+    /// the last at most that.
+    fn gather<'a>(&mut self, segment: usize, datagrams: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> (usize, usize, bool) {
+        let (mut count, mut bytes, mut uniform) = (0usize, 0usize, true);
+        for (iov, (header, payload)) in self.iovs.iter_mut().zip(datagrams) {
+            // The kernel only reads through these pointers for a send (`cast_mut` is for the C
+            // signature).
+            iov[0] = libc::iovec { iov_base: header.as_ptr().cast_mut().cast(), iov_len: header.len() };
+            iov[1] = libc::iovec { iov_base: payload.as_ptr().cast_mut().cast(), iov_len: payload.len() };
+            let len = header.len() + payload.len();
+            // Only the last may be shorter: a short one before it ends uniformity.
+            uniform &= bytes == count * segment && len <= segment;
+            (count, bytes) = (count + 1, bytes + len);
+        }
+        (count, bytes, uniform)
     }
 
     /// Sends each `(header, payload)` as one datagram on the connected socket `fd`, the first
@@ -57,17 +105,7 @@ impl SendBatch {
     /// without checksum offload before Linux 6.11, EMSGSIZE or EINVAL for a segment over the
     /// MTU, ...), this and every later call use sendmmsg instead.
     pub fn send<'a>(&mut self, fd: BorrowedFd<'_>, segment: usize, datagrams: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<usize> {
-        let (mut count, mut bytes, mut uniform) = (0usize, 0usize, true);
-        for (iov, (header, payload)) in self.iovs.iter_mut().zip(datagrams) {
-            // The kernel only reads through these pointers for a send (`cast_mut` is for the C
-            // signature).
-            iov[0] = libc::iovec { iov_base: header.as_ptr().cast_mut().cast(), iov_len: header.len() };
-            iov[1] = libc::iovec { iov_base: payload.as_ptr().cast_mut().cast(), iov_len: payload.len() };
-            let len = header.len() + payload.len();
-            // Only the last may be shorter: a short one before it ends uniformity.
-            uniform &= bytes == count * segment && len <= segment;
-            (count, bytes) = (count + 1, bytes + len);
-        }
+        let (count, bytes, uniform) = self.gather(segment, datagrams);
         if count == 0 {
             return Ok(0);
         }
@@ -80,6 +118,10 @@ impl SendBatch {
                 }
                 Err(error) => return Err(error),
             }
+        }
+        for msg in self.msgs.iter_mut().take(count) {
+            msg.msg_hdr.msg_name = std::ptr::null_mut();
+            msg.msg_hdr.msg_namelen = 0;
         }
         self.send_mmsg(fd, count)
     }
@@ -126,13 +168,44 @@ impl SendBatch {
         let vlen = libc::c_uint::try_from(count).unwrap_or(libc::c_uint::MAX);
         // SAFETY: `fd` is an open socket for the duration of the borrow. The first `count`
         // entries of `msgs` each point at two iovecs of `iovs`, which point at slices alive for
-        // this call (filled by `send`); the kernel writes only `msg_len` of those entries.
+        // this call (filled by `gather`), and name no address or `name` (set by the caller,
+        // `msg_namelen` bytes of it); the kernel writes only `msg_len` of those entries.
         let sent = unsafe { libc::sendmmsg(fd.as_raw_fd(), self.msgs.as_mut_ptr(), vlen, libc::MSG_DONTWAIT) };
         match sent {
             ..0 => Err(io::Error::last_os_error()),
             0 => Err(io::ErrorKind::WriteZero.into()),
             // Positive and at most `count`.
             n => Ok(n.unsigned_abs() as usize),
+        }
+    }
+}
+
+/// Writes `addr` as a C socket address into `storage`; returns its length.
+#[expect(clippy::cast_possible_truncation, reason = "address families and sizes of C addresses are small constants")]
+fn write_sockaddr(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for every socket address.
+            unsafe { (&raw mut *storage).cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for every socket address.
+            unsafe { (&raw mut *storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
         }
     }
 }
@@ -202,6 +275,34 @@ mod tests {
         // A segment size no datagram has.
         assert_eq!(batch.send(a.as_fd(), 100, headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
         expect(&b, &packets);
+    }
+
+    #[test]
+    fn sends_to_a_destination_from_an_unconnected_socket_without_gso() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let payload: Vec<u8> = (0..3000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let (headers, parts) = (HEADERS, blocks(&payload));
+        let packets = packets(parts);
+        let mut batch = SendBatch::new(4);
+        let sent = batch.send_to(a.as_fd(), b.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap();
+        assert_eq!(sent, 3);
+        let mut buf = [0u8; 8192];
+        for packet in &packets {
+            let (len, from) = b.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..len], from), (&packet[..], a.local_addr().unwrap()), "one datagram each, not a GSO super-packet");
+        }
+        // The same batch then sends on a connected socket (no stale destination).
+        let (c, d) = pair();
+        assert_eq!(batch.send(c.as_fd(), 1472, headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
+        expect(&d, &packets);
+        // And to an IPv6 destination, where the host has one.
+        if let (Ok(e), Ok(f)) = (UdpSocket::bind("[::1]:0"), UdpSocket::bind("[::1]:0")) {
+            f.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(batch.send_to(e.as_fd(), f.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
+            expect(&f, &packets);
+        }
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Steered mode: one UDP socket receives packets from load balancers, each a steering header
 //! followed by a TFTP packet. Sessions are keyed by the client key in the header, and are only
 //! a cache: an ACK for a session this backend never saw is served from the header alone.
-//! One event loop, one timer queue, buffers reused for every packet.
+//! One event loop, one timer queue, buffers reused for every packet. DATA leaves a batch at a
+//! time: one file read and one sendmmsg(2) for up to a window (`batch.rs`).
 //!
 //! Every TFTP datagram gets at least one answer (the LB's watchdog counts unanswered packets):
 //! DATA, OACK, ACK, ERROR, or a header-only `FINISHED` when the transfer is over.
 
-use std::{collections::HashMap, fs::File, net::SocketAddr, time::Instant};
+use std::{collections::HashMap, fs::File, net::SocketAddr, os::fd::AsFd as _, time::Instant};
 
 use anyhow::Context as _;
-use tokio::{net::UdpSocket, sync::mpsc};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
@@ -17,6 +18,7 @@ use xdp_lb_common::{
 };
 
 use crate::{
+    batch::SendBatch,
     files::{self, FileId, Refusal, Root},
     service::{self, Config, Context},
     timer::TimerQueue,
@@ -28,6 +30,12 @@ use crate::{
 type Key = ([u8; 4], [u8; 2], [u8; 2]);
 
 const HEADER: usize = SteeringHeader::LEN;
+
+/// Most bytes of DATA read and sent in one batch: a window of 16 blocks of 1468 bytes, and at
+/// least one block of the largest size.
+const BATCH_BYTES: usize = 64 << 10;
+/// Most datagrams per sendmmsg.
+const BATCH_BLOCKS: usize = 64;
 
 enum Kind {
     Read(ReadTransfer),
@@ -53,6 +61,11 @@ pub struct Steered {
     sessions: HashMap<Key, Session>,
     timers: TimerQueue<Key>,
     out: Vec<u8>,
+    /// DATA of a batch of blocks, back to back (one file read).
+    blocks: Vec<u8>,
+    /// The steering and TFTP headers of a batch, one per datagram.
+    headers: Vec<[u8; HEADER + 4]>,
+    sender: SendBatch,
     /// Datagrams waiting for a digest being computed off the loop, by file.
     waiting: HashMap<FileId, Vec<Deferred>>,
     digested: (mpsc::UnboundedSender<FileId>, mpsc::UnboundedReceiver<FileId>),
@@ -68,6 +81,9 @@ impl Steered {
             sessions: HashMap::new(),
             timers: TimerQueue::new(),
             out: vec![0; HEADER + MAX_PACKET],
+            blocks: vec![0; BATCH_BYTES.max(MAX_PACKET)],
+            headers: vec![[0; HEADER + 4]; BATCH_BLOCKS],
+            sender: SendBatch::new(BATCH_BLOCKS),
             waiting: HashMap::new(),
             digested: mpsc::unbounded_channel(),
         }
@@ -310,10 +326,15 @@ impl Steered {
     async fn read_next(&mut self, key: Key, next: Next) {
         match next {
             Next::Send(blocks) => {
-                for n in blocks {
-                    if !self.send_block(key, n).await {
+                let (mut first, last) = blocks.into_inner();
+                if first == 0 {
+                    if !self.send_block(key, 0).await {
                         return;
                     }
+                    first = 1;
+                }
+                if first <= last && !self.send_blocks(key, first, last).await {
+                    return;
                 }
                 self.arm(key);
             }
@@ -353,6 +374,58 @@ impl Steered {
         let lb = session.lb;
         if let Err(error) = self.socket.send_to(&self.out[..end], lb).await {
             debug!(%error, "send failed");
+        }
+        true
+    }
+
+    /// Sends DATA blocks `first..=last` of a read, a batch per file read and per system call;
+    /// false if the session is gone (or its file failed, which ends it).
+    async fn send_blocks(&mut self, key: Key, first: u32, last: u32) -> bool {
+        let Some(session) = self.sessions.get(&key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
+        let blksize = usize::from(transfer.blksize);
+        let per_batch = u32::try_from((self.blocks.len() / blksize).clamp(1, BATCH_BLOCKS)).unwrap_or(1);
+        let (mut header, lb) = (session.header, session.lb);
+        header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+        let mut n = first;
+        while n <= last {
+            let count = (last - n + 1).min(per_batch);
+            let read = match transfer.read_blocks(n, count, &mut self.blocks) {
+                Ok(read) => read,
+                Err(error) => {
+                    warn!(%error, "read failed");
+                    if let Some(s) = self.forget(key) {
+                        self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
+                    }
+                    return false;
+                }
+            };
+            for (slot, block) in self.headers.iter_mut().zip(n..n + count) {
+                header.set_block(block);
+                slot[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+                slot[HEADER..HEADER + 2].copy_from_slice(&3u16.to_be_bytes());
+                slot[HEADER + 2..].copy_from_slice(&((block & 0xffff) as u16).to_be_bytes());
+            }
+            let (headers, blocks) = (&self.headers, &self.blocks);
+            let packet = |i: usize| {
+                let at = i * blksize;
+                (&headers[i][..], &blocks[at..at + read.saturating_sub(at).min(blksize)])
+            };
+            // The kernel may take fewer than all (a full send buffer): send the rest again. A
+            // datagram it refuses is skipped, as a failed send_to was.
+            let mut sent = 0;
+            while sent < count as usize {
+                let packets = (sent..count as usize).map(packet);
+                let (socket, sender) = (&self.socket, &mut self.sender);
+                match socket.async_io(Interest::WRITABLE, || sender.send_to(socket.as_fd(), lb, packets.clone())).await {
+                    Ok(taken) => sent += taken,
+                    Err(error) => {
+                        debug!(%error, "send failed");
+                        sent += 1;
+                    }
+                }
+            }
+            n += count;
         }
         true
     }
