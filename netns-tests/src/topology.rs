@@ -53,6 +53,7 @@ impl LbTopology {
         let net = Netns::new(prefix.name("net"))?;
         net.ip(&["link", "add", "br0", "mtu", MTU, "type", "bridge"])?;
         net.ip(&["link", "set", "br0", "up"])?;
+        crate::pair_topology::bridge_without_ip_hooks(&net);
         let pins = PinDir::new(&prefix.name("lb"))?;
         let root = std::env::temp_dir().join(prefix.name("root"));
         std::fs::create_dir_all(&root).map_err(crate::io_error(format!("create {}", root.display())))?;
