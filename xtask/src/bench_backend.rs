@@ -536,7 +536,7 @@ fn row_json(cell: &Cell) -> serde_json::Value {
 fn plot(cells: &[Cell], png: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
 
-    register_font()?;
+    crate::plot::register_font()?;
     let mut panels: Vec<(String, Vec<&Cell>)> = Vec::new();
     for cell in cells {
         let title = format!("{} × {} client(s)", cell.file, cell.clients);
@@ -593,28 +593,9 @@ fn plot(cells: &[Cell], png: &Path) -> anyhow::Result<()> {
                 .label(kind.name())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
+        crate::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     root.present()?;
     Ok(())
 }
 
-/// plotters draws text with a font registered at run time (no fontconfig); DejaVu Sans ships
-/// with Debian's fonts-dejavu-core.
-pub(crate) fn register_font() -> anyhow::Result<()> {
-    const CANDIDATES: [&str; 3] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-        "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-    ];
-    let path = CANDIDATES.iter().find(|p| Path::new(p).is_file()).context("no TrueType font found (install fonts-dejavu-core)")?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{path}: not a usable font"))?;
-    Ok(())
-}

@@ -217,12 +217,48 @@ impl Sampler {
     }
 }
 
+type LevelChart<'a> = plotters::chart::ChartContext<
+    'a,
+    plotters::prelude::BitMapBackend<'a>,
+    plotters::coord::cartesian::Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A panel with one x position per level (`n` of them, labelled by `formatter`) and a y axis
+/// from 0 to `top`.
+fn level_axes<'a>(
+    panel: &plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend<'a>, plotters::coord::Shift>,
+    (caption, x_desc, y_desc): (&str, &str, &str),
+    n: f64,
+    top: f64,
+    formatter: &dyn Fn(&f64) -> String,
+) -> anyhow::Result<LevelChart<'a>> {
+    use plotters::prelude::*;
+    let mut chart = ChartBuilder::on(panel)
+        .caption(caption, ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(-0.3..n - 0.7, 0.0..top)?;
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a handful of levels")]
+    let labels = n as usize + 2;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(labels)
+        .x_label_formatter(formatter)
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    Ok(chart)
+}
+
 /// Two panels: aggregate goodput, and peak RSS of the LB agent and the backend, by number of
 /// concurrent transfers (one x position per level).
 fn plot(levels: &[Level], png: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
 
-    crate::bench_backend::register_font()?;
+    crate::plot::register_font()?;
     let root = BitMapBackend::new(png, (1400, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 2));
@@ -244,21 +280,8 @@ fn plot(levels: &[Level], png: &Path) -> anyhow::Result<()> {
 
     let goodput = series(&Level::mb_s);
     let top = goodput.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("aggregate goodput through xdp-lb, MB/s", ("sans-serif", 20))
-        .margin(14)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(-0.3..n - 0.7, 0.0..top)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(levels.len() + 2)
-        .x_label_formatter(&formatter)
-        .x_desc("concurrent transfers (256 KiB each)")
-        .y_desc("MB/s")
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    let axes = |panel, caption, x_desc, y_desc, top| level_axes(panel, (caption, x_desc, y_desc), n, top, &formatter);
+    let mut chart = axes(&panels[0], "aggregate goodput through xdp-lb, MB/s", "concurrent transfers (256 KiB each)", "MB/s", top)?;
     chart.draw_series(std::iter::once(PathElement::new(goodput.clone(), blue.stroke_width(2))))?;
     chart.draw_series(goodput.iter().map(|&p| Circle::new(p, 4, blue.filled())))?;
 
@@ -267,21 +290,7 @@ fn plot(levels: &[Level], png: &Path) -> anyhow::Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "KiB of a process")]
     let backend = series(&|l| l.backend.hwm as f64 / 1024.0);
     let top = lb.iter().chain(&backend).map(|p| p.1).fold(1.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&panels[1])
-        .caption("peak memory (VmHWM), MiB", ("sans-serif", 20))
-        .margin(14)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d(-0.3..n - 0.7, 0.0..top)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(levels.len() + 2)
-        .x_label_formatter(&formatter)
-        .x_desc("concurrent transfers")
-        .y_desc("MiB")
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    let mut chart = axes(&panels[1], "peak memory (VmHWM), MiB", "concurrent transfers", "MiB", top)?;
     for (name, points, color) in [("LB agent (xdp-lb balance)", lb, blue), ("backend (tftp-backend --steered)", backend, orange)] {
         chart
             .draw_series(std::iter::once(PathElement::new(points.clone(), color.stroke_width(2))))?
@@ -289,13 +298,7 @@ fn plot(levels: &[Level], png: &Path) -> anyhow::Result<()> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    crate::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }

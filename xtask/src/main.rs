@@ -3,6 +3,7 @@ mod bench;
 mod bench_backend;
 mod cargo;
 mod demo;
+mod plot;
 mod setup;
 
 use clap::{Parser, Subcommand};

@@ -50,7 +50,7 @@ const LINE_COLORS: [RGBColor; 6] = [
 
 /// Draws the panels stacked, on a common time axis.
 pub fn plot(png: &Path, panels: &[Panel]) -> anyhow::Result<()> {
-    register_font()?;
+    crate::plot::register_font()?;
     let points = || panels.iter().flat_map(|p| p.series.iter().flat_map(|(_, s)| s.iter()));
     let x_max = points().map(|p| p.0).chain(panels.iter().flat_map(|p| p.marks.iter().map(|m| m.0))).fold(0.1, f64::max) * 1.03;
     let y_max = points().map(|p| p.1).fold(1.0, f64::max) * 1.08;
@@ -88,28 +88,9 @@ pub fn plot(png: &Path, panels: &[Panel]) -> anyhow::Result<()> {
                 series.label(mark.label()).legend(move |(x, y)| PathElement::new(vec![(x + 8, y - 6), (x + 8, y + 6)], style));
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
+        crate::plot::draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().with_context(|| format!("write {}", png.display()))?;
     Ok(())
 }
 
-/// plotters draws text with a font registered at run time (no fontconfig); DejaVu Sans ships
-/// with Debian's fonts-dejavu-core.
-fn register_font() -> anyhow::Result<()> {
-    const CANDIDATES: [&str; 3] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-        "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-    ];
-    let path = CANDIDATES.iter().find(|p| Path::new(p).is_file()).context("no TrueType font found (install fonts-dejavu-core)")?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{path}: not a usable font"))?;
-    Ok(())
-}

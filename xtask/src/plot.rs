@@ -1,0 +1,45 @@
+//! What every chart of the demo and the benchmarks shares: the font and the legend box.
+
+use std::{path::Path, sync::OnceLock};
+
+use anyhow::Context as _;
+use plotters::{
+    coord::CoordTranslate,
+    prelude::*,
+};
+
+/// plotters draws text with a font registered at run time (no fontconfig); DejaVu Sans ships
+/// with Debian's fonts-dejavu-core. Registered once per process (the bytes live as long).
+pub fn register_font() -> anyhow::Result<()> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED.get_or_init(|| load_font().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
+fn load_font() -> anyhow::Result<()> {
+    const CANDIDATES: [&str; 3] = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    ];
+    let path = CANDIDATES.iter().find(|p| Path::new(p).is_file()).context("no TrueType font found (install fonts-dejavu-core)")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(path)?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| anyhow::anyhow!("{path}: not a usable font"))?;
+    Ok(())
+}
+
+/// The series legend, in a white box at `position`.
+pub fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>, position: SeriesLabelPosition) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("drawing a legend: {e:?}"))
+}
