@@ -188,6 +188,16 @@ impl PairTopology {
         summary
     }
 
+    /// The index of the balancer the switch calls active.
+    pub fn active_lb(&self) -> Result<usize> {
+        let status = self.status(&self.switch_pins)?;
+        let lbs = status["switch"]["lbs"].as_array().cloned().unwrap_or_default();
+        lbs.iter().position(|lb| lb["role"] == "active").ok_or_else(|| crate::Error::Io {
+            what: "find the active balancer in `xdp-lb status`".into(),
+            source: std::io::Error::other(format!("{status}")),
+        })
+    }
+
     /// `xdp-lb status --json` with one of the pin roots.
     pub fn status(&self, pins: &PinDir) -> Result<serde_json::Value> {
         crate::topology::status_at(pins)

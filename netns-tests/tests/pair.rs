@@ -90,11 +90,8 @@ impl Running {
         .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
     }
 
-    /// The index of the balancer the switch calls active.
     fn active_lb(&self) -> usize {
-        let status = self.topo.status(&self.topo.switch_pins).expect("switch status");
-        let lbs = status["switch"]["lbs"].as_array().expect("lbs").clone();
-        lbs.iter().position(|lb| lb["role"] == "active").expect("an active balancer")
+        self.topo.active_lb().expect("the switch's status")
     }
 
     /// Kills balancer `i`: SIGKILL of its agent and its link down.
