@@ -21,9 +21,13 @@ pub fn run_checked(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The workspace root this xtask was built from.
+/// The workspace root of the checkout running this xtask. `cargo run` sets CARGO_MANIFEST_DIR
+/// at run time; the compile-time value is only a fallback, because checkouts sharing one target
+/// directory can run a binary another checkout built.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn cargo() -> Command {
