@@ -4,6 +4,7 @@
 //! behind xdp-lb's load balancers: every packet carries the steering header, and an ACK for a
 //! transfer this server never saw is served from that header alone.
 mod batch;
+mod completed;
 mod files;
 mod netascii;
 mod service;

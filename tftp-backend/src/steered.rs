@@ -19,6 +19,7 @@ use xdp_lb_common::{
 
 use crate::{
     batch::SendBatch,
+    completed::{self, Completed},
     files::{self, FileId, Refusal, Root},
     service::{self, Config, Context},
     timer::TimerQueue,
@@ -69,6 +70,8 @@ pub struct Steered {
     /// Datagrams waiting for a digest being computed off the loop, by file.
     waiting: HashMap<FileId, Vec<Deferred>>,
     digested: (mpsc::UnboundedSender<FileId>, mpsc::UnboundedReceiver<FileId>),
+    /// Downloads that ended here with the client's last ACK (see `completed.rs`).
+    completed: Completed<Key>,
 }
 
 impl Steered {
@@ -86,6 +89,7 @@ impl Steered {
             sender: SendBatch::new(BATCH_BLOCKS),
             waiting: HashMap::new(),
             digested: mpsc::unbounded_channel(),
+            completed: Completed::new(completed::REMEMBER_FOR, completed::CAPACITY),
         }
     }
 
@@ -240,6 +244,13 @@ impl Steered {
     }
 
     async fn ack(&mut self, key: Key, header: SteeringHeader, wire: u16, from: SocketAddr) {
+        if !self.sessions.contains_key(&key) && self.completed.contains(&key, Instant::now()) {
+            // A late final ACK, or a balancer nudging a download that ended here: the client
+            // has every block. FINISHED makes the balancer forget the session.
+            debug!(client = ?key.0, "ACK for a download that finished here");
+            self.finished(&header, from).await;
+            return;
+        }
         if !self.sessions.contains_key(&key) {
             // Never seen here: continue from the header (the transfer moved to this backend).
             if !header.has_flag(FLAG_HAS_CONTEXT) {
@@ -339,6 +350,9 @@ impl Steered {
                 self.arm(key);
             }
             Next::Finished | Next::GiveUp => {
+                if matches!(next, Next::Finished) {
+                    self.completed.remember(key, Instant::now());
+                }
                 if let Some(session) = self.forget(key) {
                     self.finished(&session.header, session.lb).await;
                 }
@@ -456,6 +470,7 @@ impl Steered {
         let mut template = header;
         context.write_into(&mut template);
         let timeout = self.config.timeout(context.negotiated.timeout);
+        self.completed.forget(&key);
         self.sessions.insert(key, Session { kind, header: template, lb, timeout });
     }
 

@@ -237,3 +237,37 @@ fn a_duplicate_request_gets_one_oack() {
     let (_, data) = lb.recv().expect("DATA 1 after ACK 0");
     assert_eq!(&data[..4], b"\x00\x03\x00\x01");
 }
+
+/// A download that ended here (last block acknowledged) is not started again by a balancer that
+/// still holds its session and nudges it after a failover: the backend answers FINISHED, which
+/// makes the balancer forget the session, and sends no DATA to a client that has left.
+#[test]
+fn a_finished_download_is_not_resumed_by_a_late_nudge() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("small.bin"), 1500, 24).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    lb.send(&a, &client_header(), b"\x00\x01small.bin\x00octet\x00");
+    let mut context = client_header();
+    for block in 1..=3u16 {
+        let (h, data) = lb.recv().expect("DATA");
+        assert_eq!(&data[..4], &[0, 3, 0, u8::try_from(block).unwrap()]);
+        context = h;
+        lb.send(&a, &client_header(), &ack(block));
+    }
+    assert!(lb.recv().expect("end of session").0.has_flag(FLAG_FINISHED), "the last ACK ends the download");
+
+    // A balancer that took over nudges with the context it mirrored (block 2 acknowledged).
+    let mut nudge = context;
+    nudge.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    nudge.set_block(2);
+    lb.send(&a, &nudge, &ack(2));
+    let (reply, payload) = lb.recv().expect("an answer");
+    assert!(reply.has_flag(FLAG_FINISHED) && payload.is_empty(), "FINISHED, not DATA: {reply:?} {payload:?}");
+    assert!(lb.recv().is_none(), "nothing more: the download is not resumed");
+
+    // The same client key starting a new download is served as usual.
+    lb.send(&a, &client_header(), b"\x00\x01small.bin\x00octet\x00");
+    let (_, data) = lb.recv().expect("DATA 1 of the new download");
+    assert_eq!(&data[..4], &[0, 3, 0, 1]);
+}
