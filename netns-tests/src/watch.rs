@@ -24,8 +24,9 @@ impl Growth {
         let thread = std::thread::spawn(move || {
             let mut samples: Vec<(Instant, u64)> = Vec::new();
             while !flag.load(Ordering::Relaxed) {
+                // Growth only: a file removed (size 0) after the download is no new data.
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                if samples.last().is_none_or(|&(_, last)| size != last) {
+                if samples.last().is_none_or(|&(_, last)| size > last) {
                     samples.push((Instant::now(), size));
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -35,7 +36,7 @@ impl Growth {
         Self { stop, thread: Some(thread) }
     }
 
-    /// Stops watching and returns the (time, size) samples at which the size changed.
+    /// Stops watching and returns the (time, size) samples at which the file grew.
     #[must_use]
     pub fn stop(mut self) -> Vec<(Instant, u64)> {
         self.stop.store(true, Ordering::Relaxed);

@@ -254,6 +254,25 @@ fn balancer_restarted_then_the_new_active_one_killed() {
     assert_eq!(running.active_lb(), 0, "the restarted balancer took over again");
 }
 
+/// A download that ended after a failover stays ended: the killed balancer comes back with its
+/// pinned (stale) sessions, and neither it nor the backends send the finished transfer again.
+/// (A restarted agent once judged every backend dead from its predecessor's old timestamps and
+/// nudged its stale sessions; the backends resumed them and resent windows to a client that had
+/// left, at every retransmission timeout.)
+#[test]
+fn a_finished_download_is_not_sent_again_after_the_killed_balancer_returns() {
+    let mut running = Running::start(1, 2);
+    transfer_with_failures(&mut running, 16 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
+    let delivered = running.delivered();
+    running.restart_lb(0);
+    running.wait_lbs_reachable(&[0]);
+    // Longer than the backends' retransmission timeout (1 s) and a full sync.
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = running.lbs[0].as_ref().map(Process::log).unwrap_or_default();
+    assert!(!log.contains("backend dead"), "the restarted balancer judged from stale timestamps:\n{log}");
+    assert_eq!(running.delivered(), delivered, "replies reached the client after its download ended\n{}", running.logs());
+}
+
 /// Without any mirrored state the promoted balancer still carries the transfer: the client's
 /// next ACK finds no session, the agent asks the backends, and the one holding the transfer
 /// answers through the new balancer, whose kernel relearns the session from the reply.

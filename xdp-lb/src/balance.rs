@@ -114,10 +114,12 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         interfaces = ?args.interfaces, vip = %args.vip, %address, backends = ?args.backends,
         pin_dir = %pin_dir.display(), "balance attached"
     );
+    let started_ns = monotonic_ns();
     let mut agent = Agent {
         maps: lb_maps,
         backends: args.backends.clone(),
-        dead_since_ns: vec![0; args.backends.len()],
+        started_ns,
+        dead_since_ns: vec![started_ns; args.backends.len()],
         policy: args.watchdog.policy(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
@@ -168,7 +170,9 @@ fn configure(maps: &mut LbMaps, args: &Args, address: Ipv4Addr) -> anyhow::Resul
 struct Agent {
     maps: LbMaps,
     backends: Vec<SocketAddrV4>,
-    /// When the agent declared each backend dead (0: at start).
+    /// When this agent started: the watchdog's clock for every backend starts no earlier.
+    started_ns: u64,
+    /// When the agent declared each backend dead (its start for those dead from the start).
     dead_since_ns: Vec<u64>,
     policy: Policy,
     /// Bound to the steering address and port: heartbeats and nudges leave from here, so
@@ -231,11 +235,14 @@ impl Agent {
             .map(|id| {
                 let id_u32 = u32::try_from(id)?;
                 let (backend, seen) = (self.maps.backend(id_u32)?, self.maps.seen(id_u32)?);
+                // A restarted agent re-adopts the kernel's record of answers, which stopped while
+                // no agent sent heartbeats (or this balancer's link was down): every backend gets
+                // the full allowance from this agent's start before silence counts against it.
                 Ok(BackendView {
                     state: backend.state,
                     unanswered: seen.unanswered,
-                    unanswered_since_ns: seen.unanswered_since_ns,
-                    last_answer_ns: seen.last_answer_ns,
+                    unanswered_since_ns: seen.unanswered_since_ns.max(self.started_ns),
+                    last_answer_ns: seen.last_answer_ns.max(self.started_ns),
                     mac_known: seen.mac != [0; 6],
                     sessions: self.maps.load(id_u32)?,
                     dead_since_ns: self.dead_since_ns[id],
@@ -299,11 +306,15 @@ impl Agent {
     }
 
     /// Rewrites every session of backend `dead` to the least loaded live backend and nudges the
-    /// new backend so it resends the outstanding window at once.
+    /// new backend so it resends the outstanding window at once. A backup only rewrites: its
+    /// sessions' clients send to the active balancer, and a nudge would turn the backend's
+    /// replies toward the backup; it nudges when it takes over.
     async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize)> {
         let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
         let (mut moved, mut nudged) = (0, 0);
         let dead_u32 = u32::try_from(dead)?;
+        let now = monotonic_ns();
+        let nudging = self.pair.role != pair::Role::Backup;
         for (key, mut session) in self.maps.sessions() {
             if session.backend != dead_u32 {
                 continue;
@@ -319,6 +330,9 @@ impl Agent {
             }
             moved += 1;
             loads[target as usize] += 1;
+            if !nudging || !control::worth_nudging(now, &session) {
+                continue;
+            }
             let to = self.backends[target as usize];
             match self.socket.send_to(&control::nudge(&session), to).await {
                 Ok(_) => nudged += 1,
@@ -341,6 +355,7 @@ impl Agent {
         let views = self.views()?;
         let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
         let (mut nudged, mut moved) = (0, 0);
+        let now = monotonic_ns();
         for (key, mut session) in self.maps.sessions() {
             let usable = views.get(session.backend as usize).is_some_and(|v| v.state == BACKEND_LIVE && v.mac_known);
             if !usable {
@@ -351,6 +366,9 @@ impl Agent {
                     continue;
                 }
                 moved += 1;
+            }
+            if !control::worth_nudging(now, &session) {
+                continue;
             }
             let to = self.backends[session.backend as usize];
             if self.socket.send_to(&control::nudge(&session), to).await.is_ok() {

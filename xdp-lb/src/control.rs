@@ -117,6 +117,19 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Sessions whose client sent nothing for this long get no nudge after a takeover or a move.
+/// Such a client either waits on its own retransmission timer (its next packet reaches the new
+/// balancer or backend, which carries on from there) or has left: a download whose FINISHED
+/// notice was lost with a failed balancer, or a client that gave up. A nudge would make a
+/// backend resend a window to nobody, again at each of its timeouts.
+pub const NUDGE_WITHIN: Duration = Duration::from_secs(2);
+
+/// Whether a session's client was heard from recently enough at `now_ns` to nudge its backend.
+#[must_use]
+pub fn worth_nudging(now_ns: u64, session: &Session) -> bool {
+    now_ns.saturating_sub(session.last_client_ns) < nanos(NUDGE_WITHIN)
+}
+
 /// Judges one backend at `now_ns` (CLOCK_MONOTONIC, the kernel's `bpf_ktime_get_ns`).
 #[must_use]
 pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
@@ -192,6 +205,17 @@ mod tests {
 
     fn policy() -> Policy {
         Policy { dead_after: Duration::from_millis(100), per_client_threshold: 8, silent_after: Duration::from_millis(300) }
+    }
+
+    #[test]
+    fn only_recently_heard_clients_are_nudged() {
+        let mut session: Session = bytemuck::Zeroable::zeroed();
+        session.last_client_ns = 10_000 * MS;
+        assert!(worth_nudging(10_000 * MS, &session));
+        assert!(worth_nudging(11_999 * MS, &session));
+        assert!(!worth_nudging(12_000 * MS, &session), "quiet for NUDGE_WITHIN");
+        // A clock behind the session's (a mirrored age rounded up) counts as just heard.
+        assert!(worth_nudging(9_000 * MS, &session));
     }
 
     fn live(last_answer_ns: u64) -> BackendView {

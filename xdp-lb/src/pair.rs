@@ -137,10 +137,11 @@ impl Pair {
         let sessions = maps.sessions();
         let mut changed = Vec::new();
         let mut present = HashMap::with_capacity(sessions.len());
+        let now_ns = monotonic_ns();
         for (key, session) in sessions {
             let now = Sent::of(&session);
             if full || self.sent.get(&key) != Some(&now) {
-                changed.push((key, session));
+                changed.push((key, flip_clock(now_ns, session)));
             }
             present.insert(key, now);
         }
@@ -155,11 +156,13 @@ impl Pair {
         let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
             return;
         };
+        let now_ns = monotonic_ns();
         let sessions: Vec<(ClientKey, Session)> =
             keys.iter().filter_map(|key| Some((*key, maps.sessions.get(key, 0).ok()?))).collect();
         for (key, session) in &sessions {
             self.sent.insert(*key, Sent::of(session));
         }
+        let sessions = sessions.into_iter().map(|(key, session)| (key, flip_clock(now_ns, session))).collect();
         self.send(peer, &Message::Upsert(sessions)).await;
     }
 
@@ -185,12 +188,16 @@ fn mirror(maps: &mut LbMaps, key: ClientKey, mut session: Session) -> bool {
         warn!(backend = session.backend, "peer session names an unknown backend: both balancers need the same --backend list");
         return false;
     }
+    // The peer sent the session's age; our clock makes it a time again (idle collection, and
+    // whether a takeover nudges it).
+    session = flip_clock(monotonic_ns(), session);
     // The route to the client is ours (the peer's MACs differ): kept if known, else cleared.
     let (ifindex, client_mac, lb_mac) = match maps.sessions.get(&key, 0) {
         Ok(ours) => {
             if ours.header.block() > session.header.block() {
                 session.header.set_block(ours.header.block());
             }
+            session.last_client_ns = session.last_client_ns.max(ours.last_client_ns);
             (ours.ifindex, ours.client_mac, ours.lb_mac)
         }
         Err(_) => (0, [0; 6], [0; 6]),
@@ -198,9 +205,15 @@ fn mirror(maps: &mut LbMaps, key: ClientKey, mut session: Session) -> bool {
     session.ifindex = ifindex;
     session.client_mac = client_mac;
     session.lb_mac = lb_mac;
-    // Our clock, for our idle collection: the peer's monotonic clock means nothing here.
-    session.last_client_ns = monotonic_ns();
     maps.sessions.insert(key, session, 0).is_ok()
+}
+
+/// Turns a session's `last_client_ns` from a time on this host's monotonic clock into its age
+/// (ns since the client's last packet), the way it travels between the balancers, whose clocks
+/// have nothing in common; and back again on arrival: `now - x` is its own inverse.
+fn flip_clock(now_ns: u64, mut session: Session) -> Session {
+    session.last_client_ns = now_ns.saturating_sub(session.last_client_ns);
+    session
 }
 
 /// Reads the kernel's `LB_EVENTS` ring buffer into a channel, as they come.
@@ -228,4 +241,24 @@ pub fn watch_events(ring: RingBuf<MapData>) -> anyhow::Result<mpsc::Receiver<Ses
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_session_keeps_its_age_across_clocks() {
+        let mut session: Session = bytemuck::Zeroable::zeroed();
+        session.last_client_ns = 5 * S;
+        // Sent at 7 s on the active balancer's clock: 2 s old.
+        let on_the_wire = flip_clock(7 * S, session);
+        assert_eq!(on_the_wire.last_client_ns, 2 * S);
+        // Received at 100 s on the backup's clock: the client was last heard at 98 s.
+        assert_eq!(flip_clock(100 * S, on_the_wire).last_client_ns, 98 * S);
+        // A clock younger than the age (a freshly booted peer) saturates at 0, never wraps.
+        assert_eq!(flip_clock(S, on_the_wire).last_client_ns, 0);
+    }
 }

@@ -1,7 +1,8 @@
 //! The agents' own messages, on each load balancer's control port: the switch's heartbeats
 //! (which also tell a balancer whether it is active) and the session sync between the two
 //! balancers. Every message starts with an 8-byte [`ControlHeader`]; sessions travel as the
-//! same Pod structs the kernel keeps in `LB_SESSIONS`.
+//! same Pod structs the kernel keeps in `LB_SESSIONS`, except that `last_client_ns` carries the
+//! session's age (ns since the client's last packet), not a time on the sender's clock.
 
 use bytemuck::{Pod, Zeroable};
 use xdp_lb_common::{ClientKey, Session};

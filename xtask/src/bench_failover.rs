@@ -107,6 +107,19 @@ impl Running {
         all
     }
 
+    /// For a stall over the target: when the file stood still (ms after the kill), and the
+    /// warnings and failover milestones of every agent's log (who died, who took over).
+    fn explain(&self, samples: &[(Instant, u64)], killed_at: Instant) -> String {
+        let since_kill = |at: Instant| at.saturating_duration_since(killed_at).as_millis();
+        let gaps = samples
+            .windows(2)
+            .filter(|w| w[1].0 > killed_at && w[1].0 - w[0].0 > Duration::from_millis(50))
+            .map(|w| format!("no growth {}..{} ms after the kill, at {} bytes", since_kill(w[0].0), since_kill(w[1].0), w[0].1));
+        let agents = self.logs();
+        let events = agents.lines().filter(|l| l.starts_with("---") || l.contains("WARN") || l.contains("first DATA")).map(str::to_owned);
+        gaps.chain(events).collect::<Vec<_>>().join("\n")
+    }
+
     fn wait_backends_live(&self, lb: usize) -> anyhow::Result<()> {
         super::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.status(&self.topo.lb_pins[lb]).ok())
             .with_context(|| self.logs())
@@ -226,6 +239,9 @@ impl Running {
         self.finish(download, &local, &format!("run {run}"))?;
         let samples = growth.stop();
         let outcome = self.outcome(&samples, killed_at, before)?;
+        if outcome.stall_ms > TARGET_MS {
+            eprintln!("run {run} ({}): stall {:.0} ms over the target\n{}", failure.label(), outcome.stall_ms, self.explain(&samples, killed_at));
+        }
         match failure {
             Failure::Lb => {
                 self.topo.plug_lb(killed)?;
