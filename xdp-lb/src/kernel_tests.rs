@@ -324,3 +324,43 @@ fn frames_for_another_mac_are_not_steered() {
     assert!(f.session(ClientKey::new(CLIENT, 43_000u16.to_be_bytes())).is_none());
     assert_eq!(f.run(&from_client(CLIENT, 43_001, TFTP_PORT, RRQ)).unwrap().0, XDP_TX, "frames to our MAC are steered");
 }
+
+/// A flood of more clients than `LB_SESSIONS` holds (65 536) never locks new clients out: the
+/// LRU table evicts the sessions used longest ago, a transfer in progress (its client keeps
+/// sending) keeps its session, and the table never grows past its size.
+#[test]
+fn a_full_session_table_evicts_the_oldest_and_still_admits_new_clients() {
+    const FLOOD: u32 = 70_000;
+    let mut f = fixture(2);
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    // No per-source pacing: this test is about the table, not the rate limit.
+    (config.request_interval_ns, config.request_burst_ns) = (0, 0);
+    f.maps.config.set(0, config, 0).unwrap();
+    let flooder = |i: u32| -> [u8; 4] {
+        let [_, high, mid, low] = i.to_be_bytes();
+        [10, 80 + high, mid, low]
+    };
+    let flood_key = |i: u32| ClientKey::new(flooder(i), 50_000u16.to_be_bytes());
+
+    open(&mut f, 40_500);
+    let busy = ClientKey::new(CLIENT, 40_500u16.to_be_bytes());
+    let busy_ack = from_client(CLIENT, 40_500, busy.tid(), b"\x00\x04\x00\x01");
+    for i in 0..FLOOD {
+        let (action, _) = f.run(&from_client(flooder(i), 50_000, TFTP_PORT, RRQ)).unwrap();
+        assert_eq!(action, XDP_TX, "flood request {i} was not steered");
+        if i % 1000 == 0 {
+            assert_eq!(f.run(&busy_ack).unwrap().0, XDP_TX, "the busy client lost its session at request {i}");
+        }
+    }
+    let newcomer = [10, 79, 0, 1];
+    assert_eq!(f.run(&from_client(newcomer, 50_000, TFTP_PORT, RRQ)).unwrap().0, XDP_TX, "a new client after the flood");
+    assert_eq!(f.run(&busy_ack).unwrap().0, XDP_TX, "the transfer in progress kept its session");
+
+    let present = |range: std::ops::Range<u32>| range.filter(|&i| f.maps.sessions.get(&flood_key(i), 0).is_ok()).count();
+    let (oldest, newest) = (present(0..1000), present(FLOOD - 1000..FLOOD));
+    assert!(oldest < 100, "{oldest} of the 1000 oldest flood sessions are still there");
+    assert_eq!(newest, 1000, "the newest sessions were evicted");
+    let size = f.maps.sessions.keys().count();
+    assert!(size <= xdp_lb_common::maps::MAX_SESSIONS, "{size} sessions");
+    assert_eq!(f.counter(C::NewSession).unwrap(), u64::from(FLOOD) + 2);
+}
