@@ -29,30 +29,43 @@ use crate::cargo::release_dir;
 
 const CLIENT: Client = Client::Atftp { blksize: 1468, windowsize: 16 };
 
-/// One path's figure in one row: MB/s, or why there is none.
+/// One path's measurement: goodput, and the CPU time the whole machine spent per MB delivered
+/// (clients, servers, agents and the kernel's packet work together: on one machine every hop
+/// runs on the same CPUs, so a path that costs more per packet leaves less for the rest).
+#[derive(Clone, Copy)]
+struct Measured {
+    mb_s: f64,
+    cpu_ms_per_mb: f64,
+}
+
+/// One path's figure in one row, or why there is none.
 enum Figure {
-    Rate(f64),
+    Rate(Measured),
     Failed(String),
 }
 
 impl Figure {
-    const fn rate(&self) -> Option<f64> {
+    const fn measured(&self) -> Option<Measured> {
         match self {
-            Self::Rate(r) => Some(*r),
+            Self::Rate(m) => Some(*m),
             Self::Failed(_) => None,
         }
     }
 
-    fn text(&self) -> String {
+    fn rate(&self) -> Option<f64> {
+        self.measured().map(|m| m.mb_s)
+    }
+
+    fn text(&self, of: impl Fn(Measured) -> f64) -> String {
         match self {
-            Self::Rate(r) => format!("{r:.1}"),
+            Self::Rate(m) => format!("{:.1}", of(*m)),
             Self::Failed(_) => "not measured ¹".into(),
         }
     }
 
     fn to_json(&self) -> serde_json::Value {
         match self {
-            Self::Rate(r) => json!(r),
+            Self::Rate(m) => json!(m.mb_s),
             Self::Failed(why) => json!({ "failed": why }),
         }
     }
@@ -73,7 +86,7 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
             bar.inc(1);
             bar.set_message(format!("nftables DNAT + conntrack helper, {clients} client(s)"));
             let nft = match kernel_path(&topo, clients, size) {
-                Ok(rate) => Figure::Rate(rate),
+                Ok(measured) => Figure::Rate(measured),
                 Err(error) => {
                     bar.suspend(|| eprintln!("nftables path, {clients} client(s): {error:#}"));
                     Figure::Failed(format!("{error:#}"))
@@ -104,11 +117,25 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or_else(|| "-".into(), |(a, b)| format!("{:.2}", a / b));
     for (clients, direct, nft, through) in &rows {
         report.line(format!(
-            "| {clients} | {direct:.1} | {} | {through:.1} | {} | {} | {} |",
-            nft.text(),
-            ratio(nft.rate(), Some(*direct)),
-            ratio(Some(*through), Some(*direct)),
-            ratio(Some(*through), nft.rate()),
+            "| {clients} | {:.1} | {} | {:.1} | {} | {} | {} |",
+            direct.mb_s,
+            nft.text(|m| m.mb_s),
+            through.mb_s,
+            ratio(nft.rate(), Some(direct.mb_s)),
+            ratio(Some(through.mb_s), Some(direct.mb_s)),
+            ratio(Some(through.mb_s), nft.rate()),
+        ));
+    }
+    report.line("\nCPU time per MB delivered, the whole machine (busy time from /proc/stat: clients, servers, agents, kernel):\n");
+    report.line("| clients | direct | nftables + helper | xdp-lb | xdp-lb / direct |");
+    report.line("|---:|---:|---:|---:|---:|");
+    for (clients, direct, nft, through) in &rows {
+        report.line(format!(
+            "| {clients} | {:.2} ms | {} ms | {:.2} ms | {:.2} |",
+            direct.cpu_ms_per_mb,
+            nft.text(|m| m.cpu_ms_per_mb),
+            through.cpu_ms_per_mb,
+            through.cpu_ms_per_mb / direct.cpu_ms_per_mb,
         ));
     }
     let failures: Vec<String> = rows.iter().filter_map(|(c, _, nft, _)| match nft {
@@ -127,10 +154,11 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
         "size": size,
         "client": CLIENT.name(),
         "rows": rows.iter().map(|(clients, direct, nft, through)| json!({
-            "clients": clients, "direct_mb_s": direct, "nftables_mb_s": nft.to_json(), "xdp_lb_mb_s": through,
-            "xdp_lb_vs_direct": through / direct,
-            "nftables_vs_direct": nft.rate().map(|r| r / direct),
-            "xdp_lb_vs_nftables": nft.rate().map(|r| through / r),
+            "clients": clients, "direct_mb_s": direct.mb_s, "nftables_mb_s": nft.to_json(), "xdp_lb_mb_s": through.mb_s,
+            "xdp_lb_vs_direct": through.mb_s / direct.mb_s,
+            "nftables_vs_direct": nft.rate().map(|r| r / direct.mb_s),
+            "xdp_lb_vs_nftables": nft.rate().map(|r| through.mb_s / r),
+            "cpu_ms_per_mb": { "direct": direct.cpu_ms_per_mb, "nftables": nft.measured().map(|m| m.cpu_ms_per_mb), "xdp_lb": through.cpu_ms_per_mb },
         })).collect::<Vec<_>>(),
     }))
 }
@@ -207,7 +235,7 @@ impl Drop for KernelPath<'_> {
 }
 
 /// Goodput through the kernel path (the standalone backend must be running).
-fn kernel_path(topo: &LbTopology, clients: usize, size: usize) -> anyhow::Result<f64> {
+fn kernel_path(topo: &LbTopology, clients: usize, size: usize) -> anyhow::Result<Measured> {
     let path = KernelPath::new(topo)?;
     let rate = measure(topo, VIP, clients, size)?;
     let helped = path.helped();
@@ -217,9 +245,10 @@ fn kernel_path(topo: &LbTopology, clients: usize, size: usize) -> anyhow::Result
     Ok(rate)
 }
 
-/// Aggregate goodput in MB/s of `clients` concurrent downloads of the file from `server`;
-/// every download must arrive whole.
-fn measure(topo: &LbTopology, server: &str, clients: usize, size: usize) -> anyhow::Result<f64> {
+/// Aggregate goodput in MB/s of `clients` concurrent downloads of the file from `server`, and
+/// the machine's CPU time per MB; every download must arrive whole.
+fn measure(topo: &LbTopology, server: &str, clients: usize, size: usize) -> anyhow::Result<Measured> {
+    let busy_before = busy_cpu_seconds()?;
     let started = Instant::now();
     let downloads = (0..clients)
         .map(|i| {
@@ -240,7 +269,21 @@ fn measure(topo: &LbTopology, server: &str, clients: usize, size: usize) -> anyh
     if let Some(failure) = failure {
         bail!(failure);
     }
-    #[expect(clippy::cast_precision_loss, reason = "a rate")]
-    let rate = (size * clients) as f64 / started.elapsed().as_secs_f64() / 1e6;
-    Ok(rate)
+    let elapsed = started.elapsed().as_secs_f64();
+    let busy = busy_cpu_seconds()? - busy_before;
+    #[expect(clippy::cast_precision_loss, reason = "a byte count")]
+    let mb = (size * clients) as f64 / 1e6;
+    Ok(Measured { mb_s: mb / elapsed, cpu_ms_per_mb: busy * 1e3 / mb })
+}
+
+/// CPU time the machine spent busy since boot, all CPUs together (the first line of
+/// /proc/stat: user, nice, system, irq, softirq and steal; idle and iowait excluded).
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let ticks: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0)).collect();
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "ticks since boot")]
+    Ok(busy as f64 / per_second as f64)
 }
