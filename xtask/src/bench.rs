@@ -99,9 +99,22 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         machine["kernel"].as_str().unwrap_or("?"),
         date(),
     ));
-    let xdp = if section(Section::Xdp) { xdp_costs(if args.quick { 200_000 } else { 2_000_000 }, &mut report)? } else { Vec::new() };
-    let goodput = if section(Section::Lb) { goodput::run(args.quick, &mut report)? } else { serde_json::Value::Null };
-    let backend = if section(Section::Backend) {
+    // A section that fails is reported and the others still run: a long run keeps its figures.
+    let mut failed = Vec::new();
+    let mut run_section = |name: Section, report: &mut Report, body: &mut dyn FnMut(&mut Report) -> anyhow::Result<serde_json::Value>| {
+        if !section(name) {
+            return serde_json::Value::Null;
+        }
+        body(report).unwrap_or_else(|error| {
+            let label = clap::ValueEnum::to_possible_value(&name).map_or_else(String::new, |v| v.get_name().to_owned());
+            report.line(format!("\n### Section `{label}` failed\n\n{error:#}"));
+            failed.push(label);
+            json!({ "failed": format!("{error:#}") })
+        })
+    };
+    let xdp = run_section(Section::Xdp, &mut report, &mut |report| Ok(json!(xdp_costs(if args.quick { 200_000 } else { 2_000_000 }, report)?)));
+    let goodput = run_section(Section::Lb, &mut report, &mut |report| goodput::run(args.quick, report));
+    let backend = run_section(Section::Backend, &mut report, &mut |report| {
         let backend = crate::bench_backend::run(args.quick, &args.out)?;
         report.line("\n### TFTP servers on loopback\n");
         report.line(format!(
@@ -109,16 +122,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             backend["unix_time"],
             backend["chart"].as_str().unwrap_or("(none)")
         ));
-        backend
-    } else {
-        serde_json::Value::Null
-    };
-    let failover = if section(Section::Failover) { failover::run(args.quick, &mut report)? } else { serde_json::Value::Null };
-    let scaling = if section(Section::Scaling) {
-        scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), &mut report)?
-    } else {
-        serde_json::Value::Null
-    };
+        Ok(backend)
+    });
+    let failover = run_section(Section::Failover, &mut report, &mut |report| failover::run(args.quick, report));
+    let scaling = run_section(Section::Scaling, &mut report, &mut |report| {
+        scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
+    });
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
@@ -128,6 +137,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let markdown = args.out.join(format!("bench-{stamp}.md"));
     std::fs::write(&markdown, &report.markdown)?;
     println!("\nresults saved to {} and {}", path.display(), markdown.display());
+    if !failed.is_empty() {
+        bail!("section(s) failed: {}", failed.join(", "));
+    }
     Ok(())
 }
 
