@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         let socket = tokio::net::UdpSocket::bind(cli.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cli.listen))?;
+        widen_buffers(&socket);
         info!(listen = %cli.listen, root = %root.dir().display(), steered = cli.steered, "serving");
         if cli.steered {
             steered::Steered::new(socket, root, config).run().await
@@ -92,4 +93,25 @@ fn main() -> anyhow::Result<()> {
             standalone::run(socket, root, config).await
         }
     })
+}
+
+/// Socket buffers of the service port. Steered, one socket carries every transfer's ACKs and
+/// windows, and standalone, every request arrives on it: the kernel default (~208 KiB, ~270
+/// datagrams) overflowed with 1000 transfers at once, and a lost ACK costs a timeout. Root may
+/// exceed `net.core.rmem_max` (SO_RCVBUFFORCE); otherwise the kernel caps the request there.
+fn widen_buffers(socket: &tokio::net::UdpSocket) {
+    #[expect(clippy::cast_possible_truncation, reason = "the size of an int")]
+    const SOCKLEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
+    use std::os::fd::AsRawFd as _;
+    let bytes: libc::c_int = 8 << 20;
+    let fd = socket.as_raw_fd();
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        let set = |option| {
+            // SAFETY: setsockopt reads an int from a pointer to a live local of that size.
+            unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const bytes).cast(), SOCKLEN) == 0 }
+        };
+        if !set(force) && !set(plain) {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot enlarge the socket buffers");
+        }
+    }
 }

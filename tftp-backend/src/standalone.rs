@@ -11,7 +11,7 @@ use crate::{
     batch::SendBatch,
     files::{Refusal, Root},
     service::{self, Config},
-    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer, backoff},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
@@ -125,7 +125,7 @@ async fn read(socket: &UdpSocket, mut transfer: ReadTransfer, oack: crate::wire:
             }
             Next::Nothing => {}
         }
-        next = match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        next = match tokio::time::timeout(backoff(timeout, transfer.retries()), socket.recv(&mut buf)).await {
             Err(_) => transfer.on_timeout(),
             Ok(received) => match Packet::parse(&buf[..received?]) {
                 Ok(Repr::Ack { block }) => {
@@ -198,7 +198,7 @@ async fn write(socket: &UdpSocket, out: &mut [u8], mut transfer: WriteTransfer, 
     let end = service::emit_at(first, out, 0);
     socket.send(&out[..end]).await?;
     loop {
-        let received = match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        let received = match tokio::time::timeout(backoff(timeout, transfer.retries()), socket.recv(&mut buf)).await {
             Err(_) => {
                 if !transfer.on_timeout() {
                     warn!("client stopped sending; upload abandoned");

@@ -23,7 +23,7 @@ use crate::{
     files::{self, FileId, Refusal, Root},
     service::{self, Config, Context},
     timer::TimerQueue,
-    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer, backoff},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
@@ -481,7 +481,11 @@ impl Steered {
 
     fn arm(&mut self, key: Key) {
         if let Some(session) = self.sessions.get(&key) {
-            self.timers.schedule(key, Instant::now() + session.timeout);
+            let retries = match &session.kind {
+                Kind::Read(transfer) => transfer.retries(),
+                Kind::Write(transfer) => transfer.retries(),
+            };
+            self.timers.schedule(key, Instant::now() + backoff(session.timeout, retries));
         }
     }
 

@@ -10,6 +10,7 @@ use std::{
     ops::RangeInclusive,
     os::unix::fs::FileExt as _,
     path::PathBuf,
+    time::Duration,
 };
 
 use xdp_lb_common::steering::expand_block;
@@ -18,6 +19,16 @@ use crate::{netascii, wire::ErrorCode};
 
 /// Retransmissions of one window before the transfer is abandoned.
 pub const MAX_RETRIES: u8 = 6;
+
+/// The wait before the next retransmission after `retries` unanswered ones: the transfer's
+/// timeout, doubled at each retry up to 16 times it (RFC 1123 4.2.3.2 asks for exponential
+/// backoff). Seven sends span a minute with a 1 s timeout, so a client that waits 5 s after
+/// each packet it receives before retransmitting (atftp) gets a quiet gap to answer in; a
+/// fixed 1 s pace kept resetting its timer until the server gave up.
+#[must_use]
+pub fn backoff(timeout: Duration, retries: u8) -> Duration {
+    timeout.saturating_mul(1 << retries.min(4))
+}
 
 /// Where the bytes of a read come from: the file itself (octet), or its netascii form.
 pub enum Source {
@@ -135,6 +146,12 @@ impl ReadTransfer {
             self.sent = sent.min(self.last);
             self.resync = true;
         }
+    }
+
+    /// Retransmissions since the client last made progress.
+    #[must_use]
+    pub fn retries(&self) -> u8 {
+        self.retries
     }
 
     /// Highest block the client acknowledged.
@@ -303,6 +320,12 @@ impl WriteTransfer {
         (self.received & 0xffff) as u16
     }
 
+    /// Retransmissions since the client last sent a block in order.
+    #[must_use]
+    pub fn retries(&self) -> u8 {
+        self.retries
+    }
+
     /// Counts a timeout; false once retries are exhausted.
     pub fn on_timeout(&mut self) -> bool {
         self.retries += 1;
@@ -386,6 +409,20 @@ mod tests {
 
     fn source(len: usize) -> Source {
         Source::Memory((0..len).map(|i| u8::try_from(i % 251).unwrap()).collect())
+    }
+
+    #[test]
+    fn retransmissions_back_off_and_progress_resets_them() {
+        let second = Duration::from_secs(1);
+        let waits: Vec<u64> = (0..=MAX_RETRIES).map(|r| backoff(second, r).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
+        let mut t = ReadTransfer::new(source(10_000), 512, 4, false).unwrap();
+        t.start();
+        assert_eq!((t.on_timeout(), t.retries()), (Next::Send(1..=4), 1));
+        assert_eq!(t.on_timeout(), Next::Send(1..=4));
+        assert_eq!(t.retries(), 2);
+        t.on_ack(4, false);
+        assert_eq!(t.retries(), 0, "an ACK that moves forward starts the backoff again");
     }
 
     #[test]

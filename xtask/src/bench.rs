@@ -187,9 +187,9 @@ fn xdp_costs(repeat: u32, report: &mut Report) -> anyhow::Result<Vec<serde_json:
 }
 
 /// Waits until a balancer's status (`status()`, `xdp-lb status --json`) shows `n` live backends
-/// that answered within the last 100 ms. An agent that re-adopts pinned maps first sees its
-/// predecessor's verdicts ("live", with an old last answer), declares the backend dead at its
-/// first watchdog tick and live again at the next answer: requests in that gap would be lost.
+/// that answered within the last 100 ms: the agent's heartbeats reach them and come back, so a
+/// measurement starts with the balancer in its steady state (an agent that re-adopts pinned
+/// maps shows its predecessor's verdicts, with old last answers, until then).
 pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<serde_json::Value>) -> anyhow::Result<()> {
     netns_tests::wait_for(what, 20, || {
         let status = status()?;

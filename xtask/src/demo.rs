@@ -4,6 +4,7 @@
 //! serving it at ~60%; then the same transfers run again without failures. Live progress bars
 //! and failure events, then a side-by-side table, JSON and a PNG timeline under `results/`.
 
+mod arrivals;
 mod timeline;
 
 use std::{
@@ -120,8 +121,11 @@ struct Spec {
     client: Client,
     remote: &'static str,
     size: u64,
-    /// Packets the server side must deliver: one per block, the last one short (maybe empty),
-    /// plus an OACK when the client negotiates options.
+    /// DATA packets the client must receive: one per block, the last one short (maybe empty).
+    blocks: u64,
+    blksize: u64,
+    /// Packets the server side must deliver: the blocks, plus an OACK when the client
+    /// negotiates options.
     needed: u64,
 }
 
@@ -136,7 +140,8 @@ impl Spec {
             Client::Atftp { blksize, .. } | Client::Curl { blksize } | Client::Busybox { blksize } => (u64::from(blksize), 1),
             Client::TftpHpa => (512, 0),
         };
-        Self { client, remote, size, needed: size / blksize + 1 + oack }
+        let blocks = size / blksize + 1;
+        Self { client, remote, size, blocks, blksize, needed: blocks + oack }
     }
 
     fn label(&self, i: usize) -> String {
@@ -246,6 +251,8 @@ struct Outcome {
     /// Per injected failure: the stall it caused, `None` when the transfer was not running.
     stalls: Vec<Option<Duration>>,
     longest_gap: Duration,
+    /// DATA packets the client received beyond the file's blocks, and about that many bytes.
+    twice: Option<(u64, u64)>,
     samples: Vec<(Instant, u64)>,
 }
 
@@ -486,6 +493,9 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     warm_up(&running, &["boot.img", "small.img"])?;
     let (warm_packets, warm_bytes) = running.delivered();
     println!("    warm-up done in {:.1} s (every backend hashed every file; {warm_packets} replies)", warm.elapsed().as_secs_f64());
+    for client in &running.topo.clients[..specs.len()] {
+        arrivals::count_data(client)?;
+    }
 
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>13} [{bar:40}] {bytes:>10}/{total_bytes:<9} {bytes_per_sec:>11} {msg}")?.progress_chars("=> ");
@@ -631,6 +641,16 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         }
         // Done when the last byte landed (the exit is only seen at the loop's pace).
         let end = samples.last().map_or(t.exited.unwrap_or(t.started), |s| s.0);
+        let twice = match arrivals::data_packets(&running.topo.clients[i]) {
+            Ok(received) => {
+                let extra = received.saturating_sub(t.spec.blocks);
+                Some((extra, extra * t.spec.blksize))
+            }
+            Err(error) => {
+                eprintln!("{}: DATA packets not counted: {error:#}", t.label);
+                None
+            }
+        };
         outcomes.push(Outcome {
             label: t.label.clone(),
             client: t.spec.client.name(),
@@ -639,6 +659,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
             ok,
             stalls: std::mem::take(&mut stalls[i]),
             longest_gap: longest_gap(&samples),
+            twice,
             samples,
         });
         let _ = std::fs::remove_file(&t.local);
@@ -810,7 +831,7 @@ fn table(runs: &[RunResult]) -> String {
         if let Some(base) = base {
             row.push(format!("{} ms", base.outcomes[i].longest_gap.as_millis()));
         }
-        row.push("(in total)".to_owned());
+        row.push(pair(twice_text(o.twice), b.map(|b| twice_text(b.twice))));
         row.push(pair(verdict(o.ok).to_owned(), b.map(|b| verdict(b.ok).to_owned())));
         let _ = writeln!(out, "| {} |", row.join(" | "));
     }
@@ -830,9 +851,16 @@ fn table(runs: &[RunResult]) -> String {
     let _ = write!(
         out,
         "\nStall: the longest time a download did not grow after the failure (until the next one). DATA sent\n\
-twice: replies both LBs delivered (counters to_client + relearned) minus the packets the files need."
+twice, per transfer: DATA packets the client received (an nftables counter in its namespace) minus\n\
+the file's blocks; all transfers: replies both LBs delivered (counters to_client + relearned) minus\n\
+the packets the files need."
     );
     out
+}
+
+/// A transfer's DATA received twice, for the table.
+fn twice_text(twice: Option<(u64, u64)>) -> String {
+    twice.map_or_else(|| "?".to_owned(), |(packets, bytes)| format!("{packets} pkts, {} KiB", bytes / 1024))
 }
 
 /// Writes `demo.json` and `demo-timeline.png` under `--out`.
@@ -855,6 +883,7 @@ fn save(runs: &[RunResult], args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
                     "sha256_match": o.ok,
                     "stalls_ms": o.stalls.iter().map(|s| s.map(|d| d.as_millis())).collect::<Vec<_>>(),
                     "longest_gap_ms": o.longest_gap.as_millis(),
+                    "data_received_twice": o.twice.map(|(packets, bytes)| json!({ "packets": packets, "kib": bytes / 1024 })),
                     "samples": o.samples.iter().map(|&(at, bytes)| json!([secs(at, r.started), bytes])).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
             })
