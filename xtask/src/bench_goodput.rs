@@ -56,9 +56,9 @@ impl Figure {
         self.measured().map(|m| m.mb_s)
     }
 
-    fn text(&self, of: impl Fn(Measured) -> f64) -> String {
+    fn text(&self, of: impl Fn(Measured) -> f64, digits: usize) -> String {
         match self {
-            Self::Rate(m) => format!("{:.1}", of(*m)),
+            Self::Rate(m) => format!("{:.*}", digits, of(*m)),
             Self::Failed(_) => "not measured ¹".into(),
         }
     }
@@ -119,7 +119,7 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
         report.line(format!(
             "| {clients} | {:.1} | {} | {:.1} | {} | {} | {} |",
             direct.mb_s,
-            nft.text(|m| m.mb_s),
+            nft.text(|m| m.mb_s, 1),
             through.mb_s,
             ratio(nft.rate(), Some(direct.mb_s)),
             ratio(Some(through.mb_s), Some(direct.mb_s)),
@@ -133,7 +133,7 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
         report.line(format!(
             "| {clients} | {:.2} ms | {} ms | {:.2} ms | {:.2} |",
             direct.cpu_ms_per_mb,
-            nft.text(|m| m.cpu_ms_per_mb),
+            nft.text(|m| m.cpu_ms_per_mb, 2),
             through.cpu_ms_per_mb,
             through.cpu_ms_per_mb / direct.cpu_ms_per_mb,
         ));
