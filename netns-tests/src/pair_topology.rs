@@ -115,7 +115,11 @@ impl PairTopology {
             command.args(["--lb", &format!("{}:{CONTROL_PORT}", lb_addr(i))]);
         }
         command.args(extra).env("RUST_LOG", "info");
-        Process::spawn(self.prefix.name("switch"), command)
+        let mut agent = Process::spawn(self.prefix.name("switch"), command)?;
+        // Returned once its program is attached (or it exited): until then traffic for the VIP
+        // meets no program, and a status read shows the maps a predecessor left.
+        agent.wait_for_output("switch attached", crate::process::AGENT_START);
+        Ok(agent)
     }
 
     /// Starts balancer `i` with every backend registered and the other balancer as its peer.
@@ -135,7 +139,11 @@ impl PairTopology {
             command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(b))]);
         }
         command.args(extra).env("RUST_LOG", "info");
-        Process::spawn(self.prefix.name(&format!("lb{i}")), command)
+        let mut agent = Process::spawn(self.prefix.name(&format!("lb{i}")), command)?;
+        // Returned once its program is attached (or it exited): until then traffic for the VIP
+        // meets no program, and a status read shows the maps a predecessor left.
+        agent.wait_for_output("balance attached", crate::process::AGENT_START);
+        Ok(agent)
     }
 
     /// Starts backend `i` in steered mode on the shared root.

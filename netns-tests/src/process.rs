@@ -18,6 +18,9 @@ pub struct Process {
     exit: Option<ExitStatus>,
 }
 
+/// How long an agent may take to load and attach its program.
+pub(crate) const AGENT_START: std::time::Duration = std::time::Duration::from_secs(20);
+
 impl Process {
     /// Spawns `command`, logging to `<tmp>/<name>.log`.
     pub fn spawn(name: impl Into<String>, mut command: Command) -> Result<Self> {
@@ -48,6 +51,21 @@ impl Process {
     #[must_use]
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `line`, or the process exits, or `timeout` passes;
+    /// whether the line appeared.
+    pub fn wait_for_output(&mut self, line: &str, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.log().contains(line) {
+                return true;
+            }
+            if !self.is_running() || std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// True while the process has not exited.

@@ -85,7 +85,11 @@ impl LbTopology {
             command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
         }
         command.args(extra).env("RUST_LOG", "info");
-        Process::spawn(self.prefix.name("agent"), command)
+        let mut agent = Process::spawn(self.prefix.name("agent"), command)?;
+        // Returned once its program is attached (or it exited): until then traffic for the VIP
+        // meets no program, and a status read shows the maps a predecessor left.
+        agent.wait_for_output("balance attached", crate::process::AGENT_START);
+        Ok(agent)
     }
 
     /// Starts backend `i` in steered mode on the shared root.

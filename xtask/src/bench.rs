@@ -188,9 +188,11 @@ fn xdp_costs(repeat: u32, report: &mut Report) -> anyhow::Result<Vec<serde_json:
 
 /// Waits until a balancer's status (`status()`, `xdp-lb status --json`) shows `n` live backends
 /// that answered within the last 100 ms: the agent's heartbeats reach them and come back, so a
-/// measurement starts with the balancer in its steady state (an agent that re-adopts pinned
-/// maps shows its predecessor's verdicts, with old last answers, until then).
+/// measurement starts with the balancer in its steady state. Called after the agent attached
+/// (the topologies' `start_lb` waits for that); the first 100 ms are skipped, so an answer the
+/// maps still hold from a predecessor agent is too old to count.
 pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<serde_json::Value>) -> anyhow::Result<()> {
+    std::thread::sleep(std::time::Duration::from_millis(100));
     netns_tests::wait_for(what, 20, || {
         let status = status()?;
         let fresh = status["balance"]["backends"]

@@ -31,8 +31,6 @@ use super::Report;
 const CLIENT: Client = Client::Atftp { blksize: 1468, windowsize: 16 };
 const SIZE: usize = 256 << 10;
 const FILE: &str = "small.bin";
-/// Pause between the agent and backend answering and the first request of a level.
-const SETTLE: Duration = Duration::from_millis(1500);
 /// Client namespaces (addresses); level / NAMESPACES atftp processes in each.
 const NAMESPACES: usize = 10;
 
@@ -131,9 +129,6 @@ fn level(topo: &LbTopology, transfers: usize, digest: &str, bar: &ProgressBar) -
     let backend = topo.start_backend(0)?;
     let agent = topo.start_lb(&["--requests-per-sec", "0"])?;
     super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
-    // Requests sent in the first second after both were (re)started were lost here, and atftp
-    // retries only after 5 s: measure the steady state, not that transient.
-    std::thread::sleep(SETTLE);
     let pids = [agent.pid(), backend.pid()];
     // The processes start as `nsenter`, which execs the program: measure the program.
     for (pid, name) in pids.iter().zip(["xdp-lb", "tftp-backend"]) {
