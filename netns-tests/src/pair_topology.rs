@@ -178,8 +178,8 @@ impl PairTopology {
         &self._bridges
     }
 
-    /// The non-zero decision counters of the switch and both balancers, a line each (for
-    /// failure messages).
+    /// The non-zero decision counters of the switch and both balancers, a line each, and the
+    /// balancers' sessions (for failure messages).
     #[must_use]
     pub fn counters_summary(&self) -> String {
         use std::fmt::Write as _;
@@ -192,6 +192,9 @@ impl PairTopology {
                 .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
                 .unwrap_or_default();
             let _ = write!(summary, "\n--- {name} counters: {}", counters.join(" "));
+            if let Some(sessions) = status[role]["sessions"].as_array().filter(|s| !s.is_empty()) {
+                let _ = write!(summary, "\n--- {name} sessions: {}", serde_json::Value::Array(sessions.clone()));
+            }
         }
         summary
     }

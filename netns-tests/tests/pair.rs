@@ -45,11 +45,16 @@ impl Running {
 
     /// With `mirror` false the balancers do not sync sessions: a promoted one knows nothing.
     fn start_mirroring(clients: usize, backends: usize, mirror: bool) -> Self {
+        Self::start_with(clients, backends, mirror, &[])
+    }
+
+    /// Both balancers get `lb_args` too.
+    fn start_with(clients: usize, backends: usize, mirror: bool, lb_args: &[&str]) -> Self {
         require_root();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
         let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
-        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, &[]).expect("lb")));
+        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, lb_args).expect("lb")));
         let switch = topo.start_switch(&[]).expect("xdp-lb switch");
         let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
@@ -252,6 +257,23 @@ fn balancer_restarted_then_the_new_active_one_killed() {
     };
     transfer_with_failures(&mut running, 96 * MIB, &[(0.25, &kill_restart), (0.7, &|r| r.kill_lb(1))]);
     assert_eq!(running.active_lb(), 0, "the restarted balancer took over again");
+}
+
+/// The active balancer and the serving backend fail at once while the backup's copy of the
+/// session lags far behind the client (sync every 400 ms here): the backup moves the session to
+/// another backend, which resumes from the old block the copy names, and the client, already
+/// much further on, ignores that old window and acknowledges where it is. The new backend must
+/// believe that ACK (it once took it for a stale one and the transfer stalled for good).
+#[test]
+fn balancer_and_serving_backend_fail_together_while_the_mirror_lags() {
+    let mut running = Running::start_with(1, 3, true, &["--sync-ms", "400"]);
+    let kill_both = |r: &mut Running| {
+        let serving = r.serving_backend(0).expect("a session with a backend at balancer 0");
+        r.kill_lb(0);
+        r.kill_backend(serving);
+    };
+    transfer_with_failures(&mut running, 64 * MIB, &[(0.5, &kill_both)]);
+    assert_eq!(running.active_lb(), 1);
 }
 
 /// A download that ended after a failover stays ended: the killed balancer comes back with its

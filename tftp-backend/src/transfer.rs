@@ -186,8 +186,14 @@ impl ReadTransfer {
         // A nudge carries the balancer's view, which may lag behind the ACKs this server saw.
         let block = if nudge { block.max(self.acked) } else { block };
         if block > self.sent && !nudge {
-            // Acknowledges something never sent: stale from an old transfer; ignore.
-            return Next::Nothing;
+            if !self.resync || block > self.last {
+                // Acknowledges something never sent: stale from an old transfer; ignore.
+                return Next::Nothing;
+            }
+            // Resumed (or nudged) from a balancer's view of the transfer, which lags behind the
+            // client when the balancer's session was mirrored a moment before a failover: the
+            // blocks up to the client's ACK did go out, from the server that failed.
+            self.sent = block;
         }
         if block >= self.last {
             self.acked = self.last;
@@ -409,6 +415,20 @@ mod tests {
 
     fn source(len: usize) -> Source {
         Source::Memory((0..len).map(|i| u8::try_from(i % 251).unwrap()).collect())
+    }
+
+    /// A balancer's mirrored session can lag behind the client: the header says 100 blocks
+    /// went out, the client has 500. The server that resumes from the header must take the
+    /// client's ACK of 500 as the truth, not as a stale ACK of something never sent (it stalled
+    /// the transfer for good: the client ignores the old window it gets again).
+    #[test]
+    fn a_resumed_transfer_believes_a_client_ahead_of_the_balancers_view() {
+        let mut t = ReadTransfer::resume(source(1_000_000), 512, 16, 100).unwrap();
+        assert_eq!(t.on_ack(84, true), Next::Send(85..=100), "the nudge resends the window the header names");
+        assert_eq!(t.on_ack(500, false), Next::Send(501..=516), "the client is further on");
+        assert_eq!(t.on_ack(516, false), Next::Send(517..=532));
+        // Once in step again, an ACK of something never sent is stale as before.
+        assert_eq!(t.on_ack(9000, false), Next::Nothing);
     }
 
     #[test]

@@ -378,7 +378,12 @@ impl Running {
                 let _ = write!(all, "\n--- LB {} log\n{}", lb_addr(i), lb.log());
             }
         }
-        all
+        for (i, backend) in self.backends.iter().enumerate() {
+            if let Some(backend) = backend {
+                let _ = write!(all, "\n--- backend {} log\n{}", backend_addr(i), backend.log());
+            }
+        }
+        all + &self.topo.counters_summary()
     }
 
     /// The balancer the switch calls active.
