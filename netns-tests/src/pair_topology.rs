@@ -162,6 +162,17 @@ impl PairTopology {
         self.lbs[i].ip(&["link", "set", "eth0", "down"]).map(drop)
     }
 
+    /// Fails balancer `i` the way the tests, the demo and the bench do: SIGKILL of its agent
+    /// (if one runs), then its link down. Returns the killed agent, whose log stays readable.
+    pub fn fail_lb(&self, i: usize, agent: Option<Process>) -> Result<Option<Process>> {
+        let killed = agent.map(|mut agent| {
+            agent.kill_hard();
+            agent
+        });
+        self.unplug_lb(i)?;
+        Ok(killed)
+    }
+
     /// Puts balancer `i` back on the network.
     pub fn plug_lb(&self, i: usize) -> Result<()> {
         self.lbs[i].ip(&["link", "set", "eth0", "up"])?;

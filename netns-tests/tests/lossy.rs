@@ -160,13 +160,10 @@ impl Lossy {
         self.topo.active_lb().expect("the switch's status")
     }
 
-    /// Kills balancer `i` as pair.rs does: SIGKILL of its agent and its link down.
+    /// Kills balancer `i`: SIGKILL of its agent and its link down (`PairTopology::fail_lb`).
     fn kill_lb(&mut self, i: usize) {
-        if let Some(mut lb) = self.lbs[i].take() {
-            lb.kill_hard();
-            self.killed.push(lb);
-        }
-        self.topo.unplug_lb(i).expect("link down");
+        let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
+        self.killed.extend(killed);
     }
 
     /// Lines of the agents' logs saying something was declared dead, swapped or taken over.

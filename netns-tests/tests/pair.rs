@@ -101,11 +101,8 @@ impl Running {
 
     /// Kills balancer `i`: SIGKILL of its agent and its link down.
     fn kill_lb(&mut self, i: usize) {
-        if let Some(mut lb) = self.lbs[i].take() {
-            lb.kill_hard();
-            self.killed.push(lb);
-        }
-        self.topo.unplug_lb(i).expect("link down");
+        let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
+        self.killed.extend(killed);
     }
 
     /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).

@@ -567,14 +567,7 @@ fn plot(cells: &[Cell], png: &Path) -> anyhow::Result<()> {
             .y_label_area_size(55)
             .build_cartesian_2d(-0.5..n - 0.5, 0.0..top)?;
         let labels: Vec<String> = group.iter().map(|c| c.case.label()).collect();
-        let formatter = |x: &f64| {
-            let i = x.round();
-            if (x - i).abs() > 1e-6 || i < 0.0 {
-                return String::new();
-            }
-            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked above")]
-            labels.get(i as usize).cloned().unwrap_or_default()
-        };
+        let formatter = |x: &f64| crate::plot::category(&labels, *x);
         chart
             .configure_mesh()
             .disable_x_mesh()

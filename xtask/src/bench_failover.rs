@@ -215,10 +215,7 @@ impl Running {
         // What was killed: the balancer or the backend at this index.
         let killed = match failure {
             Failure::Lb => {
-                if let Some(mut lb) = self.lbs[active].take() {
-                    lb.kill_hard();
-                }
-                self.topo.unplug_lb(active)?;
+                self.topo.fail_lb(active, self.lbs[active].take())?;
                 active
             }
             Failure::Backend => {

@@ -260,14 +260,7 @@ fn plot(levels: &[Level], png: &Path) -> anyhow::Result<()> {
     #[expect(clippy::cast_precision_loss, reason = "a handful of levels")]
     let n = levels.len() as f64;
     let labels: Vec<String> = levels.iter().map(|l| l.transfers.to_string()).collect();
-    let formatter = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() > 1e-6 || i < 0.0 {
-            return String::new();
-        }
-        #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked above")]
-        labels.get(i as usize).cloned().unwrap_or_default()
-    };
+    let formatter = |x: &f64| crate::plot::category(&labels, *x);
     #[expect(clippy::cast_precision_loss, reason = "a handful of levels; KiB of a process")]
     let series = |value: &dyn Fn(&Level) -> f64| -> Vec<(f64, f64)> { levels.iter().enumerate().map(|(i, l)| (i as f64, value(l))).collect() };
     let blue = RGBColor(0, 114, 178);

@@ -565,11 +565,8 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
             let active = running.active_lb().context("no active LB at the switch")?;
             let what = match fail {
                 Fail::Lb => {
-                    if let Some(mut lb) = running.lbs[active].take() {
-                        lb.kill_hard();
-                        running.killed.push(lb);
-                    }
-                    running.topo.unplug_lb(active)?;
+                    let killed = running.topo.fail_lb(active, running.lbs[active].take())?;
+                    running.killed.extend(killed);
                     swap = Some(watch_swap(&running.topo.switch_pins, active));
                     Some(format!("killed the ACTIVE LB {} (SIGKILL of its agent, link down)", lb_addr(active)))
                 }

@@ -27,6 +27,16 @@ fn load_font() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The label of a category axis at `x`: the category whose index `x` is, blank between them.
+pub fn category(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() > 1e-6 || i < 0.0 {
+        return String::new();
+    }
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "checked above")]
+    labels.get(i as usize).cloned().unwrap_or_default()
+}
+
 /// The series legend, in a white box at `position`.
 pub fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>, position: SeriesLabelPosition) -> anyhow::Result<()>
 where
