@@ -150,7 +150,7 @@ impl PairTopology {
     pub fn start_backend(&self, i: usize) -> Result<Process> {
         let mut command = self.backends[i].command(binary("tftp-backend"));
         command.arg("--root").arg(&self.root);
-        command.args(["--steered", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
         // `NETNS_TESTS_BACKEND_LOG=debug` shows every backend decision when chasing a failure.
         command.env("RUST_LOG", std::env::var("NETNS_TESTS_BACKEND_LOG").unwrap_or_else(|_| "info".into()));
         Process::spawn(self.prefix.name(&format!("backend{i}")), command)

@@ -93,6 +93,7 @@ fn stock_clients_download_through_the_vip() {
         finish(download, &local, &source, Duration::from_secs(60), &how.name());
     }
     assert!(run.counter("to_client").0 > 0);
+    assert_eq!(run.counter("drop_oversize").0, 0, "the port into the LB cut every window the backends sent as one");
 }
 
 #[test]

@@ -1,14 +1,16 @@
-//! Several datagrams in one system call: on a connected UDP socket one sendmsg(2) with UDP
-//! segmentation offload (UDP_SEGMENT) where the kernel and device take it, else sendmmsg(2);
-//! to an explicit destination (`send_to`, the steered backend's one unconnected socket)
-//! sendmmsg(2) only.
+//! Several datagrams in one system call: one sendmsg(2) with UDP segmentation offload
+//! (UDP_SEGMENT) where the kernel and device take it, else sendmmsg(2). On a connected socket
+//! (standalone transfers) UDP_SEGMENT is always tried; to an explicit destination (`send_to`,
+//! the steered backend's one socket toward its load balancers) only when asked for.
 //!
 //! In this VM a `send` costs ~1.5 µs, most of a windowed transfer's CPU; a window of 16 blocks
 //! pays for the system call once, and with UDP_SEGMENT the stack below UDP sees one packet.
 //!
-//! No UDP_SEGMENT toward a load balancer: over veth the super-packet reaches the balancer's
-//! (generic) XDP program whole, which would see one packet with one steering header where
-//! there are sixteen. The balancer must see every datagram on its own.
+//! Why asked for toward a load balancer: its XDP program must see every datagram on its own.
+//! A real NIC (or the kernel, for a device without UDP segmentation, such as a veth with its
+//! tx offloads off) cuts the super-packet before the wire; a veth with its offloads on passes
+//! it on whole, one packet with one visible steering header where there are sixteen (lost on
+//! the way or dropped by the balancer as `drop_oversize`, never forwarded).
 
 use std::{
     io,
@@ -34,6 +36,8 @@ pub struct SendBatch {
     name: libc::sockaddr_storage,
     /// Cleared for good the first time the kernel refuses UDP_SEGMENT.
     gso: bool,
+    /// Whether `send_to` may use UDP_SEGMENT (see the module's documentation).
+    gso_to: bool,
 }
 
 // SAFETY: the raw pointers inside are written by `send` from slices it borrows, read by the
@@ -55,20 +59,36 @@ impl SendBatch {
         let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
         // SAFETY: sockaddr_storage is plain C data; all zeroes is a valid (unspecified) address.
         let name = unsafe { std::mem::zeroed() };
-        Self { msgs, iovs: vec![[empty; 2]; capacity], control: [0; 4], name, gso: true }
+        Self { msgs, iovs: vec![[empty; 2]; capacity], control: [0; 4], name, gso: true, gso_to: false }
+    }
+
+    /// Lets `send_to` send a uniform batch as one UDP_SEGMENT super-packet: only where every
+    /// link to the destination segments it before anything reads the datagrams one by one.
+    #[must_use]
+    pub const fn segmenting_send_to(mut self, on: bool) -> Self {
+        self.gso_to = on;
+        self
     }
 
     /// Sends each `(header, payload)` as one datagram to `to` on the socket `fd` (connected or
-    /// not), the first `capacity` of them at most, with one sendmmsg and never UDP_SEGMENT (see
-    /// the module's documentation). Returns how many the kernel took (at least one; the caller
-    /// sends the rest again), or the error of the first one: `WouldBlock` when the send buffer
-    /// is full. Never blocks.
+    /// not), the first `capacity` of them at most: as one UDP_SEGMENT send when allowed by
+    /// [`Self::segmenting_send_to`] and every datagram but the last is as long as the first,
+    /// else with one sendmmsg. Returns how many the kernel took (at least one; the caller sends
+    /// the rest again), or the error of the first one: `WouldBlock` when the send buffer is
+    /// full. Never blocks.
     pub fn send_to<'a>(&mut self, fd: BorrowedFd<'_>, to: SocketAddr, datagrams: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> io::Result<usize> {
-        let (count, _, _) = self.gather(0, datagrams);
+        let mut datagrams = datagrams.into_iter().peekable();
+        let segment = datagrams.peek().map_or(0, |(header, payload)| header.len() + payload.len());
+        let (count, bytes, uniform) = self.gather(segment, datagrams);
         if count == 0 {
             return Ok(0);
         }
         let len = write_sockaddr(to, &mut self.name);
+        if self.gso_to
+            && let Some(sent) = self.try_gso(fd, (count, bytes, uniform), segment, len)
+        {
+            return sent;
+        }
         let name = (&raw mut self.name).cast::<libc::c_void>();
         for msg in self.msgs.iter_mut().take(count) {
             msg.msg_hdr.msg_name = name;
@@ -109,15 +129,8 @@ impl SendBatch {
         if count == 0 {
             return Ok(0);
         }
-        if self.gso && uniform && count > 1 && count <= GSO_MAX_SEGMENTS && bytes <= GSO_MAX_BYTES {
-            match self.send_gso(fd, count, segment) {
-                Ok(()) => return Ok(count),
-                Err(error) if matches!(error.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EMSGSIZE)) => {
-                    tracing::debug!(%error, "UDP_SEGMENT refused; sending with sendmmsg");
-                    self.gso = false;
-                }
-                Err(error) => return Err(error),
-            }
+        if let Some(sent) = self.try_gso(fd, (count, bytes, uniform), segment, 0) {
+            return sent;
         }
         for msg in self.msgs.iter_mut().take(count) {
             msg.msg_hdr.msg_name = std::ptr::null_mut();
@@ -126,9 +139,29 @@ impl SendBatch {
         self.send_mmsg(fd, count)
     }
 
+    /// The gathered batch (`count` datagrams, `bytes` long, `uniform` as `gather` says) as one
+    /// UDP_SEGMENT send, if it qualifies and the kernel takes it: `None` to send it with
+    /// sendmmsg instead. If the kernel or the device refuses it (EIO without checksum offload
+    /// before Linux 6.11, EMSGSIZE or EINVAL for a segment over the MTU, ...), every later call
+    /// uses sendmmsg.
+    fn try_gso(&mut self, fd: BorrowedFd<'_>, (count, bytes, uniform): (usize, usize, bool), segment: usize, namelen: libc::socklen_t) -> Option<io::Result<usize>> {
+        if !(self.gso && uniform && count > 1 && count <= GSO_MAX_SEGMENTS && bytes <= GSO_MAX_BYTES) {
+            return None;
+        }
+        match self.send_gso(fd, count, segment, namelen) {
+            Ok(()) => Some(Ok(count)),
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EMSGSIZE)) => {
+                tracing::debug!(%error, "UDP_SEGMENT refused; sending with sendmmsg");
+                self.gso = false;
+                None
+            }
+            Err(error) => Some(Err(error)),
+        }
+    }
+
     /// One sendmsg of the first `count` iovec pairs, cut by the kernel into `segment`-byte
-    /// datagrams.
-    fn send_gso(&mut self, fd: BorrowedFd<'_>, count: usize, segment: usize) -> io::Result<()> {
+    /// datagrams; to `name` (its first `namelen` bytes) unless `namelen` is 0.
+    fn send_gso(&mut self, fd: BorrowedFd<'_>, count: usize, segment: usize, namelen: libc::socklen_t) -> io::Result<()> {
         let segment = u16::try_from(segment).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // The data: one u16.
         let data_len: libc::c_uint = 2;
@@ -139,6 +172,10 @@ impl SendBatch {
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = self.iovs.as_mut_ptr().cast();
         msg.msg_iovlen = (2 * count) as _;
+        if namelen > 0 {
+            msg.msg_name = (&raw mut self.name).cast();
+            msg.msg_namelen = namelen;
+        }
         msg.msg_control = self.control.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
         // SAFETY: `msg` points at `control`, 8-byte aligned and at least CMSG_SPACE(2) bytes
@@ -152,8 +189,9 @@ impl SendBatch {
             libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
         }
         // SAFETY: `fd` is an open socket for the duration of the borrow; `msg` points at the
-        // control message above and at the first `2 * count` iovecs of `iovs` (`[iovec; 2]` is
-        // two contiguous iovecs), filled by `send` from slices alive for this call.
+        // control message above, at the first `2 * count` iovecs of `iovs` (`[iovec; 2]` is
+        // two contiguous iovecs), filled by `gather` from slices alive for this call, and at no
+        // name or `name` (`namelen` bytes of it written by `send_to`).
         let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const msg, libc::MSG_DONTWAIT) };
         if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
@@ -212,7 +250,11 @@ fn write_sockaddr(addr: SocketAddr, storage: &mut libc::sockaddr_storage) -> lib
 
 #[cfg(test)]
 mod tests {
-    use std::{net::UdpSocket, os::fd::AsFd as _, time::Duration};
+    use std::{
+        net::UdpSocket,
+        os::fd::{AsFd as _, AsRawFd as _},
+        time::Duration,
+    };
 
     use super::SendBatch;
 
@@ -303,6 +345,30 @@ mod tests {
             assert_eq!(batch.send_to(e.as_fd(), f.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
             expect(&f, &packets);
         }
+    }
+
+    /// With UDP_GRO a receiving socket takes a loopback super-packet whole, so what arrives
+    /// shows how the batch was sent.
+    #[test]
+    fn sends_to_a_destination_as_one_super_packet_only_when_asked() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: `b` is an open socket; the option value is a c_int of the size given.
+        let set = unsafe { libc::setsockopt(b.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, (&raw const on).cast(), libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap()) };
+        assert_eq!(set, 0, "UDP_GRO: {}", std::io::Error::last_os_error());
+        let payload: Vec<u8> = (0..3000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        let (headers, parts) = (HEADERS, blocks(&payload));
+        let packets = packets(parts);
+        let mut buf = [0u8; 8192];
+        let mut batch = SendBatch::new(4).segmenting_send_to(true);
+        assert_eq!(batch.send_to(a.as_fd(), b.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
+        let len = b.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], &packets.concat()[..], "one UDP_SEGMENT send of the three");
+        let mut batch = SendBatch::new(4);
+        assert_eq!(batch.send_to(a.as_fd(), b.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
+        expect(&b, &packets);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! followed by a TFTP packet. Sessions are keyed by the client key in the header, and are only
 //! a cache: an ACK for a session this backend never saw is served from the header alone.
 //! One event loop, one timer queue, buffers reused for every packet. DATA leaves a batch at a
-//! time: one file read and one sendmmsg(2) for up to a window (`batch.rs`).
+//! time: one file read and one sendmmsg(2) for up to a window, or with `--segment-offload` one
+//! UDP_SEGMENT send (`batch.rs`).
 //!
 //! Every TFTP datagram gets at least one answer (the LB's watchdog counts unanswered packets):
 //! DATA, OACK, ACK, ERROR, or a header-only `FINISHED` when the transfer is over.
@@ -35,7 +36,7 @@ const HEADER: usize = SteeringHeader::LEN;
 /// Most bytes of DATA read and sent in one batch: a window of 16 blocks of 1468 bytes, and at
 /// least one block of the largest size.
 const BATCH_BYTES: usize = 64 << 10;
-/// Most datagrams per sendmmsg.
+/// Most datagrams per sendmmsg or UDP_SEGMENT send.
 const BATCH_BLOCKS: usize = 64;
 
 enum Kind {
@@ -75,8 +76,9 @@ pub struct Steered {
 }
 
 impl Steered {
+    /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`).
     #[must_use]
-    pub fn new(socket: UdpSocket, root: Root, config: Config) -> Self {
+    pub fn new(socket: UdpSocket, root: Root, config: Config, segment_offload: bool) -> Self {
         Self {
             socket,
             root,
@@ -86,7 +88,7 @@ impl Steered {
             out: vec![0; HEADER + MAX_PACKET],
             blocks: vec![0; BATCH_BYTES.max(MAX_PACKET)],
             headers: vec![[0; HEADER + 4]; BATCH_BLOCKS],
-            sender: SendBatch::new(BATCH_BLOCKS),
+            sender: SendBatch::new(BATCH_BLOCKS).segmenting_send_to(segment_offload),
             waiting: HashMap::new(),
             digested: mpsc::unbounded_channel(),
             completed: Completed::new(completed::REMEMBER_FOR, completed::CAPACITY),

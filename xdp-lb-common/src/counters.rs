@@ -105,6 +105,11 @@ counters! {
         /// Passed untouched: a unicast frame for another host's MAC (a bridge flooding frames
         /// for a peer that went away); steering it would answer in the peer's name.
         PassNotOurs => "pass_not_ours",
+        /// Dropped: a backend reply longer than one TFTP packet of its block size. A
+        /// segmentation-offload super-packet that reached the program whole (a backend sending
+        /// with `--segment-offload` over a link that does not cut it into datagrams first):
+        /// forwarded, it would hand the client several blocks as one.
+        DropOversize => "drop_oversize",
     }
 }
 

@@ -140,7 +140,8 @@ pub struct SessionEvent {
     pub kind: u32,
 }
 
-/// The kernel created, relearned or moved the session: mirror it to the peer balancer.
+/// The kernel created, relearned or moved the session, or learned its context: mirror it to
+/// the peer balancer.
 pub const EVENT_CHANGED: u32 = 1;
 /// A client packet arrived for a session this balancer does not have: ask the backends.
 pub const EVENT_UNKNOWN: u32 = 2;

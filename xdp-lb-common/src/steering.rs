@@ -159,6 +159,13 @@ impl SteeringHeader {
         u16::from_be_bytes(self.blksize)
     }
 
+    /// The longest TFTP packet a backend may send under this header: a DATA of the negotiated
+    /// block size (512 before any is negotiated; OACK and ERROR packets are shorter).
+    #[must_use]
+    pub fn longest_reply(&self) -> usize {
+        4 + usize::from(self.blksize()).max(512)
+    }
+
     #[must_use]
     pub fn windowsize(&self) -> u16 {
         u16::from_be_bytes(self.windowsize)
@@ -199,6 +206,18 @@ mod tests {
     fn header_is_64_bytes_with_alignment_one() {
         assert_eq!(size_of::<SteeringHeader>(), SteeringHeader::LEN);
         assert_eq!(align_of::<SteeringHeader>(), 1);
+    }
+
+    #[test]
+    fn the_longest_reply_is_one_data_packet_of_the_block_size() {
+        let mut h = SteeringHeader::for_client([10, 0, 0, 1], 1000, [10, 0, 0, 100], 2000);
+        assert_eq!(h.longest_reply(), 516, "512-byte blocks before a blksize is negotiated");
+        h.blksize = 8u16.to_be_bytes();
+        assert_eq!(h.longest_reply(), 516, "OACK and ERROR may still exceed a tiny block");
+        h.blksize = 1468u16.to_be_bytes();
+        assert_eq!(h.longest_reply(), 1472);
+        h.blksize = 65_464u16.to_be_bytes();
+        assert_eq!(h.longest_reply(), 65_468);
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub static LB_SESSIONS: LruHashMap<ClientKey, Session, MAX_SESSIONS> = LruHashMa
 #[btf_map]
 pub static LB_EVENTS: RingBuf<SessionEvent, { 64 * 1024 }> = RingBuf::new();
 
-/// Tells the agent that `key`'s session is new or moved. A full ring only delays the news
-/// until the agent's next periodic sync.
+/// Tells the agent that `key`'s session is new, moved or has its context now. A full ring only
+/// delays the news until the agent's next periodic sync.
 #[inline(always)]
 pub fn announce(key: &ClientKey) {
     let _ = LB_EVENTS.output(SessionEvent { key: *key, kind: EVENT_CHANGED }, 0);

@@ -244,6 +244,9 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         // The agent's probe socket wants it too.
         return (BalanceCounter::Heartbeat, PASS);
     }
+    if usize::from(frame.udp_len()) > 8 + HEADER_LEN + header.longest_reply() {
+        return (BalanceCounter::DropOversize, DROP);
+    }
     let key = ClientKey::new(header.client_ip, header.client_port);
     let (session, counter) = match LB_SESSIONS.get_ptr_mut(key) {
         Some(session) => (session, BalanceCounter::ToClient),
@@ -263,7 +266,13 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         backends::remove_session(id);
         return (BalanceCounter::SessionFinished, DROP);
     }
+    let first_context = session.header.flags & FLAG_HAS_CONTEXT == 0;
     learn_context(&mut session.header, header);
+    if first_context {
+        // The file, digest and options are what a backup needs to carry the transfer on: it
+        // gets them now, not at the next periodic sync (the block may lag, not the context).
+        announce(&key);
+    }
     forward_to_client(ctx, config, frame, session, header, counter)
 }
 

@@ -387,6 +387,12 @@ fn cases(own: u32, other: u32) -> Vec<Case> {
             C::DropBadHeader,
         ),
         case(
+            "backend: DATA longer than 512 bytes without a negotiated blksize",
+            from_backend(own, &reply(0), &[b"\x00\x03\x00\x01".as_slice(), &[0u8; 513]].concat()),
+            XDP_DROP,
+            C::DropOversize,
+        ),
+        case(
             "backend: DATA for a session another backend serves",
             from_backend(other, &reply(0), b"\x00\x03\x00\x01evil"),
             XDP_DROP,

@@ -197,6 +197,46 @@ fn replies_from_elsewhere_are_dropped_and_counted() {
     assert_eq!((action, f.counter(C::DropBadHeader).unwrap()), (XDP_DROP, 1));
 }
 
+/// The first reply teaches the session its context (file, digest, options), which a backup
+/// balancer needs to carry the transfer on: announced at once for the agent to mirror, not
+/// left to the next periodic sync as block progress is.
+#[test]
+fn the_context_learned_from_the_first_reply_is_announced_at_once() {
+    let mut f = fixture(1);
+    open(&mut f, 40_007);
+    let key = ClientKey::new(CLIENT, 40_007u16.to_be_bytes());
+    assert!(f.drain_events().iter().any(|e| e.key == key), "the new session is announced");
+    f.run(&from_backend(0, &reply_header(40_007, 1, 0), b"\x00\x03\x00\x01a")).unwrap();
+    assert_eq!(f.drain_events().iter().filter(|e| e.key == key).count(), 1, "its first context is announced");
+    f.run(&from_backend(0, &reply_header(40_007, 2, 0), b"\x00\x03\x00\x02b")).unwrap();
+    assert!(f.drain_events().is_empty(), "later replies only move the block: no event");
+}
+
+/// A window sent with UDP segmentation offload that no link cut into datagrams reaches the
+/// program as one packet: its blocks one after another, each with its own steering and DATA
+/// header. The program sees the first header only; forwarded, the client would take the rest
+/// as data. (Two blocks here: BPF_PROG_TEST_RUN takes a frame of at most one page.)
+#[test]
+fn an_unsegmented_super_packet_from_a_backend_is_dropped_and_counted() {
+    let mut f = fixture(1);
+    open(&mut f, 40_006);
+    let window: Vec<u8> = (1..=2u16)
+        .flat_map(|block| {
+            let header = reply_header(40_006, u32::from(block), 0);
+            let data = [&[0, 3][..], &block.to_be_bytes(), &[0xab; 1468]].concat();
+            [bytemuck::bytes_of(&header), data.as_slice()].concat()
+        })
+        .collect();
+    let (action, _) = f.run(&from_backend(0, &reply_header(40_006, 1, 0), &window[SteeringHeader::LEN..])).unwrap();
+    assert_eq!((action, f.counter(C::DropOversize).unwrap()), (XDP_DROP, 1));
+    assert_eq!(f.counter(C::ToClient).unwrap(), 0);
+    // One block of the same window, as a segmenting link delivers it, goes through.
+    let block = &window[SteeringHeader::LEN..SteeringHeader::LEN + 4 + 1468];
+    let (action, out) = f.run(&from_backend(0, &reply_header(40_006, 1, 0), block)).unwrap();
+    assert_eq!((action, &out[42..]), (XDP_TX, block));
+    assert!(checksums_valid(&out));
+}
+
 /// Packets that are not xdp-lb's business pass unchanged, each counted by its reason.
 #[test]
 fn other_traffic_passes_unchanged() {

@@ -4,9 +4,10 @@
 //! Sync is soft state: the active balancer sends what changed since its last sync every
 //! `--sync-ms`, every session once a second, and forgets for sessions that ended; the backup
 //! applies them to its own `LB_SESSIONS`, so its kernel already knows every transfer when the
-//! switch swaps. Sessions the kernel creates or moves are announced through the `LB_EVENTS`
-//! ring buffer and mirrored at once, so even a transfer that started a moment before the
-//! failure is known to the backup. A session the backup still misses is relearned from the
+//! switch swaps. Sessions the kernel creates or moves, and the moment the first reply teaches
+//! a session its transfer context, are announced through the `LB_EVENTS` ring buffer and
+//! mirrored at once, so even a transfer that started a moment before the failure is known to
+//! the backup with its file and options (its block may lag: backends trust the client's ACK). A session the backup still misses is relearned from the
 //! first reply its backend sends (see `relearn` in the kernel program).
 
 use std::{

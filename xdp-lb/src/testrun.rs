@@ -6,10 +6,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, FrameHeaders, LbConfig,
+    Backend, BackendSeen, ClientKey, FrameHeaders, LbConfig, SessionEvent,
     frame::{ETHERTYPE_IPV4, IPPROTO_UDP, IPV4_VIHL_NO_OPTIONS, udp_checksum},
     maps::BACKEND_LIVE,
     names::PROGRAM_BALANCE,
@@ -41,6 +42,7 @@ pub fn backend_mac(id: u32) -> [u8; 6] {
 /// A loaded `balance` with a VIP and live backends whose MACs are known.
 pub struct Fixture {
     ebpf: Ebpf,
+    events: RingBuf<MapData>,
     #[cfg_attr(not(test), expect(dead_code, reason = "read by the kernel tests"))]
     pub maps: LbMaps,
 }
@@ -51,6 +53,7 @@ impl Fixture {
         let program: &mut Xdp = ebpf.program_mut(PROGRAM_BALANCE).context("no balance program")?.try_into()?;
         program.load().context("the verifier rejected balance")?;
         let mut maps = LbMaps::take(&mut ebpf)?;
+        let events = crate::maps::events(&mut ebpf)?;
         let config = LbConfig { vip: VIP, steer_addr: STEER_ADDR, steer_port: STEER_PORT.to_be_bytes(), ..LbConfig::default() };
         maps.config.set(0, config, 0)?;
         for id in 0..backends {
@@ -59,7 +62,13 @@ impl Fixture {
             let seen = BackendSeen { mac: backend_mac(id), lb_mac: LB_MAC, ifindex: TEST_IFINDEX, ..BackendSeen::default() };
             maps.seen.set(id, seen, 0)?;
         }
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, events, maps })
+    }
+
+    /// The session events the program announced since the last call.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the kernel tests"))]
+    pub fn drain_events(&mut self) -> Vec<SessionEvent> {
+        std::iter::from_fn(|| self.events.next().and_then(|item| bytemuck::try_pod_read_unaligned(&item).ok())).collect()
     }
 
     fn program(&mut self) -> anyhow::Result<&mut Xdp> {
