@@ -184,14 +184,24 @@ pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     let mut reply = SteeringHeader::for_client(CLIENT, PORT, VIP, key.tid());
     reply.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
     reply.set_block(1);
+    reply.blksize = 1468u16.to_be_bytes();
     let mut data = b"\x00\x03\x00\x01".to_vec();
     data.resize(4 + 1468, 0xa5);
+    const TX: u32 = 3;
     let paths = [
-        ("request: RRQ to VIP:69 -> backend", rrq),
-        ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01")),
-        ("backend DATA 1468 B -> client", from_backend(backend, &reply, &data)),
-        ("other traffic: pass", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 53), b"dns?")),
-        ("spoofed reply: drop", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 7000), (STEER_ADDR, STEER_PORT), &data)),
+        ("request: RRQ to VIP:69 -> backend", rrq, TX),
+        ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01"), TX),
+        ("backend DATA 1468 B -> client", from_backend(backend, &reply, &data), TX),
+        ("other traffic: pass", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 53), b"dns?"), 2),
+        ("spoofed reply: drop", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 7000), (STEER_ADDR, STEER_PORT), &data), 1),
     ];
-    paths.into_iter().map(|(name, frame)| Ok((name, f.time(&frame, repeat)?))).collect()
+    paths
+        .into_iter()
+        .map(|(name, frame, action)| {
+            // A figure for a path the packet does not take would be a figure for another one.
+            let (taken, _) = f.run(&frame)?;
+            anyhow::ensure!(taken == action, "{name}: XDP action {taken}, expected {action}");
+            Ok((name, f.time(&frame, repeat)?))
+        })
+        .collect()
 }
