@@ -62,17 +62,16 @@ impl SendBatch {
         Self { msgs, iovs: vec![[empty; 2]; capacity], control: [0; 4], name, gso: true, gso_to: false }
     }
 
-    /// Lets `send_to` send a uniform batch as one UDP_SEGMENT super-packet: only where every
-    /// link to the destination segments it before anything reads the datagrams one by one.
-    #[must_use]
-    pub const fn segmenting_send_to(mut self, on: bool) -> Self {
+    /// Lets (or stops) `send_to` send a uniform batch as one UDP_SEGMENT super-packet: only
+    /// where every link to the destination segments it before anything reads the datagrams one
+    /// by one.
+    pub const fn segment_send_to(&mut self, on: bool) {
         self.gso_to = on;
-        self
     }
 
     /// Sends each `(header, payload)` as one datagram to `to` on the socket `fd` (connected or
     /// not), the first `capacity` of them at most: as one UDP_SEGMENT send when allowed by
-    /// [`Self::segmenting_send_to`] and every datagram but the last is as long as the first,
+    /// [`Self::segment_send_to`] and every datagram but the last is as long as the first,
     /// else with one sendmmsg. Returns how many the kernel took (at least one; the caller sends
     /// the rest again), or the error of the first one: `WouldBlock` when the send buffer is
     /// full. Never blocks.
@@ -362,7 +361,8 @@ mod tests {
         let (headers, parts) = (HEADERS, blocks(&payload));
         let packets = packets(parts);
         let mut buf = [0u8; 8192];
-        let mut batch = SendBatch::new(4).segmenting_send_to(true);
+        let mut batch = SendBatch::new(4);
+        batch.segment_send_to(true);
         assert_eq!(batch.send_to(a.as_fd(), b.local_addr().unwrap(), headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
         let len = b.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], &packets.concat()[..], "one UDP_SEGMENT send of the three");

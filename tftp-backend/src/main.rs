@@ -42,9 +42,11 @@ struct Cli {
     #[arg(long)]
     steered: bool,
 
-    /// Steered: send each window toward the load balancer as one UDP segmentation offload
-    /// (UDP_SEGMENT) super-packet that the kernel or the NIC cuts into datagrams on the way out,
-    /// instead of one datagram per block (sendmmsg): less CPU per block. Only where the way to
+    /// Steered: while several transfers share this backend, send each window toward the load
+    /// balancer as one UDP segmentation offload (UDP_SEGMENT) super-packet that the kernel or
+    /// the NIC cuts into datagrams on the way out, instead of one datagram per block (sendmmsg):
+    /// less CPU per block (a lone transfer goes datagram by datagram, its window's first block
+    /// leaves sooner). Only where the way to
     /// the balancers cuts it before their XDP program: a physical NIC does; veth passes it on
     /// whole unless tx offloads are off on the backend's interface or a port before the
     /// balancer (`ethtool -K IFACE tx off`). Over a link that hands the balancer super-packets
