@@ -71,75 +71,77 @@ impl Figure {
     }
 }
 
+/// Rounds per client count: the three paths measured in turn, again and again, and the median
+/// of each reported. On a 2-CPU VM one measurement moves by ±20%; interleaving spreads the
+/// machine's slow moments over all paths.
+const ROUNDS: usize = 3;
+
+/// One client count's figures: medians over the rounds.
+struct Row {
+    clients: usize,
+    direct: Measured,
+    nft: Figure,
+    through: Measured,
+    /// Median of each round's xdp-lb / direct goodput.
+    through_vs_direct: f64,
+    /// Lowest and highest of those.
+    through_vs_direct_range: (f64, f64),
+}
+
 pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value> {
     let size = if quick { 16 << 20 } else { 64 << 20 };
     let topo = LbTopology::new(1, 1).context("creating namespaces (root?)")?;
     make_file(&topo.root.join("bench.bin"), size, 7)?;
-    let bar = ProgressBar::new(6).with_style(ProgressStyle::with_template("{spinner} goodput [{pos}/{len}] {msg}")?);
+    let bar = ProgressBar::new(6 * ROUNDS as u64).with_style(ProgressStyle::with_template("{spinner} goodput [{pos}/{len}] {msg}")?);
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut rows = Vec::new();
     for clients in [1, 20] {
-        bar.set_message(format!("direct, {clients} client(s)"));
-        let (direct, nft) = {
-            let _server = standalone_backend(&topo)?;
-            let direct = measure(&topo, &backend_addr(0), clients, size)?;
-            bar.inc(1);
-            bar.set_message(format!("nftables DNAT + conntrack helper, {clients} client(s)"));
-            let nft = match kernel_path(&topo, clients, size) {
-                Ok(measured) => Figure::Rate(measured),
-                Err(error) => {
-                    bar.suspend(|| eprintln!("nftables path, {clients} client(s): {error:#}"));
-                    Figure::Failed(format!("{error:#}"))
-                }
-            };
-            bar.inc(1);
-            (direct, nft)
-        };
-        bar.set_message(format!("through xdp-lb, {clients} client(s)"));
-        let through = {
-            let _backend = topo.start_backend(0)?;
-            let agent = topo.start_lb(&[])?;
-            super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
-            measure(&topo, VIP, clients, size)?
-        };
-        bar.inc(1);
-        rows.push((clients, direct, nft, through));
+        let mut rounds = Vec::new();
+        for round in 1..=ROUNDS {
+            let progress = |path: &str| bar.set_message(format!("{path}, {clients} client(s), round {round} of {ROUNDS}"));
+            rounds.push(one_round(&topo, clients, size, &bar, progress)?);
+        }
+        rows.push(median_row(clients, &rounds));
     }
     bar.finish_and_clear();
 
     report.line(format!(
-        "\n### Goodput: direct vs nftables DNAT + TFTP conntrack helper vs xdp-lb ({} MiB per client, {}, MB/s of all clients together)\n",
+        "\n### Goodput: direct vs nftables DNAT + TFTP conntrack helper vs xdp-lb ({} MiB per client, {}, MB/s of all clients together, medians of {ROUNDS} interleaved rounds)\n",
         size >> 20,
         CLIENT.name()
     ));
-    report.line("| clients | direct | nftables + helper | xdp-lb | nftables / direct | xdp-lb / direct | xdp-lb / nftables |");
+    report.line("| clients | direct | nftables + helper | xdp-lb | nftables / direct | xdp-lb / direct (rounds) | xdp-lb / nftables |");
     report.line("|---:|---:|---:|---:|---:|---:|---:|");
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or_else(|| "-".into(), |(a, b)| format!("{:.2}", a / b));
-    for (clients, direct, nft, through) in &rows {
+    for row in &rows {
         report.line(format!(
-            "| {clients} | {:.1} | {} | {:.1} | {} | {} | {} |",
-            direct.mb_s,
-            nft.text(|m| m.mb_s, 1),
-            through.mb_s,
-            ratio(nft.rate(), Some(direct.mb_s)),
-            ratio(Some(through.mb_s), Some(direct.mb_s)),
-            ratio(Some(through.mb_s), nft.rate()),
+            "| {} | {:.1} | {} | {:.1} | {} | {:.2} ({:.2}–{:.2}) | {} |",
+            row.clients,
+            row.direct.mb_s,
+            row.nft.text(|m| m.mb_s, 1),
+            row.through.mb_s,
+            ratio(row.nft.rate(), Some(row.direct.mb_s)),
+            row.through_vs_direct,
+            row.through_vs_direct_range.0,
+            row.through_vs_direct_range.1,
+            ratio(Some(row.through.mb_s), row.nft.rate()),
         ));
     }
-    report.line("\nCPU time per MB delivered, the whole machine (busy time from /proc/stat: clients, servers, agents, kernel):\n");
+    report.line("\nCPU time per MB delivered, the whole machine (busy time from /proc/stat: clients, servers, agents, kernel; medians):\n");
     report.line("| clients | direct | nftables + helper | xdp-lb | xdp-lb / direct |");
     report.line("|---:|---:|---:|---:|---:|");
-    for (clients, direct, nft, through) in &rows {
+    for row in &rows {
         report.line(format!(
-            "| {clients} | {:.2} ms | {} ms | {:.2} ms | {:.2} |",
-            direct.cpu_ms_per_mb,
-            nft.text(|m| m.cpu_ms_per_mb, 2),
-            through.cpu_ms_per_mb,
-            through.cpu_ms_per_mb / direct.cpu_ms_per_mb,
+            "| {} | {:.2} ms | {} ms | {:.2} ms | {:.2} |",
+            row.clients,
+            row.direct.cpu_ms_per_mb,
+            row.nft.text(|m| m.cpu_ms_per_mb, 2),
+            row.through.cpu_ms_per_mb,
+            row.through.cpu_ms_per_mb / row.direct.cpu_ms_per_mb,
         ));
     }
-    let failures: Vec<String> = rows.iter().filter_map(|(c, _, nft, _)| match nft {
-        Figure::Failed(why) => Some(format!("{c} client(s): {why}")),
+    let failures: Vec<String> = rows.iter().filter_map(|row| match &row.nft {
+        Figure::Failed(why) => Some(format!("{} client(s): {why}", row.clients)),
         Figure::Rate(_) => None,
     }).collect();
     if !failures.is_empty() {
@@ -148,19 +150,73 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
     report.line(
         "\nnftables: `dnat to BACKEND:69` for `VIP:69` and `ct helper set \"tftp\"` on the LB host (forwarding on), \
          the backend routes clients via the LB host; the same standalone tftp-backend as \"direct\". \
-         xdp-lb: `balance` (generic XDP) and tftp-backend --steered.",
+         xdp-lb: `balance` (generic XDP) and tftp-backend --steered --segment-offload.",
     );
     Ok(json!({
         "size": size,
         "client": CLIENT.name(),
-        "rows": rows.iter().map(|(clients, direct, nft, through)| json!({
-            "clients": clients, "direct_mb_s": direct.mb_s, "nftables_mb_s": nft.to_json(), "xdp_lb_mb_s": through.mb_s,
-            "xdp_lb_vs_direct": through.mb_s / direct.mb_s,
-            "nftables_vs_direct": nft.rate().map(|r| r / direct.mb_s),
-            "xdp_lb_vs_nftables": nft.rate().map(|r| through.mb_s / r),
-            "cpu_ms_per_mb": { "direct": direct.cpu_ms_per_mb, "nftables": nft.measured().map(|m| m.cpu_ms_per_mb), "xdp_lb": through.cpu_ms_per_mb },
+        "rounds": ROUNDS,
+        "rows": rows.iter().map(|row| json!({
+            "clients": row.clients, "direct_mb_s": row.direct.mb_s, "nftables_mb_s": row.nft.to_json(), "xdp_lb_mb_s": row.through.mb_s,
+            "xdp_lb_vs_direct": row.through_vs_direct,
+            "xdp_lb_vs_direct_range": [row.through_vs_direct_range.0, row.through_vs_direct_range.1],
+            "nftables_vs_direct": row.nft.rate().map(|r| r / row.direct.mb_s),
+            "xdp_lb_vs_nftables": row.nft.rate().map(|r| row.through.mb_s / r),
+            "cpu_ms_per_mb": { "direct": row.direct.cpu_ms_per_mb, "nftables": row.nft.measured().map(|m| m.cpu_ms_per_mb), "xdp_lb": row.through.cpu_ms_per_mb },
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// The three paths once each, in turn: direct, nftables, xdp-lb.
+fn one_round(topo: &LbTopology, clients: usize, size: usize, bar: &ProgressBar, progress: impl Fn(&str)) -> anyhow::Result<(Measured, Figure, Measured)> {
+    progress("direct");
+    let (direct, nft) = {
+        let _server = standalone_backend(topo)?;
+        let direct = measure(topo, &backend_addr(0), clients, size)?;
+        bar.inc(1);
+        progress("nftables DNAT + conntrack helper");
+        let nft = match kernel_path(topo, clients, size) {
+            Ok(measured) => Figure::Rate(measured),
+            Err(error) => {
+                bar.suspend(|| eprintln!("nftables path, {clients} client(s): {error:#}"));
+                Figure::Failed(format!("{error:#}"))
+            }
+        };
+        bar.inc(1);
+        (direct, nft)
+    };
+    progress("through xdp-lb");
+    let through = {
+        let _backend = topo.start_backend(0)?;
+        let agent = topo.start_lb(&[])?;
+        super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
+        measure(topo, VIP, clients, size)?
+    };
+    bar.inc(1);
+    Ok((direct, nft, through))
+}
+
+/// Medians over the rounds; the nftables path counts as failed if it failed in any.
+fn median_row(clients: usize, rounds: &[(Measured, Figure, Measured)]) -> Row {
+    let median_of = |values: Vec<f64>| -> f64 {
+        let mut values = values;
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let measured = |pick: &dyn Fn(&(Measured, Figure, Measured)) -> Measured| Measured {
+        mb_s: median_of(rounds.iter().map(|r| pick(r).mb_s).collect()),
+        cpu_ms_per_mb: median_of(rounds.iter().map(|r| pick(r).cpu_ms_per_mb).collect()),
+    };
+    let nft = match rounds.iter().find_map(|(_, nft, _)| match nft {
+        Figure::Failed(why) => Some(why.clone()),
+        Figure::Rate(_) => None,
+    }) {
+        Some(why) => Figure::Failed(why),
+        None => Figure::Rate(measured(&|r| r.1.measured().unwrap_or(r.0))),
+    };
+    let ratios: Vec<f64> = rounds.iter().map(|(direct, _, through)| through.mb_s / direct.mb_s).collect();
+    let range = ratios.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    Row { clients, direct: measured(&|r| r.0), nft, through: measured(&|r| r.2), through_vs_direct: median_of(ratios), through_vs_direct_range: range }
 }
 
 /// The standalone backend on port 69 of backend 0 (stopped on drop).
