@@ -13,9 +13,10 @@
 //! peer too: the kernel wakes the peer for XDP_TX frames only then (without one they waited
 //! ~50 ms, until other traffic woke it), and it copies every frame into a page of its own
 //! (tried once with a pass-through program on the peer: one windowed 64 MiB download at
-//! ~75 MB/s, against ~100 in generic mode). Links carry MTU 1600: the steering header adds 64 bytes to
-//! each DATA. Every veth has its tx offloads off ([`crate::veth_pair`]), so a backend's own
-//! interface cuts the windows it sends with `--segment-offload` into datagrams, as a NIC would.
+//! ~75 MB/s, against ~100 in generic mode). Links carry MTU 1600: the steering header adds 64
+//! bytes to each DATA. Every veth has its tx offloads off ([`crate::veth_pair`]), so a
+//! backend's own interface cuts the windows it sends with `--segment-offload` into datagrams,
+//! as a NIC would.
 
 use std::path::PathBuf;
 

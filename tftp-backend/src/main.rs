@@ -45,14 +45,13 @@ struct Cli {
     /// Steered: while several transfers share this backend, send each window toward the load
     /// balancer as one UDP segmentation offload (UDP_SEGMENT) super-packet that the kernel or
     /// the NIC cuts into datagrams on the way out, instead of one datagram per block (sendmmsg):
-    /// less CPU per block (a lone transfer goes datagram by datagram, its window's first block
-    /// leaves sooner). Only where the way to
-    /// the balancers cuts it before their XDP program: a physical NIC does; veth passes it on
-    /// whole unless tx offloads are off on the backend's interface or a port before the
-    /// balancer (`ethtool -K IFACE tx off`). Over a link that hands the balancer super-packets
-    /// uncut, windows are lost
-    /// (the balancer's program drops each it sees and counts `drop_oversize` in `xdp-lb
-    /// status`): transfers stall, they never receive wrong bytes.
+    /// less CPU per block. A lone transfer still goes datagram by datagram (its window's first
+    /// block leaves sooner). Only where the way to the balancers cuts the super-packet before
+    /// their XDP program: a physical NIC does; veth passes it on whole unless tx offloads are
+    /// off on the backend's interface or a port before the balancer (`ethtool -K IFACE tx
+    /// off`). Over a link that hands the balancer super-packets uncut, windows are lost (the
+    /// balancer's program drops each it sees and counts `drop_oversize` in `xdp-lb status`):
+    /// transfers stall, they never receive wrong bytes.
     #[arg(long, requires = "steered")]
     segment_offload: bool,
 

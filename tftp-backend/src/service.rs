@@ -86,18 +86,36 @@ impl Context {
     }
 }
 
-/// Opens a read request: file, negotiated options, identity.
-pub fn open_read(root: &mut Root, config: &Config, filename: &str, mode: Mode, options: &Options) -> Result<(ReadTransfer, Context), Refusal> {
+/// Opens a standalone read request: file and negotiated options. No digest: nothing carries
+/// a standalone transfer on elsewhere, and hashing a file of several GiB before the first
+/// answer would keep the client waiting into its retransmissions.
+pub fn open_read(root: &mut Root, config: &Config, filename: &str, mode: Mode, options: &Options) -> Result<(ReadTransfer, Negotiated), Refusal> {
+    let relative = Root::relative(filename)?;
+    let (file, _) = root.open_read(&relative)?;
+    let (transfer, negotiated, _) = start_read(file, config, mode, options)?;
+    Ok((transfer, negotiated))
+}
+
+/// Opens a read request whose context travels in the steering header, so that another backend
+/// can carry it on: with the file's content digest (cached by file identity; the steered loop
+/// has it computed off the loop before it gets here).
+pub fn open_read_with_context(root: &mut Root, config: &Config, filename: &str, mode: Mode, options: &Options) -> Result<(ReadTransfer, Context), Refusal> {
     let relative = Root::relative(filename)?;
     let (file, _) = root.open_read(&relative)?;
     let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
+    let (transfer, negotiated, size) = start_read(file, config, mode, options)?;
+    Ok((transfer, Context { mode, negotiated, path_hash: path_hash(&relative), digest, size }))
+}
+
+/// The transfer of an opened file, its options and the file's size.
+fn start_read(file: std::fs::File, config: &Config, mode: Mode, options: &Options) -> Result<(ReadTransfer, Negotiated, u64), Refusal> {
     let size = file.metadata().map_or(0, |m| m.len());
     let source = source_for(file, mode)?;
     let served = source.len().unwrap_or(size);
     let negotiated = negotiate(options, config.limits, Some(served));
     let transfer = ReadTransfer::new(source, negotiated.blksize, negotiated.windowsize, !negotiated.oack.is_empty())
         .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))?;
-    Ok((transfer, Context { mode, negotiated, path_hash: path_hash(&relative), digest, size }))
+    Ok((transfer, negotiated, size))
 }
 
 /// Reopens a read from its context alone, checking the file is the same version.
@@ -154,4 +172,27 @@ pub fn emit_data(transfer: &ReadTransfer, n: u32, out: &mut [u8], at: usize) -> 
     out[at + 2..at + 4].copy_from_slice(&block.to_be_bytes());
     let len = transfer.read_block(n, &mut out[at + 4..])?;
     Ok(at + 4 + len)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Config, open_read, open_read_with_context};
+    use crate::{files::Root, options::Limits, wire::{Mode, Options}};
+
+    #[test]
+    fn only_a_read_whose_context_travels_hashes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.bin"), vec![7u8; 100_000]).unwrap();
+        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1) };
+        let mut root = Root::new(dir.path()).unwrap();
+        let file = std::fs::File::open(dir.path().join("f.bin")).unwrap();
+        let (transfer, _) = open_read(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();
+        assert_eq!(transfer.size(), 100_000);
+        assert_eq!(root.cached_digest(&file), None, "a standalone read answers before hashing anything");
+        let (_, context) = open_read_with_context(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();
+        assert_eq!(root.cached_digest(&file), Some(context.digest));
+        assert_eq!(context.size, 100_000);
+    }
 }

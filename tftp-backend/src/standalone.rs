@@ -79,9 +79,9 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
         Repr::Rrq { filename, mode, options } => {
             let opened = service::open_read(&mut *root.lock().await, config, filename, mode, &options);
             match opened {
-                Ok((transfer, context)) => {
+                Ok((transfer, negotiated)) => {
                     info!(%client, file = filename, size = transfer.size(), "read");
-                    read(&socket, transfer, context.negotiated.oack, config.timeout(context.negotiated.timeout)).await
+                    read(&socket, transfer, negotiated.oack, config.timeout(negotiated.timeout)).await
                 }
                 Err(refusal) => send_error(&socket, &mut out, &refusal).await,
             }

@@ -198,7 +198,7 @@ impl Steered {
                     return;
                 }
                 self.forget(key);
-                match service::open_read(&mut self.root, &self.config, filename, mode, &options) {
+                match service::open_read_with_context(&mut self.root, &self.config, filename, mode, &options) {
                     Ok((mut transfer, context)) => {
                         info!(client = ?key.0, file = filename, "read");
                         let first = transfer.start();

@@ -7,8 +7,9 @@
 //! switch swaps. Sessions the kernel creates or moves, and the moment the first reply teaches
 //! a session its transfer context, are announced through the `LB_EVENTS` ring buffer and
 //! mirrored at once, so even a transfer that started a moment before the failure is known to
-//! the backup with its file and options (its block may lag: backends trust the client's ACK). A session the backup still misses is relearned from the
-//! first reply its backend sends (see `relearn` in the kernel program).
+//! the backup with its file and options (its block may lag: backends trust the client's ACK).
+//! A session the backup still misses is relearned from the first reply its backend sends (see
+//! `relearn` in the kernel program).
 
 use std::{
     collections::HashMap,

@@ -176,6 +176,8 @@ pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     use xdp_lb_common::{SteeringHeader, TFTP_PORT, steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT}};
     const CLIENT: [u8; 4] = [10, 77, 0, 50];
     const PORT: u16 = 40_000;
+    // XDP actions: 1 drop, 2 pass, 3 tx (steered out of the interface it came in on).
+    const TX: u32 = 3;
     let mut f = Fixture::new(3)?;
     let rrq = from_client(CLIENT, PORT, TFTP_PORT, b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00");
     let (_, steered) = f.run(&rrq)?;
@@ -187,7 +189,6 @@ pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     reply.blksize = 1468u16.to_be_bytes();
     let mut data = b"\x00\x03\x00\x01".to_vec();
     data.resize(4 + 1468, 0xa5);
-    const TX: u32 = 3;
     let paths = [
         ("request: RRQ to VIP:69 -> backend", rrq, TX),
         ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01"), TX),
