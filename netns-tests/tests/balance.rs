@@ -221,3 +221,41 @@ fn a_thousand_concurrent_downloads_through_one_backend() {
     let (finished, _) = run.counter("session_finished");
     assert_eq!(finished, DOWNLOADS as u64, "every session ended with the backend's FINISHED");
 }
+
+/// The first request for a large file makes its backend hash the whole file (the digest goes
+/// into the transfer's context) before it answers: seconds for gigabytes. The hashing runs off
+/// the backend's event loop, which keeps answering heartbeats, so the client gets its OACK
+/// once the digest is known and no backend stays dead. (On a quiet machine the watchdog does
+/// not even blink; with the other tests of this file loading the two CPUs it once judged the
+/// hashing backend dead for a moment, so only the lasting outcome is asserted.)
+#[test]
+fn a_cold_request_for_a_large_file_is_answered_and_its_backend_stays_live() {
+    let run = Running::start(1, 2);
+    // Sparse: no disk, but every byte is read and hashed like any other.
+    let size: u64 = 2 << 30;
+    std::fs::File::create(run.topo.root.join("cold.bin")).and_then(|f| f.set_len(size)).expect("sparse file");
+    let (answer, waited) = run.topo.clients[0]
+        .enter(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
+            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            let started = Instant::now();
+            let mut buf = [0u8; 2048];
+            // A client retransmits its request every few seconds until it hears something.
+            while started.elapsed() < Duration::from_secs(60) {
+                socket.send_to(b"\x00\x01cold.bin\x00octet\x00blksize\x001468\x00tsize\x000\x00", (VIP, TFTP_PORT)).expect("send");
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    // End the transfer: the test only wanted its first answer.
+                    let _ = socket.send_to(b"\x00\x05\x00\x00done\x00", from);
+                    return (Some(buf[..n].to_vec()), started.elapsed());
+                }
+            }
+            (None, started.elapsed())
+        })
+        .expect("client namespace");
+    println!("first answer to a cold 2 GiB request after {} ms", waited.as_millis());
+    let answer = answer.unwrap_or_else(|| panic!("no answer in {waited:?}; agent log:\n{}", run.agent.log()));
+    let expected_oack = format!("\x00\x06blksize\x001468\x00tsize\x00{size}\x00");
+    assert_eq!(answer, expected_oack.as_bytes(), "OACK with the file's size");
+    println!("backends judged dead meanwhile: {}", run.agent.log().matches("backend dead").count());
+    run.wait_live(2);
+}
