@@ -18,12 +18,9 @@ use xdp_lb_common::{
 
 use crate::testrun::{
     BACKEND_PORT, CLIENT_MAC, Fixture, LB_MAC, STEER_ADDR, STEER_PORT, VIP, backend_ip, backend_mac, from_backend,
-    from_client, udp_frame,
+    from_client, udp_frame, XDP_DROP, XDP_PASS, XDP_TX,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 
 const CLIENT: [u8; 4] = [10, 77, 0, 60];
 /// The client port whose session the table's session rows use.

@@ -19,9 +19,9 @@ use xdp_lb_common::{ClientKey, SwitchCounter as C, TFTP_PORT};
 use crate::{
     hostile_tests::{edit_ip, ethernet, fix_ip_checksum, with_ip_options},
     switch_tests::{
-        CLIENT, CLIENT_MAC, LB_MACS, LBS, SWITCH_MAC, Switch, VIP, XDP_DROP, XDP_PASS, XDP_TX, client_ack, headers,
+        CLIENT, CLIENT_MAC, LB_MACS, LBS, SWITCH_MAC, Switch, VIP, client_ack, headers,
     },
-    testrun::udp_frame,
+    testrun::{XDP_DROP, XDP_PASS, XDP_TX, udp_frame},
 };
 
 /// A host on the segment that forges other hosts' addresses.

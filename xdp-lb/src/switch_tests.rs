@@ -9,11 +9,7 @@ use aya::{
 };
 use xdp_lb_common::{ClientKey, FrameHeaders, LbSeen, SwitchConfig, SwitchCounter as C, names::PROGRAM_SWITCH};
 
-use crate::{maps::SwitchMaps, testrun::{TEST_IFINDEX, udp_frame}};
-
-pub(crate) const XDP_DROP: u32 = 1;
-pub(crate) const XDP_PASS: u32 = 2;
-pub(crate) const XDP_TX: u32 = 3;
+use crate::{maps::SwitchMaps, testrun::{TEST_IFINDEX, XDP_DROP, XDP_PASS, XDP_TX, udp_frame}};
 
 pub(crate) const VIP: [u8; 4] = [10, 77, 9, 100];
 pub(crate) const LBS: [[u8; 4]; 2] = [[10, 77, 0, 2], [10, 77, 0, 3]];

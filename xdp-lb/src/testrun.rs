@@ -27,6 +27,11 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
 /// Ifindex of a BPF_PROG_TEST_RUN packet without context: the namespace's loopback.
 pub const TEST_IFINDEX: u32 = 1;
 
+/// XDP actions as BPF_PROG_TEST_RUN reports them (`enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
 /// Address of backend `id`.
 #[must_use]
 pub fn backend_ip(id: u32) -> [u8; 4] {
@@ -176,8 +181,6 @@ pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     use xdp_lb_common::{SteeringHeader, TFTP_PORT, steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT}};
     const CLIENT: [u8; 4] = [10, 77, 0, 50];
     const PORT: u16 = 40_000;
-    // XDP actions: 1 drop, 2 pass, 3 tx (steered out of the interface it came in on).
-    const TX: u32 = 3;
     let mut f = Fixture::new(3)?;
     let rrq = from_client(CLIENT, PORT, TFTP_PORT, b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00");
     let (_, steered) = f.run(&rrq)?;
@@ -190,11 +193,11 @@ pub fn bench(repeat: u32) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     let mut data = b"\x00\x03\x00\x01".to_vec();
     data.resize(4 + 1468, 0xa5);
     let paths = [
-        ("request: RRQ to VIP:69 -> backend", rrq, TX),
-        ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01"), TX),
-        ("backend DATA 1468 B -> client", from_backend(backend, &reply, &data), TX),
-        ("other traffic: pass", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 53), b"dns?"), 2),
-        ("spoofed reply: drop", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 7000), (STEER_ADDR, STEER_PORT), &data), 1),
+        ("request: RRQ to VIP:69 -> backend", rrq, XDP_TX),
+        ("client ACK -> backend", from_client(CLIENT, PORT, key.tid(), b"\x00\x04\x00\x01"), XDP_TX),
+        ("backend DATA 1468 B -> client", from_backend(backend, &reply, &data), XDP_TX),
+        ("other traffic: pass", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 5353), ([10, 77, 0, 9], 53), b"dns?"), XDP_PASS),
+        ("spoofed reply: drop", udp_frame((CLIENT_MAC, LB_MAC), (CLIENT, 7000), (STEER_ADDR, STEER_PORT), &data), XDP_DROP),
     ];
     paths
         .into_iter()
