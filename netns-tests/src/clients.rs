@@ -1,8 +1,13 @@
 //! The stock Debian TFTP clients the integration tests and the demo drive.
 
-use std::{path::Path, process::Command};
+use std::{
+    net::UdpSocket,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use crate::Netns;
+use crate::{Error, Netns, Result, io_error};
 
 /// A TFTP client program and the options it is run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +82,7 @@ pub fn expect_download(
     mut download: crate::Process,
     local: &Path,
     source: &Path,
-    timeout: std::time::Duration,
+    timeout: Duration,
     what: &str,
     context: impl Fn() -> String,
 ) {
@@ -88,4 +93,53 @@ pub fn expect_download(
     let (got, want) = (crate::files::sha256(local), crate::files::sha256(source));
     assert!(got.is_ok() && got.as_ref().ok() == want.as_ref().ok(), "{what}: downloaded file differs ({got:?} vs {want:?})");
     let _ = std::fs::remove_file(local);
+}
+
+/// Requests `file` (octet, with `options` as name/value pairs) from `server:port` over
+/// `sockets` client ports at once, resending each request every second until it is answered,
+/// and ends each transfer at its first answer with an ERROR (RFC 2347 lets a client decline an
+/// OACK that way). Returns the first answers, one per socket. What it is for: making a
+/// backend hash a file (its digest is cached from then on) without moving the file, and
+/// seeing what a server answers first. Runs in the caller's network namespace.
+pub fn first_answers(server: &str, port: u16, file: &str, options: &[(&str, &str)], sockets: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+    let mut rrq = vec![0, 1];
+    for field in [file, "octet"].into_iter().chain(options.iter().flat_map(|(name, value)| [*name, *value])) {
+        rrq.extend_from_slice(field.as_bytes());
+        rrq.push(0);
+    }
+    let abort = [&[0u8, 5, 0, 0][..], b"first answer taken\0"].concat();
+    let sockets = (0..sockets)
+        .map(|_| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io_error("client sockets"))?;
+    let mut sent: Vec<Option<Instant>> = vec![None; sockets.len()];
+    let mut answers: Vec<Option<Vec<u8>>> = vec![None; sockets.len()];
+    let started = Instant::now();
+    let mut buf = [0u8; 2048];
+    while answers.contains(&None) {
+        if started.elapsed() > timeout {
+            return Err(Error::Timeout { what: format!("an answer to a request for {file} from {server}:{port}"), seconds: timeout.as_secs() });
+        }
+        for ((socket, sent), answer) in sockets.iter().zip(&mut sent).zip(&mut answers) {
+            if answer.is_some() {
+                continue;
+            }
+            if sent.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                socket.send_to(&rrq, (server, port)).map_err(io_error(format!("request to {server}:{port}")))?;
+                *sent = Some(Instant::now());
+            }
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if n >= 2 && buf[1] != 5 {
+                    let _ = socket.send_to(&abort, from);
+                }
+                *answer = Some(buf[..n].to_vec());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(answers.into_iter().flatten().collect())
 }

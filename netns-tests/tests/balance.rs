@@ -8,7 +8,7 @@ use std::{
 
 use netns_tests::{
     Process, require_root,
-    clients::{Client, expect_download},
+    clients::{self, Client, expect_download},
     files::make_file,
     topology::{LbTopology, VIP},
     wait_for,
@@ -234,26 +234,13 @@ fn a_cold_request_for_a_large_file_is_answered_and_its_backend_stays_live() {
     // Sparse: no disk, but every byte is read and hashed like any other.
     let size: u64 = 2 << 30;
     std::fs::File::create(run.topo.root.join("cold.bin")).and_then(|f| f.set_len(size)).expect("sparse file");
-    let (answer, waited) = run.topo.clients[0]
-        .enter(|| {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("socket");
-            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-            let started = Instant::now();
-            let mut buf = [0u8; 2048];
-            // A client retransmits its request every few seconds until it hears something.
-            while started.elapsed() < Duration::from_secs(60) {
-                socket.send_to(b"\x00\x01cold.bin\x00octet\x00blksize\x001468\x00tsize\x000\x00", (VIP, TFTP_PORT)).expect("send");
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    // End the transfer: the test only wanted its first answer.
-                    let _ = socket.send_to(b"\x00\x05\x00\x00done\x00", from);
-                    return (Some(buf[..n].to_vec()), started.elapsed());
-                }
-            }
-            (None, started.elapsed())
-        })
-        .expect("client namespace");
-    println!("first answer to a cold 2 GiB request after {} ms", waited.as_millis());
-    let answer = answer.unwrap_or_else(|| panic!("no answer in {waited:?}; agent log:\n{}", run.agent.log()));
+    let started = Instant::now();
+    let answers = run.topo.clients[0]
+        .enter(|| clients::first_answers(VIP, TFTP_PORT, "cold.bin", &[("blksize", "1468"), ("tsize", "0")], 1, Duration::from_secs(60)))
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", run.agent.log()));
+    println!("first answer to a cold 2 GiB request after {} ms", started.elapsed().as_millis());
+    let answer = &answers[0];
     let expected_oack = format!("\x00\x06blksize\x001468\x00tsize\x00{size}\x00");
     assert_eq!(answer, expected_oack.as_bytes(), "OACK with the file's size");
     println!("backends judged dead meanwhile: {}", run.agent.log().matches("backend dead").count());

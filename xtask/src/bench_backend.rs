@@ -238,7 +238,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
             let outcome = match runs.remove(&kind) {
                 None => Outcome::NotApplicable,
                 Some(Err(why)) => Outcome::Failed(why),
-                Some(Ok(rates)) => Outcome::Rate(median(&mut rates.clone()), rates),
+                Some(Ok(rates)) => Outcome::Rate(crate::bench::min_median_max(&rates).1, rates),
             };
             cell.outcomes.insert(kind, outcome);
         }
@@ -456,11 +456,6 @@ fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: us
 #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
-}
-
-fn median(runs: &mut [f64]) -> f64 {
-    runs.sort_by(f64::total_cmp);
-    runs[runs.len() / 2]
 }
 
 /// The tftpd-hpa figure a cell compares with: its own, or for a window (which tftpd-hpa does

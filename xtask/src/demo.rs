@@ -24,7 +24,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use netns_tests::{
     PinDir, Process,
-    clients::Client,
+    clients::{Client, first_answers},
     files::make_file,
     pair_topology::{PairTopology, VIP, backend_addr, client_addr, lb_addr},
 };
@@ -716,7 +716,9 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
 /// so every backend has every digest cached and no session is left behind.
 fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
     for file in files {
-        running.topo.clients[0].enter(|| warm_file(file))??;
+        // One request per backend at once: least-loaded spreads them, each hashes the file.
+        let answers = running.topo.clients[0].enter(|| first_answers(VIP, TFTP_PORT, file, &[("blksize", "1468")], BACKENDS, Duration::from_secs(15)));
+        answers?.with_context(|| format!("warm-up of {file}"))?;
     }
     running.wait("every backend live after the warm-up", || {
         let status = status(running.topo.lb_pins[0].path()).ok()?;
@@ -736,52 +738,6 @@ fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("    (warm-up sessions still open; their answers may count as resends)");
-    Ok(())
-}
-
-/// Requests `file` from `BACKENDS` sockets at once (RRQ resent every second until answered)
-/// and aborts each transfer at its first answer (OACK) with an ERROR, as RFC 2347 allows.
-fn warm_file(file: &str) -> anyhow::Result<()> {
-    let vip: std::net::Ipv4Addr = VIP.parse()?;
-    let mut rrq = vec![0, 1];
-    for field in [file, "octet", "blksize", "1468"] {
-        rrq.extend_from_slice(field.as_bytes());
-        rrq.push(0);
-    }
-    let abort = [&[0u8, 5, 0, 0][..], b"warm-up done\0"].concat();
-    let sockets = (0..BACKENDS)
-        .map(|_| {
-            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let mut sent: Vec<Option<Instant>> = vec![None; sockets.len()];
-    let mut answered = vec![false; sockets.len()];
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut buf = [0u8; 2048];
-    while answered.contains(&false) {
-        check_interrupted()?;
-        if Instant::now() > deadline {
-            bail!("warm-up: no answer to a request for {file} within 15 s");
-        }
-        for (i, socket) in sockets.iter().enumerate() {
-            if answered[i] {
-                continue;
-            }
-            if sent[i].is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
-                socket.send_to(&rrq, (vip, TFTP_PORT))?;
-                sent[i] = Some(Instant::now());
-            }
-            if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                if n >= 2 && buf[1] != 5 {
-                    socket.send_to(&abort, from)?;
-                }
-                answered[i] = true;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
     Ok(())
 }
 
