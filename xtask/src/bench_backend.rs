@@ -174,6 +174,13 @@ struct Cell {
     outcomes: BTreeMap<Kind, Outcome>,
 }
 
+impl Cell {
+    /// The servers that can serve the cell's client setting (a window needs RFC 7440).
+    fn servers(&self) -> Vec<Kind> {
+        Kind::ALL.into_iter().filter(|k| self.case.windowsize == 1 || k.has_windowsize()).collect()
+    }
+}
+
 /// Runs the section: prints the table, writes JSON and PNG into `out`, returns the JSON.
 pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
     let plan = Plan::new(quick);
@@ -207,7 +214,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
         .iter()
         .map(|c| {
             let repeats = if c.size * c.clients > plan.heavy { 1 } else { plan.repeats };
-            repeats * Kind::ALL.iter().filter(|k| k.has_windowsize() || c.case.windowsize == 1).count()
+            repeats * c.servers().len()
         })
         .sum::<usize>();
     let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
@@ -216,7 +223,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
     bar.enable_steady_tick(Duration::from_millis(120));
     for cell in &mut cells {
         let repeats = if cell.size * cell.clients > plan.heavy { 1 } else { plan.repeats };
-        let kinds: Vec<Kind> = Kind::ALL.into_iter().filter(|k| cell.case.windowsize == 1 || k.has_windowsize()).collect();
+        let kinds = cell.servers();
         let mut runs: BTreeMap<Kind, Result<Vec<f64>, String>> = kinds.iter().map(|&k| (k, Ok(Vec::new()))).collect();
         // The servers take turns, run after run: a slow moment of the machine hits all of them.
         for _ in 0..repeats {
