@@ -195,11 +195,17 @@ impl SendBatch {
         if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
-    /// One sendmmsg of the first `count` iovec pairs, a datagram each.
+    /// One sendmmsg of the first `count` iovec pairs, a datagram each (a sendmsg when alone).
     fn send_mmsg(&mut self, fd: BorrowedFd<'_>, count: usize) -> io::Result<usize> {
         for (msg, iov) in self.msgs.iter_mut().zip(&mut self.iovs).take(count) {
             msg.msg_hdr.msg_iov = iov.as_mut_ptr();
             msg.msg_len = 0;
+        }
+        if count == 1 {
+            // One datagram: sendmsg, without sendmmsg's vector of results to fill.
+            // SAFETY: as below, for the first entry alone.
+            let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const self.msgs[0].msg_hdr, libc::MSG_DONTWAIT) };
+            return if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(1) };
         }
         // More than the kernel takes at once (UIO_MAXIOV) is cut: it sends fewer.
         let vlen = libc::c_uint::try_from(count).unwrap_or(libc::c_uint::MAX);
@@ -316,6 +322,21 @@ mod tests {
         // A segment size no datagram has.
         assert_eq!(batch.send(a.as_fd(), 100, headers.iter().map(|h| &h[..]).zip(parts)).unwrap(), 3);
         expect(&b, &packets);
+    }
+
+    #[test]
+    fn a_lone_datagram_goes_on_a_connected_socket_and_to_a_destination() {
+        let (a, b) = pair();
+        let mut batch = SendBatch::new(4);
+        let (header, block) = (HEADERS[0], [7u8; 512]);
+        let packet = [&header[..], &block[..]].concat();
+        assert_eq!(batch.send(a.as_fd(), 516, [(&header[..], &block[..])]).unwrap(), 1);
+        expect(&b, std::slice::from_ref(&packet));
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(batch.send_to(c.as_fd(), b.local_addr().unwrap(), [(&header[..], &block[..])]).unwrap(), 1);
+        let mut buf = [0u8; 1024];
+        let (len, from) = b.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..len], from), (&packet[..], c.local_addr().unwrap()));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod netascii;
 mod service;
 mod standalone;
 mod steered;
+mod tid;
 mod timer;
 mod transfer;
 

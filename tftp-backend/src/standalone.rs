@@ -1,16 +1,17 @@
 //! Standalone mode: a plain TFTP server. Requests arrive on the service port; each transfer
 //! gets a socket of its own on a new port (its TID, RFC 1350) and a task that runs it.
 
-use std::{net::SocketAddr, os::fd::AsFd as _, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::{io::Interest, net::UdpSocket, sync::Mutex};
+use tokio::{net::UdpSocket, sync::Mutex};
 use tracing::{debug, info, warn};
 
 use crate::{
     batch::SendBatch,
     files::{Refusal, Root},
     service::{self, Config},
+    tid::TransferSocket,
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer, backoff},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
@@ -40,7 +41,7 @@ const DATA_OVERHEAD: usize = 20 + 8 + 4;
 
 /// The limits with the block size lowered to what fits the path MTU toward the client (RFC
 /// 2348: a block must not make the datagram fragment), when the kernel knows it.
-fn clamped_to_path_mtu(config: &Config, socket: &UdpSocket) -> Config {
+fn clamped_to_path_mtu(config: &Config, socket: &TransferSocket) -> Config {
     let mut config = config.clone();
     if let Some(fits) = path_mtu(socket).and_then(|mtu| mtu.checked_sub(DATA_OVERHEAD)) {
         let smallest = u16::try_from(crate::options::BLKSIZE_MIN).unwrap_or(8);
@@ -51,19 +52,18 @@ fn clamped_to_path_mtu(config: &Config, socket: &UdpSocket) -> Config {
 }
 
 /// The path MTU of a connected socket (`IP_MTU`), if the kernel has one.
-fn path_mtu(socket: &UdpSocket) -> Option<usize> {
-    use std::os::fd::AsRawFd as _;
+fn path_mtu(socket: &TransferSocket) -> Option<usize> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
     let mut mtu: libc::c_int = 0;
     let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
     // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
-    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+    let rc = unsafe { libc::getsockopt(socket.as_fd().as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
     (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
 }
 
 /// Runs one transfer from its request to the end.
 async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind((local_ip, 0)).await.context("binding a transfer port")?;
-    socket.connect(client).await?;
+    let socket = TransferSocket::bind(local_ip, client).context("binding a transfer port")?;
     let config = &clamped_to_path_mtu(config, &socket);
     // Requests, errors, ACKs and OACKs fit in 512 bytes; DATA gets a buffer sized to the
     // negotiated block in `read`, so thousands of transfers do not each hold 128 KiB.
@@ -101,7 +101,7 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
     }
 }
 
-async fn read(socket: &UdpSocket, mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
+async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
     // The client only sends ACKs and ERRORs; a longer ERROR is cut, fails to parse, and the
     // retry limit ends the transfer.
     let mut buf = vec![0u8; SMALL_PACKET];
@@ -186,7 +186,7 @@ impl Window {
     }
 
     /// Sends blocks `first..=last`.
-    async fn send(&mut self, socket: &UdpSocket, transfer: &ReadTransfer, first: u32, last: u32) -> anyhow::Result<()> {
+    async fn send(&mut self, socket: &TransferSocket, transfer: &ReadTransfer, first: u32, last: u32) -> anyhow::Result<()> {
         let mut n = first;
         while n <= last {
             let count = (last - n + 1).min(self.batch);
@@ -205,7 +205,7 @@ impl Window {
             let mut sent = 0;
             while sent < count as usize {
                 let packets = (sent..count as usize).map(packet);
-                sent += socket.async_io(Interest::WRITABLE, || self.sender.send(socket.as_fd(), 4 + blksize, packets.clone())).await?;
+                sent += socket.send_with(|fd| self.sender.send(fd, 4 + blksize, packets.clone())).await?;
             }
             n += count;
         }
@@ -213,7 +213,7 @@ impl Window {
     }
 }
 
-async fn write(socket: &UdpSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, timeout: Duration) -> anyhow::Result<()> {
+async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, timeout: Duration) -> anyhow::Result<()> {
     // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
     let mut buf = vec![0u8; (5 + usize::from(transfer.blksize)).min(MAX_PACKET + 1)];
     let end = service::emit_at(first, out, 0);
@@ -253,7 +253,7 @@ async fn write(socket: &UdpSocket, out: &mut [u8], mut transfer: WriteTransfer, 
     }
 }
 
-async fn send_error(socket: &UdpSocket, out: &mut [u8], refusal: &Refusal) -> anyhow::Result<()> {
+async fn send_error(socket: &TransferSocket, out: &mut [u8], refusal: &Refusal) -> anyhow::Result<()> {
     let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, out, 0);
     socket.send(&out[..end]).await?;
     Ok(())
