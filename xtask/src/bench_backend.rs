@@ -124,7 +124,7 @@ struct Plan {
     files: Vec<(String, usize)>,
     concurrency: Vec<usize>,
     /// Runs per cell (the median counts) for cells of at most `heavy` bytes in all; three
-    /// times as many for cells of one file to one client (see `repeats`).
+    /// times as many for cells of the smallest file to one client (see `repeats`).
     repeats: usize,
     /// Cells moving more than this many bytes in all run once, and with atftp only.
     heavy: usize,
