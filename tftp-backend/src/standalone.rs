@@ -43,22 +43,12 @@ const DATA_OVERHEAD: usize = 20 + 8 + 4;
 /// 2348: a block must not make the datagram fragment), when the kernel knows it.
 fn clamped_to_path_mtu(config: &Config, socket: &TransferSocket) -> Config {
     let mut config = config.clone();
-    if let Some(fits) = path_mtu(socket).and_then(|mtu| mtu.checked_sub(DATA_OVERHEAD)) {
+    if let Some(fits) = socket.path_mtu().and_then(|mtu| mtu.checked_sub(DATA_OVERHEAD)) {
         let smallest = u16::try_from(crate::options::BLKSIZE_MIN).unwrap_or(8);
         let fits = u16::try_from(fits).unwrap_or(u16::MAX).max(smallest);
         config.limits.max_blksize = config.limits.max_blksize.min(fits);
     }
     config
-}
-
-/// The path MTU of a connected socket (`IP_MTU`), if the kernel has one.
-fn path_mtu(socket: &TransferSocket) -> Option<usize> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let mut mtu: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
-    let rc = unsafe { libc::getsockopt(socket.as_fd().as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
-    (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
 }
 
 /// Runs one transfer from its request to the end.

@@ -10,7 +10,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd},
     time::Duration,
 };
 
@@ -33,6 +33,16 @@ impl TransferSocket {
         // `AsyncFd` that owns the socket is dropped.
         let io = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?;
         Ok(Self { io })
+    }
+
+    /// The path MTU toward the client (`IP_MTU`), if the kernel has one.
+    pub fn path_mtu(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd as _;
+        let mut mtu: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
+        // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
+        let rc = unsafe { libc::getsockopt(self.io.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+        (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
     }
 
     /// The next datagram from the client (cut to `buf`'s length).
@@ -58,12 +68,6 @@ impl TransferSocket {
                 done => return done,
             }
         }
-    }
-}
-
-impl AsFd for TransferSocket {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.io.as_fd()
     }
 }
 

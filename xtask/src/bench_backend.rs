@@ -146,7 +146,7 @@ impl Plan {
         let bytes = cell.size * cell.clients;
         if bytes > self.heavy {
             1
-        } else if cell.clients == 1 && cell.size == self.files[0].1 {
+        } else if cell.clients == 1 && Some(cell.size) == self.files.iter().map(|(_, size)| *size).min() {
             3 * self.repeats
         } else {
             self.repeats
