@@ -5,8 +5,11 @@
 //! time: one file read and one sendmmsg(2) for up to a window, or with `--segment-offload` one
 //! UDP_SEGMENT send (`batch.rs`).
 //!
-//! Every TFTP datagram gets at least one answer (the LB's watchdog counts unanswered packets):
-//! DATA, OACK, ACK, ERROR, or a header-only `FINISHED` when the transfer is over.
+//! Every datagram with a valid steering header gets at least one answer, because the LB's
+//! watchdog counts unanswered packets: DATA, OACK, ACK, ERROR, a header-only `FINISHED` when
+//! the transfer is over, or a header-only `HEARD` when the datagram asks for nothing now (a
+//! duplicate or stale ACK, a repeated request, a request waiting for its file's digest). So a
+//! client that repeats itself, however fast, never makes a live backend look dead.
 
 use std::{collections::HashMap, fs::File, net::SocketAddr, os::fd::AsFd as _, time::Instant};
 
@@ -15,7 +18,7 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
 };
 
 use crate::{
@@ -75,6 +78,8 @@ pub struct Steered {
     digested: (mpsc::UnboundedSender<FileId>, mpsc::UnboundedReceiver<FileId>),
     /// Downloads that ended here with the client's last ACK (see `completed.rs`).
     completed: Completed<Key>,
+    /// Datagrams sent so far: a datagram whose handling sent none is answered `HEARD`.
+    replies: u64,
 }
 
 impl Steered {
@@ -95,6 +100,7 @@ impl Steered {
             waiting: HashMap::new(),
             digested: mpsc::unbounded_channel(),
             completed: Completed::new(completed::REMEMBER_FOR, completed::CAPACITY),
+            replies: 0,
         }
     }
 
@@ -105,7 +111,10 @@ impl Steered {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
-                    if !self.defer_until_digested(&buf[..len], from) {
+                    if self.defer_until_digested(&buf[..len], from) {
+                        // Its real answer comes once the digest is known, perhaps seconds later.
+                        self.heard(&buf[..len], from).await;
+                    } else {
                         self.datagram(&buf[..len], from).await;
                     }
                 }
@@ -178,6 +187,7 @@ impl Steered {
             return;
         }
         let key = (header.client_ip, header.client_port, header.vip_port);
+        let replies = self.replies;
         match Packet::parse(&datagram[HEADER..]) {
             Ok(repr) => self.tftp(key, header, repr, from).await,
             Err(error) => {
@@ -185,6 +195,19 @@ impl Steered {
                 self.refuse(key, &header, from, &Refusal { code: ErrorCode::IllegalOperation, message: "malformed packet" }).await;
             }
         }
+        if self.replies == replies {
+            self.heard(datagram, from).await;
+        }
+    }
+
+    /// Tells the balancer that sent `datagram` it was read and needs no reply now.
+    async fn heard(&mut self, datagram: &[u8], from: SocketAddr) {
+        let Some(header) = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()) else {
+            return;
+        };
+        let mut reply = *header;
+        reply.flags = FLAG_FROM_BACKEND | FLAG_HEARD;
+        self.send_header(&reply, from).await;
     }
 
     async fn tftp(&mut self, key: Key, header: SteeringHeader, repr: Repr<'_>, from: SocketAddr) {
@@ -391,6 +414,7 @@ impl Steered {
             }
         };
         let lb = session.lb;
+        self.replies += 1;
         if let Err(error) = self.socket.send_to(&self.out[..end], lb).await {
             debug!(%error, "send failed");
         }
@@ -411,6 +435,7 @@ impl Steered {
         // by CPU, lost ~15% of its goodput that way (0.84 of direct through the LB against
         // 0.98, six runs each). So only while other transfers share this backend.
         self.sender.segment_send_to(self.segment_offload && self.sessions.len() > 1);
+        self.replies += 1;
         let mut n = first;
         while n <= last {
             let count = (last - n + 1).min(per_batch);
@@ -508,6 +533,7 @@ impl Steered {
         let lb = session.lb;
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
         let end = service::emit_at(repr, &mut self.out, HEADER);
+        self.replies += 1;
         let _ = self.socket.send_to(&self.out[..end], lb).await;
     }
 
@@ -517,6 +543,7 @@ impl Steered {
         reply.flags = FLAG_FROM_BACKEND | (header.flags & FLAG_HAS_CONTEXT);
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&reply));
         let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, &mut self.out, HEADER);
+        self.replies += 1;
         let _ = self.socket.send_to(&self.out[..end], to).await;
         self.finished(header, to).await;
     }
@@ -527,7 +554,8 @@ impl Steered {
         self.send_header(&done, to).await;
     }
 
-    async fn send_header(&self, header: &SteeringHeader, to: SocketAddr) {
+    async fn send_header(&mut self, header: &SteeringHeader, to: SocketAddr) {
+        self.replies += 1;
         if let Err(error) = self.socket.send_to(bytemuck::bytes_of(header), to).await {
             debug!(%error, %to, "send failed");
         }

@@ -7,7 +7,7 @@ use netns_tests::{Process, RunPrefix, files::make_file};
 use sha2::{Digest as _, Sha256};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
 };
 
 const CLIENT: [u8; 4] = [10, 9, 8, 7];
@@ -50,7 +50,18 @@ impl Lb {
         self.socket.send_to(&datagram, ("127.0.0.1", to.port)).unwrap();
     }
 
+    /// The next reply that the balancer's kernel would forward or act on: like the real one, it
+    /// skips header-only `HEARD` replies (see `recv_any`).
     fn recv(&self) -> Option<(SteeringHeader, Vec<u8>)> {
+        loop {
+            let reply = self.recv_any()?;
+            if !reply.0.has_flag(FLAG_HEARD) {
+                return Some(reply);
+            }
+        }
+    }
+
+    fn recv_any(&self) -> Option<(SteeringHeader, Vec<u8>)> {
         let mut buf = [0u8; 2048];
         let n = self.socket.recv(&mut buf).ok()?;
         let header = *bytemuck::try_from_bytes::<SteeringHeader>(buf.get(..64)?).ok()?;
@@ -178,7 +189,7 @@ fn heartbeats_are_echoed_and_unknown_transfers_refused() {
 
 /// A header whose options exceed this server's limits is refused, not resumed (it could make
 /// the server send windows of thousands of blocks), and a nudge without context for a transfer
-/// this server does not hold gets no answer at all (a balancer asks every backend).
+/// this server does not hold gets only `HEARD` (a balancer asks every backend).
 #[test]
 fn oversized_contexts_are_refused_and_stray_nudges_ignored() {
     let StartedElsewhere { _root: _kept_root, _first: _kept_first, second: b, lb, context: mut forged } = started_elsewhere(23);
@@ -193,8 +204,13 @@ fn oversized_contexts_are_refused_and_stray_nudges_ignored() {
     let mut stray = SteeringHeader::for_client(CLIENT, 40_001, VIP, 31_338);
     stray.flags = FLAG_NUDGE;
     other.send(&b, &stray, &ack(0));
-    let answer = other.recv();
-    assert!(answer.is_none(), "no answer to a nudge for a transfer not held here: {answer:?}");
+    let answer = other.recv_any();
+    assert!(
+        answer.as_ref().is_some_and(|(h, payload)| h.flags == FLAG_FROM_BACKEND | FLAG_HEARD && payload.is_empty()),
+        "only HEARD for a nudge for a transfer not held here: {answer:?}"
+    );
+    other.socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(other.recv().is_none(), "and nothing else");
     assert!(other.heartbeat(&b).is_some());
 }
 
@@ -208,6 +224,8 @@ fn a_first_request_for_a_large_file_does_not_stall_heartbeats() {
     let lb = Lb::new();
     let started = std::time::Instant::now();
     lb.send(&a, &client_header(), b"\x00\x01big.img\x00octet\x00");
+    let (heard, _) = lb.recv_any().expect("HEARD while the file is hashed");
+    assert!(heard.has_flag(FLAG_HEARD), "the request is acknowledged to the balancer at once: {heard:?}");
     let beat = lb.heartbeat(&a).expect("a heartbeat answer");
     let answered_after = started.elapsed();
     assert!(beat.has_flag(FLAG_HEARTBEAT), "the heartbeat is answered before the request");
@@ -230,6 +248,8 @@ fn a_duplicate_request_gets_one_oack() {
     let (_, oack) = lb.recv().expect("an OACK");
     assert_eq!(&oack[..2], b"\x00\x06");
     lb.send(&a, &client_header(), rrq);
+    let (heard, payload) = lb.recv_any().expect("an answer for the balancer's watchdog");
+    assert!(heard.has_flag(FLAG_HEARD) && payload.is_empty(), "HEARD, no second OACK: {heard:?} {payload:?}");
     lb.socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     assert!(lb.recv().is_none(), "no second OACK");
     lb.socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
@@ -270,4 +290,35 @@ fn a_finished_download_is_not_resumed_by_a_late_nudge() {
     lb.send(&a, &client_header(), b"\x00\x01small.bin\x00octet\x00");
     let (_, data) = lb.recv().expect("DATA 1 of the new download");
     assert_eq!(&data[..4], &[0, 3, 0, 1]);
+}
+
+/// Every datagram a live backend reads gets a reply, so a client that repeats itself cannot make
+/// the balancer's watchdog count it unanswered: in lock-step, duplicates of the current ACK,
+/// stale ACKs and ACKs of blocks never sent each get a header-only `HEARD` (no DATA: no
+/// Sorcerer's Apprentice), and the transfer goes on as before.
+#[test]
+fn every_datagram_is_answered_even_when_it_asks_for_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 5000, 41).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    lb.send(&a, &client_header(), b"\x00\x01fw.bin\x00octet\x00");
+    let (mut context, data) = lb.recv().expect("DATA 1");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01");
+    context.flags = FLAG_HAS_CONTEXT;
+    lb.send(&a, &context, &ack(1));
+    let (h, data) = lb.recv().expect("DATA 2");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x02");
+    context.set_block(h.block());
+    for (what, block) in [("a duplicate of the last ACK", 1u16), ("a stale ACK 0", 0), ("an ACK of a block never sent", 9)] {
+        for _ in 0..20 {
+            lb.send(&a, &context, &ack(block));
+            let (reply, payload) = lb.recv_any().unwrap_or_else(|| panic!("an answer to {what}"));
+            assert_eq!(reply.flags, FLAG_FROM_BACKEND | FLAG_HEARD, "{what}: HEARD, not {payload:?}");
+            assert!(payload.is_empty(), "{what}: header only");
+        }
+    }
+    lb.send(&a, &context, &ack(2));
+    let (_, data) = lb.recv().expect("DATA 3 after the storm");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x03");
 }

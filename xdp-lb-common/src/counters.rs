@@ -110,6 +110,9 @@ counters! {
         /// with `--segment-offload` over a link that does not cut it into datagrams first):
         /// forwarded, it would hand the client several blocks as one.
         DropOversize => "drop_oversize",
+        /// A backend's header-only `HEARD` reply (a datagram that needed no answer): recorded
+        /// as its answer for the watchdog, then dropped.
+        BackendHeard => "backend_heard",
     }
 }
 

@@ -18,7 +18,7 @@ pub mod steering;
 
 pub use counters::{BalanceCounter, Counter, SwitchCounter};
 pub use frame::FrameHeaders;
-pub use maps::{Backend, BackendSeen, ClientKey, LbConfig, LbSeen, Session, SessionEvent, SwitchConfig};
+pub use maps::{Backend, BackendSeen, ClientKey, Health, LbConfig, LbSeen, Session, SessionEvent, SwitchConfig};
 pub use steering::SteeringHeader;
 
 /// The well-known TFTP service port (RFC 1350).
@@ -37,4 +37,4 @@ macro_rules! impl_aya_pod {
 }
 
 #[cfg(feature = "user")]
-impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Session, SessionEvent, SwitchConfig);
+impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Health, Session, SessionEvent, SwitchConfig);

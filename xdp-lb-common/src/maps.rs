@@ -100,12 +100,34 @@ pub struct BackendSeen {
     pub unanswered_since_ns: u64,
     /// `bpf_ktime_get_ns` of its last packet (reply or heartbeat).
     pub last_answer_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet steered to it.
+    pub last_sent_ns: u64,
     pub packets_to: u64,
     pub packets_from: u64,
     /// Learned from its frames: its MAC (or its router's), ours on that link, and the link.
     pub mac: [u8; 6],
     pub lb_mac: [u8; 6],
     pub ifindex: u32,
+}
+
+/// The agent's record of its verdicts on one peer (a backend in `LB_HEALTH`, a load balancer in
+/// `SW_HEALTH`, same index as its watchdog slot). Written by the agent only (the kernel never
+/// reads it) and pinned, so `xdp-lb status` shows it and a restarted agent keeps damping a
+/// flapping peer instead of forgetting its history.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Health {
+    /// Death verdicts, ever.
+    pub verdicts: u64,
+    /// Returns to the active set, ever.
+    pub revivals: u64,
+    /// Deaths within the damping window of each other: the hold-down doubles with each.
+    pub flaps: u32,
+    pub pad: u32,
+    /// CLOCK_MONOTONIC ns of the last death verdict (0: none).
+    pub last_verdict_ns: u64,
+    /// CLOCK_MONOTONIC ns before which the peer is held out even if it answers (0: not held).
+    pub held_until_ns: u64,
 }
 
 /// A transfer in flight, value of `LB_SESSIONS` keyed by [`ClientKey`]. Created by `balance` on

@@ -20,6 +20,9 @@ pub const MAP_LB_CONFIG: &str = "LB_CONFIG";
 pub const MAP_LB_BACKENDS: &str = "LB_BACKENDS";
 /// `BackendSeen` slots, written by `balance` (watchdog, learned MACs).
 pub const MAP_LB_SEEN: &str = "LB_SEEN";
+/// `Health` slots: the agent's verdicts on each backend and its flap damping (the kernel
+/// never reads it; pinned for `xdp-lb status` and the next agent).
+pub const MAP_LB_HEALTH: &str = "LB_HEALTH";
 /// Active sessions per backend (u64), incremented by `balance`, recounted by the agent.
 pub const MAP_LB_LOAD: &str = "LB_LOAD";
 /// `ClientKey` -> `Session`, LRU.
@@ -45,5 +48,7 @@ pub const MAP_SW_COUNTERS: &str = "SW_COUNTERS";
 pub const MAP_SW_CONFIG: &str = "SW_CONFIG";
 /// `LbSeen` for each of the two load balancers, written by `switch`.
 pub const MAP_SW_SEEN: &str = "SW_SEEN";
+/// `Health` of each of the two load balancers: the switch agent's verdicts and flap damping.
+pub const MAP_SW_HEALTH: &str = "SW_HEALTH";
 /// `ClientKey` -> `bpf_ktime_get_ns` of its last packet (LRU): clients in flight.
 pub const MAP_SW_CLIENTS: &str = "SW_CLIENTS";

@@ -58,9 +58,14 @@ pub const FLAG_HAS_CONTEXT: u8 = 0x04;
 pub const FLAG_HEARTBEAT: u8 = 0x08;
 
 /// Backend -> LB, header only: the transfer is over (final ACK received, error sent or
-/// received); the LB forgets the session. Also keeps the watchdog quiet: in steered mode every
-/// TFTP datagram a backend receives gets at least one reply.
+/// received); the LB forgets the session.
 pub const FLAG_FINISHED: u8 = 0x10;
+/// Backend -> LB, header only: the datagram was read and asks for nothing now (a duplicate or
+/// stale ACK, a repeated request, an upload's stray ACK, a request whose file is being hashed).
+/// The LB counts it as the backend's answer and drops it. With it, every steered datagram a
+/// live backend reads gets a reply, so the watchdog's unanswered count is exact whatever the
+/// client sends.
+pub const FLAG_HEARD: u8 = 0x20;
 
 /// Transfer mode of the session (`mode` field).
 pub const MODE_UNKNOWN: u8 = 0;

@@ -72,9 +72,11 @@ pub fn sent_to(id: u32) -> Option<*mut BackendSeen> {
     let seen = LB_SEEN.get_ptr_mut(id)?;
     // SAFETY: map value pointer from a successful lookup; fields are racy counters by design.
     unsafe {
+        let now = now_ns();
         if (*seen).unanswered == 0 {
-            (*seen).unanswered_since_ns = now_ns();
+            (*seen).unanswered_since_ns = now;
         }
+        (*seen).last_sent_ns = now;
         atomic_add(&raw mut (*seen).unanswered, 1);
         atomic_add(&raw mut (*seen).packets_to, 1);
     }

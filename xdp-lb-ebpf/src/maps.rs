@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, LbConfig, Session, SessionEvent,
+    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, LbConfig, Session, SessionEvent,
     maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_SESSIONS, RequestPace},
 };
 
@@ -25,6 +25,11 @@ pub static LB_SEEN: Array<BackendSeen, MAX_BACKENDS> = Array::new();
 
 #[btf_map]
 pub static LB_LOAD: Array<u64, MAX_BACKENDS> = Array::new();
+
+/// The agent's verdicts and flap damping per backend. Only the agent writes it; it lives in
+/// the object so that it is created and pinned with the others.
+#[btf_map]
+pub static LB_HEALTH: Array<Health, MAX_BACKENDS> = Array::new();
 
 /// This balancer's MAC on each interface it is attached to (key: ifindex), written by the agent.
 #[btf_map]

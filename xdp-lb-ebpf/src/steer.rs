@@ -16,7 +16,7 @@ use aya_ebpf::{
 use xdp_lb_common::{
     BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, TFTP_PORT,
     checksum::fold,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
 };
 
 use crate::{
@@ -243,6 +243,11 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
     if header.has_flag(FLAG_HEARTBEAT) {
         // The agent's probe socket wants it too.
         return (BalanceCounter::Heartbeat, PASS);
+    }
+    if header.has_flag(FLAG_HEARD) {
+        // The backend read a datagram that needed no reply: an answer for the watchdog,
+        // nothing for the client.
+        return (BalanceCounter::BackendHeard, DROP);
     }
     if usize::from(frame.udp_len()) > 8 + HEADER_LEN + header.longest_reply() {
         return (BalanceCounter::DropOversize, DROP);

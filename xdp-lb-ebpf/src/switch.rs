@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
     programs::XdpContext,
 };
-use xdp_lb_common::{ClientKey, Counter, FrameHeaders, LbSeen, SwitchConfig, SwitchCounter};
+use xdp_lb_common::{ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter};
 
 use crate::{
     maps::{atomic_add, now_ns},
@@ -27,6 +27,10 @@ pub static SW_CONFIG: Array<SwitchConfig, 1> = Array::new();
 
 #[btf_map]
 pub static SW_SEEN: Array<LbSeen, 2> = Array::new();
+
+/// The switch agent's verdicts and flap damping per load balancer (agent-only, see LB_HEALTH).
+#[btf_map]
+pub static SW_HEALTH: Array<Health, 2> = Array::new();
 
 #[btf_map]
 pub static SW_CLIENTS: LruHashMap<ClientKey, u64, MAX_CLIENTS> = LruHashMap::new();
@@ -101,6 +105,7 @@ fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeader
     if seen.unanswered == 0 {
         seen.unanswered_since_ns = now;
     }
+    seen.last_sent_ns = now;
     atomic_add(&raw mut seen.unanswered, 1);
     atomic_add(&raw mut seen.packets_to, 1);
     let key = ClientKey::new(frame.ip_src, frame.udp_src);

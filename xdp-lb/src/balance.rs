@@ -11,14 +11,14 @@ use anyhow::{Context as _, bail};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
-    Backend, BalanceCounter, ClientKey, LbConfig, Session, SessionEvent, SteeringHeader,
+    Backend, BalanceCounter, ClientKey, Health, LbConfig, Session, SessionEvent, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
 };
 
 use crate::{
-    control::{self, BackendView, Judgement, Policy},
+    control::{self, BackendView, Damping, Judgement, Policy, Probe},
     loader,
     maps::{self, LbMaps},
     pair::{self, Pair},
@@ -120,7 +120,11 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         backends: args.backends.clone(),
         started_ns,
         dead_since_ns: vec![started_ns; args.backends.len()],
+        probes: vec![Probe::default(); args.backends.len()],
+        last_tick_ns: 0,
         policy: args.watchdog.policy(),
+        damping: args.watchdog.damping(),
+        tick: args.watchdog.tick(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
         pair: Pair::bind(address, &args.pair).await?,
@@ -174,7 +178,13 @@ struct Agent {
     started_ns: u64,
     /// When the agent declared each backend dead (its start for those dead from the start).
     dead_since_ns: Vec<u64>,
+    /// The oldest unanswered heartbeat to each backend: no verdict without one.
+    probes: Vec<Probe>,
+    /// When the watchdog last ran (0: not yet).
+    last_tick_ns: u64,
     policy: Policy,
+    damping: Damping,
+    tick: Duration,
     /// Bound to the steering address and port: heartbeats and nudges leave from here, so
     /// backends answer to the port `balance` watches.
     socket: UdpSocket,
@@ -210,8 +220,11 @@ impl Agent {
                 _ = self.socket.recv_from(&mut buf) => {}
                 _ = sync.tick() => self.pair.sync(&self.maps).await,
                 Some(event) = self.events.recv() => {
+                    // At most a batch per turn: under a flood of new sessions the other
+                    // branches (heartbeats to answer, the watchdog) get their turns too.
+                    const BATCH: usize = 256;
                     let mut events = vec![event];
-                    while let Ok(event) = self.events.try_recv() {
+                    while events.len() < BATCH && let Ok(event) = self.events.try_recv() {
                         events.push(event);
                     }
                     let (changed, unknown): (Vec<SessionEvent>, Vec<SessionEvent>) =
@@ -231,6 +244,7 @@ impl Agent {
     }
 
     fn views(&self) -> anyhow::Result<Vec<BackendView>> {
+        let now = monotonic_ns();
         (0..self.backends.len())
             .map(|id| {
                 let id_u32 = u32::try_from(id)?;
@@ -246,6 +260,7 @@ impl Agent {
                     mac_known: seen.mac != [0; 6],
                     sessions: self.maps.load(id_u32)?,
                     dead_since_ns: self.dead_since_ns[id],
+                    probe_waiting_ns: self.probes[id].waiting(now, seen.last_answer_ns),
                 })
             })
             .collect()
@@ -271,19 +286,36 @@ impl Agent {
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         self.note_first_data()?;
         let now = monotonic_ns();
+        if control::tick_was_late(self.last_tick_ns, now, self.tick) {
+            // This agent could not run: the backends' silence meanwhile is no evidence.
+            warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
+            self.probes.iter_mut().for_each(Probe::forget);
+        }
+        self.last_tick_ns = now;
         let mut views = self.views()?;
         for id in 0..views.len() {
             match control::judge(now, &views[id], &self.policy) {
                 Judgement::Keep => {}
                 Judgement::Revive => {
+                    let mut health = self.health(id)?;
+                    let others_usable = views.iter().enumerate().any(|(other, v)| other != id && v.state == BACKEND_LIVE && v.mac_known);
+                    if !control::may_return(now, &health, others_usable) {
+                        continue;
+                    }
+                    health.revivals += 1;
+                    health.held_until_ns = 0;
+                    self.set_health(id, health)?;
                     self.set_state(id, BACKEND_LIVE)?;
                     views[id].state = BACKEND_LIVE;
-                    info!(backend = %self.backends[id], "backend answers: back in the active set");
+                    info!(backend = %self.backends[id], revivals = health.revivals, "backend answers: back in the active set");
                 }
                 Judgement::Die(reason) => {
                     self.set_state(id, BACKEND_DEAD)?;
                     views[id].state = BACKEND_DEAD;
                     self.dead_since_ns[id] = now;
+                    let mut health = self.health(id)?;
+                    let hold = self.damping.on_death(now, &mut health);
+                    self.set_health(id, health)?;
                     let started = Instant::now();
                     let (moved, nudged) = self.move_sessions(id, &views).await?;
                     warn!(
@@ -291,10 +323,21 @@ impl Agent {
                         took_us = started.elapsed().as_micros(),
                         "backend dead: sessions moved to live backends"
                     );
+                    if !hold.is_zero() {
+                        warn!(backend = %self.backends[id], flaps = health.flaps, hold_ms = hold.as_millis(), "backend flapping: held out of the active set");
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    fn health(&self, id: usize) -> anyhow::Result<Health> {
+        self.maps.health.get(&u32::try_from(id)?, 0).with_context(|| format!("reading the health of backend {id}"))
+    }
+
+    fn set_health(&mut self, id: usize, health: Health) -> anyhow::Result<()> {
+        self.maps.health.set(u32::try_from(id)?, health, 0).context("writing LB_HEALTH")
     }
 
     fn set_state(&mut self, id: usize, state: u8) -> anyhow::Result<()> {
@@ -411,13 +454,16 @@ impl Agent {
     }
 
     /// Heartbeats to every backend: answers keep live ones live and bring dead ones back.
-    async fn probe(&self) {
+    async fn probe(&mut self) {
         let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
         beat.flags = FLAG_HEARTBEAT;
-        for backend in &self.backends {
+        for (id, backend) in self.backends.iter().enumerate() {
             if let Err(error) = self.socket.send_to(bytemuck::bytes_of(&beat), backend).await {
                 debug!(%error, %backend, "heartbeat not sent");
+                continue;
             }
+            let last_answer_ns = u32::try_from(id).ok().and_then(|id| self.maps.seen(id).ok()).map_or(0, |seen| seen.last_answer_ns);
+            self.probes[id].sent(monotonic_ns(), last_answer_ns);
         }
     }
 

@@ -1,10 +1,19 @@
 //! The load balancer's decisions, as pure functions over what the maps say: when a backend is
 //! dead or alive again, where a session goes. The agent does the I/O; this is unit-tested.
+//!
+//! A death verdict needs evidence of death, not of one client's behaviour. Every datagram a
+//! live backend reads is answered (`HEARD` when it asks for nothing), and the kernel resets a
+//! peer's unanswered count on any answer, heartbeats included. So the verdicts are by age only
+//! (steered packets unanswered for `dead_after`, or silence), never by how many packets a
+//! client sent: a count is what one client controls. And each verdict also needs a heartbeat
+//! that this agent itself sent and that stayed unanswered for `probe_timeout`: an agent that
+//! could not run (an overloaded machine) sent no heartbeats and so gathered no evidence.
+//! A peer that dies and comes back again and again is held out longer each time (`Damping`).
 
 use std::time::Duration;
 
 use xdp_lb_common::{
-    ClientKey, Session, SteeringHeader,
+    ClientKey, Health, Session, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, MAX_BACKENDS},
     steering::{FLAG_HAS_CONTEXT, FLAG_NUDGE},
 };
@@ -14,8 +23,8 @@ use xdp_lb_common::{
 pub struct Policy {
     /// Packets steered to a backend unanswered for this long, while clients wait: dead.
     pub dead_after: Duration,
-    /// Unanswered packets per client with a session on the backend beyond this: dead.
-    pub per_client_threshold: u64,
+    /// A heartbeat of this agent's unanswered this long is needed for any verdict.
+    pub probe_timeout: Duration,
     /// No answer at all (heartbeats included) for this long: dead, even without sessions.
     /// With sessions, `dead_after` applies: heartbeats keep a live backend's answers younger,
     /// and a windowed client sends nothing while it waits for the rest of a window, so
@@ -36,13 +45,30 @@ pub struct WatchdogArgs {
     #[arg(long, default_value_t = 100)]
     pub dead_after_ms: u64,
 
-    /// A peer with more unanswered packets per waiting client than this is dead.
-    #[arg(long, default_value_t = 8)]
-    pub watchdog_per_client: u64,
-
     /// Interval of the heartbeats that detect idle deaths and revivals (ms).
     #[arg(long, default_value_t = 20)]
     pub probe_interval_ms: u64,
+
+    /// No verdict without a heartbeat that has stayed unanswered this long: the evidence that
+    /// the peer, and not this agent, stopped (ms). Keep it below --dead-after-ms minus
+    /// --probe-interval-ms, or it delays detection.
+    #[arg(long, default_value_t = 50)]
+    pub probe_timeout_ms: u64,
+
+    /// A peer declared dead again within this many seconds of its previous death counts as
+    /// flapping: its hold-down doubles.
+    #[arg(long, default_value_t = 60)]
+    pub flap_window_secs: u64,
+
+    /// Hold-down of a flapping peer on its second death within the window, doubled for each
+    /// further one (ms). The first death is not held: a peer that answers again is back at
+    /// once.
+    #[arg(long, default_value_t = 1000)]
+    pub flap_hold_ms: u64,
+
+    /// Longest hold-down of a flapping peer (ms).
+    #[arg(long, default_value_t = 60_000)]
+    pub flap_hold_max_ms: u64,
 
     /// A peer silent this long, heartbeats included, is dead even when no client waits (ms).
     #[arg(long, default_value_t = 300)]
@@ -54,9 +80,24 @@ impl WatchdogArgs {
     pub fn policy(&self) -> Policy {
         Policy {
             dead_after: Duration::from_millis(self.dead_after_ms),
-            per_client_threshold: self.watchdog_per_client,
+            probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             silent_after: Duration::from_millis(self.silent_after_ms),
         }
+    }
+
+    #[must_use]
+    pub fn damping(&self) -> Damping {
+        Damping {
+            window: Duration::from_secs(self.flap_window_secs),
+            hold: Duration::from_millis(self.flap_hold_ms),
+            max_hold: Duration::from_millis(self.flap_hold_max_ms),
+        }
+    }
+
+    /// The tick interval as a duration.
+    #[must_use]
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms.max(1))
     }
 
     /// The watchdog's and the heartbeats' timers.
@@ -80,14 +121,95 @@ pub struct BackendView {
     pub sessions: u64,
     /// When the agent declared it dead (0: never, or dead since the agent started).
     pub dead_since_ns: u64,
+    /// How long the oldest heartbeat this agent sent to it since its last answer has waited
+    /// (0: every heartbeat sent is answered, or none was sent).
+    pub probe_waiting_ns: u64,
+}
+
+/// The oldest heartbeat sent to a peer that no answer has covered yet. Anything the peer sends
+/// after a heartbeat left answers it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Probe {
+    oldest_unanswered_ns: u64,
+}
+
+impl Probe {
+    /// A heartbeat left at `now_ns`; the peer's last answer was at `last_answer_ns`.
+    pub fn sent(&mut self, now_ns: u64, last_answer_ns: u64) {
+        if self.oldest_unanswered_ns == 0 || last_answer_ns >= self.oldest_unanswered_ns {
+            self.oldest_unanswered_ns = now_ns;
+        }
+    }
+
+    /// How long the oldest unanswered heartbeat has waited at `now_ns`.
+    #[must_use]
+    pub fn waiting(&self, now_ns: u64, last_answer_ns: u64) -> u64 {
+        if self.oldest_unanswered_ns == 0 || last_answer_ns >= self.oldest_unanswered_ns {
+            0
+        } else {
+            now_ns.saturating_sub(self.oldest_unanswered_ns)
+        }
+    }
+
+    /// Forgets the heartbeats sent so far: after this agent itself could not run for a while,
+    /// their silence is no evidence (the peer shared the overloaded machine); the next ones are.
+    pub fn forget(&mut self) {
+        self.oldest_unanswered_ns = 0;
+    }
+}
+
+/// Whether a tick came so late that the agent itself was starved: longer than two ticks (and
+/// the heartbeats they would have sent) after the previous one.
+#[must_use]
+pub fn tick_was_late(previous_ns: u64, now_ns: u64, tick: Duration) -> bool {
+    previous_ns != 0 && now_ns.saturating_sub(previous_ns) > 2 * nanos(tick)
+}
+
+/// Flap damping: a peer that dies again within `window` of its previous death is held out of
+/// the active set for `hold` after that death, doubled for each further flap, at most
+/// `max_hold` (the exponential hold-down of routing daemons' flap damping).
+#[derive(Clone, Copy, Debug)]
+pub struct Damping {
+    pub window: Duration,
+    pub hold: Duration,
+    pub max_hold: Duration,
+}
+
+impl Damping {
+    /// Records a death verdict at `now_ns` in `health`; returns the hold-down it earns (zero
+    /// for a first death, or one after a quiet window).
+    pub fn on_death(&self, now_ns: u64, health: &mut Health) -> Duration {
+        let flapping = health.last_verdict_ns != 0 && now_ns.saturating_sub(health.last_verdict_ns) < nanos(self.window);
+        health.flaps = if flapping { health.flaps.saturating_add(1) } else { 1 };
+        health.verdicts += 1;
+        health.last_verdict_ns = now_ns;
+        let hold = self.hold_for(health.flaps);
+        health.held_until_ns = if hold.is_zero() { 0 } else { now_ns.saturating_add(nanos(hold)) };
+        hold
+    }
+
+    /// The hold-down after the `flaps`-th death within the window.
+    #[must_use]
+    pub fn hold_for(&self, flaps: u32) -> Duration {
+        if flaps <= 1 {
+            return Duration::ZERO;
+        }
+        let doublings = (flaps - 2).min(30);
+        self.hold.saturating_mul(1 << doublings).min(self.max_hold)
+    }
+}
+
+/// Whether a peer that answers again may return at `now_ns`: its hold-down is over, or no
+/// other peer is usable (a flapping peer serves better than none).
+#[must_use]
+pub fn may_return(now_ns: u64, health: &Health, others_usable: bool) -> bool {
+    now_ns >= health.held_until_ns || !others_usable
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeathReason {
     /// Steered packets unanswered for `for_ms`.
     Unanswered { for_ms: u64, packets: u64 },
-    /// More unanswered packets per client than the threshold.
-    PerClient { packets: u64, clients: u64 },
     /// No answer, not even to heartbeats, for `for_ms`.
     Silent { for_ms: u64 },
 }
@@ -96,7 +218,6 @@ impl std::fmt::Display for DeathReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unanswered { for_ms, packets } => write!(f, "{packets} packet(s) unanswered for {for_ms} ms"),
-            Self::PerClient { packets, clients } => write!(f, "{packets} unanswered packet(s) for {clients} client(s)"),
             Self::Silent { for_ms } => write!(f, "silent for {for_ms} ms"),
         }
     }
@@ -135,14 +256,15 @@ pub fn worth_nudging(now_ns: u64, session: &Session) -> bool {
 pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
     match b.state {
         BACKEND_LIVE => {
+            if b.probe_waiting_ns <= nanos(policy.probe_timeout) {
+                // Every heartbeat this agent sent long enough ago was answered (or it sent
+                // none: it could not run): no evidence of death, whatever the counters say.
+                return Judgement::Keep;
+            }
             if b.unanswered > 0 {
                 let waiting = now_ns.saturating_sub(b.unanswered_since_ns);
                 if waiting > nanos(policy.dead_after) {
                     return Judgement::Die(DeathReason::Unanswered { for_ms: ms(waiting), packets: b.unanswered });
-                }
-                let clients = b.sessions.max(1);
-                if b.unanswered / clients > policy.per_client_threshold {
-                    return Judgement::Die(DeathReason::PerClient { packets: b.unanswered, clients });
                 }
             }
             let silent = now_ns.saturating_sub(b.last_answer_ns);
@@ -204,7 +326,7 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn policy() -> Policy {
-        Policy { dead_after: Duration::from_millis(100), per_client_threshold: 8, silent_after: Duration::from_millis(300) }
+        Policy { dead_after: Duration::from_millis(100), probe_timeout: Duration::from_millis(50), silent_after: Duration::from_millis(300) }
     }
 
     #[test]
@@ -218,8 +340,10 @@ mod tests {
         assert!(worth_nudging(9_000 * MS, &session));
     }
 
+    /// A live backend last heard at `last_answer_ns`, with a heartbeat unanswered long enough
+    /// for a verdict (the cases below are about the other evidence).
     fn live(last_answer_ns: u64) -> BackendView {
-        BackendView { state: BACKEND_LIVE, mac_known: true, last_answer_ns, ..BackendView::default() }
+        BackendView { state: BACKEND_LIVE, mac_known: true, last_answer_ns, probe_waiting_ns: 60 * MS, ..BackendView::default() }
     }
 
     #[test]
@@ -237,12 +361,74 @@ mod tests {
         );
     }
 
+    /// One client's storm (a thousand duplicate ACKs within a few ms) is a count, and a count
+    /// is what a client controls: it is no verdict while the packets are younger than
+    /// `dead_after`.
     #[test]
-    fn too_many_unanswered_per_client_is_dead_before_the_timeout() {
-        let b = BackendView { unanswered: 40, unanswered_since_ns: 990 * MS, sessions: 4, ..live(990 * MS) };
-        assert_eq!(judge(1000 * MS, &b, &policy()), Judgement::Die(DeathReason::PerClient { packets: 40, clients: 4 }));
-        let fewer = BackendView { unanswered: 30, ..b };
-        assert_eq!(judge(1000 * MS, &fewer, &policy()), Judgement::Keep);
+    fn many_unanswered_packets_from_one_client_are_no_verdict() {
+        let storm = BackendView { unanswered: 1000, unanswered_since_ns: 990 * MS, sessions: 1, ..live(990 * MS) };
+        assert_eq!(judge(1000 * MS, &storm, &policy()), Judgement::Keep);
+    }
+
+    /// Without a heartbeat of this agent's waiting past `probe_timeout` there is no verdict:
+    /// an agent that could not run (an overloaded machine) sent none, and what its counters
+    /// show is its own absence as much as the peer's.
+    #[test]
+    fn no_verdict_without_an_unanswered_heartbeat() {
+        let stale = BackendView { unanswered: 3, unanswered_since_ns: 700 * MS, sessions: 2, ..live(700 * MS) };
+        assert!(matches!(judge(1000 * MS, &stale, &policy()), Judgement::Die(_)));
+        for waiting in [0, 10 * MS, 50 * MS] {
+            let asleep = BackendView { probe_waiting_ns: waiting, ..stale };
+            assert_eq!(judge(1000 * MS, &asleep, &policy()), Judgement::Keep, "heartbeat waiting {waiting} ns");
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_waits_from_its_first_unanswered_sending() {
+        let mut probe = Probe::default();
+        assert_eq!(probe.waiting(100 * MS, 0), 0, "nothing sent yet");
+        probe.sent(100 * MS, 90 * MS);
+        probe.sent(120 * MS, 90 * MS);
+        assert_eq!(probe.waiting(170 * MS, 90 * MS), 70 * MS, "from the first of the unanswered ones");
+        assert_eq!(probe.waiting(170 * MS, 125 * MS), 0, "an answer after it covers it");
+        probe.sent(140 * MS, 125 * MS);
+        assert_eq!(probe.waiting(160 * MS, 125 * MS), 20 * MS, "a new one after the answer starts over");
+        probe.forget();
+        assert_eq!(probe.waiting(500 * MS, 125 * MS), 0, "forgotten after the agent itself was late");
+    }
+
+    #[test]
+    fn a_tick_is_late_when_the_agent_could_not_run() {
+        let tick = Duration::from_millis(25);
+        assert!(!tick_was_late(0, 1000 * MS, tick), "the first tick");
+        assert!(!tick_was_late(1000 * MS, 1030 * MS, tick));
+        assert!(tick_was_late(1000 * MS, 1160 * MS, tick));
+    }
+
+    #[test]
+    fn flapping_peers_are_held_out_longer_each_time() {
+        let damping = Damping { window: Duration::from_secs(60), hold: Duration::from_secs(1), max_hold: Duration::from_secs(8) };
+        let mut health = Health::default();
+        assert_eq!(damping.on_death(10_000 * MS, &mut health), Duration::ZERO, "a first death is not held");
+        assert_eq!((health.flaps, health.verdicts, health.held_until_ns), (1, 1, 0));
+        assert_eq!(damping.on_death(12_000 * MS, &mut health), Duration::from_secs(1));
+        assert_eq!(health.held_until_ns, 13_000 * MS);
+        assert_eq!(damping.on_death(14_000 * MS, &mut health), Duration::from_secs(2));
+        assert_eq!(damping.on_death(17_000 * MS, &mut health), Duration::from_secs(4));
+        assert_eq!(damping.on_death(22_000 * MS, &mut health), Duration::from_secs(8));
+        assert_eq!(damping.on_death(31_000 * MS, &mut health), Duration::from_secs(8), "capped");
+        assert_eq!(health.flaps, 6);
+        // Quiet for longer than the window: a death is a first one again.
+        assert_eq!(damping.on_death(100_000 * MS, &mut health), Duration::ZERO);
+        assert_eq!((health.flaps, health.verdicts), (1, 7));
+    }
+
+    #[test]
+    fn a_held_peer_returns_after_its_hold_or_when_it_is_the_only_one() {
+        let health = Health { held_until_ns: 5_000 * MS, ..Health::default() };
+        assert!(!may_return(4_000 * MS, &health, true));
+        assert!(may_return(5_000 * MS, &health, true));
+        assert!(may_return(4_000 * MS, &health, false), "better a flapping peer than none");
     }
 
     #[test]

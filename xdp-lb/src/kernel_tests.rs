@@ -5,7 +5,7 @@ use xdp_lb_common::{
     BalanceCounter as C, ClientKey, FrameHeaders, SteeringHeader, TFTP_PORT,
     frame::checksums_valid,
     maps::BACKEND_DEAD,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE, STEERING_MAGIC},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, STEERING_MAGIC},
 };
 
 use crate::testrun::{
@@ -164,6 +164,29 @@ fn heartbeat_answer_teaches_the_backend_mac_and_passes() {
     assert_eq!((seen.mac, seen.lb_mac), (backend_mac(0), LB_MAC));
     assert!(seen.last_answer_ns > 0);
     assert_eq!(f.counter(C::Heartbeat).unwrap(), 1);
+}
+
+/// A client that repeats itself (duplicate or stale ACKs) makes the backend answer `HEARD`
+/// instead of DATA: the kernel takes that as the backend's answer (the watchdog's unanswered
+/// count goes back to zero) and forwards nothing to the client.
+#[test]
+fn a_heard_reply_answers_the_watchdog_and_reaches_no_client() {
+    let mut f = fixture(1);
+    open(&mut f, 40_010);
+    let tid = ClientKey::new(CLIENT, 40_010u16.to_be_bytes()).tid();
+    for _ in 0..20 {
+        let (action, _) = f.run(&from_client(CLIENT, 40_010, tid, b"\x00\x04\x00\x00")).unwrap();
+        assert_eq!(action, XDP_TX);
+    }
+    assert_eq!(f.maps.seen(0).unwrap().unanswered, 21, "the request and 20 ACKs steered, none answered yet");
+    let (action, _) = f.run(&from_backend(0, &reply_header(40_010, 0, FLAG_HEARD), b"")).unwrap();
+    assert_eq!(action, XDP_DROP, "nothing for the client");
+    let seen = f.maps.seen(0).unwrap();
+    assert_eq!(seen.unanswered, 0, "counted as the backend's answer");
+    assert!(seen.last_answer_ns > 0);
+    assert_eq!(f.counter(C::BackendHeard).unwrap(), 1);
+    assert_eq!(f.counter(C::ToClient).unwrap(), 0);
+    assert!(f.session(ClientKey::new(CLIENT, 40_010u16.to_be_bytes())).is_some(), "the session stays");
 }
 
 #[test]

@@ -9,16 +9,16 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, Counter, LbConfig, LbSeen, Session, SwitchConfig,
+    Backend, BackendSeen, ClientKey, Counter, Health, LbConfig, LbSeen, Session, SwitchConfig,
     names::{
-        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_LOAD, MAP_LB_OWN_MACS, MAP_LB_SEEN,
-        MAP_LB_SESSIONS,
-        MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_SEEN,
+        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
+        MAP_LB_SEEN, MAP_LB_SESSIONS,
+        MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_SEEN,
     },
 };
 
 /// Every map of `balance` that an agent, `status` or a test touches.
-pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_SESSIONS];
+pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_HEALTH, MAP_LB_SESSIONS];
 
 pub struct LbMaps {
     pub counters: PerCpuArray<MapData, Counter>,
@@ -26,6 +26,8 @@ pub struct LbMaps {
     pub backends: Array<MapData, Backend>,
     pub seen: Array<MapData, BackendSeen>,
     pub load: Array<MapData, u64>,
+    /// The agent's verdicts and flap damping per backend.
+    pub health: Array<MapData, Health>,
     pub sessions: HashMap<MapData, ClientKey, Session>,
 }
 
@@ -48,6 +50,7 @@ impl LbMaps {
             backends: Array::try_from(typed(MAP_LB_BACKENDS)?).context(MAP_LB_BACKENDS)?,
             seen: Array::try_from(typed(MAP_LB_SEEN)?).context(MAP_LB_SEEN)?,
             load: Array::try_from(typed(MAP_LB_LOAD)?).context(MAP_LB_LOAD)?,
+            health: Array::try_from(typed(MAP_LB_HEALTH)?).context(MAP_LB_HEALTH)?,
             sessions: HashMap::try_from(typed(MAP_LB_SESSIONS)?).context(MAP_LB_SESSIONS)?,
         })
     }
@@ -99,12 +102,14 @@ fn sum_per_cpu(counters: &PerCpuArray<MapData, Counter>) -> anyhow::Result<Vec<C
 }
 
 /// Every map of `switch` that its agent, `status` or a test touches.
-pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_CLIENTS];
+pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_HEALTH, MAP_SW_CLIENTS];
 
 pub struct SwitchMaps {
     pub counters: PerCpuArray<MapData, Counter>,
     pub config: Array<MapData, SwitchConfig>,
     pub seen: Array<MapData, LbSeen>,
+    /// The agent's verdicts and flap damping per load balancer.
+    pub health: Array<MapData, Health>,
     pub clients: HashMap<MapData, ClientKey, u64>,
 }
 
@@ -122,6 +127,7 @@ impl SwitchMaps {
             counters: PerCpuArray::try_from(get(MAP_SW_COUNTERS)?).context(MAP_SW_COUNTERS)?,
             config: Array::try_from(get(MAP_SW_CONFIG)?).context(MAP_SW_CONFIG)?,
             seen: Array::try_from(get(MAP_SW_SEEN)?).context(MAP_SW_SEEN)?,
+            health: Array::try_from(get(MAP_SW_HEALTH)?).context(MAP_SW_HEALTH)?,
             clients: HashMap::try_from(get(MAP_SW_CLIENTS)?).context(MAP_SW_CLIENTS)?,
         })
     }
@@ -139,11 +145,16 @@ impl SwitchMaps {
         self.seen.get(&slot, 0).with_context(|| format!("reading what the kernel saw of load balancer {slot}"))
     }
 
+    pub fn health(&self, slot: u32) -> anyhow::Result<Health> {
+        self.health.get(&slot, 0).with_context(|| format!("reading the health of load balancer {slot}"))
+    }
+
     /// Clients whose last packet is younger than `window_ns` at `now_ns`.
     pub fn clients_in_flight(&self, now_ns: u64, window_ns: u64) -> u64 {
         let recent = self.clients.iter().filter_map(Result::ok).filter(|(_, seen)| now_ns.saturating_sub(*seen) < window_ns);
         u64::try_from(recent.count()).unwrap_or(u64::MAX)
     }
+
 }
 
 /// The balancer's own MAC per interface (`LB_OWN_MACS`, not pinned: each agent writes it).

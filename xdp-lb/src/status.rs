@@ -8,7 +8,7 @@ use std::{
 
 use serde::Serialize;
 use xdp_lb_common::{
-    BalanceCounter, Counter, SwitchCounter,
+    BalanceCounter, Counter, Health, SwitchCounter,
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
     names::{MAP_LB_COUNTERS, MAP_SW_COUNTERS, ROLE_BALANCE, ROLE_SWITCH},
 };
@@ -59,6 +59,40 @@ struct LbStatus {
     last_answer_ms_ago: Option<u64>,
     packets_to: u64,
     packets_from: u64,
+    health: HealthStatus,
+}
+
+/// The agent's verdicts on a peer and its flap damping.
+#[derive(Serialize)]
+struct HealthStatus {
+    /// Death verdicts, ever (a false one is a bug: see docs/SECURITY.md).
+    verdicts: u64,
+    revivals: u64,
+    /// Deaths within the damping window of each other.
+    flaps: u32,
+    last_verdict_ms_ago: Option<u64>,
+    /// Held out of the active set for this much longer though it answers (`None`: not held).
+    held_for_ms: Option<u64>,
+}
+
+impl HealthStatus {
+    fn of(now: u64, h: &Health) -> Self {
+        Self {
+            verdicts: h.verdicts,
+            revivals: h.revivals,
+            flaps: h.flaps,
+            last_verdict_ms_ago: (h.last_verdict_ns != 0).then(|| ms_ago(now, h.last_verdict_ns)),
+            held_for_ms: (h.held_until_ns > now).then(|| (h.held_until_ns - now) / 1_000_000),
+        }
+    }
+
+    /// "3 (held 2000 ms)" for the tables.
+    fn cell(&self) -> String {
+        match self.held_for_ms {
+            Some(ms) => format!("{} (held {ms} ms)", self.verdicts),
+            None => self.verdicts.to_string(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -83,6 +117,7 @@ struct BackendStatus {
     last_answer_ms_ago: Option<u64>,
     packets_to: u64,
     packets_from: u64,
+    health: HealthStatus,
 }
 
 #[derive(Serialize)]
@@ -145,6 +180,7 @@ fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
             last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
             packets_to: seen.packets_to,
             packets_from: seen.packets_from,
+            health: HealthStatus::of(now, &maps.health(slot)?),
         });
     }
     Ok(SwitchStatus {
@@ -180,6 +216,7 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
             last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
             packets_to: seen.packets_to,
             packets_from: seen.packets_from,
+            health: HealthStatus::of(now, &maps.health.get(&id_u32, 0)?),
         });
     }
     let sessions = maps
@@ -218,10 +255,10 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
     };
     writeln!(out, "balance ({})  vip {}  steering address {}", b.pin_dir, b.vip, b.address)?;
     writeln!(out, "\nbackends")?;
-    writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}", "id", "address", "state", "sessions", "unanswered", "last answer", "packets to", "packets from")?;
+    writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", "id", "address", "state", "sessions", "unanswered", "last answer", "packets to", "packets from", "verdicts")?;
     for be in &b.backends {
         let last = be.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
-        writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}", be.id, be.address, be.state, be.sessions, be.unanswered, last, be.packets_to, be.packets_from)?;
+        writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", be.id, be.address, be.state, be.sessions, be.unanswered, last, be.packets_to, be.packets_from, be.health.cell())?;
     }
     writeln!(out, "\nsessions ({})", b.sessions.len())?;
     writeln!(out, "  {:<21} {:>5} {:>7} {:>10} {:>8} {:>7} {:>6} {:<16} {:>9}", "client", "tid", "backend", "block", "last ack", "blksize", "window", "file", "idle")?;
@@ -237,11 +274,11 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
 fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Result<()> {
     writeln!(out, "switch ({})  vip {}  clients in flight {}", s.pin_dir, s.vip, s.clients_in_flight)?;
     writeln!(out, "\nload balancers")?;
-    writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from")?;
+    writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from", "verdicts")?;
     for lb in &s.lbs {
         let last = lb.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
         let reachable = if lb.reachable { "yes" } else { "no" };
-        writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}", lb.address, lb.role, reachable, lb.unanswered, last, lb.packets_to, lb.packets_from)?;
+        writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", lb.address, lb.role, reachable, lb.unanswered, last, lb.packets_to, lb.packets_from, lb.health.cell())?;
     }
     print_counters(out, &s.counters)?;
     writeln!(out)?;

@@ -19,7 +19,7 @@ use xdp_lb_common::{
 
 use crate::{
     balance::monotonic_ns,
-    control::{self, BackendView, Judgement, Policy},
+    control::{self, BackendView, Damping, Judgement, Policy, Probe},
     loader,
     maps::{SWITCH_ALL, SwitchMaps},
     pair_wire::Message,
@@ -88,7 +88,11 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         lbs: [args.lbs[0], args.lbs[1]],
         states: [BACKEND_DEAD; 2],
         dead_since_ns: [0; 2],
+        probes: [Probe::default(); 2],
+        last_tick_ns: 0,
         policy: args.watchdog.policy(),
+        damping: args.watchdog.damping(),
+        tick: args.watchdog.tick(),
         client_window_ns: args.client_window_ms * 1_000_000,
         socket,
         started_ns: monotonic_ns(),
@@ -117,7 +121,13 @@ struct Agent {
     /// The agent's verdict on each balancer: `BACKEND_LIVE` or `BACKEND_DEAD`.
     states: [u8; 2],
     dead_since_ns: [u64; 2],
+    /// The oldest unanswered heartbeat to each balancer: no verdict without one.
+    probes: [Probe; 2],
+    /// When the watchdog last ran (0: not yet).
+    last_tick_ns: u64,
     policy: Policy,
+    damping: Damping,
+    tick: std::time::Duration,
     client_window_ns: u64,
     socket: UdpSocket,
     /// When the agent started: the configured active balancer gets `STARTUP_GRACE_NS` to
@@ -136,7 +146,10 @@ impl Agent {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = terminate.recv() => return Ok(()),
                 _ = tick.tick() => self.watchdog().await?,
-                _ = probe.tick() => self.heartbeat().await?,
+                _ = probe.tick() => {
+                    self.heartbeat().await?;
+                    self.note_probes()?;
+                }
                 // Answers: the kernel recorded them from the balancers' frames; drain.
                 _ = self.socket.recv_from(&mut buf) => {}
             }
@@ -160,35 +173,69 @@ impl Agent {
         Ok(())
     }
 
-    async fn watchdog(&mut self) -> anyhow::Result<()> {
+    /// Heartbeats just left: each starts waiting unless an older one is still unanswered.
+    fn note_probes(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
-        let active = self.active()?;
-        let clients = self.maps.clients_in_flight(now, self.client_window_ns);
         for slot in 0..2 {
             let seen = self.maps.seen(u32::try_from(slot)?)?;
+            self.probes[slot].sent(now, seen.last_answer_ns);
+        }
+        Ok(())
+    }
+
+    async fn watchdog(&mut self) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        if control::tick_was_late(self.last_tick_ns, now, self.tick) {
+            // This agent could not run: the balancers' silence meanwhile is no evidence.
+            warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
+            self.probes.iter_mut().for_each(Probe::forget);
+        }
+        self.last_tick_ns = now;
+        let active = self.active()?;
+        for slot in 0..2 {
+            let seen = self.maps.seen(u32::try_from(slot)?)?;
+            // Clients wait on the active balancer while the last packet steered to it is recent
+            // (one read, however many clients a flood put in SW_CLIENTS).
+            let clients_waiting = slot == active && now.saturating_sub(seen.last_sent_ns) < self.client_window_ns;
             let view = BackendView {
                 state: self.states[slot],
                 unanswered: seen.unanswered,
                 unanswered_since_ns: seen.unanswered_since_ns,
                 last_answer_ns: seen.last_answer_ns,
                 mac_known: seen.mac != [0; 6],
-                sessions: if slot == active { clients } else { 0 },
+                sessions: u64::from(clients_waiting),
                 dead_since_ns: self.dead_since_ns[slot],
+                probe_waiting_ns: self.probes[slot].waiting(now, seen.last_answer_ns),
             };
             match control::judge(now, &view, &self.policy) {
                 Judgement::Keep => {}
                 Judgement::Revive => {
+                    let mut health = self.maps.health(u32::try_from(slot)?)?;
+                    let other_usable = self.states[1 - slot] == BACKEND_LIVE;
+                    if !control::may_return(now, &health, other_usable) {
+                        continue;
+                    }
+                    health.revivals += 1;
+                    health.held_until_ns = 0;
+                    self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
                     self.states[slot] = BACKEND_LIVE;
                     let role = if slot == active { "active" } else { "backup" };
-                    info!(lb = %self.lbs[slot], role, "load balancer answers");
+                    info!(lb = %self.lbs[slot], role, revivals = health.revivals, "load balancer answers");
                 }
                 Judgement::Die(reason) => {
                     self.states[slot] = BACKEND_DEAD;
                     self.dead_since_ns[slot] = now;
-                    warn!(lb = %self.lbs[slot], %reason, clients, "load balancer dead");
+                    let mut health = self.maps.health(u32::try_from(slot)?)?;
+                    let hold = self.damping.on_death(now, &mut health);
+                    self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
+                    warn!(lb = %self.lbs[slot], %reason, clients_waiting, "load balancer dead");
+                    if !hold.is_zero() {
+                        warn!(lb = %self.lbs[slot], flaps = health.flaps, hold_ms = hold.as_millis(), "load balancer flapping: held out");
+                    }
                 }
             }
         }
+        let clients = u64::from(now.saturating_sub(self.maps.seen(u32::try_from(active)?)?.last_sent_ns) < self.client_window_ns);
         let backup = 1 - active;
         let grace = self.dead_since_ns[active] == 0 && now.saturating_sub(self.started_ns) < STARTUP_GRACE_NS;
         if self.states[active] != BACKEND_LIVE && self.states[backup] == BACKEND_LIVE && !grace {
