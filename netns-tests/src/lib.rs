@@ -11,12 +11,14 @@
 //! Tests that need root fail loudly without it ([`require_root`]); they are never skipped.
 
 pub mod clients;
+pub mod cluster;
 pub mod files;
 pub mod impair;
 mod netns;
 mod paths;
 mod process;
 pub mod pair_topology;
+pub mod storm;
 pub mod topology;
 pub mod watch;
 

@@ -4,171 +4,20 @@
 //! and the bytes the server side sent twice.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use netns_tests::{
     Process,
     clients::{Client, expect_download},
-    files::make_file,
-    pair_topology::{PairTopology, VIP},
-    require_root, wait_for,
+    cluster::Cluster,
+    wait_for,
     watch::{Growth, stall_after, wait_for_size},
 };
-
-const TFTP_PORT: u16 = 69;
 const MIB: usize = 1024 * 1024;
 /// The block size `Client::Atftp` asks for.
 const BLKSIZE: u64 = 1468;
-
-/// The topology with the switch, both balancers and every backend running.
-struct Running {
-    topo: PairTopology,
-    backends: Vec<Option<Process>>,
-    lbs: [Option<Process>; 2],
-    switch: Process,
-    /// Killed processes, kept so their logs are printed if the test fails.
-    killed: Vec<Process>,
-    // Last: released after everything above is gone.
-    _turn: std::sync::MutexGuard<'static, ()>,
-}
-
-/// One topology at a time: each runs several agents and up to twenty clients, and the
-/// measured stalls mean little on an overloaded machine.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl Running {
-    fn start(clients: usize, backends: usize) -> Self {
-        Self::start_mirroring(clients, backends, true)
-    }
-
-    /// With `mirror` false the balancers do not sync sessions: a promoted one knows nothing.
-    fn start_mirroring(clients: usize, backends: usize, mirror: bool) -> Self {
-        Self::start_with(clients, backends, mirror, &[])
-    }
-
-    /// Both balancers get `lb_args` too.
-    fn start_with(clients: usize, backends: usize, mirror: bool, lb_args: &[&str]) -> Self {
-        require_root();
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let topo = PairTopology::new(clients, backends).expect("topology");
-        let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
-        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, lb_args).expect("lb")));
-        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
-        let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
-        for lb in 0..2 {
-            running.wait_backends_live(lb, backends);
-        }
-        running.wait_lbs_reachable(&[0, 1]);
-        running
-    }
-
-    /// Agent logs and the non-zero counters of every role, for failure messages.
-    fn logs(&self) -> String {
-        use std::fmt::Write as _;
-        let mut all = format!("--- switch\n{}", self.switch.log());
-        for (i, lb) in self.lbs.iter().enumerate() {
-            if let Some(lb) = lb {
-                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
-            }
-        }
-        all + &self.topo.counters_summary()
-    }
-
-    fn wait_backends_live(&self, lb: usize, n: usize) {
-        wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
-            let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
-            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-            (live >= n).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
-    }
-
-    /// Waits until the switch has heard from each of these balancers.
-    fn wait_lbs_reachable(&self, lbs: &[usize]) {
-        wait_for("the switch to reach the balancers", 20, || {
-            let status = self.topo.status(&self.topo.switch_pins).ok()?;
-            let all = status["switch"]["lbs"].as_array()?;
-            lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb["reachable"] == true)).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
-    }
-
-    fn active_lb(&self) -> usize {
-        self.topo.active_lb().expect("the switch's status")
-    }
-
-    /// Kills balancer `i`: SIGKILL of its agent and its link down.
-    fn kill_lb(&mut self, i: usize) {
-        let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
-        self.killed.extend(killed);
-    }
-
-    /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).
-    fn restart_lb(&mut self, i: usize) {
-        self.topo.plug_lb(i).expect("link up");
-        self.lbs[i] = Some(self.topo.start_lb(i, &[]).expect("restart lb"));
-        self.wait_backends_live(i, self.backends.iter().filter(|b| b.is_some()).count());
-    }
-
-    /// The balancer-side session of the client, if the balancer's maps have one.
-    fn serving_backend(&self, lb: usize) -> Option<usize> {
-        let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
-        let sessions = status["balance"]["sessions"].as_array()?;
-        let session = sessions.iter().find(|s| s["block"].as_u64().unwrap_or(0) > 0)?;
-        usize::try_from(session["backend"].as_u64()?).ok()
-    }
-
-    fn kill_backend(&mut self, i: usize) {
-        if let Some(mut backend) = self.backends[i].take() {
-            backend.kill_hard();
-            self.killed.push(backend);
-        }
-    }
-
-    /// The failover events the agents logged: detection, swap, takeover, first data.
-    fn print_timeline(&self) {
-        let agents = self.lbs.iter().flatten().chain(self.killed.iter()).chain(std::iter::once(&self.switch));
-        let mut events: Vec<String> = agents
-            .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
-            .filter(|l| ["dead", "swapped", "now the active", "first DATA"].iter().any(|w| l.contains(w)))
-            .collect();
-        events.sort();
-        for event in events {
-            println!("  {event}");
-        }
-    }
-
-    /// Packets that took decision `name` at balancer `lb` (from its pinned counters, which
-    /// outlive its agent).
-    fn counter(&self, lb: usize, name: &str) -> u64 {
-        let status = self.topo.status(&self.topo.lb_pins[lb]).expect("status");
-        let counters = status["balance"]["counters"].as_array().expect("counters").clone();
-        counters.iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64()).unwrap_or(0)
-    }
-
-    /// Replies both balancers delivered to clients.
-    fn delivered(&self) -> u64 {
-        (0..2).map(|i| self.counter(i, "to_client") + self.counter(i, "relearned")).sum()
-    }
-
-    fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
-        let path = self.topo.root.join(name);
-        make_file(&path, size, seed).expect("test file");
-        path
-    }
-
-    fn local(&self, name: &str) -> PathBuf {
-        std::env::temp_dir().join(self.topo.prefix.name(name))
-    }
-
-    fn download(&self, client: usize, how: Client, remote: &str, local: &Path) -> Process {
-        let command = how.download(&self.topo.clients[client], VIP, TFTP_PORT, remote, local);
-        Process::spawn(self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap().to_string_lossy())), command)
-            .expect("start client")
-    }
-}
 
 /// Waits for a download to finish successfully and checks its content.
 fn finish(download: Process, local: &Path, source: &Path, timeout: Duration, what: &str, logs: impl Fn() -> String) {
@@ -178,7 +27,7 @@ fn finish(download: Process, local: &Path, source: &Path, timeout: Duration, wha
 /// Without failures: each stock client downloads through the switch and the active balancer.
 #[test]
 fn downloads_through_switch_and_active_balancer() {
-    let running = Running::start(1, 2);
+    let running = Cluster::start(1, 2);
     let source = running.file("plain.bin", 3 * MIB + 77, 1);
     for how in [Client::TftpHpa, Client::Atftp { blksize: 1468, windowsize: 16 }, Client::Curl { blksize: 1468 }] {
         let local = running.local(&format!("plain-{}", how.name()));
@@ -191,11 +40,11 @@ fn downloads_through_switch_and_active_balancer() {
 }
 
 /// A failure injected once the download reached a fraction of the file.
-type Step<'a> = (f64, &'a dyn Fn(&mut Running));
+type Step<'a> = (f64, &'a dyn Fn(&mut Cluster));
 
 /// One atftp transfer through the pair with failures injected on the way. Reports the stall
 /// after each failure and the DATA the balancers delivered twice.
-fn transfer_with_failures(running: &mut Running, size: usize, steps: &[Step<'_>]) {
+fn transfer_with_failures(running: &mut Cluster, size: usize, steps: &[Step<'_>]) {
     let source = running.file("big.bin", size, 7);
     let local = running.local("big-atftp");
     let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "big.bin", &local);
@@ -222,7 +71,7 @@ fn transfer_with_failures(running: &mut Running, size: usize, steps: &[Step<'_>]
 
 #[test]
 fn active_balancer_killed_mid_transfer() {
-    let mut running = Running::start(1, 2);
+    let mut running = Cluster::start(1, 2);
     assert_eq!(running.active_lb(), 0, "the first --lb starts active");
     transfer_with_failures(&mut running, 64 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
     assert_eq!(running.active_lb(), 1, "the switch swapped to the backup");
@@ -231,8 +80,8 @@ fn active_balancer_killed_mid_transfer() {
 
 #[test]
 fn serving_backend_then_active_balancer_killed_in_one_transfer() {
-    let mut running = Running::start(1, 3);
-    let kill_serving_backend = |r: &mut Running| {
+    let mut running = Cluster::start(1, 3);
+    let kill_serving_backend = |r: &mut Cluster| {
         let serving = r.serving_backend(0).expect("a session with a backend at balancer 0");
         r.kill_backend(serving);
     };
@@ -243,8 +92,8 @@ fn serving_backend_then_active_balancer_killed_in_one_transfer() {
 
 #[test]
 fn balancer_restarted_then_the_new_active_one_killed() {
-    let mut running = Running::start(1, 2);
-    let kill_restart = |r: &mut Running| {
+    let mut running = Cluster::start(1, 2);
+    let kill_restart = |r: &mut Cluster| {
         r.kill_lb(0);
         wait_for("the swap to balancer 1", 10, || (r.active_lb() == 1).then_some(())).expect("swap");
         r.restart_lb(0);
@@ -263,8 +112,8 @@ fn balancer_restarted_then_the_new_active_one_killed() {
 /// believe that ACK (it once took it for a stale one and the transfer stalled for good).
 #[test]
 fn balancer_and_serving_backend_fail_together_while_the_mirror_lags() {
-    let mut running = Running::start_with(1, 3, true, &["--sync-ms", "400"]);
-    let kill_both = |r: &mut Running| {
+    let mut running = Cluster::start_with(1, 3, true, &["--sync-ms", "400"]);
+    let kill_both = |r: &mut Cluster| {
         let serving = r.serving_backend(0).expect("a session with a backend at balancer 0");
         r.kill_lb(0);
         r.kill_backend(serving);
@@ -280,7 +129,7 @@ fn balancer_and_serving_backend_fail_together_while_the_mirror_lags() {
 /// left, at every retransmission timeout.)
 #[test]
 fn a_finished_download_is_not_sent_again_after_the_killed_balancer_returns() {
-    let mut running = Running::start(1, 2);
+    let mut running = Cluster::start(1, 2);
     transfer_with_failures(&mut running, 16 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
     let delivered = running.delivered();
     running.restart_lb(0);
@@ -297,7 +146,7 @@ fn a_finished_download_is_not_sent_again_after_the_killed_balancer_returns() {
 /// answers through the new balancer, whose kernel relearns the session from the reply.
 #[test]
 fn a_promoted_balancer_that_knows_nothing_relearns_from_the_backend() {
-    let mut running = Running::start_mirroring(1, 2, false);
+    let mut running = Cluster::start_mirroring(1, 2, false);
     transfer_with_failures(&mut running, 32 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
     assert_eq!(running.active_lb(), 1);
     assert!(running.counter(1, "relearned") > 0, "the session was relearned from a reply");
@@ -308,7 +157,7 @@ fn a_promoted_balancer_that_knows_nothing_relearns_from_the_backend() {
 /// learned it from the kernel's event ring at once, not from a periodic sync.
 #[test]
 fn session_started_moments_before_the_balancer_fails() {
-    let mut running = Running::start(1, 2);
+    let mut running = Cluster::start(1, 2);
     let source = running.file("fresh.bin", 8 * MIB, 3);
     let local = running.local("fresh-atftp");
     let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "fresh.bin", &local);
@@ -325,7 +174,7 @@ fn session_started_moments_before_the_balancer_fails() {
 /// Twenty clients with every stock client, across a balancer failure and a backend failure.
 #[test]
 fn twenty_clients_across_balancer_and_backend_failures() {
-    let mut running = Running::start(20, 3);
+    let mut running = Cluster::start(20, 3);
     let source = running.file("many.bin", 12 * MIB, 5);
     let kinds = [
         Client::TftpHpa,
@@ -355,8 +204,8 @@ fn twenty_clients_across_balancer_and_backend_failures() {
 /// maps, the transfer completes, and a restarted agent re-adopts them without a swap.
 #[test]
 fn switch_agent_killed_and_restarted_mid_transfer() {
-    let mut running = Running::start(1, 2);
-    let restart_switch = |r: &mut Running| {
+    let mut running = Cluster::start(1, 2);
+    let restart_switch = |r: &mut Cluster| {
         r.switch.kill_hard();
         std::thread::sleep(Duration::from_millis(300));
         let restarted = r.topo.start_switch(&[]).expect("restart the switch agent");

@@ -89,6 +89,7 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if args.backends.len() > MAX_BACKENDS {
         bail!("at most {MAX_BACKENDS} backends, got {}", args.backends.len());
     }
+    crate::sched::realtime(args.watchdog.rt_priority);
     crate::block_on(serve(pin_root, args))
 }
 

@@ -70,6 +70,11 @@ pub struct WatchdogArgs {
     #[arg(long, default_value_t = 60_000)]
     pub flap_hold_max_ms: u64,
 
+    /// Real-time (SCHED_RR) priority of the agent, so that busy CPUs do not delay its
+    /// heartbeats and ticks; 0: normal scheduling.
+    #[arg(long, default_value_t = 10)]
+    pub rt_priority: u8,
+
     /// A peer silent this long, heartbeats included, is dead even when no client waits (ms).
     #[arg(long, default_value_t = 300)]
     pub silent_after_ms: u64,
@@ -143,7 +148,7 @@ impl Probe {
 
     /// How long the oldest unanswered heartbeat has waited at `now_ns`.
     #[must_use]
-    pub fn waiting(&self, now_ns: u64, last_answer_ns: u64) -> u64 {
+    pub fn waiting(self, now_ns: u64, last_answer_ns: u64) -> u64 {
         if self.oldest_unanswered_ns == 0 || last_answer_ns >= self.oldest_unanswered_ns {
             0
         } else {

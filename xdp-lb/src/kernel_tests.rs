@@ -1,6 +1,7 @@
 //! BPF_PROG_TEST_RUN tests of `balance` on the real object: each crafted packet's action,
 //! output packet and decision counter. They need root (loading BPF) and fail without it.
 
+use aya::maps::IterableMap as _;
 use xdp_lb_common::{
     BalanceCounter as C, ClientKey, FrameHeaders, SteeringHeader, TFTP_PORT,
     frame::checksums_valid,
@@ -423,4 +424,27 @@ fn a_full_session_table_evicts_the_oldest_and_still_admits_new_clients() {
     let size = f.maps.sessions.keys().count();
     assert!(size <= xdp_lb_common::maps::MAX_SESSIONS, "{size} sessions");
     assert_eq!(f.counter(C::NewSession).unwrap(), u64::from(FLOOD) + 2);
+}
+
+/// The agent reads its whole session table with batch lookups (a request flood leaves tens of
+/// thousands of sessions, and a walk key by key starved the agent): the batch read returns
+/// exactly what the walk does.
+#[test]
+fn the_batch_read_of_the_session_table_matches_a_walk() {
+    let mut f = fixture(1);
+    for i in 0..10_000u32 {
+        let [_, _, high, low] = i.to_be_bytes();
+        let key = ClientKey::new([10, 79, high, low], 1024u16.to_be_bytes());
+        let mut session: xdp_lb_common::Session = bytemuck::Zeroable::zeroed();
+        session.backend = i % 7;
+        session.last_client_ns = u64::from(i);
+        f.maps.sessions.insert(key, session, 0).unwrap();
+    }
+    let mut batch = f.maps.sessions();
+    let mut walk: Vec<_> = f.maps.sessions.iter().map(Result::unwrap).collect();
+    assert_eq!(batch.len(), 10_000);
+    batch.sort_by_key(|(k, _)| (k.ip, k.port));
+    walk.sort_by_key(|(k, _)| (k.ip, k.port));
+    assert!(batch == walk, "batch and walk differ");
+    assert!(crate::batch::lookup_all::<ClientKey, xdp_lb_common::Session>(f.maps.sessions.map()).is_ok(), "the kernel does batch lookups");
 }

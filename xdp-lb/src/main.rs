@@ -1,5 +1,6 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
+mod batch;
 mod config;
 mod control;
 #[cfg(test)]
@@ -11,6 +12,7 @@ mod maps;
 mod pair;
 mod pair_wire;
 mod pins;
+mod sched;
 mod status;
 mod switch;
 #[cfg(test)]

@@ -72,9 +72,11 @@ impl LbMaps {
         self.load.get(&id, 0).with_context(|| format!("reading load of backend {id}"))
     }
 
-    /// All sessions (a snapshot; entries may change or vanish meanwhile).
+    /// All sessions (a snapshot; entries may change or vanish meanwhile): a few batch lookups,
+    /// or a walk key by key where the kernel has no batch operations.
     pub fn sessions(&self) -> Vec<(ClientKey, Session)> {
-        self.sessions.iter().filter_map(Result::ok).collect()
+        use aya::maps::IterableMap as _;
+        crate::batch::lookup_all(self.sessions.map()).unwrap_or_else(|_| self.sessions.iter().filter_map(Result::ok).collect())
     }
 }
 

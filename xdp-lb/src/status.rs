@@ -255,7 +255,7 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
     };
     writeln!(out, "balance ({})  vip {}  steering address {}", b.pin_dir, b.vip, b.address)?;
     writeln!(out, "\nbackends")?;
-    writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", "id", "address", "state", "sessions", "unanswered", "last answer", "packets to", "packets from", "verdicts")?;
+    writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  verdicts", "id", "address", "state", "sessions", "unanswered", "last answer", "packets to", "packets from")?;
     for be in &b.backends {
         let last = be.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
         writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", be.id, be.address, be.state, be.sessions, be.unanswered, last, be.packets_to, be.packets_from, be.health.cell())?;
@@ -274,7 +274,7 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
 fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Result<()> {
     writeln!(out, "switch ({})  vip {}  clients in flight {}", s.pin_dir, s.vip, s.clients_in_flight)?;
     writeln!(out, "\nload balancers")?;
-    writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from", "verdicts")?;
+    writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  verdicts", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from")?;
     for lb in &s.lbs {
         let last = lb.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
         let reachable = if lb.reachable { "yes" } else { "no" };

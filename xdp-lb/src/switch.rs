@@ -70,6 +70,7 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if first.ip() == second.ip() {
         bail!("the two load balancers need different addresses, both are {}", first.ip());
     }
+    crate::sched::realtime(args.watchdog.rt_priority);
     crate::block_on(serve(pin_root, args))
 }
 

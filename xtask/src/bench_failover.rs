@@ -322,5 +322,114 @@ pub fn run(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value
         "\nStall: longest time the file did not grow after the kill (sampled every 2 ms). DATA sent twice: packets \
          (and KiB of payload) both LBs delivered beyond the OACK and DATA the file needs.",
     );
-    Ok(json!({ "runs": runs, "size": size, "client": CLIENT.name(), "target_stall_ms": TARGET_MS, "rows": json_rows }))
+    let quiet = false_positives(quick, report)?;
+    Ok(json!({ "runs": runs, "size": size, "client": CLIENT.name(), "target_stall_ms": TARGET_MS, "rows": json_rows, "false_positives": quiet }))
+}
+
+/// One false-positive scenario: what it did, for how long, and what the detectors concluded.
+struct Quiet {
+    scenario: String,
+    seconds: f64,
+    verdicts: netns_tests::cluster::Verdicts,
+}
+
+/// The detector's false positives: storms and floods that must not fail over live peers, through
+/// the full topology, each with real downloads beside it. Target: no verdict at all.
+pub fn false_positives(quick: bool, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+    // The cluster harness asserts like a test; a failure there is this section's error.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| measure_false_positives(quick)))
+        .map_err(|panic| anyhow::anyhow!("false-positive run failed: {}", panic.downcast_ref::<String>().map_or("(panic)", String::as_str)))?
+        .map(|rows| report_false_positives(&rows, report))
+}
+
+fn measure_false_positives(quick: bool) -> anyhow::Result<Vec<Quiet>> {
+    use netns_tests::{
+        cluster::Cluster,
+        storm::{Storm, StormPlan, lock_step_download, spoofed_requests},
+    };
+    let cluster = Cluster::start(3, BACKENDS);
+    let storm_file = cluster.file("storm.bin", 4 << 20, 61);
+    let beside = cluster.file("beside.bin", 8 << 20, 62);
+    let expected = std::fs::read(&storm_file)?;
+    let vip: std::net::Ipv4Addr = VIP.parse()?;
+    let saturated = Duration::from_secs(if quick { 10 } else { 30 });
+    let bar = ProgressBar::new(4).with_style(ProgressStyle::with_template("{spinner} false positives [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut rows = Vec::new();
+    let mut measure = |scenario: &str, body: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        bar.set_message(scenario.to_owned());
+        let before = cluster.verdicts();
+        let started = Instant::now();
+        body()?;
+        let after = cluster.verdicts();
+        let verdicts = netns_tests::cluster::Verdicts {
+            backends: after.backends - before.backends,
+            balancers: after.balancers - before.balancers,
+            swaps: after.swaps - before.swaps,
+            lines: after.lines.into_iter().skip(before.lines.len()).collect(),
+        };
+        rows.push(Quiet { scenario: scenario.to_owned(), seconds: started.elapsed().as_secs_f64(), verdicts });
+        bar.inc(1);
+        Ok(())
+    };
+    for (storm, label) in [(Storm::DuplicateAck, "1000 duplicate ACKs, 1 ms apart"), (Storm::StaleAck, "1000 stale ACK 0s, 1 ms apart")] {
+        measure(label, &mut || {
+            let local = cluster.local("beside-storm");
+            let mut stock = cluster.download(1, Client::TftpHpa, "beside.bin", &local);
+            let plan = StormPlan { storm, at_block: 400, copies: 1000, spacing: Duration::from_millis(1) };
+            let got = cluster.topo.clients[0].enter(|| lock_step_download(vip, "storm.bin", BLKSIZE, &plan, Duration::from_secs(60)))??;
+            anyhow::ensure!(got.data == expected, "the storming client's file differs");
+            anyhow::ensure!(stock.wait(Duration::from_secs(60)).is_some_and(|s| s.success()), "the download beside the storm failed");
+            anyhow::ensure!(sha256(&local)? == sha256(&beside)?, "the download beside the storm differs");
+            Ok(())
+        })?;
+    }
+    measure("20 000 requests from 2 000 spoofed addresses in 1 s, then 4 s of their retransmissions", &mut || {
+        let local = cluster.local("beside-flood");
+        let mut stock = cluster.download(1, Client::TftpHpa, "beside.bin", &local);
+        cluster.topo.clients[2].enter(|| spoofed_requests(vip, "beside.bin", std::net::Ipv4Addr::new(10, 79, 0, 1), 2000, 20_000, Duration::from_secs(1)))??;
+        anyhow::ensure!(stock.wait(Duration::from_secs(60)).is_some_and(|s| s.success()), "the download beside the flood failed");
+        anyhow::ensure!(sha256(&local)? == sha256(&beside)?, "the download beside the flood differs");
+        std::thread::sleep(Duration::from_secs(4));
+        Ok(())
+    })?;
+    let label = format!("both CPUs saturated (stress-ng, 8 workers) for {} s, 3 clients downloading", saturated.as_secs());
+    measure(&label, &mut || {
+        let mut stress = std::process::Command::new("stress-ng");
+        stress.args(["--cpu", "8", "--timeout", &format!("{}s", saturated.as_secs()), "--quiet"]);
+        let mut stress = Process::spawn(cluster.topo.prefix.name("stress"), stress)?;
+        let started = Instant::now();
+        while started.elapsed() < saturated {
+            let downloads: Vec<_> = (0..3).map(|i| (cluster.local(&format!("sat-{i}")), i)).map(|(local, i)| (cluster.download(i, CLIENT, "beside.bin", &local), local)).collect();
+            for (mut download, local) in downloads {
+                anyhow::ensure!(download.wait(Duration::from_secs(120)).is_some_and(|s| s.success()), "a download under load failed");
+                anyhow::ensure!(sha256(&local)? == sha256(&beside)?, "a download under load differs");
+            }
+        }
+        stress.stop();
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+fn report_false_positives(rows: &[Quiet], report: &mut Report) -> serde_json::Value {
+    report.line("\n### Failure detector: false positives (target 0 verdicts per minute)\n");
+    report.line("| scenario | lasted | backend verdicts | balancer verdicts | swaps | verdicts per minute |");
+    report.line("|---|---:|---:|---:|---:|---:|");
+    let mut json_rows = Vec::new();
+    for row in rows {
+        let v = &row.verdicts;
+        #[expect(clippy::cast_precision_loss, reason = "small counts")]
+        let per_minute = (v.backends + v.balancers) as f64 * 60.0 / row.seconds.max(1e-3);
+        report.line(format!("| {} | {:.1} s | {} | {} | {} | {per_minute:.1} |", row.scenario, row.seconds, v.backends, v.balancers, v.swaps));
+        for line in &v.lines {
+            report.line(format!("|  ↳ {} | | | | | |", line.replace('|', "/")));
+        }
+        json_rows.push(json!({
+            "scenario": row.scenario, "seconds": row.seconds, "backend_verdicts": v.backends,
+            "balancer_verdicts": v.balancers, "swaps": v.swaps, "verdicts_per_minute": per_minute,
+        }));
+    }
+    json!(json_rows)
 }

@@ -16,11 +16,11 @@ use crate::cargo::run_checked;
 pub const TOOLS_DIR: &str = "/opt/xdp-lb-tools";
 
 /// Debian packages: BPF and network tooling, the stock TFTP clients of the integration tests,
-/// atftpd (tftpd-hpa conflicts with it and is unpacked beside it instead), and a font for the
-/// bench's PNG charts.
+/// atftpd (tftpd-hpa conflicts with it and is unpacked beside it instead), stress-ng (the
+/// failure detector's overload tests), and a font for the bench's PNG charts.
 const PACKAGES: &[&str] = &[
     "bpftool", "iproute2", "ethtool", "util-linux", "nftables", "tftp-hpa", "atftp", "atftpd",
-    "curl", "busybox", "fonts-dejavu-core",
+    "curl", "busybox", "stress-ng", "fonts-dejavu-core",
 ];
 
 #[derive(clap::Args)]

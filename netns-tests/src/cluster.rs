@@ -1,0 +1,232 @@
+//! The full topology running: the switch, both balancers and every backend, owned by one
+//! type that answers what every test asks (logs, the active balancer, the serving backend,
+//! counters, the failure detector's verdicts) and injects the failures (balancer, backend).
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    Process,
+    clients::Client,
+    files::make_file,
+    pair_topology::{PairTopology, VIP},
+    require_root, wait_for,
+};
+
+const TFTP_PORT: u16 = 69;
+
+/// The topology with the switch, both balancers and every backend running.
+pub struct Cluster {
+    pub topo: PairTopology,
+    pub backends: Vec<Option<Process>>,
+    pub lbs: [Option<Process>; 2],
+    pub switch: Process,
+    /// Killed processes, kept so their logs are printed if the test fails.
+    pub killed: Vec<Process>,
+    // Last: released after everything above is gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+/// One topology at a time: each runs several agents and up to twenty clients, and the
+/// measured stalls mean little on an overloaded machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Cluster {
+    #[must_use]
+    pub fn start(clients: usize, backends: usize) -> Self {
+        Self::start_mirroring(clients, backends, true)
+    }
+
+    /// With `mirror` false the balancers do not sync sessions: a promoted one knows nothing.
+    #[must_use]
+    pub fn start_mirroring(clients: usize, backends: usize, mirror: bool) -> Self {
+        Self::start_with(clients, backends, mirror, &[])
+    }
+
+    /// Both balancers get `lb_args` too.
+    #[must_use]
+    pub fn start_with(clients: usize, backends: usize, mirror: bool, lb_args: &[&str]) -> Self {
+        require_root();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let topo = PairTopology::new(clients, backends).expect("topology");
+        let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
+        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, lb_args).expect("lb")));
+        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
+        let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
+        for lb in 0..2 {
+            running.wait_backends_live(lb, backends);
+        }
+        running.wait_lbs_reachable(&[0, 1]);
+        running
+    }
+
+    /// Agent logs and the non-zero counters of every role, for failure messages.
+    #[must_use]
+    pub fn logs(&self) -> String {
+        use std::fmt::Write as _;
+        let mut all = format!("--- switch\n{}", self.switch.log());
+        for (i, lb) in self.lbs.iter().enumerate() {
+            if let Some(lb) = lb {
+                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
+            }
+        }
+        all + &self.topo.counters_summary()
+    }
+
+    pub fn wait_backends_live(&self, lb: usize, n: usize) {
+        wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
+            let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
+            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
+            (live >= n).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
+    }
+
+    /// Waits until the switch has heard from each of these balancers.
+    pub fn wait_lbs_reachable(&self, lbs: &[usize]) {
+        wait_for("the switch to reach the balancers", 20, || {
+            let status = self.topo.status(&self.topo.switch_pins).ok()?;
+            let all = status["switch"]["lbs"].as_array()?;
+            lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb["reachable"] == true)).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
+    }
+
+    #[must_use]
+    pub fn active_lb(&self) -> usize {
+        self.topo.active_lb().expect("the switch's status")
+    }
+
+    /// Kills balancer `i`: SIGKILL of its agent and its link down.
+    pub fn kill_lb(&mut self, i: usize) {
+        let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
+        self.killed.extend(killed);
+    }
+
+    /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).
+    pub fn restart_lb(&mut self, i: usize) {
+        self.topo.plug_lb(i).expect("link up");
+        self.lbs[i] = Some(self.topo.start_lb(i, &[]).expect("restart lb"));
+        self.wait_backends_live(i, self.backends.iter().filter(|b| b.is_some()).count());
+    }
+
+    /// The balancer-side session of the client, if the balancer's maps have one.
+    #[must_use]
+    pub fn serving_backend(&self, lb: usize) -> Option<usize> {
+        let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
+        let sessions = status["balance"]["sessions"].as_array()?;
+        let session = sessions.iter().find(|s| s["block"].as_u64().unwrap_or(0) > 0)?;
+        usize::try_from(session["backend"].as_u64()?).ok()
+    }
+
+    pub fn kill_backend(&mut self, i: usize) {
+        if let Some(mut backend) = self.backends[i].take() {
+            backend.kill_hard();
+            self.killed.push(backend);
+        }
+    }
+
+    /// The failover events the agents logged: detection, swap, takeover, first data.
+    pub fn print_timeline(&self) {
+        let agents = self.lbs.iter().flatten().chain(self.killed.iter()).chain(std::iter::once(&self.switch));
+        let mut events: Vec<String> = agents
+            .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| ["dead", "swapped", "now the active", "first DATA"].iter().any(|w| l.contains(w)))
+            .collect();
+        events.sort();
+        for event in events {
+            println!("  {event}");
+        }
+    }
+
+    /// Packets that took decision `name` at balancer `lb` (from its pinned counters, which
+    /// outlive its agent).
+    #[must_use]
+    pub fn counter(&self, lb: usize, name: &str) -> u64 {
+        let status = self.topo.status(&self.topo.lb_pins[lb]).expect("status");
+        let counters = status["balance"]["counters"].as_array().expect("counters").clone();
+        counters.iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64()).unwrap_or(0)
+    }
+
+    /// Replies both balancers delivered to clients.
+    #[must_use]
+    pub fn delivered(&self) -> u64 {
+        (0..2).map(|i| self.counter(i, "to_client") + self.counter(i, "relearned")).sum()
+    }
+
+    #[must_use]
+    pub fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
+        let path = self.topo.root.join(name);
+        make_file(&path, size, seed).expect("test file");
+        path
+    }
+
+    #[must_use]
+    pub fn local(&self, name: &str) -> PathBuf {
+        std::env::temp_dir().join(self.topo.prefix.name(name))
+    }
+
+    #[must_use]
+    pub fn download(&self, client: usize, how: Client, remote: &str, local: &Path) -> Process {
+        let command = how.download(&self.topo.clients[client], VIP, TFTP_PORT, remote, local);
+        Process::spawn(self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap().to_string_lossy())), command)
+            .expect("start client")
+    }
+}
+
+/// What the failure detectors concluded during a test: death verdicts and swaps, from the
+/// agents' logs (killed agents included) and their pinned health records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdicts {
+    /// "backend dead" lines of both balancers' agents.
+    pub backends: usize,
+    /// "load balancer dead" lines of the switch agent.
+    pub balancers: usize,
+    /// "swapped" lines of the switch agent.
+    pub swaps: usize,
+    /// Every such line, and the agents' warnings about late ticks and flapping, for messages.
+    pub lines: Vec<String>,
+}
+
+impl Cluster {
+    fn agents(&self) -> impl Iterator<Item = &Process> {
+        self.lbs.iter().flatten().chain(self.killed.iter()).chain(std::iter::once(&self.switch))
+    }
+
+    /// The verdicts every agent of this cluster logged so far.
+    #[must_use]
+    pub fn verdicts(&self) -> Verdicts {
+        let mut verdicts = Verdicts::default();
+        for agent in self.agents() {
+            for line in agent.log().lines() {
+                let counted = if line.contains("backend dead") {
+                    verdicts.backends += 1;
+                    true
+                } else if line.contains("load balancer dead") {
+                    verdicts.balancers += 1;
+                    true
+                } else if line.contains("swapped") {
+                    verdicts.swaps += 1;
+                    true
+                } else {
+                    false
+                };
+                if counted || line.contains("flapping") || line.contains("tick late") {
+                    verdicts.lines.push(line.to_owned());
+                }
+            }
+        }
+        verdicts
+    }
+
+    /// Death verdicts recorded in the pinned health maps (`xdp-lb status`): backends at both
+    /// balancers, and the balancers at the switch. They outlive killed agents.
+    #[must_use]
+    pub fn recorded_verdicts(&self) -> (u64, u64) {
+        let sum = |status: &serde_json::Value, role: &str, list: &str| -> u64 {
+            status[role][list].as_array().map_or(0, |all| all.iter().filter_map(|p| p["health"]["verdicts"].as_u64()).sum())
+        };
+        let backends = (0..2).filter_map(|i| self.topo.status(&self.topo.lb_pins[i]).ok()).map(|s| sum(&s, "balance", "backends")).sum();
+        let balancers = self.topo.status(&self.topo.switch_pins).map_or(0, |s| sum(&s, "switch", "lbs"));
+        (backends, balancers)
+    }
+}
