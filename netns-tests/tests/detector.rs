@@ -176,3 +176,51 @@ fn agents_that_could_not_run_judge_nothing_by_their_own_absence() {
     assert_no_verdicts(&cluster, "paused agents");
     assert_eq!(cluster.active_lb(), 0, "no swap");
 }
+
+/// Sends `signal` to a process this test started.
+fn signal(process: &Process, signal: i32) {
+    // SAFETY: kill(2) on a child this test owns.
+    unsafe { libc::kill(i32::try_from(process.pid()).expect("pid"), signal) };
+}
+
+/// Backend 0 as balancer 0's status shows it.
+fn backend_status(cluster: &Cluster) -> serde_json::Value {
+    let status = cluster.topo.status(&cluster.topo.lb_pins[0]).expect("status");
+    status["balance"]["backends"][0].clone()
+}
+
+/// A backend that stops answering and comes back again and again (here: SIGSTOP, SIGCONT) is
+/// really dead each time, so each death is a verdict; but the second within the damping window
+/// holds it out for a second after it answers again, the third for two: `xdp-lb status` shows
+/// the flaps and the hold, and the agent logs it.
+#[test]
+fn a_flapping_backend_is_held_out_longer_each_time() {
+    let cluster = Cluster::start(1, 3);
+    let backend = cluster.backends[0].as_ref().expect("backend 0");
+    let state = |cluster: &Cluster| backend_status(cluster)["state"].as_str().unwrap_or_default().to_owned();
+    for flap in 1..=3u64 {
+        signal(backend, libc::SIGSTOP);
+        netns_tests::wait_for("backend 0 declared dead", 10, || (state(&cluster) == "dead").then_some(())).expect("a verdict");
+        signal(backend, libc::SIGCONT);
+        netns_tests::wait_for("backend 0 answering again", 10, || {
+            backend_status(&cluster)["last_answer_ms_ago"].as_u64().filter(|&ms| ms < 100)
+        })
+        .expect("answers");
+        let now = backend_status(&cluster);
+        println!("flap {flap}: {now}");
+        assert_eq!(now["health"]["verdicts"], flap);
+        assert_eq!(now["health"]["flaps"], flap);
+        if flap == 1 {
+            netns_tests::wait_for("a first death's revival", 10, || (state(&cluster) == "live").then_some(())).expect("revived");
+            continue;
+        }
+        let held = now["health"]["held_for_ms"].as_u64().unwrap_or_else(|| panic!("flap {flap}: held: {now}"));
+        assert_eq!(now["state"], "dead", "answering, but held out");
+        assert!(held <= 1000 << (flap - 2), "flap {flap}: the hold doubles from 1 s: {held} ms");
+        assert!(held > (1000 << (flap - 2)) / 2, "flap {flap}: most of the hold is still ahead once it answers: {held} ms");
+        netns_tests::wait_for("the end of the hold", 10, || (state(&cluster) == "live").then_some(())).expect("back after the hold");
+        assert!(backend_status(&cluster)["health"]["held_for_ms"].is_null());
+    }
+    let log = cluster.lbs[0].as_ref().expect("lb 0").log();
+    assert!(log.contains("backend flapping: held out"), "the hold is logged:\n{log}");
+}

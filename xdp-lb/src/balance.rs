@@ -18,12 +18,18 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    control::{self, BackendView, Damping, Judgement, Policy, Probe},
+    control::{self, BackendView, Damping, Judgement, Patience, Policy, Probe},
     loader,
     maps::{self, LbMaps},
     pair::{self, Pair},
     pins,
+    planner::{self, Occasion},
 };
+
+/// Most sessions moved off a dead backend per watchdog tick (the rest on the next ticks, and
+/// the kernel moves any session on its client's next packet anyway): a backend holding the
+/// sessions of a request flood must not stall the agent's loop.
+const MOVE_BATCH: usize = 2048;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -122,6 +128,8 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         started_ns,
         dead_since_ns: vec![started_ns; args.backends.len()],
         probes: vec![Probe::default(); args.backends.len()],
+        patience: vec![Patience::default(); args.backends.len()],
+        draining: std::collections::BTreeSet::new(),
         last_tick_ns: 0,
         policy: args.watchdog.policy(),
         damping: args.watchdog.damping(),
@@ -181,6 +189,10 @@ struct Agent {
     dead_since_ns: Vec<u64>,
     /// The oldest unanswered heartbeat to each backend: no verdict without one.
     probes: Vec<Probe>,
+    /// The silences each backend lately came back from (an overloaded machine).
+    patience: Vec<Patience>,
+    /// Dead backends that still hold sessions to move (more than one tick's batch).
+    draining: std::collections::BTreeSet<usize>,
     /// When the watchdog last ran (0: not yet).
     last_tick_ns: u64,
     policy: Policy,
@@ -262,6 +274,7 @@ impl Agent {
                     sessions: self.maps.load(id_u32)?,
                     dead_since_ns: self.dead_since_ns[id],
                     probe_waiting_ns: self.probes[id].waiting(now, seen.last_answer_ns),
+                    patience_ns: self.patience[id].allowance(),
                 })
             })
             .collect()
@@ -287,13 +300,26 @@ impl Agent {
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         self.note_first_data()?;
         let now = monotonic_ns();
-        if control::tick_was_late(self.last_tick_ns, now, self.tick) {
+        let late = control::tick_was_late(self.last_tick_ns, now, self.tick);
+        if late {
             // This agent could not run: the backends' silence meanwhile is no evidence.
             warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
             self.probes.iter_mut().for_each(Probe::forget);
         }
         self.last_tick_ns = now;
         let mut views = self.views()?;
+        for (view, patience) in views.iter_mut().zip(&mut self.patience) {
+            patience.observe(now, view.last_answer_ns, !late && view.state == BACKEND_LIVE);
+            view.patience_ns = patience.allowance();
+        }
+        // Dead backends whose sessions did not all fit in one tick's batch.
+        for id in self.draining.clone() {
+            let (moved, nudged, left) = if views[id].state == BACKEND_DEAD { self.move_sessions(id, &views).await? } else { (0, 0, 0) };
+            debug!(backend = %self.backends[id], moved, nudged, left, "moving the rest of a dead backend's sessions");
+            if left == 0 {
+                self.draining.remove(&id);
+            }
+        }
         for id in 0..views.len() {
             match control::judge(now, &views[id], &self.policy) {
                 Judgement::Keep => {}
@@ -314,16 +340,20 @@ impl Agent {
                     self.set_state(id, BACKEND_DEAD)?;
                     views[id].state = BACKEND_DEAD;
                     self.dead_since_ns[id] = now;
+                    self.patience[id].reset();
                     let mut health = self.health(id)?;
                     let hold = self.damping.on_death(now, &mut health);
                     self.set_health(id, health)?;
                     let started = Instant::now();
-                    let (moved, nudged) = self.move_sessions(id, &views).await?;
+                    let (moved, nudged, left) = self.move_sessions(id, &views).await?;
                     warn!(
-                        backend = %self.backends[id], %reason, moved, nudged,
+                        backend = %self.backends[id], %reason, moved, nudged, left,
                         took_us = started.elapsed().as_micros(),
                         "backend dead: sessions moved to live backends"
                     );
+                    if left > 0 {
+                        self.draining.insert(id);
+                    }
                     if !hold.is_zero() {
                         warn!(backend = %self.backends[id], flaps = health.flaps, hold_ms = hold.as_millis(), "backend flapping: held out of the active set");
                     }
@@ -349,45 +379,41 @@ impl Agent {
         Ok(())
     }
 
-    /// Rewrites every session of backend `dead` to the least loaded live backend and nudges the
-    /// new backend so it resends the outstanding window at once. A backup only rewrites: its
-    /// sessions' clients send to the active balancer, and a nudge would turn the backend's
-    /// replies toward the backup; it nudges when it takes over.
-    async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize)> {
-        let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
-        let (mut moved, mut nudged) = (0, 0);
-        let dead_u32 = u32::try_from(dead)?;
-        let now = monotonic_ns();
+    /// Moves up to `MOVE_BATCH` sessions of backend `dead` to the least loaded live backends and
+    /// nudges their new backends so they resend the outstanding window at once (the planner's
+    /// rules: recent clients first; a backup only rewrites, it nudges when it takes over).
+    /// Returns (moved, nudged, left for the next tick).
+    async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize, usize)> {
         let nudging = self.pair.role != pair::Role::Backup;
-        for (key, mut session) in self.maps.sessions() {
-            if session.backend != dead_u32 {
-                continue;
+        let plan = planner::plan(Occasion::BackendDied(u32::try_from(dead)?), views, self.maps.sessions(), monotonic_ns(), nudging, MOVE_BATCH);
+        if plan.stranded > 0 {
+            warn!(stranded = plan.stranded, "no live backend to move sessions to");
+        }
+        let (moved, nudged) = self.carry_out(&plan).await;
+        for (id, load) in plan.loads.iter().enumerate() {
+            self.maps.load.set(u32::try_from(id)?, load, 0).context("writing LB_LOAD")?;
+        }
+        Ok((moved, nudged, plan.left))
+    }
+
+    /// Writes a plan's moves and sends its nudges; returns how many of each went through.
+    async fn carry_out(&mut self, plan: &planner::Plan) -> (usize, usize) {
+        let mut moved = 0;
+        for (key, session) in &plan.moves {
+            match self.maps.sessions.insert(key, session, 0) {
+                Ok(()) => moved += 1,
+                Err(error) => debug!(%error, "session vanished while moving it"),
             }
-            let Some(target) = control::least_loaded(views, &loads) else {
-                warn!("no live backend to move sessions to");
-                break;
-            };
-            session.backend = target;
-            if let Err(error) = self.maps.sessions.insert(key, session, 0) {
-                debug!(%error, "session vanished while moving it");
-                continue;
-            }
-            moved += 1;
-            loads[target as usize] += 1;
-            if !nudging || !control::worth_nudging(now, &session) {
-                continue;
-            }
-            let to = self.backends[target as usize];
-            match self.socket.send_to(&control::nudge(&session), to).await {
+        }
+        let mut nudged = 0;
+        for session in &plan.nudges {
+            let Some(&to) = self.backends.get(session.backend as usize) else { continue };
+            match self.socket.send_to(&control::nudge(session), to).await {
                 Ok(_) => nudged += 1,
                 Err(error) => warn!(%error, backend = %to, "nudge failed"),
             }
         }
-        loads[dead] = 0;
-        for (id, load) in loads.iter().enumerate() {
-            self.maps.load.set(u32::try_from(id)?, load, 0).context("writing LB_LOAD")?;
-        }
-        Ok((moved, nudged))
+        (moved, nudged)
     }
 
     /// The switch made this balancer active: every session it knows (mirrored from the peer)
@@ -397,28 +423,8 @@ impl Agent {
         let started = Instant::now();
         self.maintain()?;
         let views = self.views()?;
-        let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
-        let (mut nudged, mut moved) = (0, 0);
-        let now = monotonic_ns();
-        for (key, mut session) in self.maps.sessions() {
-            let usable = views.get(session.backend as usize).is_some_and(|v| v.state == BACKEND_LIVE && v.mac_known);
-            if !usable {
-                let Some(target) = control::least_loaded(&views, &loads) else { continue };
-                session.backend = target;
-                loads[target as usize] += 1;
-                if self.maps.sessions.insert(key, session, 0).is_err() {
-                    continue;
-                }
-                moved += 1;
-            }
-            if !control::worth_nudging(now, &session) {
-                continue;
-            }
-            let to = self.backends[session.backend as usize];
-            if self.socket.send_to(&control::nudge(&session), to).await.is_ok() {
-                nudged += 1;
-            }
-        }
+        let plan = planner::plan(Occasion::TakeOver, &views, self.maps.sessions(), monotonic_ns(), true, usize::MAX);
+        let (moved, nudged) = self.carry_out(&plan).await;
         if nudged + moved > 0 {
             warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
             self.awaiting_data = Some((started, self.replies_delivered()?));

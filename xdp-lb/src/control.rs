@@ -9,6 +9,9 @@
 //! that this agent itself sent and that stayed unanswered for `probe_timeout`: an agent that
 //! could not run (an overloaded machine) sent no heartbeats and so gathered no evidence.
 //! A peer that dies and comes back again and again is held out longer each time (`Damping`).
+//! And a peer that has lately come back from a silence of x is allowed 2x before a verdict
+//! (`Patience`, up to `--dead-after-max-ms`): on an overloaded machine answers are late, not
+//! missing, and a dead peer never comes back to teach a longer allowance.
 
 use std::time::Duration;
 
@@ -25,6 +28,8 @@ pub struct Policy {
     pub dead_after: Duration,
     /// A heartbeat of this agent's unanswered this long is needed for any verdict.
     pub probe_timeout: Duration,
+    /// The most `Patience` may extend `dead_after` and `silent_after` to.
+    pub dead_after_max: Duration,
     /// No answer at all (heartbeats included) for this long: dead, even without sessions.
     /// With sessions, `dead_after` applies: heartbeats keep a live backend's answers younger,
     /// and a windowed client sends nothing while it waits for the rest of a window, so
@@ -70,6 +75,11 @@ pub struct WatchdogArgs {
     #[arg(long, default_value_t = 60_000)]
     pub flap_hold_max_ms: u64,
 
+    /// Longest allowance for a peer that has lately come back from long silences (an overloaded
+    /// machine): twice the longest such silence, from --dead-after-ms up to this (ms).
+    #[arg(long, default_value_t = 1000)]
+    pub dead_after_max_ms: u64,
+
     /// Real-time (SCHED_RR) priority of the agent, so that busy CPUs do not delay its
     /// heartbeats and ticks; 0: normal scheduling.
     #[arg(long, default_value_t = 10)]
@@ -87,6 +97,7 @@ impl WatchdogArgs {
             dead_after: Duration::from_millis(self.dead_after_ms),
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             silent_after: Duration::from_millis(self.silent_after_ms),
+            dead_after_max: Duration::from_millis(self.dead_after_max_ms.max(self.dead_after_ms)),
         }
     }
 
@@ -129,6 +140,50 @@ pub struct BackendView {
     /// How long the oldest heartbeat this agent sent to it since its last answer has waited
     /// (0: every heartbeat sent is answered, or none was sent).
     pub probe_waiting_ns: u64,
+    /// The silence it lately came back from, doubled (`Patience::allowance`; 0: none).
+    pub patience_ns: u64,
+}
+
+/// How long a peer was silent and then answered again, lately: the longest such silence,
+/// halved every `PATIENCE_HALF_LIFE`. Learned only while the peer is live and the agent ran on
+/// time, so a death (which ends in a verdict, not an answer) or the agent's own absence teach
+/// nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Patience {
+    longest: Duration,
+    last_answer_ns: u64,
+    observed_ns: u64,
+}
+
+/// How fast a learned silence is forgotten once the machine is quiet again.
+pub const PATIENCE_HALF_LIFE: Duration = Duration::from_secs(20);
+
+impl Patience {
+    /// At a tick: the peer's last answer. `learn` is false when the gap since the previous
+    /// tick says nothing about the peer (the agent was late, or the peer is not live).
+    pub fn observe(&mut self, now_ns: u64, last_answer_ns: u64, learn: bool) {
+        if self.observed_ns != 0 {
+            let elapsed = Duration::from_nanos(now_ns.saturating_sub(self.observed_ns));
+            self.longest = self.longest.mul_f64(0.5f64.powf(elapsed.as_secs_f64() / PATIENCE_HALF_LIFE.as_secs_f64()));
+        }
+        self.observed_ns = now_ns;
+        if learn && self.last_answer_ns != 0 && last_answer_ns > self.last_answer_ns {
+            self.longest = self.longest.max(Duration::from_nanos(last_answer_ns - self.last_answer_ns));
+        }
+        self.last_answer_ns = self.last_answer_ns.max(last_answer_ns);
+    }
+
+    /// Forgets the answers seen so far (the peer died: the silence that killed it is no
+    /// lesson, and a revived peer starts afresh).
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Twice the longest silence the peer lately came back from.
+    #[must_use]
+    pub fn allowance(&self) -> u64 {
+        nanos(self.longest.saturating_mul(2))
+    }
 }
 
 /// The oldest heartbeat sent to a peer that no answer has covered yet. Anything the peer sends
@@ -266,15 +321,16 @@ pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
                 // none: it could not run): no evidence of death, whatever the counters say.
                 return Judgement::Keep;
             }
+            let patient = |allowed: Duration| b.patience_ns.clamp(nanos(allowed), nanos(policy.dead_after_max).max(nanos(allowed)));
             if b.unanswered > 0 {
                 let waiting = now_ns.saturating_sub(b.unanswered_since_ns);
-                if waiting > nanos(policy.dead_after) {
+                if waiting > patient(policy.dead_after) {
                     return Judgement::Die(DeathReason::Unanswered { for_ms: ms(waiting), packets: b.unanswered });
                 }
             }
             let silent = now_ns.saturating_sub(b.last_answer_ns);
-            let allowed = if b.sessions > 0 { policy.dead_after } else { policy.silent_after };
-            if silent > nanos(allowed) {
+            let allowed = patient(if b.sessions > 0 { policy.dead_after } else { policy.silent_after });
+            if silent > allowed {
                 return Judgement::Die(DeathReason::Silent { for_ms: ms(silent) });
             }
             Judgement::Keep
@@ -331,7 +387,12 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn policy() -> Policy {
-        Policy { dead_after: Duration::from_millis(100), probe_timeout: Duration::from_millis(50), silent_after: Duration::from_millis(300) }
+        Policy {
+            dead_after: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(50),
+            silent_after: Duration::from_millis(300),
+            dead_after_max: Duration::from_millis(1000),
+        }
     }
 
     #[test]
@@ -400,6 +461,30 @@ mod tests {
         assert_eq!(probe.waiting(160 * MS, 125 * MS), 20 * MS, "a new one after the answer starts over");
         probe.forget();
         assert_eq!(probe.waiting(500 * MS, 125 * MS), 0, "forgotten after the agent itself was late");
+    }
+
+    /// A peer that came back from silences of up to 120 ms (an overloaded machine) is allowed
+    /// 240 ms; never more than `dead_after_max`, never less than `dead_after`; the lesson
+    /// fades once the machine is quiet.
+    #[test]
+    fn a_peer_that_came_back_from_long_silences_is_allowed_longer_ones() {
+        let mut patience = Patience::default();
+        for (now, answer) in [(1000, 990), (1025, 1020), (1150, 1140), (1175, 1170)] {
+            patience.observe(now * MS, answer * MS, true);
+        }
+        let allowance = patience.allowance();
+        assert!((239 * MS..=240 * MS).contains(&allowance), "twice the 120 ms silence, barely decayed: {allowance}");
+        let slow = BackendView { unanswered: 2, unanswered_since_ns: 1000 * MS, sessions: 1, patience_ns: allowance, ..live(1000 * MS) };
+        assert_eq!(judge(1200 * MS, &slow, &policy()), Judgement::Keep, "200 ms: within the allowance");
+        assert!(matches!(judge(1300 * MS, &slow, &policy()), Judgement::Die(_)), "300 ms: beyond it");
+        let huge = BackendView { patience_ns: 10_000 * MS, ..slow };
+        assert!(matches!(judge(2100 * MS, &huge, &policy()), Judgement::Die(_)), "capped at dead_after_max");
+        // Twenty seconds later the lesson is half forgotten, and a gap seen while the agent was
+        // late teaches nothing.
+        patience.observe(21_175 * MS, 21_170 * MS, false);
+        assert!((119 * MS..=121 * MS).contains(&patience.allowance()), "{}", patience.allowance());
+        patience.reset();
+        assert_eq!(patience.allowance(), 0);
     }
 
     #[test]

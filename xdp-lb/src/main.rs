@@ -12,6 +12,7 @@ mod maps;
 mod pair;
 mod pair_wire;
 mod pins;
+mod planner;
 mod sched;
 mod status;
 mod switch;

@@ -75,14 +75,23 @@ pub struct Pair {
     pub socket: UdpSocket,
     sent: HashMap<ClientKey, Sent>,
     last_full: Instant,
+    /// When the last periodic sync started and how long it took: a large table (a request
+    /// flood) makes each sync costly, and syncing no more often than `SYNC_DUTY` of the time
+    /// keeps the agent free for its heartbeats and watchdog.
+    last_sync: Option<(Instant, Duration)>,
 }
+
+/// A periodic sync starts again only after `SYNC_DUTY` times its last cost has passed (at most
+/// about a fifth of the agent's time). The mirror's blocks may then lag more; backends trust the
+/// client's ACK, and new, moved and first-context sessions go at once anyway (`announce`).
+const SYNC_DUTY: u32 = 5;
 
 impl Pair {
     pub async fn bind(address: std::net::Ipv4Addr, args: &PairArgs) -> anyhow::Result<Self> {
         let socket = UdpSocket::bind(SocketAddrV4::new(address, args.control_port))
             .await
             .with_context(|| format!("cannot bind the control port {address}:{}", args.control_port))?;
-        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now() })
+        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now(), last_sync: None })
     }
 
     /// Handles a control datagram. Returns true when the switch just made this balancer active.
@@ -132,6 +141,17 @@ impl Pair {
         let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
             return;
         };
+        if let Some((started, cost)) = self.last_sync
+            && started.elapsed() < cost * SYNC_DUTY
+        {
+            return;
+        }
+        let started = Instant::now();
+        self.sync_to(peer, maps).await;
+        self.last_sync = Some((started, started.elapsed()));
+    }
+
+    async fn sync_to(&mut self, peer: SocketAddrV4, maps: &LbMaps) {
         let full = self.last_full.elapsed() >= FULL_SYNC;
         if full {
             self.last_full = Instant::now();

@@ -19,7 +19,7 @@ use xdp_lb_common::{
 
 use crate::{
     balance::monotonic_ns,
-    control::{self, BackendView, Damping, Judgement, Policy, Probe},
+    control::{self, BackendView, Damping, Judgement, Patience, Policy, Probe},
     loader,
     maps::{SWITCH_ALL, SwitchMaps},
     pair_wire::Message,
@@ -90,6 +90,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         states: [BACKEND_DEAD; 2],
         dead_since_ns: [0; 2],
         probes: [Probe::default(); 2],
+        patience: [Patience::default(); 2],
         last_tick_ns: 0,
         policy: args.watchdog.policy(),
         damping: args.watchdog.damping(),
@@ -124,6 +125,8 @@ struct Agent {
     dead_since_ns: [u64; 2],
     /// The oldest unanswered heartbeat to each balancer: no verdict without one.
     probes: [Probe; 2],
+    /// The silences each balancer lately came back from (an overloaded machine).
+    patience: [Patience; 2],
     /// When the watchdog last ran (0: not yet).
     last_tick_ns: u64,
     policy: Policy,
@@ -186,7 +189,8 @@ impl Agent {
 
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
-        if control::tick_was_late(self.last_tick_ns, now, self.tick) {
+        let late = control::tick_was_late(self.last_tick_ns, now, self.tick);
+        if late {
             // This agent could not run: the balancers' silence meanwhile is no evidence.
             warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
             self.probes.iter_mut().for_each(Probe::forget);
@@ -198,6 +202,7 @@ impl Agent {
             // Clients wait on the active balancer while the last packet steered to it is recent
             // (one read, however many clients a flood put in SW_CLIENTS).
             let clients_waiting = slot == active && now.saturating_sub(seen.last_sent_ns) < self.client_window_ns;
+            self.patience[slot].observe(now, seen.last_answer_ns, !late && self.states[slot] == BACKEND_LIVE);
             let view = BackendView {
                 state: self.states[slot],
                 unanswered: seen.unanswered,
@@ -207,6 +212,7 @@ impl Agent {
                 sessions: u64::from(clients_waiting),
                 dead_since_ns: self.dead_since_ns[slot],
                 probe_waiting_ns: self.probes[slot].waiting(now, seen.last_answer_ns),
+                patience_ns: self.patience[slot].allowance(),
             };
             match control::judge(now, &view, &self.policy) {
                 Judgement::Keep => {}
@@ -226,6 +232,7 @@ impl Agent {
                 Judgement::Die(reason) => {
                     self.states[slot] = BACKEND_DEAD;
                     self.dead_since_ns[slot] = now;
+                    self.patience[slot].reset();
                     let mut health = self.maps.health(u32::try_from(slot)?)?;
                     let hold = self.damping.on_death(now, &mut health);
                     self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
