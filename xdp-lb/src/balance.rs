@@ -18,7 +18,7 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    control::{self, BackendView, Damping, Judgement, Patience, Policy, Probe},
+    control::{self, BackendView, Detector, Outcome},
     loader,
     maps::{self, LbMaps},
     pair::{self, Pair},
@@ -127,13 +127,8 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         backends: args.backends.clone(),
         started_ns,
         dead_since_ns: vec![started_ns; args.backends.len()],
-        probes: vec![Probe::default(); args.backends.len()],
-        patience: vec![Patience::default(); args.backends.len()],
+        detector: Detector::new(args.backends.len(), &args.watchdog),
         draining: std::collections::BTreeSet::new(),
-        last_tick_ns: 0,
-        policy: args.watchdog.policy(),
-        damping: args.watchdog.damping(),
-        tick: args.watchdog.tick(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
         pair: Pair::bind(address, &args.pair).await?,
@@ -187,17 +182,10 @@ struct Agent {
     started_ns: u64,
     /// When the agent declared each backend dead (its start for those dead from the start).
     dead_since_ns: Vec<u64>,
-    /// The oldest unanswered heartbeat to each backend: no verdict without one.
-    probes: Vec<Probe>,
-    /// The silences each backend lately came back from (an overloaded machine).
-    patience: Vec<Patience>,
+    /// The failure detector's memory (heartbeats, patience, tick timing).
+    detector: Detector,
     /// Dead backends that still hold sessions to move (more than one tick's batch).
     draining: std::collections::BTreeSet<usize>,
-    /// When the watchdog last ran (0: not yet).
-    last_tick_ns: u64,
-    policy: Policy,
-    damping: Damping,
-    tick: Duration,
     /// Bound to the steering address and port: heartbeats and nudges leave from here, so
     /// backends answer to the port `balance` watches.
     socket: UdpSocket,
@@ -257,7 +245,6 @@ impl Agent {
     }
 
     fn views(&self) -> anyhow::Result<Vec<BackendView>> {
-        let now = monotonic_ns();
         (0..self.backends.len())
             .map(|id| {
                 let id_u32 = u32::try_from(id)?;
@@ -273,8 +260,7 @@ impl Agent {
                     mac_known: seen.mac != [0; 6],
                     sessions: self.maps.load(id_u32)?,
                     dead_since_ns: self.dead_since_ns[id],
-                    probe_waiting_ns: self.probes[id].waiting(now, seen.last_answer_ns),
-                    patience_ns: self.patience[id].allowance(),
+                    ..BackendView::default()
                 })
             })
             .collect()
@@ -300,17 +286,13 @@ impl Agent {
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         self.note_first_data()?;
         let now = monotonic_ns();
-        let late = control::tick_was_late(self.last_tick_ns, now, self.tick);
-        if late {
-            // This agent could not run: the backends' silence meanwhile is no evidence.
-            warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
-            self.probes.iter_mut().for_each(Probe::forget);
+        let late = self.detector.begin_tick(now);
+        if let Some(late) = late {
+            warn!(late_ms = late.as_millis(), "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
         }
-        self.last_tick_ns = now;
         let mut views = self.views()?;
-        for (view, patience) in views.iter_mut().zip(&mut self.patience) {
-            patience.observe(now, view.last_answer_ns, !late && view.state == BACKEND_LIVE);
-            view.patience_ns = patience.allowance();
+        for (id, view) in views.iter_mut().enumerate() {
+            self.detector.observe(id, now, view, late.is_some());
         }
         // Dead backends whose sessions did not all fit in one tick's batch.
         for id in self.draining.clone() {
@@ -321,29 +303,21 @@ impl Agent {
             }
         }
         for id in 0..views.len() {
-            match control::judge(now, &views[id], &self.policy) {
-                Judgement::Keep => {}
-                Judgement::Revive => {
-                    let mut health = self.health(id)?;
-                    let others_usable = views.iter().enumerate().any(|(other, v)| other != id && v.state == BACKEND_LIVE && v.mac_known);
-                    if !control::may_return(now, &health, others_usable) {
-                        continue;
-                    }
-                    health.revivals += 1;
-                    health.held_until_ns = 0;
+            let mut health = self.health(id)?;
+            let others_usable = views.iter().enumerate().any(|(other, v)| other != id && v.state == BACKEND_LIVE && v.mac_known);
+            match self.detector.decide(id, now, &views[id], &mut health, others_usable) {
+                Outcome::Keep => {}
+                Outcome::Revived => {
                     self.set_health(id, health)?;
                     self.set_state(id, BACKEND_LIVE)?;
                     views[id].state = BACKEND_LIVE;
                     info!(backend = %self.backends[id], revivals = health.revivals, "backend answers: back in the active set");
                 }
-                Judgement::Die(reason) => {
+                Outcome::Died { reason, hold } => {
+                    self.set_health(id, health)?;
                     self.set_state(id, BACKEND_DEAD)?;
                     views[id].state = BACKEND_DEAD;
                     self.dead_since_ns[id] = now;
-                    self.patience[id].reset();
-                    let mut health = self.health(id)?;
-                    let hold = self.damping.on_death(now, &mut health);
-                    self.set_health(id, health)?;
                     let started = Instant::now();
                     let (moved, nudged, left) = self.move_sessions(id, &views).await?;
                     warn!(
@@ -470,7 +444,7 @@ impl Agent {
                 continue;
             }
             let last_answer_ns = u32::try_from(id).ok().and_then(|id| self.maps.seen(id).ok()).map_or(0, |seen| seen.last_answer_ns);
-            self.probes[id].sent(monotonic_ns(), last_answer_ns);
+            self.detector.probe_sent(id, monotonic_ns(), last_answer_ns);
         }
     }
 

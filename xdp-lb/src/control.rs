@@ -61,7 +61,7 @@ pub struct WatchdogArgs {
     pub probe_timeout_ms: u64,
 
     /// A peer declared dead again within this many seconds of its previous death counts as
-    /// flapping: its hold-down doubles.
+    /// flapping: its hold-down doubles. 0: no flap damping.
     #[arg(long, default_value_t = 60)]
     pub flap_window_secs: u64,
 
@@ -343,6 +343,91 @@ pub fn judge(now_ns: u64, b: &BackendView, policy: &Policy) -> Judgement {
     }
 }
 
+/// What a tick decided about one peer, damping applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Keep,
+    /// Declared dead; held out for `hold` (zero: not held) once it answers again.
+    Died { reason: DeathReason, hold: Duration },
+    /// Answers again and may return to the active set.
+    Revived,
+}
+
+/// The failure detector's memory across ticks, for a set of peers (a balancer's backends, the
+/// switch's two balancers): the ticks' timing, each peer's oldest unanswered heartbeat and
+/// its patience. The agents do the I/O around it; both use this one copy.
+#[derive(Clone, Debug)]
+pub struct Detector {
+    policy: Policy,
+    damping: Damping,
+    tick: Duration,
+    last_tick_ns: u64,
+    probes: Vec<Probe>,
+    patience: Vec<Patience>,
+}
+
+impl Detector {
+    #[must_use]
+    pub fn new(peers: usize, args: &WatchdogArgs) -> Self {
+        Self {
+            policy: args.policy(),
+            damping: args.damping(),
+            tick: args.tick(),
+            last_tick_ns: 0,
+            probes: vec![Probe::default(); peers],
+            patience: vec![Patience::default(); peers],
+        }
+    }
+
+    /// A heartbeat to peer `id` just left.
+    pub fn probe_sent(&mut self, id: usize, now_ns: u64, last_answer_ns: u64) {
+        if let Some(probe) = self.probes.get_mut(id) {
+            probe.sent(now_ns, last_answer_ns);
+        }
+    }
+
+    /// Starts a tick; returns how late it is when the agent itself could not run (its
+    /// heartbeats so far are then forgotten: their silence is no evidence).
+    pub fn begin_tick(&mut self, now_ns: u64) -> Option<Duration> {
+        let late = tick_was_late(self.last_tick_ns, now_ns, self.tick).then(|| Duration::from_nanos(now_ns - self.last_tick_ns));
+        if late.is_some() {
+            self.probes.iter_mut().for_each(Probe::forget);
+        }
+        self.last_tick_ns = now_ns;
+        late
+    }
+
+    /// Fills in what the detector knows of peer `id` (its heartbeat, its patience) and learns
+    /// from its answers, unless this tick is late.
+    pub fn observe(&mut self, id: usize, now_ns: u64, view: &mut BackendView, late: bool) {
+        let (Some(probe), Some(patience)) = (self.probes.get(id), self.patience.get_mut(id)) else { return };
+        patience.observe(now_ns, view.last_answer_ns, !late && view.state == BACKEND_LIVE);
+        view.patience_ns = patience.allowance();
+        view.probe_waiting_ns = probe.waiting(now_ns, view.last_answer_ns);
+    }
+
+    /// Judges peer `id` and applies flap damping to its `health` (the caller writes it back and
+    /// the new state when the outcome is not `Keep`). `others_usable`: another peer could take
+    /// its place (else a held peer returns anyway).
+    pub fn decide(&mut self, id: usize, now_ns: u64, view: &BackendView, health: &mut Health, others_usable: bool) -> Outcome {
+        match judge(now_ns, view, &self.policy) {
+            Judgement::Keep => Outcome::Keep,
+            Judgement::Revive if !may_return(now_ns, health, others_usable) => Outcome::Keep,
+            Judgement::Revive => {
+                health.revivals += 1;
+                health.held_until_ns = 0;
+                Outcome::Revived
+            }
+            Judgement::Die(reason) => {
+                if let Some(patience) = self.patience.get_mut(id) {
+                    patience.reset();
+                }
+                Outcome::Died { reason, hold: self.damping.on_death(now_ns, health) }
+            }
+        }
+    }
+}
+
 /// The live backend with the fewest sessions.
 #[must_use]
 pub fn least_loaded(views: &[BackendView], loads: &[u64]) -> Option<u32> {
@@ -511,6 +596,88 @@ mod tests {
         // Quiet for longer than the window: a death is a first one again.
         assert_eq!(damping.on_death(100_000 * MS, &mut health), Duration::ZERO);
         assert_eq!((health.flaps, health.verdicts), (1, 7));
+    }
+
+    fn args() -> WatchdogArgs {
+        WatchdogArgs {
+            tick_ms: 25,
+            dead_after_ms: 100,
+            probe_interval_ms: 20,
+            probe_timeout_ms: 50,
+            silent_after_ms: 300,
+            flap_window_secs: 60,
+            flap_hold_ms: 1000,
+            flap_hold_max_ms: 60_000,
+            dead_after_max_ms: 1000,
+            rt_priority: 0,
+        }
+    }
+
+    /// The detector end to end over ticks: a peer answering every heartbeat lives; one that
+    /// falls silent dies once a heartbeat has waited; it returns when it answers, and the second
+    /// death within the window holds it for a second.
+    #[test]
+    fn the_detector_kills_a_silent_peer_revives_it_and_damps_its_flaps() {
+        let mut detector = Detector::new(2, &args());
+        let mut health = Health::default();
+        let mut view = BackendView { state: BACKEND_LIVE, mac_known: true, sessions: 1, ..BackendView::default() };
+        let tick = |detector: &mut Detector, now: u64, view: &mut BackendView, health: &mut Health| {
+            let late = detector.begin_tick(now * MS).is_some();
+            detector.observe(0, now * MS, view, late);
+            detector.decide(0, now * MS, view, health, true)
+        };
+        for now in (1000..1200).step_by(20) {
+            view.last_answer_ns = now * MS;
+            detector.probe_sent(0, now * MS, now * MS);
+            assert_eq!(tick(&mut detector, now, &mut view, &mut health), Outcome::Keep);
+        }
+        // Silent from 1180 on; heartbeats go on every 20 ms.
+        let mut died = None;
+        for now in (1200..1400).step_by(20) {
+            detector.probe_sent(0, now * MS, view.last_answer_ns);
+            if let Outcome::Died { reason, hold } = tick(&mut detector, now, &mut view, &mut health) {
+                died = Some((now, reason, hold));
+                break;
+            }
+        }
+        let (at, reason, hold) = died.expect("a verdict");
+        assert!(at - 1180 <= 125, "detected {} ms after the last answer ({reason})", at - 1180);
+        assert_eq!(hold, Duration::ZERO, "a first death is not held");
+        view.state = BACKEND_DEAD;
+        view.dead_since_ns = at * MS;
+        view.last_answer_ns = (at + 30) * MS;
+        assert_eq!(tick(&mut detector, at + 40, &mut view, &mut health), Outcome::Revived);
+        view.state = BACKEND_LIVE;
+        // Answers for two seconds, then falls silent again: the second death within the window.
+        let mut now = at + 60;
+        while now < at + 2000 {
+            view.last_answer_ns = now * MS;
+            detector.probe_sent(0, now * MS, now * MS);
+            assert_eq!(tick(&mut detector, now, &mut view, &mut health), Outcome::Keep);
+            now += 20;
+        }
+        let second = loop {
+            detector.probe_sent(0, now * MS, view.last_answer_ns);
+            if let Outcome::Died { hold, .. } = tick(&mut detector, now, &mut view, &mut health) {
+                break (now, hold);
+            }
+            now += 20;
+            assert!(now < at + 2500, "no second verdict");
+        };
+        assert_eq!(second.1, Duration::from_secs(1), "the second death is held a second");
+        view.state = BACKEND_DEAD;
+        view.dead_since_ns = second.0 * MS;
+        // Answers again at once; held until a second after its death.
+        let mut revived = None;
+        for now in (second.0 + 20..second.0 + 1500).step_by(20) {
+            view.last_answer_ns = now * MS;
+            if tick(&mut detector, now, &mut view, &mut health) == Outcome::Revived {
+                revived = Some(now);
+                break;
+            }
+        }
+        let revived = revived.expect("back after the hold");
+        assert!((second.0 + 1000..second.0 + 1040).contains(&revived), "back {} ms after the death", revived - second.0);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use xdp_lb_common::{
 
 use crate::{
     balance::monotonic_ns,
-    control::{self, BackendView, Damping, Judgement, Patience, Policy, Probe},
+    control::{self, BackendView, Detector, Outcome},
     loader,
     maps::{SWITCH_ALL, SwitchMaps},
     pair_wire::Message,
@@ -89,12 +89,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         lbs: [args.lbs[0], args.lbs[1]],
         states: [BACKEND_DEAD; 2],
         dead_since_ns: [0; 2],
-        probes: [Probe::default(); 2],
-        patience: [Patience::default(); 2],
-        last_tick_ns: 0,
-        policy: args.watchdog.policy(),
-        damping: args.watchdog.damping(),
-        tick: args.watchdog.tick(),
+        detector: Detector::new(2, &args.watchdog),
         client_window_ns: args.client_window_ms * 1_000_000,
         socket,
         started_ns: monotonic_ns(),
@@ -123,15 +118,8 @@ struct Agent {
     /// The agent's verdict on each balancer: `BACKEND_LIVE` or `BACKEND_DEAD`.
     states: [u8; 2],
     dead_since_ns: [u64; 2],
-    /// The oldest unanswered heartbeat to each balancer: no verdict without one.
-    probes: [Probe; 2],
-    /// The silences each balancer lately came back from (an overloaded machine).
-    patience: [Patience; 2],
-    /// When the watchdog last ran (0: not yet).
-    last_tick_ns: u64,
-    policy: Policy,
-    damping: Damping,
-    tick: std::time::Duration,
+    /// The failure detector's memory (heartbeats, patience, tick timing).
+    detector: Detector,
     client_window_ns: u64,
     socket: UdpSocket,
     /// When the agent started: the configured active balancer gets `STARTUP_GRACE_NS` to
@@ -182,28 +170,24 @@ impl Agent {
         let now = monotonic_ns();
         for slot in 0..2 {
             let seen = self.maps.seen(u32::try_from(slot)?)?;
-            self.probes[slot].sent(now, seen.last_answer_ns);
+            self.detector.probe_sent(slot, now, seen.last_answer_ns);
         }
         Ok(())
     }
 
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
-        let late = control::tick_was_late(self.last_tick_ns, now, self.tick);
-        if late {
-            // This agent could not run: the balancers' silence meanwhile is no evidence.
-            warn!(late_ms = (now - self.last_tick_ns) / 1_000_000, "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
-            self.probes.iter_mut().for_each(Probe::forget);
+        let late = self.detector.begin_tick(now);
+        if let Some(late) = late {
+            warn!(late_ms = late.as_millis(), "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
         }
-        self.last_tick_ns = now;
         let active = self.active()?;
         for slot in 0..2 {
             let seen = self.maps.seen(u32::try_from(slot)?)?;
             // Clients wait on the active balancer while the last packet steered to it is recent
             // (one read, however many clients a flood put in SW_CLIENTS).
             let clients_waiting = slot == active && now.saturating_sub(seen.last_sent_ns) < self.client_window_ns;
-            self.patience[slot].observe(now, seen.last_answer_ns, !late && self.states[slot] == BACKEND_LIVE);
-            let view = BackendView {
+            let mut view = BackendView {
                 state: self.states[slot],
                 unanswered: seen.unanswered,
                 unanswered_since_ns: seen.unanswered_since_ns,
@@ -211,37 +195,28 @@ impl Agent {
                 mac_known: seen.mac != [0; 6],
                 sessions: u64::from(clients_waiting),
                 dead_since_ns: self.dead_since_ns[slot],
-                probe_waiting_ns: self.probes[slot].waiting(now, seen.last_answer_ns),
-                patience_ns: self.patience[slot].allowance(),
+                ..BackendView::default()
             };
-            match control::judge(now, &view, &self.policy) {
-                Judgement::Keep => {}
-                Judgement::Revive => {
-                    let mut health = self.maps.health(u32::try_from(slot)?)?;
-                    let other_usable = self.states[1 - slot] == BACKEND_LIVE;
-                    if !control::may_return(now, &health, other_usable) {
-                        continue;
-                    }
-                    health.revivals += 1;
-                    health.held_until_ns = 0;
-                    self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
+            self.detector.observe(slot, now, &mut view, late.is_some());
+            let mut health = self.maps.health(u32::try_from(slot)?)?;
+            let other_usable = self.states[1 - slot] == BACKEND_LIVE;
+            match self.detector.decide(slot, now, &view, &mut health, other_usable) {
+                Outcome::Keep => continue,
+                Outcome::Revived => {
                     self.states[slot] = BACKEND_LIVE;
                     let role = if slot == active { "active" } else { "backup" };
                     info!(lb = %self.lbs[slot], role, revivals = health.revivals, "load balancer answers");
                 }
-                Judgement::Die(reason) => {
+                Outcome::Died { reason, hold } => {
                     self.states[slot] = BACKEND_DEAD;
                     self.dead_since_ns[slot] = now;
-                    self.patience[slot].reset();
-                    let mut health = self.maps.health(u32::try_from(slot)?)?;
-                    let hold = self.damping.on_death(now, &mut health);
-                    self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
                     warn!(lb = %self.lbs[slot], %reason, clients_waiting, "load balancer dead");
                     if !hold.is_zero() {
                         warn!(lb = %self.lbs[slot], flaps = health.flaps, hold_ms = hold.as_millis(), "load balancer flapping: held out");
                     }
                 }
             }
+            self.maps.health.set(u32::try_from(slot)?, health, 0).context("writing SW_HEALTH")?;
         }
         let clients = u64::from(now.saturating_sub(self.maps.seen(u32::try_from(active)?)?.last_sent_ns) < self.client_window_ns);
         let backup = 1 - active;

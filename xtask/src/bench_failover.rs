@@ -40,6 +40,10 @@ const BACKENDS: usize = 3;
 const BLKSIZE: u16 = 1468;
 const CLIENT: Client = Client::Atftp { blksize: BLKSIZE, windowsize: 16 };
 const FILE: &str = "failover.bin";
+/// The runs kill the same balancers and backends every few seconds on purpose: with flap
+/// damping on, each death after the first would hold the revived peer out longer (1 s, 2 s, ...
+/// 60 s), and a run would start without it. Every agent here runs without damping.
+const NO_DAMPING: &[&str] = &["--flap-window-secs", "0"];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -86,8 +90,8 @@ impl Running {
         make_file(&source, size, 9)?;
         let digest = sha256(&source)?;
         let backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<Vec<_>, _>>()?;
-        let lbs = [topo.start_lb(0, &[])?, topo.start_lb(1, &[])?].map(Some);
-        let switch = topo.start_switch(&[])?;
+        let lbs = [topo.start_lb(0, NO_DAMPING)?, topo.start_lb(1, NO_DAMPING)?].map(Some);
+        let switch = topo.start_switch(NO_DAMPING)?;
         let running = Self { topo, backends, lbs, switch, size, digest };
         for lb in 0..2 {
             running.wait_backends_live(lb)?;
@@ -242,7 +246,7 @@ impl Running {
         match failure {
             Failure::Lb => {
                 self.topo.plug_lb(killed)?;
-                self.lbs[killed] = Some(self.topo.start_lb(killed, &[])?);
+                self.lbs[killed] = Some(self.topo.start_lb(killed, NO_DAMPING)?);
                 self.wait_backends_live(killed)?;
                 self.wait_lbs_reachable()?;
             }

@@ -6,6 +6,7 @@
 
 mod arrivals;
 mod timeline;
+mod trigger;
 
 use std::{
     collections::BTreeSet,
@@ -205,26 +206,6 @@ impl Drop for Sampler {
     }
 }
 
-/// The stall a failure at `since` caused: the longest time without growth from `since` until
-/// `end` (the next failure, or now), and when data came back after it (`None`: not before `end`).
-fn stall(samples: &[(Instant, u64)], since: Instant, end: Instant) -> (Duration, Option<Instant>) {
-    let mut previous = since;
-    let mut longest = (Duration::ZERO, None);
-    for &(at, _) in samples.iter().filter(|(at, _)| *at > since) {
-        if at >= end {
-            break;
-        }
-        if at - previous > longest.0 {
-            longest = (at - previous, Some(at));
-        }
-        previous = at;
-    }
-    if end.saturating_duration_since(previous) > longest.0 {
-        longest = (end.saturating_duration_since(previous), None);
-    }
-    longest
-}
-
 /// The longest time a transfer did not grow between its first and last byte.
 fn longest_gap(samples: &[(Instant, u64)]) -> Duration {
     samples.windows(2).skip(1).map(|w| w[1].0 - w[0].0).max().unwrap_or_default()
@@ -272,10 +253,21 @@ enum EventKind {
 }
 
 /// One run: its transfers, events and the server side's resends.
+/// A failure as it was injected: when, and where the first transfer stood at that moment.
+struct Injected {
+    fail: Fail,
+    at: Instant,
+    /// The percentage asked for (`--lb-at`, `--backend-at`).
+    planned: u8,
+    /// The first transfer's bytes and share when the kill was done.
+    bytes: u64,
+    percent: f64,
+}
+
 struct RunResult {
     title: &'static str,
     started: Instant,
-    failures: Vec<(Fail, Instant)>,
+    failures: Vec<Injected>,
     events: Vec<Event>,
     outcomes: Vec<Outcome>,
     needed: u64,
@@ -389,24 +381,12 @@ impl Running {
 
     /// The balancer the switch calls active.
     fn active_lb(&self) -> Option<usize> {
-        let status = status(self.topo.switch_pins.path()).ok()?;
-        status["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active")
+        active_lb(self.topo.switch_pins.path())
     }
 
     /// The backend serving client 0, from the active balancer's table (else the other one's).
     fn serving_backend(&self, active: usize) -> Option<usize> {
-        let prefix = format!("{}:", client_addr(0));
-        [active, 1 - active].into_iter().find_map(|lb| {
-            let status = status(self.topo.lb_pins[lb].path()).ok()?;
-            // Its most recently active session that has data going (not a warm-up request).
-            let session = status["balance"]["sessions"]
-                .as_array()?
-                .iter()
-                .filter(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["block"].as_u64() > Some(0))
-                .min_by_key(|s| s["idle_ms"].as_u64().unwrap_or(u64::MAX))?
-                .clone();
-            usize::try_from(session["backend"].as_u64()?).ok()
-        })
+        serving_backend(&[self.topo.lb_pins[0].path().to_path_buf(), self.topo.lb_pins[1].path().to_path_buf()], active)
     }
 
     /// Replies both balancers delivered to clients (packets, bytes), from their pinned counters,
@@ -437,6 +417,71 @@ fn status(pins: &Path) -> anyhow::Result<Value> {
         bail!("xdp-lb status: {}", String::from_utf8_lossy(&output.stderr));
     }
     Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// The balancer the switch calls active, from the switch's pins.
+fn active_lb(switch_pins: &Path) -> Option<usize> {
+    let status = status(switch_pins).ok()?;
+    status["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active")
+}
+
+/// The backend serving client 0, from the active balancer's table (else the other one's).
+fn serving_backend(lb_pins: &[PathBuf; 2], active: usize) -> Option<usize> {
+    let prefix = format!("{}:", client_addr(0));
+    [active, 1 - active].into_iter().find_map(|lb| {
+        let status = status(&lb_pins[lb]).ok()?;
+        // Its most recently active session that has data going (not a warm-up request).
+        let session = status["balance"]["sessions"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["block"].as_u64() > Some(0))
+            .min_by_key(|s| s["idle_ms"].as_u64().unwrap_or(u64::MAX))?
+            .clone();
+        usize::try_from(session["backend"].as_u64()?).ok()
+    })
+}
+
+/// The active balancer and the backend serving client 0, refreshed by a thread every 20 ms
+/// (each look is an `xdp-lb status` run): at the trigger point the kill needs no look of its
+/// own, and lands where it was planned.
+struct Targets {
+    view: Arc<Mutex<(Option<usize>, Option<usize>)>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Targets {
+    fn watch(topo: &PairTopology) -> Self {
+        let switch_pins = topo.switch_pins.path().to_path_buf();
+        let lb_pins = [topo.lb_pins[0].path().to_path_buf(), topo.lb_pins[1].path().to_path_buf()];
+        let view = Arc::new(Mutex::new((None, None)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, flag) = (Arc::clone(&view), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            observe_promptly(-10);
+            while !flag.load(Ordering::Relaxed) && !INTERRUPTED.load(Ordering::Relaxed) {
+                let active = active_lb(&switch_pins);
+                let serving = active.and_then(|a| serving_backend(&lb_pins, a));
+                *out.lock().expect("targets lock") = (active, serving);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self { view, stop, thread: Some(thread) }
+    }
+
+    /// The latest (active balancer, serving backend) seen.
+    fn get(&self) -> (Option<usize>, Option<usize>) {
+        *self.view.lock().expect("targets lock")
+    }
+}
+
+impl Drop for Targets {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Polls the switch until a balancer other than `killed` is active; sends when it saw it.
@@ -527,7 +572,10 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     let mut pending: Vec<(Fail, u8)> = failures.to_vec();
     pending.sort_by_key(|&(_, at)| at);
     pending.reverse();
-    let mut injected: Vec<(Fail, Instant)> = Vec::new();
+    let mut injected: Vec<Injected> = Vec::new();
+    // Who to kill is known before the trigger point: asking `xdp-lb status` twice at the
+    // trigger let a fast transfer run on by tens of percent.
+    let targets = Targets::watch(&running.topo);
     // (transfer, failure) pairs whose stall is not settled yet, and the settled stalls.
     let mut unsettled: Vec<(usize, usize)> = Vec::new();
     let mut stalls: Vec<Vec<Option<Duration>>> = vec![Vec::new(); transfers.len()];
@@ -555,14 +603,19 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         // lingers a moment after its last block).
         let first_got = transfers[0].sampler.last().1;
         if let Some(&(fail, at)) = pending.last()
-            && first_got * 100 >= transfers[0].spec.size * u64::from(at)
+            && trigger::due(first_got, transfers[0].spec.size, at)
         {
             pending.pop();
             if first_got >= transfers[0].spec.size || transfers[0].exited.is_some() {
                 say(&bars, format!("  [+{:6.3} s] {}: {} was done before {at}%, not injected", secs(now, started), fail.label(), transfers[0].label));
                 continue;
             }
-            let active = running.active_lb().context("no active LB at the switch")?;
+            let (cached_active, cached_serving) = targets.get();
+            let active = match cached_active {
+                Some(active) => active,
+                None => running.active_lb().context("no active LB at the switch")?,
+            };
+            let serving = cached_serving.or_else(|| running.serving_backend(active));
             let what = match fail {
                 Fail::Lb => {
                     let killed = running.topo.fail_lb(active, running.lbs[active].take())?;
@@ -570,7 +623,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
                     swap = Some(watch_swap(&running.topo.switch_pins, active));
                     Some(format!("killed the ACTIVE LB {} (SIGKILL of its agent, link down)", lb_addr(active)))
                 }
-                Fail::Backend => match running.serving_backend(active) {
+                Fail::Backend => match serving {
                     Some(id) if running.backends.get(id).is_some_and(Option::is_some) => {
                         if let Some(mut backend) = running.backends[id].take() {
                             backend.kill_hard();
@@ -583,10 +636,19 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
                 Fail::None => None,
             };
             let at_time = Instant::now();
+            // The bytes the first transfer holds right after the kill: where it really landed.
+            let bytes = std::fs::metadata(&transfers[0].local).map_or(first_got, |m| m.len());
             if let Some(what) = what {
-                log(&bars, at_time, EventKind::Killed(fail), format!("{what}, {} at {at}%", transfers[0].label));
+                let size = transfers[0].spec.size;
+                let percent = trigger::percent(bytes, size);
+                log(
+                    &bars,
+                    at_time,
+                    EventKind::Killed(fail),
+                    format!("{what}, {} at {percent:.1}% ({} of {}; planned {at}%)", transfers[0].label, size_text(bytes), size_text(size)),
+                );
                 let index = injected.len();
-                injected.push((fail, at_time));
+                injected.push(Injected { fail, at: at_time, planned: at, bytes, percent });
                 for (i, t) in transfers.iter().enumerate() {
                     stalls[i].push(None);
                     if t.exited.is_none() {
@@ -600,32 +662,39 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         if let Some(rx) = &swap
             && let Ok((at, to)) = rx.try_recv()
         {
-            let after = injected.iter().rev().find(|(f, _)| *f == Fail::Lb).map_or(0, |(_, k)| at.saturating_duration_since(*k).as_millis());
+            let after = injected.iter().rev().find(|i| i.fail == Fail::Lb).map_or(0, |i| at.saturating_duration_since(i.at).as_millis());
             log(&bars, at, EventKind::Swapped, format!("the switch swapped: LB {} active ({after} ms after the kill)", lb_addr(to)));
             swap = None;
         }
         // Settle stalls: once the next failure came (a stall is cut there), the transfer
-        // ended, or data has flowed again for 200 ms after the longest gap so far.
+        // ended, or data has flowed again for a while after the longest gap so far.
         let mut settled = Vec::new();
         for &(i, f) in &unsettled {
             let t = &transfers[i];
-            let since = injected[f].1;
-            let next = injected.get(f + 1).map(|&(_, at)| at);
-            let samples = t.sampler.snapshot();
-            let last = samples.last().map_or(now, |s| s.0);
-            let end = next.unwrap_or(if t.exited.is_some() { last } else { now });
-            let (gap, resumed) = stall(&samples, since, end);
-            let flowing = resumed.is_some_and(|r| now - r > Duration::from_millis(200));
-            if next.is_some() || t.exited.is_some() || flowing {
-                settled.push((i, f));
-                stalls[i][f] = Some(gap);
-                let what = injected[f].0.label();
-                match resumed {
-                    _ if gap < Duration::from_millis(20) => {
-                        say(&bars, format!("{:>13} {}: no stall after the {what} (longest gap {} ms)", "", t.label, gap.as_millis()));
-                    }
-                    Some(resumed) => log(&bars, resumed, EventKind::Resumed, format!("{}: data resumed after the {what}, stalled {} ms", t.label, gap.as_millis())),
-                    None => say(&bars, format!("{:>13} {}: stalled {} ms after the {what}, until the next failure", "", t.label, gap.as_millis())),
+            let next = injected.get(f + 1).map(|n| n.at);
+            let Some(aftermath) = trigger::settle(&t.sampler.snapshot(), injected[f].at, next, t.exited.is_some(), now) else { continue };
+            settled.push((i, f));
+            stalls[i][f] = Some(aftermath.gap());
+            let what = injected[f].fail.label();
+            match aftermath {
+                trigger::Aftermath::NoStall { longest } => {
+                    say(&bars, format!("{:>13} {}: no stall after the {what} (longest gap {} ms)", "", t.label, longest.as_millis()));
+                }
+                trigger::Aftermath::Resumed { at, stalled } => {
+                    log(&bars, at, EventKind::Resumed, format!("{}: data resumed after the {what}, stalled {} ms", t.label, stalled.as_millis()));
+                }
+                trigger::Aftermath::Overlapped { after, stalled } => say(
+                    &bars,
+                    format!(
+                        "{:>13} {}: the next failure came {} ms after the {what}, before data resumed: their stalls overlap ({} ms of it before the next)",
+                        "",
+                        t.label,
+                        after.as_millis(),
+                        stalled.as_millis()
+                    ),
+                ),
+                trigger::Aftermath::Ended { stalled } => {
+                    say(&bars, format!("{:>13} {}: stalled {} ms after the {what}, until its end", "", t.label, stalled.as_millis()));
                 }
             }
         }
@@ -636,9 +705,11 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         if now > deadline {
             bail!("transfers not done after {} s\n{}", args.timeout_secs, running.logs());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // A fast transfer moves ~1% per 6 ms: look often while a failure is still to come.
+        std::thread::sleep(Duration::from_millis(if pending.is_empty() { 10 } else { 2 }));
     }
     observe_promptly(0);
+    drop(targets);
     drop(bars);
 
     let mut outcomes = Vec::new();
@@ -767,7 +838,7 @@ fn size_text(bytes: u64) -> String {
 fn table(runs: &[RunResult]) -> String {
     let fail = runs.iter().find(|r| !r.failures.is_empty());
     let base = runs.iter().find(|r| r.failures.is_empty());
-    let kinds: Vec<Fail> = fail.map(|r| r.failures.iter().map(|f| f.0).collect()).unwrap_or_default();
+    let kinds: Vec<Fail> = fail.map(|r| r.failures.iter().map(|f| f.fail).collect()).unwrap_or_default();
     let mut header = vec!["client".to_owned(), "size".to_owned()];
     let mut out = String::new();
     let first = fail.or(base).expect("one run at least");
@@ -850,7 +921,10 @@ fn save(runs: &[RunResult], args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
         .map(|r| {
             json!({
                 "run": r.title,
-                "failures": r.failures.iter().map(|(f, at)| json!({ "what": f.label(), "at_s": secs(*at, r.started) })).collect::<Vec<_>>(),
+                "failures": r.failures.iter().map(|f| json!({
+                    "what": f.fail.label(), "at_s": secs(f.at, r.started),
+                    "planned_percent": f.planned, "percent": f.percent, "bytes": f.bytes,
+                })).collect::<Vec<_>>(),
                 "events": r.events.iter().map(|e| json!({ "at_s": secs(e.at, r.started), "event": e.text })).collect::<Vec<_>>(),
                 "data_sent_twice": { "packets": r.twice_packets, "kib": r.twice_bytes / 1024, "delivered": r.delivered, "needed": r.needed },
                 "transfers": r.outcomes.iter().map(|o| json!({
@@ -907,4 +981,40 @@ fn save(runs: &[RunResult], args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
         .collect();
     timeline::plot(&png_path, &panels)?;
     Ok((json_path, png_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// The demo's kills land where they are planned (the active balancer and the serving
+    /// backend are known before the trigger point), and each is reported with its own stall:
+    /// through the real topology, as `cargo xtask demo` runs it.
+    #[test]
+    fn each_kill_lands_within_five_points_of_its_planned_percentage() {
+        netns_tests::require_root();
+        let out = std::env::temp_dir().join(netns_tests::RunPrefix::new().name("demo-out"));
+        let cli = Cli::parse_from(["demo", "--out", &out.display().to_string()]);
+        let specs: Vec<Spec> = (0..3).map(|i| Spec::new(i, cli.args.size_mib * MIB, cli.args.small_mib * MIB)).collect();
+        let planned = [(Fail::Lb, 30), (Fail::Backend, 60)];
+        let run = run_once("with failures", &specs, &planned, &cli.args).expect("a demo run");
+        assert_eq!(run.failures.len(), 2, "both failures injected");
+        for (injected, (fail, at)) in run.failures.iter().zip(planned) {
+            assert_eq!(injected.fail, fail);
+            println!("{}: planned {at}%, landed at {:.1}% ({} bytes)", fail.label(), injected.percent, injected.bytes);
+            assert!((injected.percent - f64::from(at)).abs() <= 5.0, "{} landed at {:.1}%, planned {at}%", fail.label(), injected.percent);
+        }
+        assert!(run.outcomes.iter().all(|o| o.ok), "every file arrives intact");
+        let first = &run.outcomes[0];
+        assert!(first.stalls.iter().all(Option::is_some), "each failure has its own stall for the first transfer: {:?}", first.stalls);
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }
