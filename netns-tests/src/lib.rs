@@ -10,6 +10,7 @@
 //!
 //! Tests that need root fail loudly without it ([`require_root`]); they are never skipped.
 
+pub mod boot;
 pub mod clients;
 pub mod cluster;
 pub mod files;

@@ -17,10 +17,14 @@ pub const TOOLS_DIR: &str = "/opt/xdp-lb-tools";
 
 /// Debian packages: BPF and network tooling, the stock TFTP clients of the integration tests,
 /// atftpd (tftpd-hpa conflicts with it and is unpacked beside it instead), stress-ng (the
-/// failure detector's overload tests), and a font for the bench's PNG charts.
+/// failure detector's overload tests), the boot suite's firmware and machine (QEMU with
+/// SeaBIOS and iPXE, dnsmasq for DHCP), busybox (the static build: the tests' `busybox tftp`
+/// client, and the boot suite's initramfs; it replaces the dynamic one), and a font for the
+/// bench's PNG charts.
 const PACKAGES: &[&str] = &[
     "bpftool", "iproute2", "ethtool", "util-linux", "nftables", "tftp-hpa", "atftp", "atftpd",
-    "curl", "busybox", "stress-ng", "fonts-dejavu-core",
+    "curl", "busybox-static", "stress-ng", "qemu-system-x86", "seabios", "ipxe-qemu", "dnsmasq-base",
+    "fonts-dejavu-core",
 ];
 
 #[derive(clap::Args)]
@@ -47,6 +51,7 @@ const STEPS: &[(&str, StepFn)] = &[
     ("rust-src", install_rust_src),
     ("Debian packages", install_packages),
     ("tftpd-hpa", unpack_tftpd_hpa),
+    ("boot kernel", unpack_boot_kernel),
     ("bpf-linker", install_bpf_linker),
 ];
 
@@ -172,21 +177,61 @@ fn unpack_tftpd_hpa(args: &Args, bar: &ProgressBar) -> anyhow::Result<Outcome> {
     }
     if !args.check {
         bar.set_message("tftpd-hpa: apt-get download, dpkg -x");
-        let download = PathBuf::from(TOOLS_DIR).join("downloads");
-        std::fs::create_dir_all(&download).with_context(|| format!("create {}", download.display()))?;
-        run_checked(Command::new("apt-get").args(["download", "-q", "-o", "APT::Sandbox::User=root", "tftpd-hpa"]).current_dir(&download))
-            .or_else(|_| {
-                apt_get(&["update", "-q"])?;
-                run_checked(Command::new("apt-get").args(["download", "-q", "-o", "APT::Sandbox::User=root", "tftpd-hpa"]).current_dir(&download))
-            })?;
-        let deb = std::fs::read_dir(&download)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("tftpd-hpa_")))
-            .context("apt-get download left no tftpd-hpa .deb")?;
-        run_checked(Command::new("dpkg").arg("-x").arg(&deb).arg(Path::new(TOOLS_DIR).join("tftpd-hpa")))?;
+        unpack_deb("tftpd-hpa", &Path::new(TOOLS_DIR).join("tftpd-hpa"))?;
     }
     Ok(Outcome::Installed(format!("unpacked to {}", tftpd_hpa().display())))
+}
+
+/// The Linux kernel the boot suite's machines fetch and boot: Debian's, unpacked from its
+/// package (never installed: this machine keeps its own kernel), linked as `vmlinuz`.
+pub fn boot_kernel() -> PathBuf {
+    Path::new(TOOLS_DIR).join("kernel/vmlinuz")
+}
+
+fn unpack_boot_kernel(args: &Args, bar: &ProgressBar) -> anyhow::Result<Outcome> {
+    if boot_kernel().exists() {
+        return Ok(Outcome::Present(format!("{}", boot_kernel().display())));
+    }
+    if !args.check {
+        bar.set_message("boot kernel: apt-get download linux-image, dpkg -x");
+        let output = Command::new("apt-cache").args(["depends", "linux-image-amd64"]).output().context("run apt-cache")?;
+        let package = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")).map(str::to_owned))
+            .context("apt-cache names no kernel package for linux-image-amd64 (run apt-get update)")?;
+        let dir = Path::new(TOOLS_DIR).join("kernel");
+        unpack_deb(&package, &dir)?;
+        let image = std::fs::read_dir(dir.join("boot"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
+        // Only the image is needed: the modules are ~400 MB the boot suite never loads.
+        for unused in ["lib", "usr"] {
+            let _ = std::fs::remove_dir_all(dir.join(unused));
+        }
+        std::os::unix::fs::symlink(&image, boot_kernel()).with_context(|| format!("link {}", boot_kernel().display()))?;
+    }
+    Ok(Outcome::Installed(format!("unpacked to {}", boot_kernel().display())))
+}
+
+/// Downloads a Debian package and unpacks it into `dest` without installing it.
+fn unpack_deb(package: &str, dest: &Path) -> anyhow::Result<()> {
+    let download = PathBuf::from(TOOLS_DIR).join("downloads");
+    std::fs::create_dir_all(&download).with_context(|| format!("create {}", download.display()))?;
+    let fetch = || run_checked(Command::new("apt-get").args(["download", "-q", "-o", "APT::Sandbox::User=root", package]).current_dir(&download));
+    fetch().or_else(|_| {
+        apt_get(&["update", "-q"])?;
+        fetch()
+    })?;
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .with_context(|| format!("apt-get download left no {package} .deb"))?;
+    run_checked(Command::new("dpkg").arg("-x").arg(&deb).arg(dest))?;
+    let _ = std::fs::remove_file(&deb);
+    Ok(())
 }
 
 fn bpf_linker_works() -> bool {

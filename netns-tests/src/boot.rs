@@ -1,0 +1,163 @@
+//! Real boot firmware as clients: a QEMU machine (TCG: there is no KVM here) whose network
+//! card sits on a tap device in the clients' segment of the full topology, dnsmasq (DHCP only)
+//! handing it an address, the switch as its router and the VIP as next-server, and files the
+//! firmware fetches through the VIP: a Linux kernel (Debian's, unpacked by `cargo xtask setup`)
+//! and an initramfs whose `/init` prints the SHA-256 of a payload it carries and a marker,
+//! then powers the machine off. A damaged kernel does not boot; a damaged initramfs prints
+//! another digest.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Netns, Process, Result, RunPrefix, io_error, pair_topology::VIP, run};
+
+/// Where `cargo xtask setup` unpacks Debian's kernel image.
+pub const KERNEL: &str = "/opt/xdp-lb-tools/kernel/vmlinuz";
+/// The static busybox the initramfs runs (`busybox-static`).
+const BUSYBOX: &str = "/bin/busybox";
+/// iPXE's ROM for QEMU's e1000 card (`ipxe-qemu`), started by SeaBIOS.
+const IPXE_E1000: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
+
+/// The line `/init` prints once it ran, and the one before it with the payload's digest.
+pub const BOOTED: &str = "XDPLB-BOOTED";
+pub const PAYLOAD: &str = "XDPLB-PAYLOAD";
+
+/// The files a machine boots, in the backends' root.
+#[derive(Clone, Debug)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// SHA-256 (hex) of the payload inside the initramfs.
+    pub payload_sha256: String,
+}
+
+/// Puts the kernel, an initramfs with a `payload_bytes` payload, and the iPXE script
+/// `boot.ipxe` into `root`.
+pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<BootFiles> {
+    for needed in [KERNEL, BUSYBOX, IPXE_E1000] {
+        if !Path::new(needed).exists() {
+            return Err(io_error(format!("{needed} is missing: run `cargo xtask setup` (the boot suite needs it)"))(std::io::Error::from(
+                std::io::ErrorKind::NotFound,
+            )));
+        }
+    }
+    let kernel = root.join("vmlinuz");
+    std::fs::copy(KERNEL, &kernel).map_err(io_error(format!("copy {KERNEL}")))?;
+    let tree = std::env::temp_dir().join(RunPrefix::new().name("initramfs"));
+    let result = initramfs(&tree, &root.join("initrd.img"), payload_bytes, seed);
+    let _ = std::fs::remove_dir_all(&tree);
+    let payload_sha256 = result?;
+    let script = format!(
+        "#!ipxe\nkernel tftp://{VIP}/vmlinuz console=ttyS0 quiet panic=-1 rdinit=/init\ninitrd tftp://{VIP}/initrd.img\nboot\n"
+    );
+    std::fs::write(root.join("boot.ipxe"), script).map_err(io_error("write boot.ipxe"))?;
+    Ok(BootFiles { kernel, initrd: root.join("initrd.img"), payload_sha256 })
+}
+
+/// Builds an uncompressed newc cpio initramfs at `out` from a tree made in `tree`; returns the
+/// payload's SHA-256.
+fn initramfs(tree: &Path, out: &Path, payload_bytes: usize, seed: u64) -> Result<String> {
+    std::fs::create_dir_all(tree.join("bin")).map_err(io_error("initramfs tree"))?;
+    std::fs::copy(BUSYBOX, tree.join("bin/busybox")).map_err(io_error("copy busybox"))?;
+    crate::files::make_file(&tree.join("payload"), payload_bytes, seed)?;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox mkdir -p /proc\n/bin/busybox mount -t proc proc /proc\n\
+         echo \"{PAYLOAD} $(/bin/busybox sha256sum /payload)\"\necho {BOOTED}\n/bin/busybox poweroff -f\n"
+    );
+    std::fs::write(tree.join("init"), init).map_err(io_error("write /init"))?;
+    std::fs::set_permissions(tree.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).map_err(io_error("chmod /init"))?;
+    let archive = format!("cd '{}' && find . | {BUSYBOX} cpio -o -H newc > '{}'", tree.display(), out.display());
+    run("sh", &["-c", &archive])?;
+    crate::files::sha256(&tree.join("payload"))
+}
+
+/// dnsmasq as a DHCP server only (`--port=0`: no DNS) on `iface` of `ns`: addresses from
+/// `range`, `router` as the default route, the VIP as next-server and `boot_file` to fetch.
+pub fn start_dhcp(ns: &Netns, name: &str, iface: &str, range: (&str, &str), router: &str, boot_file: &str) -> Result<Process> {
+    let mut command = ns.command("dnsmasq");
+    command.args(["--no-daemon", "--port=0", "--bind-interfaces", "--leasefile-ro", "--log-dhcp", "--conf-file=/dev/null"]);
+    command.arg(format!("--interface={iface}"));
+    command.arg(format!("--dhcp-range={},{},255.255.255.0,10m", range.0, range.1));
+    command.arg(format!("--dhcp-option=option:router,{router}"));
+    command.arg(format!("--dhcp-boot={boot_file},,{VIP}"));
+    let mut dhcp = Process::spawn(name, command)?;
+    if !dhcp.wait_for_output("DHCP, IP range", Duration::from_secs(10)) {
+        return Err(io_error(format!("dnsmasq did not start:\n{}", dhcp.log()))(std::io::Error::other("no DHCP range announced")));
+    }
+    Ok(dhcp)
+}
+
+/// The firmware a machine boots with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, then iPXE from the network card's option ROM.
+    Ipxe,
+}
+
+/// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
+/// (created here, removed with the namespace or on drop); its serial console is its log.
+pub struct Machine {
+    pub qemu: Process,
+    net_path: PathBuf,
+    tap: String,
+    pub started: Instant,
+}
+
+impl Machine {
+    pub fn start(net: &Netns, bridge: &str, prefix: &RunPrefix, name: &str, firmware: Firmware, mac: &str) -> Result<Self> {
+        let tap = prefix.name(&format!("t{name}"));
+        net.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        net.ip(&["link", "set", &tap, "master", bridge])?;
+        net.ip(&["link", "set", &tap, "up"])?;
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", net.path().display())).arg("--").arg("qemu-system-x86_64");
+        command.args(["-machine", "pc", "-accel", "tcg", "-m", "256", "-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        command.args(["-no-reboot", "-boot", "n"]);
+        command.args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")]);
+        match firmware {
+            Firmware::Ipxe => command.args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile={IPXE_E1000}")]),
+        };
+        let qemu = Process::spawn(prefix.name(&format!("vm-{name}")), command)?;
+        Ok(Self { qemu, net_path: net.path(), tap, started: Instant::now() })
+    }
+
+    /// Waits until the machine powered itself off (QEMU exits) or `timeout` passes; returns its
+    /// console.
+    pub fn wait(&mut self, timeout: Duration) -> Result<String> {
+        if self.qemu.wait(timeout).is_none() {
+            return Err(Error::Timeout { what: format!("the machine to boot and power off; console:\n{}", self.qemu.log()), seconds: timeout.as_secs() });
+        }
+        Ok(self.qemu.log())
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.qemu.stop();
+        let _ = run("nsenter", &[&format!("--net={}", self.net_path.display()), "--", "ip", "link", "del", &self.tap]);
+    }
+}
+
+/// What a console says about a boot: whether `/init` ran, and the payload digest it printed.
+#[must_use]
+pub fn booted(console: &str) -> (bool, Option<String>) {
+    let digest = console
+        .lines()
+        .find_map(|l| l.split_once(PAYLOAD).map(|(_, rest)| rest.split_whitespace().next().unwrap_or_default().to_owned()));
+    (console.lines().any(|l| l.trim() == BOOTED), digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_tells_whether_the_machine_booted_and_what_it_carried() {
+        let console = "iPXE 1.0\n[ 1.2] Run /init\nXDPLB-PAYLOAD 1c34ab  /payload\r\nXDPLB-BOOTED\r\n[ 2.3] reboot: Power down\n";
+        assert_eq!(booted(console), (true, Some("1c34ab".to_owned())));
+        assert_eq!(booted("Kernel panic - not syncing"), (false, None));
+    }
+}

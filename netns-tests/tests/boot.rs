@@ -1,0 +1,119 @@
+//! Boot firmware as clients: a QEMU machine PXE-boots a Linux kernel and an initramfs through
+//! the full topology (switch, balancer pair, three steered backends), with no failure, with the
+//! active balancer killed in the middle of the kernel, and with the backend serving it killed
+//! there. The machine must boot (its `/init` runs and prints the payload's digest) every time.
+//! Firmware so far: iPXE (SeaBIOS + the e1000 option ROM from `ipxe-qemu`).
+
+use std::time::{Duration, Instant};
+
+use netns_tests::{
+    boot::{BootFiles, Firmware, Machine, booted, make_boot_files, start_dhcp},
+    cluster::Cluster,
+    pair_topology::SWITCH_CLIENT_SIDE,
+};
+use sha2::{Digest as _, Sha256};
+
+/// TCG emulates the whole machine: firmware, TFTP of ~11 MB and the kernel's boot take tens
+/// of seconds on this machine kind.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// What to break during the kernel's download.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    None,
+    ActiveBalancer,
+    ServingBackend,
+}
+
+/// The `path_hash` `xdp-lb status` shows for a file at the backends' root.
+fn path_hash(name: &str) -> String {
+    let prefix = u64::from_be_bytes(Sha256::digest(name.as_bytes())[..8].try_into().expect("8 bytes"));
+    format!("{prefix:016x}")
+}
+
+/// The active balancer's session of the kernel's download once the balancer has seen `share`
+/// of it sent: (active balancer, serving backend). `None` until then.
+fn kernel_progress(cluster: &Cluster, kernel_bytes: u64, share: f64) -> Option<(usize, usize)> {
+    let active = cluster.topo.active_lb().ok()?;
+    let status = cluster.topo.status(&cluster.topo.lb_pins[active]).ok()?;
+    let hash = path_hash("vmlinuz");
+    status["balance"]["sessions"].as_array()?.iter().find_map(|s| {
+        let sent = s["block"].as_u64()? * s["blksize"].as_u64()?;
+        #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
+        let reached = sent as f64 >= kernel_bytes as f64 * share;
+        (s["path_hash"].as_str()? == hash && reached).then(|| Some((active, usize::try_from(s["backend"].as_u64()?).ok()?)))?
+    })
+}
+
+/// The longest time in `window` after `since` during which the balancers delivered no reply
+/// to a client (sampled as fast as `xdp-lb status` answers, ~10 ms): the data stall a failure
+/// at `since` caused.
+fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duration {
+    let (mut last, mut last_change, mut longest) = (cluster.delivered(), since, Duration::ZERO);
+    while since.elapsed() < window {
+        let now = cluster.delivered();
+        if now != last {
+            longest = longest.max(last_change.elapsed());
+            (last, last_change) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    longest
+}
+
+/// Boots one machine with `firmware` through a fresh topology and injects `failure` when half
+/// of the kernel has been sent; checks that it booted with the right payload.
+fn boot(firmware: Firmware, failure: Failure) {
+    let mut cluster = Cluster::start(1, 3);
+    let files: BootFiles = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
+    let kernel_bytes = std::fs::metadata(&files.kernel).expect("kernel").len();
+    let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, "boot.ipxe")
+        .expect("dnsmasq");
+    let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01").expect("qemu");
+    let (mut injected, mut stall) = (None, None);
+    if failure != Failure::None {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let (active, serving) = loop {
+            if let Some(found) = kernel_progress(&cluster, kernel_bytes, 0.5) {
+                break found;
+            }
+            assert!(Instant::now() < deadline && machine.qemu.is_running(), "the kernel's download never reached half\n{}\n{}", machine.qemu.log(), cluster.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let killed = Instant::now();
+        match failure {
+            Failure::ActiveBalancer => cluster.kill_lb(active),
+            Failure::ServingBackend => cluster.kill_backend(serving),
+            Failure::None => {}
+        }
+        injected = Some(machine.started.elapsed());
+        stall = Some(longest_pause(&cluster, killed, Duration::from_secs(3)));
+    }
+    let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
+    let took = machine.started.elapsed();
+    let (ran, digest) = booted(&console);
+    println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
+    assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
+    assert_eq!(digest.as_deref(), Some(files.payload_sha256.as_str()), "{firmware:?}, {failure:?}: the initramfs arrived damaged");
+    let verdicts = cluster.verdicts();
+    match failure {
+        Failure::None => assert_eq!((verdicts.backends, verdicts.balancers), (0, 0), "no failure, no verdict: {:?}", verdicts.lines),
+        Failure::ActiveBalancer => assert_eq!(verdicts.swaps, 1, "one swap: {:?}", verdicts.lines),
+        Failure::ServingBackend => assert!(verdicts.backends >= 1, "the dead backend was detected: {:?}", verdicts.lines),
+    }
+}
+
+#[test]
+fn ipxe_boots_linux_through_the_vip() {
+    boot(Firmware::Ipxe, Failure::None);
+}
+
+#[test]
+fn ipxe_boots_while_the_active_balancer_dies_mid_kernel() {
+    boot(Firmware::Ipxe, Failure::ActiveBalancer);
+}
+
+#[test]
+fn ipxe_boots_while_the_serving_backend_dies_mid_kernel() {
+    boot(Firmware::Ipxe, Failure::ServingBackend);
+}
