@@ -20,6 +20,10 @@ pub const KERNEL: &str = "/opt/xdp-lb-tools/kernel/vmlinuz";
 const BUSYBOX: &str = "/bin/busybox";
 /// iPXE's ROM for QEMU's e1000 card (`ipxe-qemu`), started by SeaBIOS.
 const IPXE_E1000: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
+/// EDK2's UEFI firmware for QEMU (`ovmf`).
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// GRUB's EFI modules (`grub-efi-amd64-bin`), for a network boot image made with grub-mkimage.
+const GRUB_EFI_MODULES: &str = "/usr/lib/grub/x86_64-efi";
 
 /// The line `/init` prints once it ran, and the one before it with the payload's digest.
 pub const BOOTED: &str = "XDPLB-BOOTED";
@@ -37,7 +41,7 @@ pub struct BootFiles {
 /// Puts the kernel, an initramfs with a `payload_bytes` payload, and the iPXE script
 /// `boot.ipxe` into `root`.
 pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<BootFiles> {
-    for needed in [KERNEL, BUSYBOX, IPXE_E1000] {
+    for needed in [KERNEL, BUSYBOX, IPXE_E1000, OVMF, GRUB_EFI_MODULES] {
         if !Path::new(needed).exists() {
             return Err(io_error(format!("{needed} is missing: run `cargo xtask setup` (the boot suite needs it)"))(std::io::Error::from(
                 std::io::ErrorKind::NotFound,
@@ -54,7 +58,27 @@ pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<B
         "#!ipxe\nkernel tftp://{VIP}/vmlinuz console=ttyS0 quiet panic=-1 rdinit=/init\ninitrd tftp://{VIP}/initrd.img\nboot\n"
     );
     std::fs::write(root.join("boot.ipxe"), script).map_err(io_error("write boot.ipxe"))?;
+    grub_image(root)?;
     Ok(BootFiles { kernel, initrd: root.join("initrd.img"), payload_sha256 })
+}
+
+/// GRUB for UEFI network boot: `grubx64.efi` (what EDK2's PXE fetches and starts), whose prefix
+/// is the VIP over TFTP, and the `grub.cfg` it reads there, which fetches the kernel and the
+/// initramfs with GRUB's own TFTP client.
+fn grub_image(root: &Path) -> Result<()> {
+    let prefix = format!("(tftp,{VIP})/");
+    let image = root.join("grubx64.efi");
+    let modules = ["efinet", "tftp", "net", "linux", "normal", "configfile", "echo", "test", "boot"];
+    let mut args = vec!["-O", "x86_64-efi", "-d", GRUB_EFI_MODULES, "-p", &prefix];
+    let image_arg = image.display().to_string();
+    args.extend(["-o", &image_arg]);
+    args.extend(modules);
+    run("grub-mkimage", &args)?;
+    let config = format!(
+        "set timeout=0\necho loading the kernel\nlinux (tftp,{VIP})/vmlinuz console=ttyS0 quiet panic=-1 rdinit=/init\n\
+         echo loading the initramfs\ninitrd (tftp,{VIP})/initrd.img\nboot\n"
+    );
+    std::fs::write(root.join("grub.cfg"), config).map_err(io_error("write grub.cfg"))
 }
 
 /// Builds an uncompressed newc cpio initramfs at `out` from a tree made in `tree`; returns the
@@ -93,8 +117,23 @@ pub fn start_dhcp(ns: &Netns, name: &str, iface: &str, range: (&str, &str), rout
 /// The firmware a machine boots with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Firmware {
-    /// SeaBIOS, then iPXE from the network card's option ROM.
+    /// SeaBIOS, then iPXE from the network card's option ROM: `boot.ipxe`, then the kernel and
+    /// the initramfs with iPXE's TFTP.
     Ipxe,
+    /// OVMF (EDK2): its UEFI PXE fetches `grubx64.efi` with EDK2's TFTP (a tsize probe it
+    /// aborts, then the read), and GRUB fetches the kernel and the initramfs with its own.
+    UefiGrub,
+}
+
+impl Firmware {
+    /// The boot file DHCP names for it.
+    #[must_use]
+    pub fn boot_file(self) -> &'static str {
+        match self {
+            Self::Ipxe => "boot.ipxe",
+            Self::UefiGrub => "grubx64.efi",
+        }
+    }
 }
 
 /// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
@@ -114,11 +153,14 @@ impl Machine {
         net.ip(&["link", "set", &tap, "up"])?;
         let mut command = Command::new("nsenter");
         command.arg(format!("--net={}", net.path().display())).arg("--").arg("qemu-system-x86_64");
-        command.args(["-machine", "pc", "-accel", "tcg", "-m", "256", "-display", "none", "-serial", "stdio", "-monitor", "none"]);
+        command.args(["-machine", "pc", "-accel", "tcg", "-m", "512", "-display", "none", "-serial", "stdio", "-monitor", "none"]);
         command.args(["-no-reboot", "-boot", "n"]);
         command.args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")]);
         match firmware {
             Firmware::Ipxe => command.args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile={IPXE_E1000}")]),
+            // OVMF's own virtio-net driver and network stack (no option ROM: iPXE's EFI build
+            // would take the boot over), so EDK2's PXE and TFTP fetch the boot file.
+            Firmware::UefiGrub => command.args(["-bios", OVMF, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
         };
         let qemu = Process::spawn(prefix.name(&format!("vm-{name}")), command)?;
         Ok(Self { qemu, net_path: net.path(), tap, started: Instant::now() })

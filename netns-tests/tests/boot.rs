@@ -17,13 +17,16 @@ use sha2::{Digest as _, Sha256};
 /// of seconds on this machine kind.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// What to break during the kernel's download.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What to break, and when: once the active balancer has seen `share` of `file` sent (0: as
+/// soon as its request has opened a session, before or with its first answer).
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Failure {
     None,
-    ActiveBalancer,
-    ServingBackend,
+    ActiveBalancer { file: &'static str, share: f64 },
+    ServingBackend { file: &'static str, share: f64 },
 }
+
+const MID_KERNEL: (&str, f64) = ("vmlinuz", 0.5);
 
 /// The `path_hash` `xdp-lb status` shows for a file at the backends' root.
 fn path_hash(name: &str) -> String {
@@ -31,16 +34,18 @@ fn path_hash(name: &str) -> String {
     format!("{prefix:016x}")
 }
 
-/// The active balancer's session of the kernel's download once the balancer has seen `share`
-/// of it sent: (active balancer, serving backend). `None` until then.
-fn kernel_progress(cluster: &Cluster, kernel_bytes: u64, share: f64) -> Option<(usize, usize)> {
+/// The active balancer's session of `file`'s download (`bytes` long) once the balancer has seen
+/// `share` of it sent: (active balancer, serving backend). `None` until then. With `share` 0
+/// any session counts, also one whose first answer (which teaches the balancer the file) has
+/// not come yet, if it is the only one in the table besides finished ones.
+fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize)> {
     let active = cluster.topo.active_lb().ok()?;
     let status = cluster.topo.status(&cluster.topo.lb_pins[active]).ok()?;
-    let hash = path_hash("vmlinuz");
+    let hash = path_hash(file);
     status["balance"]["sessions"].as_array()?.iter().find_map(|s| {
         let sent = s["block"].as_u64()? * s["blksize"].as_u64()?;
         #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
-        let reached = sent as f64 >= kernel_bytes as f64 * share;
+        let reached = sent as f64 >= bytes as f64 * share;
         (s["path_hash"].as_str()? == hash && reached).then(|| Some((active, usize::try_from(s["backend"].as_u64()?).ok()?)))?
     })
 }
@@ -66,24 +71,25 @@ fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duratio
 fn boot(firmware: Firmware, failure: Failure) {
     let mut cluster = Cluster::start(1, 3);
     let files: BootFiles = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
-    let kernel_bytes = std::fs::metadata(&files.kernel).expect("kernel").len();
-    let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, "boot.ipxe")
+    let root = cluster.topo.root.clone();
+    let size = move |file: &str| std::fs::metadata(root.join(file)).expect("boot file").len();
+    let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, firmware.boot_file())
         .expect("dnsmasq");
     let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01").expect("qemu");
     let (mut injected, mut stall) = (None, None);
-    if failure != Failure::None {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+    if let Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } = failure {
+        let (deadline, bytes) = (Instant::now() + BOOT_TIMEOUT, size(file));
         let (active, serving) = loop {
-            if let Some(found) = kernel_progress(&cluster, kernel_bytes, 0.5) {
+            if let Some(found) = progress(&cluster, file, bytes, share) {
                 break found;
             }
-            assert!(Instant::now() < deadline && machine.qemu.is_running(), "the kernel's download never reached half\n{}\n{}", machine.qemu.log(), cluster.logs());
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline && machine.qemu.is_running(), "{file} never reached {share}\n{}\n{}", machine.qemu.log(), cluster.logs());
+            std::thread::sleep(Duration::from_millis(2));
         };
         let killed = Instant::now();
         match failure {
-            Failure::ActiveBalancer => cluster.kill_lb(active),
-            Failure::ServingBackend => cluster.kill_backend(serving),
+            Failure::ActiveBalancer { .. } => cluster.kill_lb(active),
+            Failure::ServingBackend { .. } => cluster.kill_backend(serving),
             Failure::None => {}
         }
         injected = Some(machine.started.elapsed());
@@ -91,15 +97,26 @@ fn boot(firmware: Firmware, failure: Failure) {
     }
     let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
     let took = machine.started.elapsed();
+    // The firmware's milestones on its console (escape sequences and carriage returns aside).
+    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
+    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "iPXE", "tftp://", "XDPLB"].iter().any(|m| l.contains(m))).take(12) {
+        println!("    console: {}", line.trim());
+    }
     let (ran, digest) = booted(&console);
     println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
     assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
     assert_eq!(digest.as_deref(), Some(files.payload_sha256.as_str()), "{firmware:?}, {failure:?}: the initramfs arrived damaged");
+    // What went twice: every reply the balancers delivered, against the blocks the files need
+    // (counted at GRUB's 1024 bytes, the smallest block any of these clients asks).
+    let needed: u64 = [firmware.boot_file(), "grub.cfg", "vmlinuz", "initrd.img"].iter().map(|f| size(f) / 1024 + 2).sum();
+    let delivered = cluster.delivered();
+    println!("    replies delivered {delivered}, blocks needed at most {needed}");
+    assert!(delivered <= needed + 500, "{firmware:?}, {failure:?}: {delivered} replies for {needed} blocks: DATA sent over and over");
     let verdicts = cluster.verdicts();
     match failure {
         Failure::None => assert_eq!((verdicts.backends, verdicts.balancers), (0, 0), "no failure, no verdict: {:?}", verdicts.lines),
-        Failure::ActiveBalancer => assert_eq!(verdicts.swaps, 1, "one swap: {:?}", verdicts.lines),
-        Failure::ServingBackend => assert!(verdicts.backends >= 1, "the dead backend was detected: {:?}", verdicts.lines),
+        Failure::ActiveBalancer { .. } => assert_eq!(verdicts.swaps, 1, "one swap: {:?}", verdicts.lines),
+        Failure::ServingBackend { .. } => assert!(verdicts.backends >= 1, "the dead backend was detected: {:?}", verdicts.lines),
     }
 }
 
@@ -110,10 +127,48 @@ fn ipxe_boots_linux_through_the_vip() {
 
 #[test]
 fn ipxe_boots_while_the_active_balancer_dies_mid_kernel() {
-    boot(Firmware::Ipxe, Failure::ActiveBalancer);
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::Ipxe, Failure::ActiveBalancer { file, share });
 }
 
 #[test]
 fn ipxe_boots_while_the_serving_backend_dies_mid_kernel() {
-    boot(Firmware::Ipxe, Failure::ServingBackend);
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::Ipxe, Failure::ServingBackend { file, share });
+}
+
+#[test]
+fn ipxe_boots_while_the_active_balancer_dies_at_the_kernels_request() {
+    boot(Firmware::Ipxe, Failure::ActiveBalancer { file: "vmlinuz", share: 0.0 });
+}
+
+#[test]
+fn uefi_pxe_and_grub_boot_linux_through_the_vip() {
+    boot(Firmware::UefiGrub, Failure::None);
+}
+
+#[test]
+fn uefi_pxe_and_grub_boot_while_the_active_balancer_dies_mid_kernel() {
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::UefiGrub, Failure::ActiveBalancer { file, share });
+}
+
+#[test]
+fn uefi_pxe_and_grub_boot_while_the_serving_backend_dies_mid_kernel() {
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::UefiGrub, Failure::ServingBackend { file, share });
+}
+
+/// The failure the issue reported: a balancer killed at the moment EDK2 requests its boot file
+/// made UEFI machines fail to boot.
+#[test]
+fn uefi_pxe_boots_while_the_active_balancer_dies_at_the_boot_files_request() {
+    boot(Firmware::UefiGrub, Failure::ActiveBalancer { file: "grubx64.efi", share: 0.0 });
+}
+
+/// GRUB's TFTP never retransmits in its data phase: after a failover the server side speaks
+/// first.
+#[test]
+fn grub_boots_while_the_active_balancer_dies_at_the_kernels_request() {
+    boot(Firmware::UefiGrub, Failure::ActiveBalancer { file: "vmlinuz", share: 0.0 });
 }

@@ -109,6 +109,16 @@ pub struct ReadTransfer {
     /// Blocks after the last ACK may have been lost with a failed server or balancer (after a
     /// nudge or a resume): the next ACK gets a whole window, not only blocks never sent.
     resync: bool,
+    /// The blocks last sent a second time (a window resent after a nudge, a timeout or a
+    /// repeated ACK) and how many times, until an ACK shows how many of them the client
+    /// already had.
+    resent: Option<(u32, u32, u32)>,
+    /// Repeats of the ACK of `acked` still to be taken as echoes of that resend, not as news
+    /// of a loss. EDK2 (every UEFI PXE client) answers each DATA it did not expect with an ACK
+    /// of its last block in order, so resent blocks the client had come back as as many equal
+    /// ACKs; resending a window for each made every copy answer again, and after a failover
+    /// one 528 KiB download grew into 160 000 DATA packets.
+    echoes: u32,
 }
 
 impl ReadTransfer {
@@ -117,7 +127,7 @@ impl ReadTransfer {
         let size = source.len()?;
         let blksize = blksize.max(1);
         let last = u32::try_from(size / u64::from(blksize) + 1).map_err(|_| std::io::Error::other("file too large for 32-bit blocks"))?;
-        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack, resync: false })
+        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack, resync: false, resent: None, echoes: 0 })
     }
 
     /// Picks a transfer up where another server left it: everything up to `sent` went out.
@@ -205,6 +215,14 @@ impl ReadTransfer {
             // (RRQ or ACK 0) settles it.
             return Next::Nothing;
         }
+        if let Some((first, last, copies)) = self.resent
+            && block >= first
+        {
+            // The client holds the resent blocks up to `block`: each copy was a duplicate to
+            // it, answered with an ACK of `block`, this one included.
+            self.echoes = (block.min(last) - first + 1).saturating_mul(copies) - 1;
+            self.resent = None;
+        }
         let forward = block > self.acked || (block == 0 && self.oack_pending);
         self.oack_pending = false;
         if nudge || (forward && (block >= self.sent || self.resync)) {
@@ -225,7 +243,16 @@ impl ReadTransfer {
             return Next::Send(first..=last);
         }
         if block == self.acked && self.windowsize > 1 {
-            return self.window_after(block);
+            if self.echoes > 0 {
+                self.echoes -= 1;
+                return Next::Nothing;
+            }
+            // A block after `block` was lost: the blocks behind the gap that arrive may each be
+            // answered with this same ACK; one resend answers them all.
+            let behind_the_gap = self.sent.saturating_sub(block + 1);
+            let next = self.window_after(block);
+            self.echoes = behind_the_gap.saturating_sub(1);
+            return next;
         }
         Next::Nothing
     }
@@ -242,9 +269,17 @@ impl ReadTransfer {
         self.window_after(self.acked)
     }
 
+    /// Sends the window after `acked`; blocks in it that went out before are a resend, which
+    /// the client may answer once per block it already had (see `echoes`).
     fn window_after(&mut self, acked: u32) -> Next {
         let first = acked + 1;
         let last = acked.saturating_add(u32::from(self.windowsize)).min(self.last);
+        if first <= self.sent {
+            self.resent = match self.resent {
+                Some((f, l, copies)) if f == first => Some((f, l, copies + 1)),
+                _ => Some((first, last.min(self.sent), 1)),
+            };
+        }
         self.sent = self.sent.max(last);
         Next::Send(first..=last)
     }
@@ -429,6 +464,38 @@ mod tests {
         assert_eq!(t.on_ack(516, false), Next::Send(517..=532));
         // Once in step again, an ACK of something never sent is stale as before.
         assert_eq!(t.on_ack(9000, false), Next::Nothing);
+    }
+
+    /// EDK2 acknowledges every DATA it did not expect with an ACK of its last block in order.
+    /// After a nudge resent a window the client partly had, its equal ACKs are echoes of that
+    /// one resend: one window answers them all, not one each (which multiplied the copies
+    /// without end). A repeat beyond the echoes is news of a loss again.
+    #[test]
+    fn the_echoes_of_a_resent_window_get_one_answer() {
+        let mut t = ReadTransfer::new(source(360 * 1468), 1468, 4, false).unwrap();
+        t.start();
+        assert_eq!(t.on_ack(4, false), Next::Send(5..=8));
+        assert_eq!(t.on_ack(8, false), Next::Send(9..=12));
+        // A balancer took over with a view of block 4: the nudge resends 5..8, which the
+        // client (at 12) had; it answers each with ACK 12.
+        assert_eq!(t.on_ack(4, true), Next::Send(9..=12), "from the later of the nudge and the last ACK seen");
+        assert_eq!(t.on_ack(12, false), Next::Send(13..=16));
+        for echo in 0..3 {
+            assert_eq!(t.on_ack(12, false), Next::Nothing, "echo {echo} of the resent window");
+        }
+        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "progress as usual");
+        // Block 17 lost: the client answers 18, 19 and 20 with ACK 16 each. One resend.
+        assert_eq!(t.on_ack(16, false), Next::Send(17..=20));
+        assert_eq!(t.on_ack(16, false), Next::Nothing, "the answer to 19");
+        assert_eq!(t.on_ack(16, false), Next::Nothing, "the answer to 20");
+        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "a repeat beyond them: the resend was lost too");
+        // Both resends arrive; the client had 18..20 from the first window: ACK 20 comes back
+        // once per copy of 18..20 and for 17's completion of the window, 7 times in all.
+        assert_eq!(t.on_ack(20, false), Next::Send(21..=24));
+        for echo in 0..7 {
+            assert_eq!(t.on_ack(20, false), Next::Nothing, "echo {echo} of the two resends");
+        }
+        assert_eq!(t.on_ack(24, false), Next::Send(25..=28));
     }
 
     #[test]
