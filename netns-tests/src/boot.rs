@@ -55,7 +55,7 @@ pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<B
     let _ = std::fs::remove_dir_all(&tree);
     let payload_sha256 = result?;
     let script = format!(
-        "#!ipxe\nkernel tftp://{VIP}/vmlinuz console=ttyS0 quiet panic=-1 rdinit=/init\ninitrd tftp://{VIP}/initrd.img\nboot\n"
+        "#!ipxe\nkernel tftp://{VIP}/vmlinuz console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init\ninitrd tftp://{VIP}/initrd.img\nboot\n"
     );
     std::fs::write(root.join("boot.ipxe"), script).map_err(io_error("write boot.ipxe"))?;
     grub_image(root)?;
@@ -75,7 +75,7 @@ fn grub_image(root: &Path) -> Result<()> {
     args.extend(modules);
     run("grub-mkimage", &args)?;
     let config = format!(
-        "set timeout=0\necho loading the kernel\nlinux (tftp,{VIP})/vmlinuz console=ttyS0 quiet panic=-1 rdinit=/init\n\
+        "set timeout=0\necho loading the kernel\nlinux (tftp,{VIP})/vmlinuz console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init\n\
          echo loading the initramfs\ninitrd (tftp,{VIP})/initrd.img\nboot\n"
     );
     std::fs::write(root.join("grub.cfg"), config).map_err(io_error("write grub.cfg"))

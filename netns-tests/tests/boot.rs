@@ -66,6 +66,14 @@ fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duratio
     longest
 }
 
+/// The firmware's milestones on a console (escape sequences and carriage returns aside).
+fn print_milestones(console: &str) {
+    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
+    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "iPXE", "tftp://", "XDPLB", "crc error", "halted"].iter().any(|m| l.contains(m))).take(12) {
+        println!("    console: {}", line.trim());
+    }
+}
+
 /// Boots one machine with `firmware` through a fresh topology and injects `failure` when half
 /// of the kernel has been sent; checks that it booted with the right payload.
 fn boot(firmware: Firmware, failure: Failure) {
@@ -97,11 +105,7 @@ fn boot(firmware: Firmware, failure: Failure) {
     }
     let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
     let took = machine.started.elapsed();
-    // The firmware's milestones on its console (escape sequences and carriage returns aside).
-    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
-    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "iPXE", "tftp://", "XDPLB"].iter().any(|m| l.contains(m))).take(12) {
-        println!("    console: {}", line.trim());
-    }
+    print_milestones(&console);
     let (ran, digest) = booted(&console);
     println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
     assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
@@ -171,4 +175,44 @@ fn uefi_pxe_boots_while_the_active_balancer_dies_at_the_boot_files_request() {
 #[test]
 fn grub_boots_while_the_active_balancer_dies_at_the_kernels_request() {
     boot(Firmware::UefiGrub, Failure::ActiveBalancer { file: "vmlinuz", share: 0.0 });
+}
+
+/// The suite's checks can fail: an initramfs whose payload lost a byte on its way prints another
+/// digest, and a damaged kernel does not boot (its decompressor stops at the bad CRC).
+#[test]
+fn a_damaged_payload_prints_another_digest_and_a_damaged_kernel_does_not_boot() {
+    let cluster = Cluster::start(1, 3);
+    let root = cluster.topo.root.clone();
+    let files = make_boot_files(&root, 2 << 20, 77).expect("boot files");
+    let _dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, "boot.ipxe").expect("dnsmasq");
+    // One byte of the payload, inside the initramfs, flipped.
+    let original = root.join("original-payload");
+    netns_tests::files::make_file(&original, 2 << 20, 77).expect("payload");
+    let payload = std::fs::read(&original).expect("payload");
+    let mut initrd = std::fs::read(&files.initrd).expect("initrd");
+    let at = initrd.windows(64).position(|w| w == &payload[..64]).expect("the payload inside the initramfs") + 1000;
+    initrd[at] ^= 0x5a;
+    std::fs::write(&files.initrd, &initrd).expect("damage the initrd");
+    let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", Firmware::Ipxe, "52:54:00:4c:42:01").expect("qemu");
+    let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let (ran, digest) = booted(&console);
+    println!("damaged payload: booted {ran}, digest {digest:?} (expected {})", files.payload_sha256);
+    assert!(ran, "the machine still boots");
+    assert!(digest.is_some_and(|d| d != files.payload_sha256), "the damage shows in the digest");
+    drop(machine);
+    // Sixteen bytes in the middle of the kernel's compressed image flipped.
+    let mut kernel = std::fs::read(&files.kernel).expect("kernel");
+    let middle = kernel.len() * 3 / 5;
+    kernel[middle..middle + 16].iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&files.kernel, &kernel).expect("damage the kernel");
+    let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m1", Firmware::Ipxe, "52:54:00:4c:42:02").expect("qemu");
+    // The decompressor reports the bad CRC on the early serial console and halts the machine.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while machine.qemu.is_running() && Instant::now() < deadline && !machine.qemu.log().contains("halted") {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let console = machine.qemu.log();
+    print_milestones(&console);
+    assert!(!booted(&console).0, "a damaged kernel must not boot:\n{console}");
+    assert!(console.contains("crc error") || console.contains("halted"), "the kernel's own check stopped it:\n{console}");
 }
