@@ -41,6 +41,8 @@ const HEADER: usize = SteeringHeader::LEN;
 const BATCH_BYTES: usize = 64 << 10;
 /// Most datagrams per sendmmsg or UDP_SEGMENT send.
 const BATCH_BLOCKS: usize = 64;
+/// Most queued datagrams read before expired timers are handled.
+const QUEUED_FIRST: usize = 4096;
 
 enum Kind {
     Read(ReadTransfer),
@@ -111,20 +113,34 @@ impl Steered {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
-                    if self.defer_until_digested(&buf[..len], from) {
-                        // Its real answer comes once the digest is known, perhaps seconds later.
-                        self.heard(&buf[..len], from).await;
-                    } else {
-                        self.datagram(&buf[..len], from).await;
-                    }
+                    self.receive(&buf[..len], from).await;
                 }
                 Some(id) = self.digested.1.recv() => {
                     for (datagram, from) in self.waiting.remove(&id).unwrap_or_default() {
                         self.datagram(&datagram, from).await;
                     }
                 }
-                () = sleep_until(deadline) => self.expire().await,
+                () = sleep_until(deadline) => {
+                    // Input already queued comes first: under load an ACK waits in the receive
+                    // queue past its transfer's timer, and a resend then repairs nothing (a
+                    // second OACK makes atftp abort). A timer that fired while the answer was
+                    // waiting is no loss.
+                    for _ in 0..QUEUED_FIRST {
+                        let Ok((len, from)) = self.socket.try_recv_from(&mut buf) else { break };
+                        self.receive(&buf[..len], from).await;
+                    }
+                    self.expire().await;
+                }
             }
+        }
+    }
+
+    async fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+        if self.defer_until_digested(datagram, from) {
+            // Its real answer comes once the digest is known, perhaps seconds later.
+            self.heard(datagram, from).await;
+        } else {
+            self.datagram(datagram, from).await;
         }
     }
 

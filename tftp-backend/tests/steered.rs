@@ -15,14 +15,14 @@ const VIP: [u8; 4] = [10, 9, 8, 1];
 
 struct Backend {
     port: u16,
-    _process: Process,
+    process: Process,
 }
 
 fn backend(root: &std::path::Path) -> Backend {
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
     command.arg("--root").arg(root).args(["--steered", "--listen", &format!("127.0.0.1:{port}")]);
-    let backend = Backend { port, _process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
+    let backend = Backend { port, process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
     let lb = Lb::new();
     for _ in 0..100 {
         if lb.heartbeat(&backend).is_some() {
@@ -321,4 +321,32 @@ fn every_datagram_is_answered_even_when_it_asks_for_nothing() {
     lb.send(&a, &context, &ack(2));
     let (_, data) = lb.recv().expect("DATA 3 after the storm");
     assert_eq!(&data[..4], b"\x00\x03\x00\x03");
+}
+
+/// Load is not loss: an ACK that waits in the socket queue while its transfer's timer runs out
+/// (here the backend is stopped meanwhile, as an overloaded machine leaves it unscheduled) is
+/// read before the timer is handled, so the client gets DATA 1, never a second OACK (atftp
+/// aborts on one). Three rounds: without the rule the timer wins about every other time.
+#[test]
+fn an_ack_queued_behind_a_due_timer_is_read_before_the_timer() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 50_000, 43).unwrap();
+    let a = backend(root.path());
+    let pid = i32::try_from(a.process.pid()).unwrap();
+    for round in 0..3u16 {
+        let lb = Lb::new();
+        let header = SteeringHeader::for_client(CLIENT, 41_000 + round, VIP, 31_400 + round);
+        lb.send(&a, &header, b"\x00\x01fw.bin\x00octet\x00blksize\x001024\x00");
+        let (mut context, oack) = lb.recv().expect("an OACK");
+        assert_eq!(&oack[..2], b"\x00\x06");
+        context.flags = FLAG_HAS_CONTEXT;
+        // SAFETY: kill(2) on the backend this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        lb.send(&a, &context, &ack(0));
+        std::thread::sleep(Duration::from_millis(1300));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let (_, first) = lb.recv().expect("an answer once the backend runs again");
+        assert_eq!(&first[..4], b"\x00\x03\x00\x01", "round {round}: DATA 1, not a second OACK ({:?})", &first[..2]);
+    }
 }

@@ -128,6 +128,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         started_ns,
         dead_since_ns: vec![started_ns; args.backends.len()],
         detector: Detector::new(args.backends.len(), &args.watchdog),
+        flooded: false,
         draining: std::collections::BTreeSet::new(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
@@ -184,6 +185,8 @@ struct Agent {
     dead_since_ns: Vec<u64>,
     /// The failure detector's memory (heartbeats, patience, tick timing).
     detector: Detector,
+    /// Whether the detector last saw a request flood in progress (to log its start and end).
+    flooded: bool,
     /// Dead backends that still hold sessions to move (more than one tick's batch).
     draining: std::collections::BTreeSet<usize>,
     /// Bound to the steering address and port: heartbeats and nudges leave from here, so
@@ -289,6 +292,17 @@ impl Agent {
         let late = self.detector.begin_tick(now);
         if let Some(late) = late {
             warn!(late_ms = late.as_millis(), "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
+        }
+        let counters = self.maps.counters()?;
+        let requests = [BalanceCounter::NewSession, BalanceCounter::DropRateLimited].iter().map(|c| counters[*c as usize].packets).sum();
+        let flooded = self.detector.note_requests(now, requests);
+        if flooded != self.flooded {
+            self.flooded = flooded;
+            if flooded {
+                warn!("request flood in progress: backends get more time before a verdict");
+            } else {
+                info!("request flood over");
+            }
         }
         let mut views = self.views()?;
         for (id, view) in views.iter_mut().enumerate() {

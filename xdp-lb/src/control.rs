@@ -364,7 +364,19 @@ pub struct Detector {
     last_tick_ns: u64,
     probes: Vec<Probe>,
     patience: Vec<Patience>,
+    /// Requests counted so far and when (see `note_requests`).
+    requests: Option<(u64, u64)>,
+    /// Until when a request flood counts as in progress (CLOCK_MONOTONIC ns).
+    flood_until_ns: u64,
 }
+
+/// Requests a second (new sessions and paced ones) beyond which a flood is in progress: the
+/// backends and the machine are busy answering it, so every peer gets `FLOOD_PATIENCE` times
+/// `--dead-after-ms` until `FLOOD_LINGERS` after it. Real sites see tens of requests a second
+/// even in boot storms of thousands of machines spread over minutes.
+pub const FLOOD_REQUESTS_PER_SEC: u64 = 1000;
+pub const FLOOD_PATIENCE: u32 = 3;
+pub const FLOOD_LINGERS: Duration = Duration::from_secs(5);
 
 impl Detector {
     #[must_use]
@@ -376,7 +388,27 @@ impl Detector {
             last_tick_ns: 0,
             probes: vec![Probe::default(); peers],
             patience: vec![Patience::default(); peers],
+            requests: None,
+            flood_until_ns: 0,
         }
+    }
+
+    /// The kernel's count of requests (ever) at `now_ns`: a rate above
+    /// `FLOOD_REQUESTS_PER_SEC`, measured over at least a second, is a flood in progress.
+    /// Returns whether one is.
+    pub fn note_requests(&mut self, now_ns: u64, total: u64) -> bool {
+        match self.requests {
+            Some((since_ns, count)) if now_ns.saturating_sub(since_ns) >= 1_000_000_000 => {
+                let per_sec = total.saturating_sub(count).saturating_mul(1_000_000_000) / now_ns.saturating_sub(since_ns).max(1);
+                if per_sec > FLOOD_REQUESTS_PER_SEC {
+                    self.flood_until_ns = now_ns.saturating_add(nanos(FLOOD_LINGERS));
+                }
+                self.requests = Some((now_ns, total));
+            }
+            Some(_) => {}
+            None => self.requests = Some((now_ns, total)),
+        }
+        now_ns < self.flood_until_ns
     }
 
     /// A heartbeat to peer `id` just left.
@@ -403,6 +435,9 @@ impl Detector {
         let (Some(probe), Some(patience)) = (self.probes.get(id), self.patience.get_mut(id)) else { return };
         patience.observe(now_ns, view.last_answer_ns, !late && view.state == BACKEND_LIVE);
         view.patience_ns = patience.allowance();
+        if now_ns < self.flood_until_ns {
+            view.patience_ns = view.patience_ns.max(nanos(self.policy.dead_after.saturating_mul(FLOOD_PATIENCE)));
+        }
         view.probe_waiting_ns = probe.waiting(now_ns, view.last_answer_ns);
     }
 
@@ -678,6 +713,25 @@ mod tests {
         }
         let revived = revived.expect("back after the hold");
         assert!((second.0 + 1000..second.0 + 1040).contains(&revived), "back {} ms after the death", revived - second.0);
+    }
+
+    /// A request flood makes every peer busy: while one is in progress (and a little after) the
+    /// peers get three times `dead_after`; a quiet second ends it.
+    #[test]
+    fn a_request_flood_earns_every_peer_more_time() {
+        let mut detector = Detector::new(1, &args());
+        assert!(!detector.note_requests(1000 * MS, 10));
+        assert!(!detector.note_requests(1500 * MS, 900), "not a second yet");
+        assert!(detector.note_requests(2000 * MS, 3000), "2990 requests in a second");
+        let mut view = BackendView { state: BACKEND_LIVE, mac_known: true, sessions: 1, last_answer_ns: 2000 * MS, ..BackendView::default() };
+        detector.probe_sent(0, 2010 * MS, 2000 * MS);
+        detector.observe(0, 2100 * MS, &mut view, false);
+        assert_eq!(view.patience_ns, 300 * MS);
+        let mut health = Health::default();
+        assert_eq!(detector.decide(0, 2150 * MS, &view, &mut health, true), Outcome::Keep, "150 ms silent during a flood: busy");
+        assert!(matches!(detector.decide(0, 2350 * MS, &view, &mut health, true), Outcome::Died { .. }), "350 ms: dead all the same");
+        assert!(detector.note_requests(3000 * MS, 3100), "lingers after a quiet second");
+        assert!(!detector.note_requests(8000 * MS, 3200), "over");
     }
 
     #[test]
