@@ -137,8 +137,11 @@ impl Steered {
 
     async fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
         if self.defer_until_digested(datagram, from) {
-            // Its real answer comes once the digest is known, perhaps seconds later.
-            self.heard(datagram, from).await;
+            // Its real answer comes once the digest is known, perhaps seconds later (a deferred
+            // datagram has a valid header: `file_to_digest` parsed it).
+            if let Some(header) = steering_header(datagram) {
+                self.heard(&header, from).await;
+            }
         } else {
             self.datagram(datagram, from).await;
         }
@@ -168,7 +171,7 @@ impl Steered {
 
     /// The file a datagram needs the digest of, if that digest is not cached.
     fn file_to_digest(&mut self, datagram: &[u8]) -> Option<File> {
-        let header = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied()?;
+        let header = steering_header(datagram)?;
         if !header.has_magic() || header.has_flag(FLAG_FROM_BACKEND | FLAG_HEARTBEAT) {
             return None;
         }
@@ -188,7 +191,7 @@ impl Steered {
     }
 
     async fn datagram(&mut self, datagram: &[u8], from: SocketAddr) {
-        let Some(header) = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied() else {
+        let Some(header) = steering_header(datagram) else {
             debug!(%from, len = datagram.len(), "dropped: no steering header");
             return;
         };
@@ -212,15 +215,12 @@ impl Steered {
             }
         }
         if self.replies == replies {
-            self.heard(datagram, from).await;
+            self.heard(&header, from).await;
         }
     }
 
-    /// Tells the balancer that sent `datagram` it was read and needs no reply now.
-    async fn heard(&mut self, datagram: &[u8], from: SocketAddr) {
-        let Some(header) = datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()) else {
-            return;
-        };
+    /// Tells the balancer that sent a datagram with `header` it was read and needs no reply now.
+    async fn heard(&mut self, header: &SteeringHeader, from: SocketAddr) {
         let mut reply = *header;
         reply.flags = FLAG_FROM_BACKEND | FLAG_HEARD;
         self.send_header(&reply, from).await;
@@ -591,6 +591,11 @@ fn session_oack(session: &Session) -> crate::wire::Options {
         }),
         windowsize: (bits & xdp_lb_common::steering::OPTION_WINDOWSIZE != 0).then(|| u32::from(h.windowsize())),
     }
+}
+
+/// The steering header at the front of a datagram, if it is long enough for one.
+fn steering_header(datagram: &[u8]) -> Option<SteeringHeader> {
+    datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
