@@ -294,7 +294,9 @@ impl Agent {
             warn!(late_ms = late.as_millis(), "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");
         }
         let counters = self.maps.counters()?;
-        let requests = [BalanceCounter::NewSession, BalanceCounter::DropRateLimited].iter().map(|c| counters[*c as usize].packets).sum();
+        // Requests reach the active balancer; a backup sees them as sessions the peer mirrors.
+        let requests = [BalanceCounter::NewSession, BalanceCounter::DropRateLimited].iter().map(|c| counters[*c as usize].packets).sum::<u64>()
+            + self.pair.mirrored_new;
         let flooded = self.detector.note_requests(now, requests);
         if flooded != self.flooded {
             self.flooded = flooded;

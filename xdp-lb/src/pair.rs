@@ -79,6 +79,9 @@ pub struct Pair {
     /// flood) makes each sync costly, and syncing no more often than `SYNC_DUTY` of the time
     /// keeps the agent free for its heartbeats and watchdog.
     last_sync: Option<(Instant, Duration)>,
+    /// Sessions the peer's sync brought that this balancer's table did not hold: a backup's
+    /// view of the requests the active one receives (its request-flood signal).
+    pub mirrored_new: u64,
 }
 
 /// A periodic sync starts again only after `SYNC_DUTY` times its last cost has passed (at most
@@ -91,7 +94,7 @@ impl Pair {
         let socket = UdpSocket::bind(SocketAddrV4::new(address, args.control_port))
             .await
             .with_context(|| format!("cannot bind the control port {address}:{}", args.control_port))?;
-        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now(), last_sync: None })
+        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now(), last_sync: None, mirrored_new: 0 })
     }
 
     /// Handles a control datagram. Returns true when the switch just made this balancer active.
@@ -119,7 +122,14 @@ impl Pair {
             }
             // The active balancer's table is the truth; a backup mirrors it.
             Message::Upsert(sessions) if self.role != Role::Active => {
-                let applied = sessions.into_iter().filter(|(key, session)| mirror(maps, *key, *session)).count();
+                let mut applied = 0;
+                for (key, session) in sessions {
+                    let new = maps.sessions.get(&key, 0).is_err();
+                    if mirror(maps, key, session) {
+                        applied += 1;
+                        self.mirrored_new += u64::from(new);
+                    }
+                }
                 debug!(applied, %from, "sessions mirrored from the peer");
                 false
             }
