@@ -151,8 +151,7 @@ impl PairTopology {
         let mut command = self.backends[i].command(binary("tftp-backend"));
         command.arg("--root").arg(&self.root);
         command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
-        // `NETNS_TESTS_BACKEND_LOG=debug` shows every backend decision when chasing a failure.
-        command.env("RUST_LOG", std::env::var("NETNS_TESTS_BACKEND_LOG").unwrap_or_else(|_| "info".into()));
+        command.env("RUST_LOG", crate::process::backend_log_filter());
         Process::spawn(self.prefix.name(&format!("backend{i}")), command)
     }
 

@@ -132,3 +132,10 @@ impl Drop for Process {
         }
     }
 }
+
+/// The backends' `RUST_LOG`: `info`, or `$NETNS_TESTS_BACKEND_LOG` (`debug` shows every
+/// backend decision when chasing a failure).
+#[must_use]
+pub fn backend_log_filter() -> String {
+    std::env::var("NETNS_TESTS_BACKEND_LOG").unwrap_or_else(|_| "info".into())
+}

@@ -7,6 +7,7 @@ mod batch;
 mod completed;
 mod files;
 mod netascii;
+mod rto;
 mod service;
 mod standalone;
 mod steered;
@@ -73,9 +74,25 @@ struct Cli {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     max_windowsize: u16,
 
-    /// Retransmission timeout when the client negotiates none, in milliseconds.
+    /// Retransmission timeout when the client negotiates none, in milliseconds: the wait
+    /// before the first retransmission until a round trip was measured, and the longest the
+    /// measured round trip alone may make it (later retries back off beyond it).
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
+
+    /// Shortest wait before a retransmission, in milliseconds, however short the measured
+    /// round trip (RFC 6298's minimum RTO, lowered for LANs): a lost DATA or ACK costs about
+    /// this much. Raise it where clients answer late without loss (slow firmware on a busy
+    /// host); OACKs are always resent after at least twice the timeout.
+    #[arg(long, default_value_t = 2)]
+    rto_min_ms: u64,
+
+    /// Most timer-driven retransmissions per second, in datagrams, across every transfer of
+    /// this server (a token bucket holding a tenth of a second's worth). When a link is
+    /// congested, all its transfers lose packets at once; this keeps their retransmissions
+    /// from adding much to it. Resends a client's ACK asks for are not charged. 0: no limit.
+    #[arg(long, default_value_t = 20_000)]
+    retransmit_budget: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +111,8 @@ fn main() -> anyhow::Result<()> {
         allow_upload: cli.allow_upload,
         allow_overwrite: cli.allow_overwrite,
         timeout: Duration::from_millis(cli.timeout_ms.max(1)),
+        rto_min: Duration::from_millis(cli.rto_min_ms),
+        retransmit_budget: cli.retransmit_budget,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {

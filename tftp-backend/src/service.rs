@@ -11,6 +11,7 @@ use xdp_lb_common::{
 use crate::{
     files::{Refusal, Root, path_hash},
     options::{Limits, Negotiated, negotiate},
+    rto::{Pace, RttEstimate},
     transfer::{ReadTransfer, Source, WriteTransfer},
     wire::{ErrorCode, Mode, Options, Repr},
 };
@@ -26,13 +27,18 @@ pub struct Config {
     pub allow_overwrite: bool,
     /// Retransmission timeout when the client asks for none.
     pub timeout: Duration,
+    /// Shortest wait before a retransmission (`--rto-min-ms`).
+    pub rto_min: Duration,
+    /// Timer-driven retransmissions per second, all transfers together (`--retransmit-budget`).
+    pub retransmit_budget: u32,
 }
 
 impl Config {
-    /// The retransmission timeout of a transfer.
+    /// The retransmission bounds of a transfer that negotiated `timeout` seconds (RFC 2349).
     #[must_use]
-    pub fn timeout(&self, negotiated: Option<u8>) -> Duration {
-        negotiated.map_or(self.timeout, |s| Duration::from_secs(u64::from(s)))
+    pub fn pace(&self, negotiated: Option<u8>) -> Pace {
+        let timeout = negotiated.map_or(self.timeout, |s| Duration::from_secs(u64::from(s)));
+        Pace { floor: self.rto_min, timeout, negotiated: negotiated.is_some() }
     }
 }
 
@@ -113,13 +119,14 @@ fn start_read(file: std::fs::File, config: &Config, mode: Mode, options: &Option
     let source = source_for(file, mode)?;
     let served = source.len().unwrap_or(size);
     let negotiated = negotiate(options, config.limits, Some(served));
-    let transfer = ReadTransfer::new(source, negotiated.blksize, negotiated.windowsize, !negotiated.oack.is_empty())
+    let transfer = ReadTransfer::new(source, negotiated.blksize, negotiated.windowsize, !negotiated.oack.is_empty(), config.pace(negotiated.timeout))
         .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))?;
     Ok((transfer, negotiated, size))
 }
 
-/// Reopens a read from its context alone, checking the file is the same version.
-pub fn resume_read(root: &mut Root, context: &Context, sent: u32) -> Result<ReadTransfer, Refusal> {
+/// Reopens a read from its context alone, checking the file is the same version; `rtt` is the
+/// round trip the previous server measured (carried in the steering header).
+pub fn resume_read(root: &mut Root, config: &Config, context: &Context, sent: u32, rtt: RttEstimate) -> Result<ReadTransfer, Refusal> {
     let relative = root.find_by_hash(context.path_hash).ok_or(refusal(ErrorCode::FileNotFound, "file not found on this server"))?;
     let (file, _) = root.open_read(&relative)?;
     let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
@@ -127,7 +134,8 @@ pub fn resume_read(root: &mut Root, context: &Context, sent: u32) -> Result<Read
         return Err(refusal(ErrorCode::NotDefined, "this server has another version of the file"));
     }
     let source = source_for(file, context.mode)?;
-    ReadTransfer::resume(source, context.negotiated.blksize, context.negotiated.windowsize, sent)
+    let pace = config.pace(context.negotiated.timeout);
+    ReadTransfer::resume(source, context.negotiated.blksize, context.negotiated.windowsize, sent, pace, rtt)
         .map_err(|_| refusal(ErrorCode::NotDefined, "file too large"))
 }
 
@@ -149,7 +157,8 @@ pub fn open_write(root: &Root, config: &Config, filename: &str, mode: Mode, opti
         return Err(refusal(ErrorCode::FileExists, "file already exists"));
     }
     let negotiated = negotiate(options, config.limits, None);
-    let transfer = WriteTransfer::new(target, negotiated.blksize, negotiated.windowsize, mode == Mode::Netascii, config.allow_overwrite)
+    let (netascii, oack) = (mode == Mode::Netascii, !negotiated.oack.is_empty());
+    let transfer = WriteTransfer::new(target, negotiated.blksize, negotiated.windowsize, netascii, config.allow_overwrite, oack, config.pace(negotiated.timeout))
         .map_err(|_| refusal(ErrorCode::AccessViolation, "cannot create the file"))?;
     Ok((transfer, negotiated))
 }
@@ -185,7 +194,7 @@ mod tests {
     fn only_a_read_whose_context_travels_hashes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f.bin"), vec![7u8; 100_000]).unwrap();
-        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1) };
+        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0 };
         let mut root = Root::new(dir.path()).unwrap();
         let file = std::fs::File::open(dir.path().join("f.bin")).unwrap();
         let (transfer, _) = open_read(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();

@@ -1,7 +1,11 @@
 //! Standalone mode: a plain TFTP server. Requests arrive on the service port; each transfer
 //! gets a socket of its own on a new port (its TID, RFC 1350) and a task that runs it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::{net::UdpSocket, sync::Mutex};
@@ -10,9 +14,10 @@ use tracing::{debug, info, warn};
 use crate::{
     batch::SendBatch,
     files::{Refusal, Root},
+    rto::Budget,
     service::{self, Config},
     tid::TransferSocket,
-    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer, backoff},
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
@@ -21,15 +26,16 @@ const SMALL_PACKET: usize = 516;
 
 pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Result<()> {
     let root = Arc::new(Mutex::new(root));
+    let budget = Arc::new(std::sync::Mutex::new(Budget::new(config.retransmit_budget, Instant::now())));
     let config = Arc::new(config);
     let local_ip = socket.local_addr()?.ip();
     let mut buf = vec![0u8; MAX_PACKET];
     loop {
         let (len, client) = socket.recv_from(&mut buf).await.context("receiving requests")?;
         let request = buf[..len].to_vec();
-        let (root, config) = (Arc::clone(&root), Arc::clone(&config));
+        let (root, config, budget) = (Arc::clone(&root), Arc::clone(&config), Arc::clone(&budget));
         tokio::spawn(async move {
-            if let Err(error) = serve(&request, client, local_ip, &root, &config).await {
+            if let Err(error) = serve(&request, client, local_ip, &root, &config, &budget).await {
                 debug!(%client, %error, "transfer ended with an error");
             }
         });
@@ -52,7 +58,7 @@ fn clamped_to_path_mtu(config: &Config, socket: &TransferSocket) -> Config {
 }
 
 /// Runs one transfer from its request to the end.
-async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config) -> anyhow::Result<()> {
+async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, root: &Mutex<Root>, config: &Config, budget: &SharedBudget) -> anyhow::Result<()> {
     let socket = TransferSocket::bind(local_ip, client).context("binding a transfer port")?;
     let config = &clamped_to_path_mtu(config, &socket);
     // Requests, errors, ACKs and OACKs fit in 512 bytes; DATA gets a buffer sized to the
@@ -71,7 +77,7 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
             match opened {
                 Ok((transfer, negotiated)) => {
                     info!(%client, file = filename, size = transfer.size(), "read");
-                    read(&socket, transfer, negotiated.oack, config.timeout(negotiated.timeout)).await
+                    read(&socket, transfer, negotiated.oack, budget).await
                 }
                 Err(refusal) => send_error(&socket, &mut out, &refusal).await,
             }
@@ -82,7 +88,7 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
                 Ok((transfer, negotiated)) => {
                     info!(%client, file = filename, "write");
                     let first = if negotiated.oack.is_empty() { Repr::Ack { block: 0 } } else { Repr::Oack { options: negotiated.oack } };
-                    write(&socket, &mut out, transfer, &first, config.timeout(negotiated.timeout)).await
+                    write(&socket, &mut out, transfer, &first, budget).await
                 }
                 Err(refusal) => send_error(&socket, &mut out, &refusal).await,
             }
@@ -91,12 +97,47 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
     }
 }
 
-async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::wire::Options, timeout: Duration) -> anyhow::Result<()> {
-    // The client only sends ACKs and ERRORs; a longer ERROR is cut, fails to parse, and the
-    // retry limit ends the transfer.
+/// The backend-wide retransmission budget, shared by every transfer's task.
+type SharedBudget = std::sync::Mutex<Budget>;
+
+/// What ended a wait for the client.
+enum Heard {
+    /// A datagram of this length is in the buffer.
+    Datagram(usize),
+    /// The retransmission timer fired, nothing was queued, and the budget allows a resend.
+    Timeout,
+}
+
+/// Waits up to `wait` for the client. When the timer fires, input already queued is read
+/// first (under load a task may wake for its timer after its answer arrived: no loss), and a
+/// retransmission waits for the backend-wide budget.
+async fn hear(socket: &TransferSocket, buf: &mut [u8], wait: Duration, budget: &SharedBudget) -> std::io::Result<Heard> {
+    let mut wait = wait;
+    loop {
+        if let Ok(received) = tokio::time::timeout(wait, socket.recv(buf)).await {
+            return received.map(Heard::Datagram);
+        }
+        if let Some(received) = socket.try_recv(buf) {
+            return received.map(Heard::Datagram);
+        }
+        match budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner).allow(Instant::now()) {
+            Ok(()) => return Ok(Heard::Timeout),
+            Err(later) => wait = later,
+        }
+    }
+}
+
+/// Charges a timer-driven retransmission's datagrams to the budget.
+fn charge(budget: &SharedBudget, datagrams: u32) {
+    budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner).charge(datagrams);
+}
+
+async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::wire::Options, budget: &SharedBudget) -> anyhow::Result<()> {
+    // The client only sends ACKs and ERRORs (a repeated request reaches the service port); a
+    // longer ERROR is cut, fails to parse, and the retry limit ends the transfer.
     let mut buf = vec![0u8; SMALL_PACKET];
     let mut window = Window::new(&transfer);
-    let mut next = transfer.start();
+    let mut next = transfer.start(Instant::now());
     loop {
         match next {
             Next::Send(blocks) => {
@@ -106,7 +147,9 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
                     socket.send(&buf[..end]).await?;
                     first = 1;
                 }
-                window.send(socket, &transfer, first, last).await?;
+                if first <= last {
+                    window.send(socket, &transfer, first, last).await?;
+                }
             }
             Next::Finished => return Ok(()),
             Next::GiveUp => {
@@ -115,12 +158,16 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
             }
             Next::Nothing => {}
         }
-        next = match tokio::time::timeout(backoff(timeout, transfer.retries()), socket.recv(&mut buf)).await {
-            Err(_) => transfer.on_timeout(),
-            Ok(received) => match Packet::parse(&buf[..received?]) {
+        next = match hear(socket, &mut buf, transfer.wait(), budget).await? {
+            Heard::Timeout => {
+                let next = transfer.on_timeout(Instant::now());
+                charge(budget, next.datagrams());
+                next
+            }
+            Heard::Datagram(len) => match Packet::parse(&buf[..len]) {
                 Ok(Repr::Ack { block }) => {
                     let block = transfer.widen(block);
-                    transfer.on_ack(block, false)
+                    transfer.on_ack(block, false, Instant::now())
                 }
                 Ok(Repr::Error { .. }) => return Ok(()),
                 _ => Next::Nothing,
@@ -203,14 +250,15 @@ impl Window {
     }
 }
 
-async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, timeout: Duration) -> anyhow::Result<()> {
+async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, budget: &SharedBudget) -> anyhow::Result<()> {
     // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
     let mut buf = vec![0u8; (5 + usize::from(transfer.blksize)).min(MAX_PACKET + 1)];
     let end = service::emit_at(first, out, 0);
     socket.send(&out[..end]).await?;
+    transfer.start(Instant::now());
     loop {
-        let received = match tokio::time::timeout(backoff(timeout, transfer.retries()), socket.recv(&mut buf)).await {
-            Err(_) => {
+        let received = match hear(socket, &mut buf, transfer.wait(), budget).await? {
+            Heard::Timeout => {
                 if !transfer.on_timeout() {
                     warn!("client stopped sending; upload abandoned");
                     return Ok(());
@@ -218,12 +266,13 @@ async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTrans
                 // Repeat the last acknowledgement (or the OACK before any data).
                 let end = if transfer.last_ack() == 0 { service::emit_at(first, out, 0) } else { service::emit_at(&Repr::Ack { block: transfer.last_ack() }, out, 0) };
                 socket.send(&out[..end]).await?;
+                charge(budget, 1);
                 continue;
             }
-            Ok(received) => received?,
+            Heard::Datagram(len) => len,
         };
         match Packet::parse(&buf[..received]) {
-            Ok(Repr::Data { block, data }) => match transfer.on_data(block, data) {
+            Ok(Repr::Data { block, data }) => match transfer.on_data(block, data, Instant::now()) {
                 WriteNext::Ack(n) => {
                     let end = service::emit_at(&Repr::Ack { block: n }, out, 0);
                     socket.send(&out[..end]).await?;
@@ -257,7 +306,7 @@ mod tests {
     /// 100 blocks of 1000 bytes, the block size a transfer of it negotiated.
     fn transfer(windowsize: u16) -> (Vec<u8>, ReadTransfer) {
         let data: Vec<u8> = (0..100_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
-        let transfer = ReadTransfer::new(Source::Memory(data.clone()), 1000, windowsize, false).unwrap();
+        let transfer = ReadTransfer::new(Source::Memory(data.clone()), 1000, windowsize, false, crate::rto::Pace { floor: std::time::Duration::from_millis(2), timeout: std::time::Duration::from_secs(1), negotiated: false }).unwrap();
         (data, transfer)
     }
 

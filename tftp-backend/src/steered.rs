@@ -25,9 +25,10 @@ use crate::{
     batch::SendBatch,
     completed::{self, Completed},
     files::{self, FileId, Refusal, Root},
+    rto::{Budget, RttEstimate},
     service::{self, Config, Context},
     timer::TimerQueue,
-    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer, backoff},
+    transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
@@ -55,7 +56,6 @@ struct Session {
     header: SteeringHeader,
     /// Where replies go: the LB that sent the latest packet of this session.
     lb: SocketAddr,
-    timeout: std::time::Duration,
 }
 
 /// A datagram set aside until its file's digest is computed.
@@ -82,12 +82,15 @@ pub struct Steered {
     completed: Completed<Key>,
     /// Datagrams sent so far: a datagram whose handling sent none is answered `HEARD`.
     replies: u64,
+    /// Timer-driven retransmissions left to this backend (`--retransmit-budget`).
+    budget: Budget,
 }
 
 impl Steered {
     /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`).
     #[must_use]
     pub fn new(socket: UdpSocket, root: Root, config: Config, segment_offload: bool) -> Self {
+        let budget = Budget::new(config.retransmit_budget, Instant::now());
         Self {
             socket,
             root,
@@ -103,6 +106,7 @@ impl Steered {
             digested: mpsc::unbounded_channel(),
             completed: Completed::new(completed::REMEMBER_FOR, completed::CAPACITY),
             replies: 0,
+            budget,
         }
     }
 
@@ -231,16 +235,21 @@ impl Steered {
             Repr::Rrq { filename, mode, options } => {
                 if self.duplicate_request(key, filename) {
                     // A repeated or duplicated RRQ while the first one's OACK or DATA 1 is
-                    // outstanding: a second OACK from the same TID makes clients abort, and the
-                    // timer resends the first answer if it was lost.
-                    debug!(client = ?key.0, file = filename, "duplicate request ignored");
+                    // outstanding: a second OACK from the same TID makes clients abort, so
+                    // only a repeat well after the OACK (lost, then) gets it again.
+                    let next = match self.sessions.get_mut(&key) {
+                        Some(Session { kind: Kind::Read(transfer), .. }) => transfer.on_repeated_request(Instant::now()),
+                        _ => Next::Nothing,
+                    };
+                    debug!(client = ?key.0, port = u16::from_be_bytes(key.1), file = filename, ?next, "repeated request");
+                    self.read_next(key, next).await;
                     return;
                 }
                 self.forget(key);
                 match service::open_read_with_context(&mut self.root, &self.config, filename, mode, &options) {
                     Ok((mut transfer, context)) => {
-                        info!(client = ?key.0, file = filename, "read");
-                        let first = transfer.start();
+                        info!(client = ?key.0, port = u16::from_be_bytes(key.1), file = filename, "read");
+                        let first = transfer.start(Instant::now());
                         self.insert(key, header, &context, Kind::Read(transfer), from);
                         self.read_next(key, first).await;
                     }
@@ -258,6 +267,9 @@ impl Steered {
                             self.send_tftp(key, &Repr::Ack { block: 0 }, 0).await;
                         } else {
                             self.send_tftp(key, &Repr::Oack { options: negotiated.oack }, 0).await;
+                        }
+                        if let Some(Session { kind: Kind::Write(transfer), .. }) = self.sessions.get_mut(&key) {
+                            transfer.start(Instant::now());
                         }
                         self.arm(key);
                     }
@@ -317,7 +329,7 @@ impl Steered {
                 self.refuse(key, &header, from, &refusal).await;
                 return;
             }
-            match service::resume_read(&mut self.root, &context, header.block()) {
+            match service::resume_read(&mut self.root, &self.config, &context, header.block(), RttEstimate::from_wire(header.rtt)) {
                 Ok(transfer) => {
                     info!(client = ?key.0, block = header.block(), "resuming a transfer started elsewhere");
                     self.insert(key, header, &context, Kind::Read(transfer), from);
@@ -345,7 +357,7 @@ impl Steered {
                     }
                     xdp_lb_common::steering::expand_block(wire, transfer.sent())
                 };
-                transfer.on_ack(block, header.has_flag(FLAG_NUDGE))
+                transfer.on_ack(block, header.has_flag(FLAG_NUDGE), Instant::now())
             }
             Kind::Write(_) => Next::Nothing,
         };
@@ -359,7 +371,7 @@ impl Steered {
             return;
         };
         *lb = from;
-        match transfer.on_data(block, data) {
+        match transfer.on_data(block, data, Instant::now()) {
             WriteNext::Ack(n) => {
                 self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
                 self.arm(key);
@@ -412,6 +424,7 @@ impl Steered {
         let mut header = session.header;
         header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
         header.set_block(n);
+        header.rtt = transfer.rtt().to_wire();
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
         let end = if n == 0 {
             let options = session_oack(session);
@@ -446,6 +459,9 @@ impl Steered {
         let per_batch = u32::try_from((self.blocks.len() / blksize).clamp(1, BATCH_BLOCKS)).unwrap_or(1);
         let (mut header, lb) = (session.header, session.lb);
         header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+        // The balancer keeps it with the session: a backend that takes the transfer over
+        // starts from this estimate, not from the 1 s timeout.
+        header.rtt = transfer.rtt().to_wire();
         // One super-packet per window saves CPU per block, but the window's first block leaves
         // only once all are built and cut: a lone transfer, bound by its round trip rather than
         // by CPU, lost ~15% of its goodput that way (0.84 of direct through the LB against
@@ -499,14 +515,22 @@ impl Steered {
         let now = Instant::now();
         while let Some(key) = self.timers.pop_expired(now) {
             let Some(session) = self.sessions.get_mut(&key) else { continue };
+            if let Err(later) = self.budget.allow(now) {
+                // Over the budget: the retransmission waits, and is not counted as a retry.
+                self.timers.schedule(key, now + later);
+                continue;
+            }
             match &mut session.kind {
                 Kind::Read(transfer) => {
-                    let next = transfer.on_timeout();
+                    let next = transfer.on_timeout(now);
+                    debug!(client = ?key.0, port = u16::from_be_bytes(key.1), ?next, wait = ?transfer.wait(), "timer expired");
+                    self.budget.charge(next.datagrams());
                     self.read_next(key, next).await;
                 }
                 Kind::Write(transfer) => {
                     if transfer.on_timeout() {
                         let block = transfer.last_ack();
+                        self.budget.charge(1);
                         self.send_tftp(key, &Repr::Ack { block }, 0).await;
                         self.arm(key);
                     } else if let Some(session) = self.forget(key) {
@@ -520,9 +544,8 @@ impl Steered {
     fn insert(&mut self, key: Key, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr) {
         let mut template = header;
         context.write_into(&mut template);
-        let timeout = self.config.timeout(context.negotiated.timeout);
         self.completed.forget(&key);
-        self.sessions.insert(key, Session { kind, header: template, lb, timeout });
+        self.sessions.insert(key, Session { kind, header: template, lb });
     }
 
     fn forget(&mut self, key: Key) -> Option<Session> {
@@ -532,11 +555,11 @@ impl Steered {
 
     fn arm(&mut self, key: Key) {
         if let Some(session) = self.sessions.get(&key) {
-            let retries = match &session.kind {
-                Kind::Read(transfer) => transfer.retries(),
-                Kind::Write(transfer) => transfer.retries(),
+            let wait = match &session.kind {
+                Kind::Read(transfer) => transfer.wait(),
+                Kind::Write(transfer) => transfer.wait(),
             };
-            self.timers.schedule(key, Instant::now() + backoff(session.timeout, retries));
+            self.timers.schedule(key, Instant::now() + wait);
         }
     }
 

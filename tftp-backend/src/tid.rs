@@ -55,6 +55,15 @@ impl TransferSocket {
         }
     }
 
+    /// A datagram already queued, without waiting: before a timer-driven retransmission, an
+    /// answer that arrived while this task waited for a CPU is no loss.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        match self.io.get_ref().recv(buf) {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => None,
+            received => Some(received),
+        }
+    }
+
     /// Sends one datagram to the client.
     pub async fn send(&self, datagram: &[u8]) -> io::Result<usize> {
         self.send_with(|_| self.io.get_ref().send(datagram)).await

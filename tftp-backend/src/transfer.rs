@@ -10,25 +10,16 @@ use std::{
     ops::RangeInclusive,
     os::unix::fs::FileExt as _,
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use xdp_lb_common::steering::expand_block;
 
-use crate::{netascii, wire::ErrorCode};
-
-/// Retransmissions of one window before the transfer is abandoned.
-pub const MAX_RETRIES: u8 = 6;
-
-/// The wait before the next retransmission after `retries` unanswered ones: the transfer's
-/// timeout, doubled at each retry up to 16 times it (RFC 1123 4.2.3.2 asks for exponential
-/// backoff). Seven sends span a minute with a 1 s timeout, so a client that waits 5 s after
-/// each packet it receives before retransmitting (atftp) gets a quiet gap to answer in; a
-/// fixed 1 s pace kept resetting its timer until the server gave up.
-#[must_use]
-pub fn backoff(timeout: Duration, retries: u8) -> Duration {
-    timeout.saturating_mul(1 << retries.min(4))
-}
+use crate::{
+    netascii,
+    rto::{Clock, Pace, RttEstimate},
+    wire::ErrorCode,
+};
 
 /// Where the bytes of a read come from: the file itself (octet), or its netascii form.
 pub enum Source {
@@ -91,6 +82,17 @@ pub enum Next {
     GiveUp,
 }
 
+impl Next {
+    /// How many datagrams it sends.
+    #[must_use]
+    pub fn datagrams(&self) -> u32 {
+        match self {
+            Self::Send(blocks) => blocks.end().saturating_sub(*blocks.start()) + 1,
+            _ => 0,
+        }
+    }
+}
+
 /// A download in progress.
 pub struct ReadTransfer {
     source: Source,
@@ -103,9 +105,12 @@ pub struct ReadTransfer {
     acked: u32,
     /// Highest block sent.
     sent: u32,
-    retries: u8,
+    /// Round-trip estimate, the send being timed, retransmissions since the last progress.
+    clock: Clock,
     /// An OACK was (or is to be) sent and not acknowledged yet.
     oack_pending: bool,
+    /// When the OACK last went out: a repeated request soon after is a copy of the first.
+    oack_sent: Option<Instant>,
     /// Blocks after the last ACK may have been lost with a failed server or balancer (after a
     /// nudge or a resume): the next ACK gets a whole window, not only blocks never sent.
     resync: bool,
@@ -119,22 +124,43 @@ pub struct ReadTransfer {
     /// ACKs; resending a window for each made every copy answer again, and after a failover
     /// one 528 KiB download grew into 160 000 DATA packets.
     echoes: u32,
+    /// The last ACK covered everything sent: a late ACK after it more likely went missing
+    /// than the window did, so the first timeout resends only the window's last block (a
+    /// tail probe, which a client answers with an ACK showing what it holds).
+    whole: bool,
 }
 
 impl ReadTransfer {
     /// A new transfer; with `oack` the first thing sent is the OACK (block 0), else DATA 1.
-    pub fn new(source: Source, blksize: u16, windowsize: u16, oack: bool) -> std::io::Result<Self> {
+    pub fn new(source: Source, blksize: u16, windowsize: u16, oack: bool, pace: Pace) -> std::io::Result<Self> {
         let size = source.len()?;
         let blksize = blksize.max(1);
         let last = u32::try_from(size / u64::from(blksize) + 1).map_err(|_| std::io::Error::other("file too large for 32-bit blocks"))?;
-        Ok(Self { source, size, blksize, windowsize: windowsize.max(1), last, acked: 0, sent: 0, retries: 0, oack_pending: oack, resync: false, resent: None, echoes: 0 })
+        Ok(Self {
+            source,
+            size,
+            blksize,
+            windowsize: windowsize.max(1),
+            last,
+            acked: 0,
+            sent: 0,
+            clock: Clock::new(pace),
+            oack_pending: oack,
+            oack_sent: None,
+            resync: false,
+            resent: None,
+            echoes: 0,
+            whole: true,
+        })
     }
 
-    /// Picks a transfer up where another server left it: everything up to `sent` went out.
-    pub fn resume(source: Source, blksize: u16, windowsize: u16, sent: u32) -> std::io::Result<Self> {
-        let mut t = Self::new(source, blksize, windowsize, false)?;
+    /// Picks a transfer up where another server left it: everything up to `sent` went out,
+    /// over a path whose round trip the other server estimated as `rtt`.
+    pub fn resume(source: Source, blksize: u16, windowsize: u16, sent: u32, pace: Pace, rtt: RttEstimate) -> std::io::Result<Self> {
+        let mut t = Self::new(source, blksize, windowsize, false, pace)?;
         t.sent = sent.min(t.last);
         t.resync = true;
+        t.clock.rtt = rtt;
         Ok(t)
     }
 
@@ -148,6 +174,12 @@ impl ReadTransfer {
         self.sent
     }
 
+    /// The round-trip estimate, for the steering header.
+    #[must_use]
+    pub fn rtt(&self) -> RttEstimate {
+        self.clock.rtt
+    }
+
     /// Takes note that blocks up to `sent` went out from another server (this one's copy of the
     /// transfer is older than the balancer's view): the client's ACKs up to there are valid, and
     /// what followed this server's last ACK may be lost, so the next ACK gets a whole window.
@@ -159,9 +191,16 @@ impl ReadTransfer {
     }
 
     /// Retransmissions since the client last made progress.
+    #[cfg(test)]
     #[must_use]
     pub fn retries(&self) -> u8 {
-        self.retries
+        self.clock.retries()
+    }
+
+    /// How long to wait for the client before the next retransmission.
+    #[must_use]
+    pub fn wait(&self) -> Duration {
+        self.clock.wait(self.oack_pending)
     }
 
     /// Highest block the client acknowledged.
@@ -170,11 +209,35 @@ impl ReadTransfer {
     }
 
     /// The first thing to send.
-    pub fn start(&mut self) -> Next {
+    pub fn start(&mut self, now: Instant) -> Next {
         if self.oack_pending {
-            return Next::Send(0..=0);
+            return self.send_oack(now);
         }
-        self.window_after(0)
+        self.window_after(0, now)
+    }
+
+    /// The client repeated its request before acknowledging anything. Within half the timeout
+    /// of the OACK it is a copy of the first request (a duplicating network), and a second OACK
+    /// would abort the client; later, the OACK was lost, and the client asks again sooner than
+    /// the server's OACK timer would resend it.
+    pub fn on_repeated_request(&mut self, now: Instant) -> Next {
+        match self.oack_sent {
+            Some(at) if self.oack_pending && now.saturating_duration_since(at) >= self.clock.pace.timeout / 2 => {
+                self.clock.resent(0, 0);
+                self.send_oack(now)
+            }
+            _ => Next::Nothing,
+        }
+    }
+
+    fn send_oack(&mut self, now: Instant) -> Next {
+        if self.oack_sent.is_some() {
+            self.clock.resent(0, 0);
+        } else {
+            self.clock.sent(0, now);
+        }
+        self.oack_sent = Some(now);
+        Next::Send(0..=0)
     }
 
     /// Widens a 16-bit ACK to the 32-bit counter, relative to what was sent.
@@ -183,8 +246,9 @@ impl ReadTransfer {
         expand_block(wire, self.sent)
     }
 
-    /// The client acknowledged `block` (32-bit). `nudge`: the load balancer asks to resend what
-    /// follows now, even if the ACK looks like a duplicate (the session just moved here).
+    /// The client acknowledged `block` (32-bit) at `now`. `nudge`: the load balancer asks to
+    /// resend what follows now, even if the ACK looks like a duplicate (the session just moved
+    /// here).
     ///
     /// Windows (RFC 7440): an ACK that moves forward but not to the end of what was sent only
     /// adds new blocks, leaving those in flight alone. Clients that count duplicates towards
@@ -192,7 +256,7 @@ impl ReadTransfer {
     /// of every window sent twice. A repeated ACK signals loss and resends from the block
     /// after it; with a window of one it waits for the timer instead (no Sorcerer's
     /// Apprentice).
-    pub fn on_ack(&mut self, block: u32, nudge: bool) -> Next {
+    pub fn on_ack(&mut self, block: u32, nudge: bool, now: Instant) -> Next {
         // A nudge carries the balancer's view, which may lag behind the ACKs this server saw.
         let block = if nudge { block.max(self.acked) } else { block };
         if block > self.sent && !nudge {
@@ -204,6 +268,9 @@ impl ReadTransfer {
             // client when the balancer's session was mirrored a moment before a failover: the
             // blocks up to the client's ACK did go out, from the server that failed.
             self.sent = block;
+        }
+        if !nudge {
+            self.clock.answered(block, now);
         }
         if block >= self.last {
             self.acked = self.last;
@@ -225,21 +292,23 @@ impl ReadTransfer {
         }
         let forward = block > self.acked || (block == 0 && self.oack_pending);
         self.oack_pending = false;
+        self.whole = block >= self.sent;
         if nudge || (forward && (block >= self.sent || self.resync)) {
             self.resync = nudge;
             self.acked = block;
-            self.retries = 0;
-            return self.window_after(block);
+            self.clock.progress();
+            return self.window_after(block, now);
         }
         if forward {
             self.acked = block;
-            self.retries = 0;
+            self.clock.progress();
             let last = block.saturating_add(u32::from(self.windowsize)).min(self.last);
             if last <= self.sent {
                 return Next::Nothing;
             }
             let first = self.sent + 1;
             self.sent = last;
+            self.clock.sent(last, now);
             return Next::Send(first..=last);
         }
         if block == self.acked && self.windowsize > 1 {
@@ -250,35 +319,45 @@ impl ReadTransfer {
             // A block after `block` was lost: the blocks behind the gap that arrive may each be
             // answered with this same ACK; one resend answers them all.
             let behind_the_gap = self.sent.saturating_sub(block + 1);
-            let next = self.window_after(block);
+            let next = self.window_after(block, now);
             self.echoes = behind_the_gap.saturating_sub(1);
             return next;
         }
         Next::Nothing
     }
 
-    /// The retransmission timer fired.
-    pub fn on_timeout(&mut self) -> Next {
-        self.retries += 1;
-        if self.retries > MAX_RETRIES {
+    /// The retransmission timer fired (after the input queued for this transfer was read).
+    pub fn on_timeout(&mut self, now: Instant) -> Next {
+        if !self.clock.expired(self.oack_pending) {
             return Next::GiveUp;
         }
         if self.oack_pending {
-            return Next::Send(0..=0);
+            return self.send_oack(now);
         }
-        self.window_after(self.acked)
+        if self.clock.retries() == 1 && self.whole && self.sent > self.acked + 1 {
+            // The window went out whole after a complete ACK; its ACK is late. Its last block
+            // alone tells whether the window or the ACK was lost: the client answers it with
+            // the ACK of what it holds (a gap ACK, or the whole window).
+            self.clock.resent(self.sent, self.sent);
+            return Next::Send(self.sent..=self.sent);
+        }
+        self.window_after(self.acked, now)
     }
 
     /// Sends the window after `acked`; blocks in it that went out before are a resend, which
     /// the client may answer once per block it already had (see `echoes`).
-    fn window_after(&mut self, acked: u32) -> Next {
+    fn window_after(&mut self, acked: u32, now: Instant) -> Next {
         let first = acked + 1;
         let last = acked.saturating_add(u32::from(self.windowsize)).min(self.last);
         if first <= self.sent {
+            self.clock.resent(first, last.min(self.sent));
             self.resent = match self.resent {
                 Some((f, l, copies)) if f == first => Some((f, l, copies + 1)),
                 _ => Some((first, last.min(self.sent), 1)),
             };
+        }
+        if last > self.sent {
+            self.clock.sent(last, now);
         }
         self.sent = self.sent.max(last);
         Next::Send(first..=last)
@@ -334,12 +413,15 @@ pub struct WriteTransfer {
     received: u32,
     netascii: Option<netascii::Decoder>,
     overwrite: bool,
-    retries: u8,
+    /// The transfer began with an OACK, which is resent more rarely (see `rto::oack_wait`).
+    oack: bool,
+    clock: Clock,
     decoded: Vec<u8>,
 }
 
 impl WriteTransfer {
-    pub fn new(target: PathBuf, blksize: u16, windowsize: u16, netascii: bool, overwrite: bool) -> std::io::Result<Self> {
+    /// `oack`: the first answer is an OACK, not ACK 0.
+    pub fn new(target: PathBuf, blksize: u16, windowsize: u16, netascii: bool, overwrite: bool, oack: bool, pace: Pace) -> std::io::Result<Self> {
         let dir = target.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
         let temp = tempfile::Builder::new().prefix(".tftp-upload-").tempfile_in(dir)?;
         Ok(Self {
@@ -350,9 +432,15 @@ impl WriteTransfer {
             received: 0,
             netascii: netascii.then(netascii::Decoder::default),
             overwrite,
-            retries: 0,
+            oack,
+            clock: Clock::new(pace),
             decoded: Vec::new(),
         })
+    }
+
+    /// The first answer (OACK or ACK 0) went out at `now`.
+    pub fn start(&mut self, now: Instant) {
+        self.clock.sent(0, now);
     }
 
     /// The block to acknowledge now (after the request, or on a timeout).
@@ -361,25 +449,32 @@ impl WriteTransfer {
         (self.received & 0xffff) as u16
     }
 
-    /// Retransmissions since the client last sent a block in order.
+    /// How long to wait for the client's next DATA before acknowledging again.
     #[must_use]
-    pub fn retries(&self) -> u8 {
-        self.retries
+    pub fn wait(&self) -> Duration {
+        self.clock.wait(self.oack && self.received == 0)
     }
 
-    /// Counts a timeout; false once retries are exhausted.
+    /// Counts a timeout, after which the last acknowledgement goes out again; false once
+    /// retries are exhausted.
     pub fn on_timeout(&mut self) -> bool {
-        self.retries += 1;
-        self.retries <= MAX_RETRIES
+        self.clock.resent(self.received, self.received);
+        self.clock.expired(self.oack && self.received == 0)
     }
 
-    pub fn on_data(&mut self, wire: u16, data: &[u8]) -> WriteNext {
+    /// DATA `wire` arrived at `now`.
+    pub fn on_data(&mut self, wire: u16, data: &[u8], now: Instant) -> WriteNext {
         let block = expand_block(wire, self.received + 1);
         if block != self.received + 1 || data.len() > usize::from(self.blksize) {
             // A duplicate or a gap: RFC 7440 asks to acknowledge the last in-order block.
-            return if block <= self.received { WriteNext::Nothing } else { WriteNext::Ack(self.last_ack()) };
+            if block <= self.received {
+                return WriteNext::Nothing;
+            }
+            self.clock.resent(self.received, self.received);
+            return WriteNext::Ack(self.last_ack());
         }
-        self.retries = 0;
+        self.clock.answered(self.received, now);
+        self.clock.progress();
         if let Err(code) = self.append(data) {
             return WriteNext::Fail(code, "cannot write the file");
         }
@@ -391,6 +486,7 @@ impl WriteTransfer {
             };
         }
         if self.received.is_multiple_of(u32::from(self.windowsize)) {
+            self.clock.sent(self.received, now);
             WriteNext::Ack(self.last_ack())
         } else {
             WriteNext::Nothing
@@ -447,6 +543,14 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::rto::MAX_RETRIES;
+
+    const MS: Duration = Duration::from_millis(1);
+    const PACE: Pace = Pace { floor: Duration::from_millis(2), timeout: Duration::from_secs(1), negotiated: false };
+
+    fn now() -> Instant {
+        Instant::now()
+    }
 
     fn source(len: usize) -> Source {
         Source::Memory((0..len).map(|i| u8::try_from(i % 251).unwrap()).collect())
@@ -458,12 +562,12 @@ mod tests {
     /// the transfer for good: the client ignores the old window it gets again).
     #[test]
     fn a_resumed_transfer_believes_a_client_ahead_of_the_balancers_view() {
-        let mut t = ReadTransfer::resume(source(1_000_000), 512, 16, 100).unwrap();
-        assert_eq!(t.on_ack(84, true), Next::Send(85..=100), "the nudge resends the window the header names");
-        assert_eq!(t.on_ack(500, false), Next::Send(501..=516), "the client is further on");
-        assert_eq!(t.on_ack(516, false), Next::Send(517..=532));
+        let mut t = ReadTransfer::resume(source(1_000_000), 512, 16, 100, PACE, RttEstimate::default()).unwrap();
+        assert_eq!(t.on_ack(84, true, now()), Next::Send(85..=100), "the nudge resends the window the header names");
+        assert_eq!(t.on_ack(500, false, now()), Next::Send(501..=516), "the client is further on");
+        assert_eq!(t.on_ack(516, false, now()), Next::Send(517..=532));
         // Once in step again, an ACK of something never sent is stale as before.
-        assert_eq!(t.on_ack(9000, false), Next::Nothing);
+        assert_eq!(t.on_ack(9000, false, now()), Next::Nothing);
     }
 
     /// EDK2 acknowledges every DATA it did not expect with an ACK of its last block in order.
@@ -472,109 +576,169 @@ mod tests {
     /// without end). A repeat beyond the echoes is news of a loss again.
     #[test]
     fn the_echoes_of_a_resent_window_get_one_answer() {
-        let mut t = ReadTransfer::new(source(360 * 1468), 1468, 4, false).unwrap();
-        t.start();
-        assert_eq!(t.on_ack(4, false), Next::Send(5..=8));
-        assert_eq!(t.on_ack(8, false), Next::Send(9..=12));
+        let mut t = ReadTransfer::new(source(360 * 1468), 1468, 4, false, PACE).unwrap();
+        t.start(now());
+        assert_eq!(t.on_ack(4, false, now()), Next::Send(5..=8));
+        assert_eq!(t.on_ack(8, false, now()), Next::Send(9..=12));
         // A balancer took over with a view of block 4: the nudge resends 5..8, which the
         // client (at 12) had; it answers each with ACK 12.
-        assert_eq!(t.on_ack(4, true), Next::Send(9..=12), "from the later of the nudge and the last ACK seen");
-        assert_eq!(t.on_ack(12, false), Next::Send(13..=16));
+        assert_eq!(t.on_ack(4, true, now()), Next::Send(9..=12), "from the later of the nudge and the last ACK seen");
+        assert_eq!(t.on_ack(12, false, now()), Next::Send(13..=16));
         for echo in 0..3 {
-            assert_eq!(t.on_ack(12, false), Next::Nothing, "echo {echo} of the resent window");
+            assert_eq!(t.on_ack(12, false, now()), Next::Nothing, "echo {echo} of the resent window");
         }
-        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "progress as usual");
+        assert_eq!(t.on_ack(16, false, now()), Next::Send(17..=20), "progress as usual");
         // Block 17 lost: the client answers 18, 19 and 20 with ACK 16 each. One resend.
-        assert_eq!(t.on_ack(16, false), Next::Send(17..=20));
-        assert_eq!(t.on_ack(16, false), Next::Nothing, "the answer to 19");
-        assert_eq!(t.on_ack(16, false), Next::Nothing, "the answer to 20");
-        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "a repeat beyond them: the resend was lost too");
+        assert_eq!(t.on_ack(16, false, now()), Next::Send(17..=20));
+        assert_eq!(t.on_ack(16, false, now()), Next::Nothing, "the answer to 19");
+        assert_eq!(t.on_ack(16, false, now()), Next::Nothing, "the answer to 20");
+        assert_eq!(t.on_ack(16, false, now()), Next::Send(17..=20), "a repeat beyond them: the resend was lost too");
         // Both resends arrive; the client had 18..20 from the first window: ACK 20 comes back
         // once per copy of 18..20 and for 17's completion of the window, 7 times in all.
-        assert_eq!(t.on_ack(20, false), Next::Send(21..=24));
+        assert_eq!(t.on_ack(20, false, now()), Next::Send(21..=24));
         for echo in 0..7 {
-            assert_eq!(t.on_ack(20, false), Next::Nothing, "echo {echo} of the two resends");
+            assert_eq!(t.on_ack(20, false, now()), Next::Nothing, "echo {echo} of the two resends");
         }
-        assert_eq!(t.on_ack(24, false), Next::Send(25..=28));
+        assert_eq!(t.on_ack(24, false, now()), Next::Send(25..=28));
     }
 
     #[test]
     fn retransmissions_back_off_and_progress_resets_them() {
-        let second = Duration::from_secs(1);
-        let waits: Vec<u64> = (0..=MAX_RETRIES).map(|r| backoff(second, r).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
-        let mut t = ReadTransfer::new(source(10_000), 512, 4, false).unwrap();
-        t.start();
-        assert_eq!((t.on_timeout(), t.retries()), (Next::Send(1..=4), 1));
-        assert_eq!(t.on_timeout(), Next::Send(1..=4));
+        let mut t = ReadTransfer::new(source(10_000), 512, 4, false, PACE).unwrap();
+        t.start(now());
+        assert_eq!(t.wait(), 1000 * MS, "no round trip measured yet: the timeout");
+        assert_eq!((t.on_timeout(now()), t.retries()), (Next::Send(4..=4), 1), "first a probe of the window's tail");
+        assert_eq!(t.wait(), 2000 * MS);
+        assert_eq!(t.on_timeout(now()), Next::Send(1..=4), "then the window");
         assert_eq!(t.retries(), 2);
-        t.on_ack(4, false);
+        t.on_ack(4, false, now());
         assert_eq!(t.retries(), 0, "an ACK that moves forward starts the backoff again");
+    }
+
+    /// A lost block costs a few round trips, not the 1 s timeout: the timer follows the round
+    /// trips the ACKs measure, down to the floor, and doubles while nothing comes back.
+    #[test]
+    fn the_timer_follows_the_measured_round_trip() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(100 * 512), 512, 1, false, PACE).unwrap();
+        t.start(t0);
+        let mut at = t0;
+        for block in 1..=10 {
+            at += 3 * MS;
+            assert_eq!(t.on_ack(block, false, at), Next::Send(block + 1..=block + 1));
+        }
+        let rto = t.wait();
+        assert!(rto > 3 * MS && rto < 10 * MS, "3 ms round trips: {rto:?}");
+        assert_eq!(t.on_timeout(at + rto), Next::Send(11..=11));
+        assert_eq!(t.wait(), rto * 2, "backed off");
+        // Karn: the ACK of the resent block says nothing of the round trip, and the backoff
+        // stays until one that does.
+        let at = at + 500 * MS;
+        assert_eq!(t.on_ack(11, false, at), Next::Send(12..=12));
+        assert_eq!(t.wait(), rto * 2, "no sample from the resent block");
+        assert_eq!(t.on_ack(12, false, at + 3 * MS), Next::Send(13..=13));
+        assert_eq!(t.wait(), rto, "a clean sample of the same round trip");
+    }
+
+    #[test]
+    fn a_resumed_transfer_starts_from_the_previous_servers_estimate() {
+        let mut rtt = RttEstimate::default();
+        rtt.sample(4 * MS);
+        let t = ReadTransfer::resume(source(100_000), 512, 4, 50, PACE, rtt).unwrap();
+        assert_eq!(t.wait(), rtt.rto(PACE));
+        assert!(t.wait() < 20 * MS);
+    }
+
+    /// A second OACK aborts atftp: it waits for the client's own timer, and a repeated request gets
+    /// one only when it cannot be a copy of the first (half the timeout after the OACK).
+    #[test]
+    fn the_oack_is_resent_rarely() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(10_000), 512, 4, true, PACE).unwrap();
+        assert_eq!(t.start(t0), Next::Send(0..=0));
+        assert_eq!(t.wait(), 6000 * MS, "OACK: after the client's own 5 s timer");
+        assert_eq!(t.on_repeated_request(t0 + 10 * MS), Next::Nothing, "a copy of the request");
+        assert_eq!(t.on_repeated_request(t0 + 600 * MS), Next::Send(0..=0), "the client asks again: the OACK was lost");
+        assert_eq!(t.on_repeated_request(t0 + 700 * MS), Next::Nothing, "that answer is 100 ms old");
+        assert_eq!(t.on_timeout(t0 + 2600 * MS), Next::Send(0..=0));
+        assert_eq!(t.on_ack(0, false, t0 + 2601 * MS), Next::Send(1..=4));
+        assert_eq!(t.on_repeated_request(t0 + 3000 * MS), Next::Nothing, "acknowledged: never again");
+        assert!(t.wait() >= 1000 * MS, "the ACK of a resent OACK is no sample");
+    }
+
+    /// The first exchange gives the first sample: a transfer with options measures the OACK.
+    #[test]
+    fn the_oack_exchange_gives_the_first_sample() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(10_000), 512, 1, true, PACE).unwrap();
+        t.start(t0);
+        t.on_ack(0, false, t0 + 4 * MS);
+        assert_eq!(t.wait(), 12 * MS, "SRTT 4 + 4 * RTTVAR 2");
     }
 
     #[test]
     fn lock_step_download_with_exact_multiple_ends_with_an_empty_block() {
-        let mut t = ReadTransfer::new(source(1024), 512, 1, false).unwrap();
-        assert_eq!(t.start(), Next::Send(1..=1));
-        assert_eq!(t.on_ack(1, false), Next::Send(2..=2));
-        assert_eq!(t.on_ack(2, false), Next::Send(3..=3));
+        let mut t = ReadTransfer::new(source(1024), 512, 1, false, PACE).unwrap();
+        assert_eq!(t.start(now()), Next::Send(1..=1));
+        assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2));
+        assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=3));
         let mut buf = [0u8; 512];
         assert_eq!(t.read_block(3, &mut buf).unwrap(), 0, "the terminating empty block");
-        assert_eq!(t.on_ack(3, false), Next::Finished);
+        assert_eq!(t.on_ack(3, false, now()), Next::Finished);
     }
 
     #[test]
     fn a_stale_copy_catches_up_with_the_balancers_view() {
         // This server sent up to 8 and saw ACK 4; the transfer then ran elsewhere up to 20.
-        let mut t = ReadTransfer::new(source(100 * 100), 100, 4, false).unwrap();
-        t.start();
-        t.on_ack(4, false);
+        let mut t = ReadTransfer::new(source(100 * 100), 100, 4, false, PACE).unwrap();
+        t.start(now());
+        t.on_ack(4, false, now());
         assert_eq!(t.sent(), 8);
-        assert_eq!(t.on_ack(16, false), Next::Nothing, "beyond what this copy sent: stale");
+        assert_eq!(t.on_ack(16, false, now()), Next::Nothing, "beyond what this copy sent: stale");
         t.catch_up(20);
-        assert_eq!(t.on_ack(16, false), Next::Send(17..=20), "after catching up, a whole window");
+        assert_eq!(t.on_ack(16, false, now()), Next::Send(17..=20), "after catching up, a whole window");
         t.catch_up(10);
         assert_eq!(t.sent(), 20, "never backwards");
     }
 
     #[test]
     fn windows_and_partial_acks() {
-        let mut t = ReadTransfer::new(source(10 * 100 + 5), 100, 4, true).unwrap();
-        assert_eq!(t.start(), Next::Send(0..=0), "OACK first");
-        assert_eq!(t.on_ack(0, false), Next::Send(1..=4));
-        assert_eq!(t.on_ack(2, false), Next::Send(5..=6), "a partial ACK adds new blocks only");
-        assert_eq!(t.on_ack(2, false), Next::Send(3..=6), "a repeated ACK means loss: resend after it");
-        assert_eq!(t.on_timeout(), Next::Send(3..=6));
-        assert_eq!(t.on_ack(9, false), Next::Nothing, "beyond what was sent");
-        assert_eq!(t.on_ack(6, false), Next::Send(7..=10));
-        assert_eq!(t.on_ack(10, false), Next::Send(11..=11));
-        assert_eq!(t.on_ack(11, false), Next::Finished);
+        let mut t = ReadTransfer::new(source(10 * 100 + 5), 100, 4, true, PACE).unwrap();
+        assert_eq!(t.start(now()), Next::Send(0..=0), "OACK first");
+        assert_eq!(t.on_ack(0, false, now()), Next::Send(1..=4));
+        assert_eq!(t.on_ack(2, false, now()), Next::Send(5..=6), "a partial ACK adds new blocks only");
+        assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=6), "a repeated ACK means loss: resend after it");
+        assert_eq!(t.on_timeout(now()), Next::Send(3..=6));
+        assert_eq!(t.on_ack(9, false, now()), Next::Nothing, "beyond what was sent");
+        assert_eq!(t.on_ack(6, false, now()), Next::Send(7..=10));
+        assert_eq!(t.on_ack(10, false, now()), Next::Send(11..=11));
+        assert_eq!(t.on_ack(11, false, now()), Next::Finished);
     }
 
     #[test]
     fn lock_step_duplicates_wait_for_the_timer() {
-        let mut t = ReadTransfer::new(source(2000), 512, 1, false).unwrap();
-        t.start();
-        assert_eq!(t.on_ack(1, false), Next::Send(2..=2));
-        assert_eq!(t.on_ack(1, false), Next::Nothing, "no Sorcerer's Apprentice");
+        let mut t = ReadTransfer::new(source(2000), 512, 1, false, PACE).unwrap();
+        t.start(now());
+        assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2));
+        assert_eq!(t.on_ack(1, false, now()), Next::Nothing, "no Sorcerer's Apprentice");
     }
 
     #[test]
     fn resume_from_the_middle_reads_the_right_bytes_and_nudge_resends() {
         let data: Vec<u8> = (0..5000u32).map(|i| u8::try_from(i * 7 % 256).unwrap()).collect();
-        let mut t = ReadTransfer::resume(Source::Memory(data.clone()), 1000, 2, 3).unwrap();
-        assert_eq!(t.on_ack(2, true), Next::Send(3..=4), "nudge: resend after the ACK now");
+        let mut t = ReadTransfer::resume(Source::Memory(data.clone()), 1000, 2, 3, PACE, RttEstimate::default()).unwrap();
+        assert_eq!(t.on_ack(2, true, now()), Next::Send(3..=4), "nudge: resend after the ACK now");
         let mut buf = [0u8; 1000];
         assert_eq!(t.read_block(4, &mut buf).unwrap(), 1000);
         assert_eq!(&buf[..], &data[3000..4000]);
-        assert_eq!(t.on_ack(4, false), Next::Send(5..=6));
+        assert_eq!(t.on_ack(4, false, now()), Next::Send(5..=6));
         assert_eq!(t.read_block(6, &mut buf).unwrap(), 0);
     }
 
     #[test]
     fn read_blocks_reads_a_window_at_once_and_stops_at_the_end() {
         let data: Vec<u8> = (0..1050u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
-        let t = ReadTransfer::new(Source::Memory(data.clone()), 100, 4, false).unwrap();
+        let t = ReadTransfer::new(Source::Memory(data.clone()), 100, 4, false, PACE).unwrap();
         let mut buf = [0u8; 400];
         assert_eq!(t.read_blocks(3, 4, &mut buf).unwrap(), 400);
         assert_eq!(&buf[..], &data[200..600]);
@@ -585,7 +749,7 @@ mod tests {
 
     #[test]
     fn rollover_widens_16_bit_acks() {
-        let mut t = ReadTransfer::new(source(70_000 * 8), 8, 1, false).unwrap();
+        let mut t = ReadTransfer::new(source(70_000 * 8), 8, 1, false, PACE).unwrap();
         t.sent = 65_536;
         assert_eq!(t.widen(0), 65_536);
         assert_eq!(t.widen(65_535), 65_535);
@@ -593,30 +757,30 @@ mod tests {
 
     #[test]
     fn timeouts_give_up_after_the_retry_limit() {
-        let mut t = ReadTransfer::new(source(10), 512, 1, false).unwrap();
-        t.start();
+        let mut t = ReadTransfer::new(source(10), 512, 1, false, PACE).unwrap();
+        t.start(now());
         for _ in 0..MAX_RETRIES {
-            assert_eq!(t.on_timeout(), Next::Send(1..=1));
+            assert_eq!(t.on_timeout(now()), Next::Send(1..=1));
         }
-        assert_eq!(t.on_timeout(), Next::GiveUp);
+        assert_eq!(t.on_timeout(now()), Next::GiveUp);
     }
 
     #[test]
     fn upload_lands_only_when_complete_and_never_clobbers() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("up.bin");
-        let mut w = WriteTransfer::new(target.clone(), 4, 1, false, false).unwrap();
-        assert_eq!(w.on_data(1, b"abcd"), WriteNext::Ack(1));
-        assert_eq!(w.on_data(1, b"abcd"), WriteNext::Nothing);
+        let mut w = WriteTransfer::new(target.clone(), 4, 1, false, false, false, PACE).unwrap();
+        assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Ack(1));
+        assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Nothing);
         assert!(!target.exists(), "nothing in place before the end");
-        assert_eq!(w.on_data(2, b"ef"), WriteNext::Done(2));
+        assert_eq!(w.on_data(2, b"ef", now()), WriteNext::Done(2));
         assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
 
-        let mut again = WriteTransfer::new(target.clone(), 4, 1, false, false).unwrap();
-        assert_eq!(again.on_data(1, b"x"), WriteNext::Fail(ErrorCode::FileExists, "file already exists"));
+        let mut again = WriteTransfer::new(target.clone(), 4, 1, false, false, false, PACE).unwrap();
+        assert_eq!(again.on_data(1, b"x", now()), WriteNext::Fail(ErrorCode::FileExists, "file already exists"));
         assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
 
-        let aborted = WriteTransfer::new(dir.path().join("gone.bin"), 4, 1, false, false).unwrap();
+        let aborted = WriteTransfer::new(dir.path().join("gone.bin"), 4, 1, false, false, false, PACE).unwrap();
         drop(aborted);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "an aborted upload leaves nothing");

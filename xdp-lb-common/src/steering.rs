@@ -25,7 +25,9 @@
 //! +---------------------------------------------------------------+
 //! |                    file size in bytes (8)                     | 52
 //! +---------------------------------------------------------------+
-//!                                                                   60 + 4 reserved = 64
+//! |        SRTT (50 µs units)     |      RTTVAR (50 µs units)     | 60
+//! +-------------------------------+-------------------------------+
+//!                                                                   64
 //! ```
 //!
 //! Every multi-byte field is in network byte order and stored as a byte array, so the struct has
@@ -98,7 +100,10 @@ pub struct SteeringHeader {
     pub path_hash: [u8; 8],
     pub digest: [u8; 16],
     pub file_size: [u8; 8],
-    pub reserved: [u8; 4],
+    /// The serving backend's round-trip estimate toward the client (0: none), kept by the
+    /// balancer with the session so that a backend taking the transfer over retransmits on
+    /// the same schedule.
+    pub rtt: [u8; 4],
 }
 
 impl SteeringHeader {

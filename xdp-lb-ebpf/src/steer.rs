@@ -314,6 +314,7 @@ fn learn_context(ours: &mut SteeringHeader, theirs: &SteeringHeader) {
     ours.path_hash = theirs.path_hash;
     ours.digest = theirs.digest;
     ours.file_size = theirs.file_size;
+    ours.rtt = theirs.rtt;
     ours.set_block(highest);
 }
 

@@ -49,6 +49,7 @@ fn reply_header(port: u16, block: u32, flags: u8) -> SteeringHeader {
     h.windowsize = 1u16.to_be_bytes();
     h.digest = [7; 16];
     h.path_hash = [9; 8];
+    h.rtt = [0, 40, 0, 10];
     h
 }
 
@@ -117,6 +118,7 @@ fn client_ack_carries_the_learned_context_to_the_backend() {
     let s = steering(&out);
     assert_eq!(s.flags, FLAG_HAS_CONTEXT);
     assert_eq!((s.block(), s.blksize(), s.digest), (5, 1468, [7; 16]));
+    assert_eq!(s.rtt, [0, 40, 0, 10], "the backend's round-trip estimate, for a backend that takes over");
     assert_eq!(&out[42 + 64..], ack);
     assert!(checksums_valid(&out));
     assert_eq!(f.session(ClientKey::new(CLIENT, 40_002u16.to_be_bytes())).unwrap().last_ack, [0, 5]);

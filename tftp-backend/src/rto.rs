@@ -1,0 +1,402 @@
+//! When to retransmit: each transfer's round-trip time estimated from its own exchanges (RFC
+//! 6298: SRTT and RTTVAR, Karn's rule), the timeout that follows from it with exponential
+//! backoff, and the backend-wide budget that keeps many transfers retransmitting at once from
+//! adding to the congestion that made them lose packets. Pure logic over `Instant`s the caller
+//! passes in.
+//!
+//! A lost DATA or ACK used to cost the transfer's whole timeout (1 s by default): at 1% loss a
+//! lock-step download ran ~300 times slower. With the estimate it costs a few round trips, and
+//! the floor keeps a timer from firing before a client on a busy machine can answer.
+
+use std::time::{Duration, Instant};
+
+/// Retransmissions without progress before a transfer is abandoned, once the waits have grown
+/// to the transfer's timeout (the quicker ones before do not count).
+pub const MAX_RETRIES: u8 = 6;
+
+/// The clock's granularity in RFC 6298's `max(G, 4 * RTTVAR)`: tokio's timers fire on
+/// millisecond ticks.
+const GRANULARITY: Duration = Duration::from_millis(1);
+
+/// Unit of the estimate as the steering header carries it.
+const WIRE_UNIT_MICROS: u64 = 50;
+
+/// A transfer's retransmission bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pace {
+    /// The shortest wait before a retransmission, whatever the round trip (`--rto-min-ms`).
+    pub floor: Duration,
+    /// The negotiated timeout (RFC 2349) or `--timeout-ms`: the wait before any estimate, and
+    /// the longest the estimate alone may make it.
+    pub timeout: Duration,
+    /// The client asked for `timeout`: it retransmits on that timer too.
+    pub negotiated: bool,
+}
+
+/// Smoothed round-trip time and its variation (RFC 6298 2.2-2.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RttEstimate {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl RttEstimate {
+    pub fn sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                self.rttvar = (self.rttvar * 3 + srtt.abs_diff(rtt)) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    /// The retransmission timeout: the transfer's timeout until a round trip was measured.
+    #[must_use]
+    pub fn rto(self, pace: Pace) -> Duration {
+        self.srtt.map_or(pace.timeout, |srtt| (srtt + GRANULARITY.max(self.rttvar * 4)).clamp(pace.floor.min(pace.timeout), pace.timeout))
+    }
+
+    #[cfg(test)]
+    #[must_use]
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// Four bytes for the steering header: SRTT and RTTVAR in units of 50 µs (saturating at
+    /// ~3.3 s), zero SRTT for no estimate.
+    #[must_use]
+    pub fn to_wire(self) -> [u8; 4] {
+        let units = |d: Duration| u16::try_from(d.as_micros() / u128::from(WIRE_UNIT_MICROS)).unwrap_or(u16::MAX);
+        let Some(srtt) = self.srtt else { return [0; 4] };
+        let [a, b] = units(srtt).max(1).to_be_bytes();
+        let [c, d] = units(self.rttvar).to_be_bytes();
+        [a, b, c, d]
+    }
+
+    #[must_use]
+    pub fn from_wire(bytes: [u8; 4]) -> Self {
+        let srtt = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let rttvar = u16::from_be_bytes([bytes[2], bytes[3]]);
+        let duration = |units: u16| Duration::from_micros(u64::from(units) * WIRE_UNIT_MICROS);
+        Self { srtt: (srtt != 0).then(|| duration(srtt)), rttvar: duration(rttvar) }
+    }
+}
+
+/// The wait before the next retransmission after `retries` unanswered ones, or `None` when the
+/// transfer should be abandoned. Doubling from the estimated timeout while that stays under the
+/// transfer's timeout; then the timeout, doubled at each retry up to 16 times it (RFC 1123
+/// 4.2.3.2), for `MAX_RETRIES` more. So a lost packet costs a few round trips, and a client
+/// that only retransmits after a quiet gap of several seconds (atftp: 5 s) still gets one
+/// before the server gives up: a fixed 1 s pace kept resetting its timer until the end.
+#[must_use]
+pub fn wait(rto: Duration, timeout: Duration, retries: u8) -> Option<Duration> {
+    let quick = quick_retries(rto, timeout);
+    if retries < quick {
+        return Some(rto * (1 << retries));
+    }
+    let slow = retries - quick;
+    (slow <= MAX_RETRIES).then(|| timeout.saturating_mul(1 << slow.min(4)))
+}
+
+/// How many doublings of `rto` stay under `timeout`.
+fn quick_retries(rto: Duration, timeout: Duration) -> u8 {
+    let mut n = 0;
+    let mut at = rto.max(Duration::from_micros(1));
+    while at < timeout && n < 32 {
+        at *= 2;
+        n += 1;
+    }
+    n
+}
+
+/// The retransmission timer of most clients that negotiate no `timeout` (tftp-hpa, atftp,
+/// U-Boot: 5 s).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An OACK is resent more rarely than DATA, and after the client's own timer: a client that
+/// sees a second OACK after it acknowledged the first aborts (atftp), and under load its
+/// acknowledgement may only be late. Every client retransmits by itself: its request if the
+/// OACK was lost (answered with the OACK again, `ReadTransfer::on_repeated_request`), its ACK
+/// if that was. So the first resend waits twice the negotiated timeout, or without one a
+/// second longer than the usual client timer; then doubling, up to 16 times the timeout.
+#[must_use]
+pub fn oack_wait(pace: Pace, retries: u8) -> Option<Duration> {
+    let first = if pace.negotiated { pace.timeout * 2 } else { (pace.timeout * 2).max(CLIENT_TIMEOUT + Duration::from_secs(1)) };
+    let longest = first.max(pace.timeout.saturating_mul(16));
+    (retries <= MAX_RETRIES).then(|| first.saturating_mul(1 << retries.min(4)).min(longest))
+}
+
+/// One transfer's retransmission clock: the estimate, the send being timed, the backoff in
+/// effect and the retransmissions since the last progress.
+#[derive(Clone, Debug)]
+pub struct Clock {
+    pub pace: Pace,
+    pub rtt: RttEstimate,
+    /// The block (or, for uploads, the acknowledgement) whose answer gives the next sample,
+    /// and when it went out. Cleared when that block goes out again: an answer to a packet
+    /// sent twice says nothing about either send (Karn). Resends of other blocks leave it: in
+    /// a window that lost a block, the ACK of its last one still times a send that went once.
+    timed: Option<(u32, Instant)>,
+    /// Doublings of the timeout in effect: kept across progress until a new sample (Karn's
+    /// algorithm). A client that got slower would otherwise see every block sent twice, each
+    /// ACK ambiguous, and the estimate would never learn the new round trip.
+    backoff: u8,
+    /// Retransmissions since the peer last made progress: the transfer is abandoned when
+    /// the waits for as many have run out.
+    retries: u8,
+}
+
+impl Clock {
+    #[must_use]
+    pub fn new(pace: Pace) -> Self {
+        Self { pace, rtt: RttEstimate::default(), timed: None, backoff: 0, retries: 0 }
+    }
+
+    /// Something new went out, ending with `last`; timed unless a sample is pending already.
+    pub fn sent(&mut self, last: u32, now: Instant) {
+        if self.timed.is_none() {
+            self.timed = Some((last, now));
+        }
+    }
+
+    /// Blocks `first..=last` went out again (Karn's rule).
+    pub fn resent(&mut self, first: u32, last: u32) {
+        if self.timed.is_some_and(|(timed, _)| (first..=last).contains(&timed)) {
+            self.timed = None;
+        }
+    }
+
+    /// The peer answered up to `block`: a sample if that covers the timed send.
+    pub fn answered(&mut self, block: u32, now: Instant) {
+        if let Some((timed, at)) = self.timed
+            && block >= timed
+        {
+            self.rtt.sample(now.saturating_duration_since(at));
+            self.timed = None;
+            self.backoff = 0;
+        }
+    }
+
+    /// The peer made progress: it is alive, the give-up count starts again. The backoff stays
+    /// (Karn), but never beyond the transfer's timeout: a transfer whose every window needs a
+    /// repair may go long without a clean sample, and must not wait 16 s per window meanwhile.
+    pub fn progress(&mut self) {
+        self.retries = 0;
+        self.backoff = self.backoff.min(quick_retries(self.rtt.rto(self.pace), self.pace.timeout));
+    }
+
+    #[must_use]
+    pub fn retries(&self) -> u8 {
+        self.retries
+    }
+
+    /// The timer fired with nothing heard: false when the transfer should be abandoned.
+    pub fn expired(&mut self, oack: bool) -> bool {
+        self.retries = self.retries.saturating_add(1);
+        self.backoff = self.backoff.saturating_add(1);
+        self.schedule(oack, self.retries).is_some()
+    }
+
+    /// The wait before the next retransmission (`oack`: of an OACK, see `oack_wait`).
+    #[must_use]
+    pub fn wait(&self, oack: bool) -> Duration {
+        let longest = self.pace.timeout.saturating_mul(16);
+        self.schedule(oack, self.backoff.max(self.retries)).unwrap_or(longest)
+    }
+
+    fn schedule(&self, oack: bool, step: u8) -> Option<Duration> {
+        if oack { oack_wait(self.pace, step) } else { wait(self.rtt.rto(self.pace), self.pace.timeout, step) }
+    }
+}
+
+/// The backend-wide budget of timer-driven retransmissions, a token bucket of datagrams. When
+/// many transfers lose packets at once the cause is usually a link or a switch buffer that is
+/// already full (a rack powering on), and each transfer's own backoff does not stop a thousand
+/// of them from resending a window every few milliseconds. Retransmissions beyond the budget
+/// wait for it, and the waiting transfers' clocks do not count it as a retry. Resends that a
+/// client's ACK asks for (a gap) are paced by the client and not charged.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// Datagrams per second (`--retransmit-budget`).
+    rate: u32,
+    /// Tokens now (may go negative: a window is sent whole and paid for after).
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    #[must_use]
+    pub fn new(rate: u32, now: Instant) -> Self {
+        Self { rate, tokens: f64::from(Self::burst_of(rate)), at: now }
+    }
+
+    /// A tenth of a second's worth.
+    fn burst_of(rate: u32) -> u32 {
+        (rate / 10).max(1)
+    }
+
+    /// Whether a retransmission may go now, else how long until it may.
+    pub fn allow(&mut self, now: Instant) -> Result<(), Duration> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(Self::burst_of(self.rate)));
+        if self.tokens > 0.0 {
+            return Ok(());
+        }
+        let missing = 1.0 - self.tokens;
+        Err(Duration::from_secs_f64(missing / f64::from(self.rate)).max(Duration::from_millis(1)))
+    }
+
+    /// Pays for the `datagrams` of an allowed retransmission (the balance may go negative: a
+    /// window is sent whole).
+    pub fn charge(&mut self, datagrams: u32) {
+        if self.rate != 0 {
+            self.tokens -= f64::from(datagrams);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn pace() -> Pace {
+        Pace { floor: 2 * MS, timeout: 1000 * MS, negotiated: false }
+    }
+
+    #[test]
+    fn the_first_sample_sets_srtt_and_half_of_it_as_variation() {
+        let mut e = RttEstimate::default();
+        assert_eq!(e.rto(pace()), 1000 * MS, "no sample: the transfer's timeout");
+        e.sample(100 * MS);
+        assert_eq!(e.rto(pace()), 300 * MS, "SRTT + 4 * RTTVAR = 100 + 4 * 50");
+        e.sample(100 * MS);
+        // RTTVAR = 3/4 * 50 + 1/4 * 0 = 37.5; SRTT = 100.
+        assert_eq!(e.rto(pace()), 250 * MS);
+    }
+
+    #[test]
+    fn a_fast_link_is_held_at_the_floor_and_a_slow_one_at_the_timeout() {
+        let mut fast = RttEstimate::default();
+        for _ in 0..20 {
+            fast.sample(Duration::from_micros(80));
+        }
+        assert_eq!(fast.rto(pace()), 2 * MS, "80 µs round trips: the floor");
+        let mut slow = RttEstimate::default();
+        slow.sample(3000 * MS);
+        assert_eq!(slow.rto(pace()), 1000 * MS, "never beyond the timeout");
+    }
+
+    #[test]
+    fn waits_double_from_the_estimate_then_from_the_timeout_and_end() {
+        let waits: Vec<_> = (0..20).map_while(|r| wait(100 * MS, 1000 * MS, r)).map(|d| d.as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 2000, 4000, 8000, 16_000, 16_000, 16_000]);
+        let from_timeout: Vec<_> = (0..20).map_while(|r| wait(1000 * MS, 1000 * MS, r)).map(|d| d.as_secs()).collect();
+        assert_eq!(from_timeout, [1, 2, 4, 8, 16, 16, 16], "no estimate: the old schedule, 63 s in all");
+    }
+
+    #[test]
+    fn oack_waits_outlast_the_clients_own_timer() {
+        let waits = |pace| (0..20).map_while(|r| oack_wait(pace, r)).map(|d| d.as_secs()).collect::<Vec<_>>();
+        assert_eq!(waits(pace()), [6, 12, 16, 16, 16, 16, 16], "no timeout negotiated: after the usual 5 s");
+        let negotiated = Pace { negotiated: true, ..pace() };
+        assert_eq!(waits(negotiated), [2, 4, 8, 16, 16, 16, 16], "twice the client's timer");
+    }
+
+    #[test]
+    fn karns_rule_takes_no_sample_from_a_resent_block() {
+        let t0 = Instant::now();
+        let mut clock = Clock::new(pace());
+        clock.sent(1, t0);
+        clock.resent(1, 1);
+        clock.answered(1, t0 + 500 * MS);
+        assert_eq!(clock.rtt.srtt(), None, "ambiguous: no sample");
+        clock.sent(2, t0 + 500 * MS);
+        clock.sent(3, t0 + 501 * MS);
+        clock.answered(2, t0 + 510 * MS);
+        assert_eq!(clock.rtt.srtt(), Some(10 * MS), "timed from the first new send");
+        clock.answered(3, t0 + 520 * MS);
+        assert_eq!(clock.rtt.srtt(), Some(10 * MS), "block 3 was not timed");
+        // A window 4..=8 timed by its last block; a gap resend of 5..=6 leaves the timing.
+        clock.sent(8, t0 + 600 * MS);
+        clock.resent(5, 6);
+        clock.answered(8, t0 + 620 * MS);
+        assert!(clock.rtt.srtt() > Some(10 * MS), "block 8 went once: a sample");
+    }
+
+    #[test]
+    fn expiries_back_off_and_give_up() {
+        let mut clock = Clock::new(pace());
+        let mut expiries = 0;
+        while clock.expired(false) {
+            expiries += 1;
+        }
+        assert_eq!(expiries, MAX_RETRIES);
+        clock.progress();
+        assert_eq!(clock.wait(false), 1000 * MS, "progress keeps the backoff (Karn), up to the timeout");
+        clock.sent(9, Instant::now());
+        clock.answered(9, Instant::now());
+        assert!(clock.wait(false) < 1000 * MS, "a new sample ends it");
+    }
+
+    /// A client that became slower than the timer: every block went out twice and each ACK
+    /// was ambiguous. The backoff stays until a block sent once is answered, so the estimate
+    /// learns the new round trip instead of resending every block forever.
+    #[test]
+    fn the_backoff_lasts_until_a_clean_sample() {
+        let t0 = Instant::now();
+        let mut clock = Clock::new(pace());
+        for i in 0..8 {
+            clock.sent(i, t0);
+            clock.answered(i, t0 + MS);
+        }
+        let quick = clock.wait(false);
+        assert!(quick <= 3 * MS, "{quick:?}");
+        clock.sent(8, t0);
+        assert!(clock.expired(false));
+        clock.resent(8, 8);
+        clock.answered(8, t0 + 20 * MS);
+        clock.progress();
+        assert_eq!(clock.wait(false), quick * 2, "ambiguous answer: still backed off");
+        clock.sent(9, t0 + 20 * MS);
+        clock.answered(9, t0 + 40 * MS);
+        assert!(clock.wait(false) > quick * 2, "the slower round trip is learned: {:?}", clock.wait(false));
+    }
+
+    #[test]
+    fn the_estimate_survives_the_steering_header() {
+        let mut e = RttEstimate::default();
+        assert_eq!(RttEstimate::from_wire(e.to_wire()), e, "no estimate travels as none");
+        e.sample(Duration::from_micros(1200));
+        let back = RttEstimate::from_wire(e.to_wire());
+        assert_eq!(back.srtt(), Some(Duration::from_micros(1200)), "whole units travel exactly");
+        assert_eq!(back.rto(pace()), e.rto(pace()));
+        e.sample(Duration::from_secs(60));
+        assert_eq!(RttEstimate::from_wire(e.to_wire()).srtt(), Some(Duration::from_micros(u64::from(u16::MAX) * 50)), "saturates");
+    }
+
+    #[test]
+    fn the_budget_lets_a_burst_through_then_paces() {
+        let t0 = Instant::now();
+        let mut budget = Budget::new(1000, t0);
+        assert_eq!(budget.allow(t0), Ok(()));
+        budget.charge(64);
+        assert_eq!(budget.allow(t0), Ok(()), "100 tokens: a window may overdraw them");
+        budget.charge(64);
+        let wait = budget.allow(t0).unwrap_err();
+        assert!(wait >= 28 * MS && wait <= 30 * MS, "28 tokens owed: {wait:?}");
+        assert_eq!(budget.allow(t0 + 30 * MS), Ok(()));
+        let mut unlimited = Budget::new(0, t0);
+        unlimited.charge(1_000_000);
+        assert_eq!(unlimited.allow(t0), Ok(()), "0: no budget");
+    }
+}
