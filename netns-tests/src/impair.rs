@@ -99,18 +99,43 @@ pub fn install_loss(ns: &Netns, loss: &Loss<'_>) -> Result<()> {
     ns.exec("nft", &rule).map(drop)
 }
 
-/// Removes the loss rule from `ns` (no error if there is none).
+/// Drops `percent` % of the UDP datagrams `ns` receives, loopback included, chosen at random
+/// per datagram: with client and server on one loopback, each direction loses that share (the
+/// bench's lossy path, `cargo xtask bench --only loss`). Replaces an earlier rule of this
+/// module in `ns`.
+pub fn input_loss(ns: &Netns, percent: u8) -> Result<()> {
+    if percent > 100 {
+        return Err(invalid(format!("loss of {percent} %")));
+    }
+    clear_loss(ns)?;
+    ns.exec("nft", &["add", "table", "inet", TABLE])?;
+    ns.exec("nft", &["add", "chain", "inet", TABLE, "input", "{ type filter hook input priority 0 ; policy accept ; }"])?;
+    let percent = percent.to_string();
+    ns.exec("nft", &["add", "rule", "inet", TABLE, "input", "meta", "l4proto", "udp", "numgen", "random", "mod", "100", "<", &percent, "counter", "drop"])
+        .map(drop)
+}
+
+/// Removes the loss rules from `ns` (no error if there are none).
 pub fn clear_loss(ns: &Netns) -> Result<()> {
-    if ns.exec("nft", &["list", "table", "bridge", TABLE]).is_ok() {
-        ns.exec("nft", &["delete", "table", "bridge", TABLE])?;
+    for family in FAMILIES {
+        if ns.exec("nft", &["list", "table", family, TABLE]).is_ok() {
+            ns.exec("nft", &["delete", "table", family, TABLE])?;
+        }
     }
     Ok(())
 }
 
-/// Frames the loss rule of `ns` has dropped so far (its counter).
+/// The tables of this module's rules: bridged frames (`install_loss`), input (`input_loss`).
+const FAMILIES: [&str; 2] = ["bridge", "inet"];
+
+/// Frames (or datagrams) the loss rule of `ns` has dropped so far (its counter).
 pub fn loss_dropped(ns: &Netns) -> Result<u64> {
-    let listing = ns.exec("nft", &["list", "table", "bridge", TABLE])?;
-    Ok(counter_packets(&listing).unwrap_or(0))
+    for family in FAMILIES {
+        if let Ok(listing) = ns.exec("nft", &["list", "table", family, TABLE]) {
+            return Ok(counter_packets(&listing).unwrap_or(0));
+        }
+    }
+    Err(invalid(format!("no loss rule in {}", ns.name())))
 }
 
 /// The packet count of the first `counter packets N` in an nft listing.

@@ -3,6 +3,7 @@
 //! Standalone it is a plain RFC 1350/2347/2348/2349/7440 server. With `--steered` it sits
 //! behind xdp-lb's load balancers: every packet carries the steering header, and an ACK for a
 //! transfer this server never saw is served from that header alone.
+mod alarm;
 mod batch;
 mod completed;
 mod files;
@@ -84,7 +85,7 @@ struct Cli {
     /// round trip (RFC 6298's minimum RTO, lowered for LANs): a lost DATA or ACK costs about
     /// this much. Raise it where clients answer late without loss (slow firmware on a busy
     /// host); OACKs are always resent after at least twice the timeout.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     rto_min_ms: u64,
 
     /// Most timer-driven retransmissions per second, in datagrams, across every transfer of

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 /// to the transfer's timeout (the quicker ones before do not count).
 pub const MAX_RETRIES: u8 = 6;
 
-/// The clock's granularity in RFC 6298's `max(G, 4 * RTTVAR)`: tokio's timers fire on
-/// millisecond ticks.
-const GRANULARITY: Duration = Duration::from_millis(1);
+/// The clock's granularity in RFC 6298's `max(G, 4 * RTTVAR)`: the timers are timerfds
+/// (`alarm.rs`), late by the kernel's timer slack (50 µs) and a wakeup.
+const GRANULARITY: Duration = Duration::from_micros(100);
 
 /// Unit of the estimate as the steering header carries it.
 const WIRE_UNIT_MICROS: u64 = 50;

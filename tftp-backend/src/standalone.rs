@@ -12,6 +12,7 @@ use tokio::{net::UdpSocket, sync::Mutex};
 use tracing::{debug, info, warn};
 
 use crate::{
+    alarm::Alarm,
     batch::SendBatch,
     files::{Refusal, Root},
     rto::Budget,
@@ -108,14 +109,17 @@ enum Heard {
     Timeout,
 }
 
-/// Waits up to `wait` for the client. When the timer fires, input already queued is read
-/// first (under load a task may wake for its timer after its answer arrived: no loss), and a
+/// Waits up to `wait` for the client. When the alarm rings, input already queued is read
+/// first (under load a task may wake for its alarm after its answer arrived: no loss), and a
 /// retransmission waits for the backend-wide budget.
-async fn hear(socket: &TransferSocket, buf: &mut [u8], wait: Duration, budget: &SharedBudget) -> std::io::Result<Heard> {
+async fn hear(socket: &TransferSocket, alarm: &Alarm, buf: &mut [u8], wait: Duration, budget: &SharedBudget) -> std::io::Result<Heard> {
     let mut wait = wait;
     loop {
-        if let Ok(received) = tokio::time::timeout(wait, socket.recv(buf)).await {
-            return received.map(Heard::Datagram);
+        alarm.set(Some(wait))?;
+        tokio::select! {
+            biased;
+            received = socket.recv(buf) => return received.map(Heard::Datagram),
+            rang = alarm.rung() => rang?,
         }
         if let Some(received) = socket.try_recv(buf) {
             return received.map(Heard::Datagram);
@@ -137,6 +141,7 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
     // longer ERROR is cut, fails to parse, and the retry limit ends the transfer.
     let mut buf = vec![0u8; SMALL_PACKET];
     let mut window = Window::new(&transfer);
+    let alarm = Alarm::new().context("creating a timer")?;
     let mut next = transfer.start(Instant::now());
     loop {
         match next {
@@ -158,7 +163,7 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
             }
             Next::Nothing => {}
         }
-        next = match hear(socket, &mut buf, transfer.wait(), budget).await? {
+        next = match hear(socket, &alarm, &mut buf, transfer.wait(), budget).await? {
             Heard::Timeout => {
                 let next = transfer.on_timeout(Instant::now());
                 charge(budget, next.datagrams());
@@ -253,11 +258,12 @@ impl Window {
 async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, budget: &SharedBudget) -> anyhow::Result<()> {
     // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
     let mut buf = vec![0u8; (5 + usize::from(transfer.blksize)).min(MAX_PACKET + 1)];
+    let alarm = Alarm::new().context("creating a timer")?;
     let end = service::emit_at(first, out, 0);
     socket.send(&out[..end]).await?;
     transfer.start(Instant::now());
     loop {
-        let received = match hear(socket, &mut buf, transfer.wait(), budget).await? {
+        let received = match hear(socket, &alarm, &mut buf, transfer.wait(), budget).await? {
             Heard::Timeout => {
                 if !transfer.on_timeout() {
                     warn!("client stopped sending; upload abandoned");

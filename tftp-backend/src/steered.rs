@@ -22,6 +22,7 @@ use xdp_lb_common::{
 };
 
 use crate::{
+    alarm::Alarm,
     batch::SendBatch,
     completed::{self, Completed},
     files::{self, FileId, Refusal, Root},
@@ -112,8 +113,15 @@ impl Steered {
 
     pub async fn run(mut self) -> anyhow::Result<()> {
         let mut buf = vec![0u8; HEADER + MAX_PACKET];
+        let alarm = Alarm::new().context("creating the retransmission timer")?;
+        // The deadline the alarm is set for: set again only when the earliest one changes.
+        let mut armed = None;
         loop {
             let deadline = self.timers.next_deadline();
+            if deadline != armed {
+                alarm.set(deadline.map(|at| at.saturating_duration_since(Instant::now()))).context("setting the retransmission timer")?;
+                armed = deadline;
+            }
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
@@ -124,7 +132,9 @@ impl Steered {
                         self.datagram(&datagram, from).await;
                     }
                 }
-                () = sleep_until(deadline) => {
+                rang = alarm.rung() => {
+                    rang.context("waiting for the retransmission timer")?;
+                    armed = None;
                     // Input already queued comes first: under load an ACK waits in the receive
                     // queue past its transfer's timer, and a resend then repairs nothing (a
                     // second OACK makes atftp abort). A timer that fired while the answer was
@@ -619,11 +629,4 @@ fn session_oack(session: &Session) -> crate::wire::Options {
 /// The steering header at the front of a datagram, if it is long enough for one.
 fn steering_header(datagram: &[u8]) -> Option<SteeringHeader> {
     datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied()
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

@@ -7,6 +7,8 @@
 //!   would build today (nftables DNAT + the TFTP conntrack helper) and through xdp-lb
 //!   ([`goodput`]);
 //! - `backend`: tftp-backend against tftpd-hpa and atftpd on loopback (`bench_backend.rs`);
+//! - `loss`: the same servers and clients with 1% of the datagrams lost each way
+//!   (`bench_loss.rs`);
 //! - `failover`: the active LB, then the serving backend, killed at 50% of a download through
 //!   the full pair topology, stall and DATA sent twice over many runs ([`failover`]);
 //! - `scaling`: 1 to 1000 concurrent small transfers through the LB, aggregate goodput and the
@@ -31,12 +33,14 @@ use crate::cargo::release_dir;
 #[derive(clap::Args)]
 #[command(after_help = "\
 Sections: xdp (XDP cost per packet), lb (goodput direct / nftables DNAT + conntrack helper / \
-xdp-lb, 1 and 20 clients), backend (tftp-backend vs tftpd-hpa vs atftpd), failover (active LB \
+xdp-lb, 1 and 20 clients), backend (tftp-backend vs tftpd-hpa vs atftpd), loss (the same at 0% \
+and 1% loss each way: lock-step and windowsize 16), failover (active LB \
 and serving backend killed at 50%, stall and DATA sent twice), scaling (1..1000 concurrent \
 transfers, goodput and RSS).
 
 Output: markdown tables on stdout; bench-<time>.json and bench-<time>.md (the same tables, \
-machine and date) in --out, plus backend-<time>.{json,png} and scaling-<time>.png. Needs root \
+machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png and scaling-<time>.png. \
+Needs root \
 (network namespaces, XDP). docs/BENCHMARKS.md explains each figure.")]
 pub struct Args {
     /// Smaller files, fewer repeats (failover: 3 runs each instead of 20; scaling: up to 100
@@ -60,6 +64,8 @@ pub enum Section {
     Lb,
     /// tftp-backend vs tftpd-hpa vs atftpd (loopback).
     Backend,
+    /// The same servers at 0% and 1% loss each way: goodput kept under loss.
+    Loss,
     /// Stall and DATA sent twice when the active LB, then the serving backend, is killed.
     Failover,
     /// 1, 10, 100, 1000 concurrent transfers: aggregate goodput, RSS of LB agent and backend.
@@ -124,6 +130,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ));
         Ok(backend)
     });
+    let loss = run_section(Section::Loss, &mut report, &mut |report| crate::bench_backend::loss::run(args.quick, &args.out, report));
     let failover = run_section(Section::Failover, &mut report, &mut |report| failover::run(args.quick, report));
     let scaling = run_section(Section::Scaling, &mut report, &mut |report| {
         scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
@@ -131,7 +138,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
-        "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "failover": failover, "scaling": scaling,
+        "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     let markdown = args.out.join(format!("bench-{stamp}.md"));

@@ -31,6 +31,10 @@ use serde_json::json;
 
 use crate::{cargo::release_dir, setup::tftpd_hpa};
 
+/// The same servers and clients over a lossy path (`--only loss`).
+#[path = "bench_loss.rs"]
+pub mod loss;
+
 const HOST: &str = "127.0.0.1";
 
 /// The servers compared, in table order; tftpd-hpa is the reference.
@@ -57,24 +61,24 @@ impl Kind {
         !matches!(self, Self::TftpdHpa)
     }
 
-    fn command(self, root: &Path, port: u16) -> anyhow::Result<Command> {
+    fn command(self, root: &Path, host: &str, port: u16) -> anyhow::Result<Command> {
         let command = match self {
             Self::Backend => {
                 let mut c = Command::new(release_dir()?.join("tftp-backend"));
-                c.arg("--root").arg(root).args(["--listen", &format!("{HOST}:{port}")]);
+                c.arg("--root").arg(root).args(["--listen", &format!("{host}:{port}")]);
                 c.env("RUST_LOG", "warn");
                 c
             }
             Self::TftpdHpa => {
                 // -L: foreground; -u root: Debian's `tftp` user need not exist here.
                 let mut c = Command::new(tftpd_hpa());
-                c.args(["-L", "-u", "root", "-a", &format!("{HOST}:{port}"), "-s"]).arg(root);
+                c.args(["-L", "-u", "root", "-a", &format!("{host}:{port}"), "-s"]).arg(root);
                 c
             }
             Self::Atftpd => {
                 let mut c = Command::new("atftpd");
                 c.args(["--daemon", "--no-fork", "--user", "root.root", "--logfile", "-", "--verbose=1"]);
-                c.args(["--port", &port.to_string(), "--bind-address", HOST]).arg(root);
+                c.args(["--port", &port.to_string(), "--bind-address", host]).arg(root);
                 c
             }
         };
@@ -210,7 +214,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
     let cpu = bench_cpu()?;
     let servers = Kind::ALL
         .iter()
-        .map(|&kind| Server::start(kind, &dirs.root, &prefix, cpu).map(|s| (kind, s)))
+        .map(|&kind| Server::start(kind, HOST, &dirs.root, &prefix, cpu).map(|s| (kind, s)))
         .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
 
     let mut cells = Vec::new();
@@ -242,7 +246,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
             for &kind in &kinds {
                 let Some(Ok(rates)) = runs.get_mut(&kind) else { continue };
                 bar.set_message(format!("{} ← {} × {} {}", kind.name(), cell.clients, cell.case.label(), cell.file));
-                match measure(&servers[&kind], cell, &digests[&cell.file], &dirs.downloads, cpu) {
+                match measure(&servers[&kind], cell, &digests[&cell.file], &dirs.downloads, cpu, download_limit(cell)) {
                     Ok(rate) => rates.push(rate),
                     Err(error) => {
                         let why = format!("{error:#}");
@@ -330,39 +334,41 @@ impl Drop for Dirs {
 
 /// A server under test, stopped by PID on drop.
 struct Server {
+    host: String,
     port: u16,
     _process: Process,
 }
 
 impl Server {
-    fn start(kind: Kind, root: &Path, prefix: &RunPrefix, cpu: usize) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let mut command = kind.command(root, port)?;
+    /// Starts `kind` on `host` (an address of the calling thread's network namespace).
+    fn start(kind: Kind, host: &str, root: &Path, prefix: &RunPrefix, cpu: usize) -> anyhow::Result<Self> {
+        let port = free_port(host)?;
+        let mut command = kind.command(root, host, port)?;
         pin(&mut command, cpu);
         let mut process = Process::spawn(prefix.name(&format!("-bench-{}", kind.name())), command)?;
-        if let Err(error) = wait_ready(port) {
+        if let Err(error) = wait_ready(host, port) {
             let log = process.log();
             process.stop();
-            bail!("{} did not answer on {HOST}:{port}: {error:#}\n{log}", kind.name());
+            bail!("{} did not answer on {host}:{port}: {error:#}\n{log}", kind.name());
         }
-        Ok(Self { port, _process: process })
+        Ok(Self { host: host.to_owned(), port, _process: process })
     }
 }
 
-/// A UDP port that was free a moment ago on loopback.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind((HOST, 0))?.local_addr()?.port())
+/// A UDP port of `host` that was free a moment ago.
+fn free_port(host: &str) -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind((host, 0))?.local_addr()?.port())
 }
 
 /// Waits until the server answers a read request for a missing file (with an ERROR).
-fn wait_ready(port: u16) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind((HOST, 0))?;
+fn wait_ready(host: &str, port: u16) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind((host, 0))?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let request = b"\x00\x01xl-bench-no-such-file\x00octet\x00";
     let mut buf = [0u8; 600];
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        socket.send_to(request, (HOST, port))?;
+        socket.send_to(request, (host, port))?;
         if let Ok((n, _)) = socket.recv_from(&mut buf)
             && n >= 2
             && buf[..2] == [0, 5]
@@ -401,15 +407,20 @@ fn pin(command: &mut Command, cpu: usize) {
     }
 }
 
+/// How long the downloads of a lossless cell may take: generous, 2 MB/s at the very least,
+/// plus startup.
+fn download_limit(cell: &Cell) -> Duration {
+    Duration::from_secs(30 + (cell.size * cell.clients / 2_000_000) as u64)
+}
+
 /// One measurement: `cell.clients` concurrent downloads of the file; aggregate MB/s from the
-/// first start to the last exit. Every download must succeed with the right digest.
+/// first start to the last exit. Every download must succeed with the right digest within
+/// `limit`.
 ///
 /// Clients are plain children reaped by a blocking `wait` on a thread each, not
 /// [`Process`]es: its 10 ms polling would be a quarter of a 1 MiB lock-step download.
-fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: usize) -> anyhow::Result<f64> {
+fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: usize, limit: Duration) -> anyhow::Result<f64> {
     let total = cell.size * cell.clients;
-    // Generous: 2 MB/s at the very least, plus startup.
-    let limit = Duration::from_secs(30 + (total / 2_000_000) as u64);
     let locals: Vec<PathBuf> = (0..cell.clients).map(|i| downloads.join(format!("dl{i}"))).collect();
     for local in &locals {
         let _ = std::fs::remove_file(local);
@@ -418,7 +429,7 @@ fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: us
     let started = Instant::now();
     let mut pids = Vec::new();
     for (i, local) in locals.iter().enumerate() {
-        let mut command = cell.case.client.download_here(HOST, server.port, &cell.file, local);
+        let mut command = cell.case.client.download_here(&server.host, server.port, &cell.file, local);
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         pin(&mut command, cpu);
         let child: Child = command.spawn().with_context(|| format!("start {}", cell.case.program))?;
