@@ -137,9 +137,11 @@ pub struct Clock {
     pub pace: Pace,
     pub rtt: RttEstimate,
     /// The block (or, for uploads, the acknowledgement) whose answer gives the next sample,
-    /// and when it went out. Cleared when that block goes out again: an answer to a packet
-    /// sent twice says nothing about either send (Karn). Resends of other blocks leave it: in
-    /// a window that lost a block, the ACK of its last one still times a send that went once.
+    /// and when it went out: the first block of what went out new, so that an ACK from inside
+    /// a window (a gap ACK) measures too; timing the window's last block, which a tail probe
+    /// resends, left windowed transfers over a lossy link without a sample and on the 1 s
+    /// timeout for good. Cleared when that block goes out again: an answer to a packet sent
+    /// twice says nothing about either send (Karn). Resends of other blocks leave it.
     timed: Option<(u32, Instant)>,
     /// Doublings of the timeout in effect: kept across progress until a new sample (Karn's
     /// algorithm). A client that got slower would otherwise see every block sent twice, each
@@ -156,10 +158,10 @@ impl Clock {
         Self { pace, rtt: RttEstimate::default(), timed: None, backoff: 0, retries: 0 }
     }
 
-    /// Something new went out, ending with `last`; timed unless a sample is pending already.
-    pub fn sent(&mut self, last: u32, now: Instant) {
+    /// Something new went out, from `block` on; timed unless a sample is pending already.
+    pub fn sent(&mut self, block: u32, now: Instant) {
         if self.timed.is_none() {
-            self.timed = Some((last, now));
+            self.timed = Some((block, now));
         }
     }
 
@@ -326,11 +328,12 @@ mod tests {
         assert_eq!(clock.rtt.srtt(), Some(10 * MS), "timed from the first new send");
         clock.answered(3, t0 + 520 * MS);
         assert_eq!(clock.rtt.srtt(), Some(10 * MS), "block 3 was not timed");
-        // A window 4..=8 timed by its last block; a gap resend of 5..=6 leaves the timing.
-        clock.sent(8, t0 + 600 * MS);
-        clock.resent(5, 6);
-        clock.answered(8, t0 + 620 * MS);
-        assert!(clock.rtt.srtt() > Some(10 * MS), "block 8 went once: a sample");
+        // A window 4..=8 timed by its first block; a tail probe of 8 leaves the timing, and a
+        // gap ACK of 5 from inside the window measures.
+        clock.sent(4, t0 + 600 * MS);
+        clock.resent(8, 8);
+        clock.answered(5, t0 + 620 * MS);
+        assert!(clock.rtt.srtt() > Some(10 * MS), "block 4 went once: a sample");
     }
 
     #[test]

@@ -367,7 +367,9 @@ impl Steered {
                     }
                     xdp_lb_common::steering::expand_block(wire, transfer.sent())
                 };
-                transfer.on_ack(block, header.has_flag(FLAG_NUDGE), Instant::now())
+                let next = transfer.on_ack(block, header.has_flag(FLAG_NUDGE), Instant::now());
+                debug!(client = ?key.0, port = u16::from_be_bytes(key.1), block, nudge = header.has_flag(FLAG_NUDGE), ?next, wait = ?transfer.wait(), "ack");
+                next
             }
             Kind::Write(_) => Next::Nothing,
         };

@@ -308,7 +308,7 @@ impl ReadTransfer {
             }
             let first = self.sent + 1;
             self.sent = last;
-            self.clock.sent(last, now);
+            self.clock.sent(first, now);
             return Next::Send(first..=last);
         }
         if block == self.acked && self.windowsize > 1 {
@@ -357,7 +357,7 @@ impl ReadTransfer {
             };
         }
         if last > self.sent {
-            self.clock.sent(last, now);
+            self.clock.sent(self.sent.max(acked) + 1, now);
         }
         self.sent = self.sent.max(last);
         Next::Send(first..=last)
@@ -638,6 +638,21 @@ mod tests {
         assert_eq!(t.wait(), rto * 2, "no sample from the resent block");
         assert_eq!(t.on_ack(12, false, at + 3 * MS), Next::Send(13..=13));
         assert!(t.wait() <= rto, "a clean sample of the same round trip: {:?}", t.wait());
+    }
+
+    /// Over a lossy link nearly every window of 16 needs a repair, which resends its blocks:
+    /// the round trip must still be measured, from the first block of the window, by an ACK
+    /// from inside it (atftp's gap ACK), or the timer stays at the 1 s timeout for good.
+    #[test]
+    fn a_window_that_needed_a_repair_still_measures_the_round_trip() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(100 * 1468), 1468, 16, false, PACE).unwrap();
+        assert_eq!(t.start(t0), Next::Send(1..=16));
+        assert_eq!(t.wait(), 1000 * MS);
+        // Block 5 lost: the client ACKs 4 once when 6 arrives.
+        assert_eq!(t.on_ack(4, false, t0 + 20 * MS), Next::Send(17..=20));
+        assert_eq!(t.wait(), 60 * MS, "SRTT 20 ms + 4 * RTTVAR 10 ms");
+        assert_eq!(t.on_timeout(t0 + 80 * MS), Next::Send(5..=20), "after a partial ACK: the window from the gap");
     }
 
     #[test]
