@@ -253,3 +253,35 @@ fn blksize_is_clamped_to_the_path_mtu() {
         .expect("an OACK");
     assert_eq!(oack, b"\x00\x06blksize\x00968\x00", "granted block fits the 1000-byte MTU");
 }
+
+/// Load is not loss, standalone too: an ACK that arrived while the server could not run (here
+/// it is stopped, as an overloaded machine leaves it unscheduled) past its transfer's timer is
+/// read before the timer is handled, so the client gets the next block, not the one it has
+/// again. DATA 1, promptly acknowledged, measures a round trip well under a millisecond: DATA
+/// 2's timer runs out a few milliseconds later, long before the server runs again. Three rounds:
+/// with the timer first the resend wins about every other time.
+#[test]
+fn an_ack_that_waited_past_its_timer_is_read_first() {
+    let s = server(&[]);
+    make_file(&s.root.path().join("fw.bin"), 50_000, 44).unwrap();
+    let pid = i32::try_from(s.process.pid()).unwrap();
+    let mut buf = [0u8; 1024];
+    for round in 0..3 {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client.send_to(b"\x00\x01fw.bin\x00octet\x00", ("127.0.0.1", s.port)).unwrap();
+        let (n, tid) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..4.min(n)], b"\x00\x03\x00\x01", "round {round}: DATA 1");
+        client.send_to(b"\x00\x04\x00\x01", tid).unwrap();
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..4.min(n)], b"\x00\x03\x00\x02", "round {round}: DATA 2");
+        // SAFETY: kill(2) on the server this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        client.send_to(b"\x00\x04\x00\x02", tid).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..4.min(n)], b"\x00\x03\x00\x03", "round {round}: DATA 3, not DATA 2 again");
+    }
+}
