@@ -33,9 +33,10 @@ use crate::{cargo::release_dir, setup::tftpd_hpa};
 
 const HOST: &str = "127.0.0.1";
 
-/// The servers compared, in table order; tftpd-hpa is the reference.
+/// The servers compared, in table order; tftpd-hpa is the reference. The storm bench
+/// (`bench_storm.rs`) starts the same three the same way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+pub(crate) enum Kind {
     TftpdHpa,
     Atftpd,
     Backend,
@@ -44,7 +45,7 @@ enum Kind {
 impl Kind {
     const ALL: [Self; 3] = [Self::TftpdHpa, Self::Atftpd, Self::Backend];
 
-    const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::TftpdHpa => "tftpd-hpa",
             Self::Atftpd => "atftpd",
@@ -57,24 +58,25 @@ impl Kind {
         !matches!(self, Self::TftpdHpa)
     }
 
-    fn command(self, root: &Path, port: u16) -> anyhow::Result<Command> {
+    /// The server serving `root` on `host:port`.
+    pub(crate) fn command(self, root: &Path, host: &str, port: u16) -> anyhow::Result<Command> {
         let command = match self {
             Self::Backend => {
                 let mut c = Command::new(release_dir()?.join("tftp-backend"));
-                c.arg("--root").arg(root).args(["--listen", &format!("{HOST}:{port}")]);
+                c.arg("--root").arg(root).args(["--listen", &format!("{host}:{port}")]);
                 c.env("RUST_LOG", "warn");
                 c
             }
             Self::TftpdHpa => {
                 // -L: foreground; -u root: Debian's `tftp` user need not exist here.
                 let mut c = Command::new(tftpd_hpa());
-                c.args(["-L", "-u", "root", "-a", &format!("{HOST}:{port}"), "-s"]).arg(root);
+                c.args(["-L", "-u", "root", "-a", &format!("{host}:{port}"), "-s"]).arg(root);
                 c
             }
             Self::Atftpd => {
                 let mut c = Command::new("atftpd");
                 c.args(["--daemon", "--no-fork", "--user", "root.root", "--logfile", "-", "--verbose=1"]);
-                c.args(["--port", &port.to_string(), "--bind-address", HOST]).arg(root);
+                c.args(["--port", &port.to_string(), "--bind-address", host]).arg(root);
                 c
             }
         };
@@ -297,13 +299,13 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The served directory and the clients' download directory, removed on drop.
-struct Dirs {
-    root: PathBuf,
-    downloads: PathBuf,
+pub(crate) struct Dirs {
+    pub(crate) root: PathBuf,
+    pub(crate) downloads: PathBuf,
 }
 
 impl Dirs {
-    fn new(prefix: &RunPrefix) -> anyhow::Result<Self> {
+    pub(crate) fn new(prefix: &RunPrefix) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         let dirs = Self {
             root: std::env::temp_dir().join(prefix.name("-bench-root")),
@@ -337,10 +339,10 @@ struct Server {
 impl Server {
     fn start(kind: Kind, root: &Path, prefix: &RunPrefix, cpu: usize) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let mut command = kind.command(root, port)?;
+        let mut command = kind.command(root, HOST, port)?;
         pin(&mut command, cpu);
         let mut process = Process::spawn(prefix.name(&format!("-bench-{}", kind.name())), command)?;
-        if let Err(error) = wait_ready(port) {
+        if let Err(error) = wait_ready(HOST, port) {
             let log = process.log();
             process.stop();
             bail!("{} did not answer on {HOST}:{port}: {error:#}\n{log}", kind.name());
@@ -354,15 +356,16 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind((HOST, 0))?.local_addr()?.port())
 }
 
-/// Waits until the server answers a read request for a missing file (with an ERROR).
-fn wait_ready(port: u16) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind((HOST, 0))?;
+/// Waits until the server on `host:port` answers a read request for a missing file (with an
+/// ERROR). The request leaves from the calling thread's network namespace.
+pub(crate) fn wait_ready(host: &str, port: u16) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let request = b"\x00\x01xl-bench-no-such-file\x00octet\x00";
     let mut buf = [0u8; 600];
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        socket.send_to(request, (HOST, port))?;
+        socket.send_to(request, (host, port))?;
         if let Ok((n, _)) = socket.recv_from(&mut buf)
             && n >= 2
             && buf[..2] == [0, 5]
