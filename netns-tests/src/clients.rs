@@ -16,6 +16,9 @@ pub enum Client {
     TftpHpa,
     /// atftp with blksize and windowsize (RFC 7440).
     Atftp { blksize: u16, windowsize: u16 },
+    /// atftp asking for blksize only, as most boot firmware does: lock-step, and no `timeout`
+    /// option (curl sends `timeout 6`, which servers honour by retransmitting after 6 s).
+    AtftpLockStep { blksize: u16 },
     /// curl's tftp:// with --tftp-blksize.
     Curl { blksize: u16 },
     /// busybox tftp with -b.
@@ -28,6 +31,7 @@ impl Client {
         match self {
             Self::TftpHpa => "tftp-hpa".into(),
             Self::Atftp { blksize, windowsize } => format!("atftp blksize {blksize} windowsize {windowsize}"),
+            Self::AtftpLockStep { blksize } => format!("atftp blksize {blksize}"),
             Self::Curl { blksize } => format!("curl blksize {blksize}"),
             Self::Busybox { blksize } => format!("busybox blksize {blksize}"),
         }
@@ -63,6 +67,9 @@ impl Client {
                     "-g", "-r", remote, "-l", &local, server, &port,
                 ]),
             ),
+            Self::AtftpLockStep { blksize } => {
+                ("atftp", strings(&["--option", &format!("blksize {blksize}"), "-g", "-r", remote, "-l", &local, server, &port]))
+            }
             Self::Curl { blksize } => (
                 "curl",
                 strings(&["-sS", "--fail", "--tftp-blksize", &blksize.to_string(), "-o", &local, &format!("tftp://{server}:{port}/{remote}")]),

@@ -105,6 +105,14 @@ impl LbTopology {
         Process::spawn(self.prefix.name(&format!("backend{i}")), command)
     }
 
+    /// The namespace holding the bridge, where benches and tests can impair traffic (see
+    /// [`crate::impair`]).
+    #[must_use]
+    #[expect(clippy::used_underscore_binding, reason = "the field is named for its drop order")]
+    pub fn bridge(&self) -> &Netns {
+        &self._bridge
+    }
+
     /// `xdp-lb status --json` for this topology's balancer.
     pub fn status(&self) -> Result<serde_json::Value> {
         status_at(&self.pins)

@@ -12,7 +12,12 @@
 //! - `failover`: the active LB, then the serving backend, killed at 50% of a download through
 //!   the full pair topology, stall and DATA sent twice over many runs ([`failover`]);
 //! - `scaling`: 1 to 1000 concurrent small transfers through the LB, aggregate goodput and the
-//!   memory of the LB agent and the backend ([`scaling`]).
+//!   memory of the LB agent and the backend ([`scaling`]);
+//! - `storm`: a boot storm, 100 and 1000 clients started within a second, each fetching a
+//!   kernel and an initrd, lock-step and windowsize 4, without and with 1% loss, from
+//!   tftp-backend, tftpd-hpa, atftpd and dnsmasq alone and through xdp-lb: time to the last
+//!   client, p50 / p99, failures, goodput, CPU per MB ([`storm`]; about an hour, `--quick` a
+//!   few minutes).
 //!
 //! Speed targets appear only here, as ratios from one run; tests never time anything.
 
@@ -22,6 +27,8 @@ mod failover;
 mod goodput;
 #[path = "bench_scaling.rs"]
 mod scaling;
+#[path = "bench_storm.rs"]
+mod storm;
 
 use std::process::Command;
 
@@ -36,15 +43,19 @@ Sections: xdp (XDP cost per packet), lb (goodput direct / nftables DNAT + conntr
 xdp-lb, 1 and 20 clients), backend (tftp-backend vs tftpd-hpa vs atftpd), loss (the same at 0% \
 and 1% loss each way: lock-step and windowsize 16), failover (active LB \
 and serving backend killed at 50%, stall and DATA sent twice), scaling (1..1000 concurrent \
-transfers, goodput and RSS).
+transfers, goodput and RSS), storm (boot storm: 100 and 1000 clients started within 1 s, each \
+fetching a kernel then an initrd, lock-step and windowsize 4, 0% and 1% loss, from tftp-backend, \
+tftpd-hpa, atftpd and dnsmasq alone and through xdp-lb; time to the last client, p50/p99, \
+failures, goodput, CPU per MB; about an hour, --quick a few minutes).
 
 Output: markdown tables on stdout; bench-<time>.json and bench-<time>.md (the same tables, \
-machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png and scaling-<time>.png. \
-Needs root \
+machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png, scaling-<time>.png \
+and storm-<time>.{json,png}. Needs root \
 (network namespaces, XDP). docs/BENCHMARKS.md explains each figure.")]
 pub struct Args {
     /// Smaller files, fewer repeats (failover: 3 runs each instead of 20; scaling: up to 100
-    /// transfers instead of 1000): a few minutes instead of the full run.
+    /// transfers instead of 1000; storm: 20 and 100 clients, files of a few hundred KiB): a few
+    /// minutes instead of the full run.
     #[arg(long)]
     quick: bool,
     /// Directory for the results (JSON, markdown, PNG).
@@ -70,6 +81,8 @@ pub enum Section {
     Failover,
     /// 1, 10, 100, 1000 concurrent transfers: aggregate goodput, RSS of LB agent and backend.
     Scaling,
+    /// Boot storm: 100 and 1000 clients fetching a kernel and an initrd, five servers.
+    Storm,
 }
 
 /// The markdown of a run: every table is printed and kept for `bench-<time>.md`.
@@ -135,10 +148,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let scaling = run_section(Section::Scaling, &mut report, &mut |report| {
         scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
     });
+    let storm = run_section(Section::Storm, &mut report, &mut |report| storm::run(args.quick, &args.out, stamp, report));
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
         "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
+        "storm": storm,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     let markdown = args.out.join(format!("bench-{stamp}.md"));

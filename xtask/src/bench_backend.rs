@@ -37,9 +37,10 @@ pub mod loss;
 
 const HOST: &str = "127.0.0.1";
 
-/// The servers compared, in table order; tftpd-hpa is the reference.
+/// The servers compared, in table order; tftpd-hpa is the reference. The storm bench
+/// (`bench_storm.rs`) starts the same three the same way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+pub(crate) enum Kind {
     TftpdHpa,
     Atftpd,
     Backend,
@@ -48,7 +49,7 @@ enum Kind {
 impl Kind {
     const ALL: [Self; 3] = [Self::TftpdHpa, Self::Atftpd, Self::Backend];
 
-    const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::TftpdHpa => "tftpd-hpa",
             Self::Atftpd => "atftpd",
@@ -61,7 +62,8 @@ impl Kind {
         !matches!(self, Self::TftpdHpa)
     }
 
-    fn command(self, root: &Path, host: &str, port: u16) -> anyhow::Result<Command> {
+    /// The server serving `root` on `host:port`.
+    pub(crate) fn command(self, root: &Path, host: &str, port: u16) -> anyhow::Result<Command> {
         let command = match self {
             Self::Backend => {
                 let mut c = Command::new(release_dir()?.join("tftp-backend"));
@@ -301,13 +303,13 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The served directory and the clients' download directory, removed on drop.
-struct Dirs {
-    root: PathBuf,
-    downloads: PathBuf,
+pub(crate) struct Dirs {
+    pub(crate) root: PathBuf,
+    pub(crate) downloads: PathBuf,
 }
 
 impl Dirs {
-    fn new(prefix: &RunPrefix) -> anyhow::Result<Self> {
+    pub(crate) fn new(prefix: &RunPrefix) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         let dirs = Self {
             root: std::env::temp_dir().join(prefix.name("-bench-root")),
@@ -360,9 +362,10 @@ fn free_port(host: &str) -> anyhow::Result<u16> {
     Ok(UdpSocket::bind((host, 0))?.local_addr()?.port())
 }
 
-/// Waits until the server answers a read request for a missing file (with an ERROR).
-fn wait_ready(host: &str, port: u16) -> anyhow::Result<()> {
-    let socket = UdpSocket::bind((host, 0))?;
+/// Waits until the server on `host:port` answers a read request for a missing file (with an
+/// ERROR). The request leaves from the calling thread's network namespace.
+pub(crate) fn wait_ready(host: &str, port: u16) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(("0.0.0.0", 0))?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let request = b"\x00\x01xl-bench-no-such-file\x00octet\x00";
     let mut buf = [0u8; 600];

@@ -338,7 +338,7 @@ fn measure(topo: &LbTopology, server: &str, clients: usize, size: usize) -> anyh
 
 /// CPU time the machine spent busy since boot, all CPUs together (the first line of
 /// /proc/stat: user, nice, system, irq, softirq and steal; idle and iowait excluded).
-fn busy_cpu_seconds() -> anyhow::Result<f64> {
+pub(super) fn busy_cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let ticks: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0)).collect();
     let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum();

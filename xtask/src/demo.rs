@@ -138,7 +138,9 @@ impl Spec {
             _ => (Client::TftpHpa, "small.img", small),
         };
         let (blksize, oack) = match client {
-            Client::Atftp { blksize, .. } | Client::Curl { blksize } | Client::Busybox { blksize } => (u64::from(blksize), 1),
+            Client::Atftp { blksize, .. } | Client::AtftpLockStep { blksize } | Client::Curl { blksize } | Client::Busybox { blksize } => {
+                (u64::from(blksize), 1)
+            }
             Client::TftpHpa => (512, 0),
         };
         let blocks = size / blksize + 1;
@@ -148,6 +150,7 @@ impl Spec {
     fn label(&self, i: usize) -> String {
         let short = match self.client {
             Client::Atftp { windowsize, .. } => format!("atftp ws{windowsize}"),
+            Client::AtftpLockStep { .. } => "atftp".to_owned(),
             Client::Curl { .. } => "curl".to_owned(),
             Client::TftpHpa => "tftp-hpa".to_owned(),
             Client::Busybox { .. } => "busybox".to_owned(),
