@@ -112,21 +112,21 @@ enum Heard {
 /// Waits up to `wait` for the client. When the alarm rings, input already queued is read
 /// first (under load a task may wake for its alarm after its answer arrived: no loss), and a
 /// retransmission waits for the backend-wide budget.
-async fn hear(socket: &TransferSocket, alarm: &Alarm, buf: &mut [u8], wait: Duration, budget: &SharedBudget) -> std::io::Result<Heard> {
-    let mut wait = wait;
+async fn hear(socket: &TransferSocket, alarm: &mut Alarm, buf: &mut [u8], wait: Duration, budget: &SharedBudget) -> std::io::Result<Heard> {
+    let mut deadline = Instant::now() + wait;
     loop {
-        alarm.set(Some(wait))?;
         tokio::select! {
             biased;
             received = socket.recv(buf) => return received.map(Heard::Datagram),
-            rang = alarm.rung() => rang?,
+            rang = alarm.until(deadline) => rang?,
         }
         if let Some(received) = socket.try_recv(buf) {
             return received.map(Heard::Datagram);
         }
-        match budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner).allow(Instant::now()) {
+        let now = Instant::now();
+        match budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner).allow(now) {
             Ok(()) => return Ok(Heard::Timeout),
-            Err(later) => wait = later,
+            Err(later) => deadline = now + later,
         }
     }
 }
@@ -141,7 +141,7 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
     // longer ERROR is cut, fails to parse, and the retry limit ends the transfer.
     let mut buf = vec![0u8; SMALL_PACKET];
     let mut window = Window::new(&transfer);
-    let alarm = Alarm::new().context("creating a timer")?;
+    let mut alarm = Alarm::new().context("creating a timer")?;
     let mut next = transfer.start(Instant::now());
     loop {
         match next {
@@ -163,7 +163,7 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
             }
             Next::Nothing => {}
         }
-        next = match hear(socket, &alarm, &mut buf, transfer.wait(), budget).await? {
+        next = match hear(socket, &mut alarm, &mut buf, transfer.wait(), budget).await? {
             Heard::Timeout => {
                 let next = transfer.on_timeout(Instant::now());
                 charge(budget, next.datagrams());
@@ -258,12 +258,12 @@ impl Window {
 async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, budget: &SharedBudget) -> anyhow::Result<()> {
     // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
     let mut buf = vec![0u8; (5 + usize::from(transfer.blksize)).min(MAX_PACKET + 1)];
-    let alarm = Alarm::new().context("creating a timer")?;
+    let mut alarm = Alarm::new().context("creating a timer")?;
     let end = service::emit_at(first, out, 0);
     socket.send(&out[..end]).await?;
     transfer.start(Instant::now());
     loop {
-        let received = match hear(socket, &alarm, &mut buf, transfer.wait(), budget).await? {
+        let received = match hear(socket, &mut alarm, &mut buf, transfer.wait(), budget).await? {
             Heard::Timeout => {
                 if !transfer.on_timeout() {
                     warn!("client stopped sending; upload abandoned");

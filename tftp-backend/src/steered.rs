@@ -113,15 +113,9 @@ impl Steered {
 
     pub async fn run(mut self) -> anyhow::Result<()> {
         let mut buf = vec![0u8; HEADER + MAX_PACKET];
-        let alarm = Alarm::new().context("creating the retransmission timer")?;
-        // The deadline the alarm is set for: set again only when the earliest one changes.
-        let mut armed = None;
+        let mut alarm = Alarm::new().context("creating the retransmission timer")?;
         loop {
             let deadline = self.timers.next_deadline();
-            if deadline != armed {
-                alarm.set(deadline.map(|at| at.saturating_duration_since(Instant::now()))).context("setting the retransmission timer")?;
-                armed = deadline;
-            }
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
@@ -132,9 +126,8 @@ impl Steered {
                         self.datagram(&datagram, from).await;
                     }
                 }
-                rang = alarm.rung() => {
+                rang = until(&mut alarm, deadline) => {
                     rang.context("waiting for the retransmission timer")?;
-                    armed = None;
                     // Input already queued comes first: under load an ACK waits in the receive
                     // queue past its transfer's timer, and a resend then repairs nothing (a
                     // second OACK makes atftp abort). A timer that fired while the answer was
@@ -631,4 +624,12 @@ fn session_oack(session: &Session) -> crate::wire::Options {
 /// The steering header at the front of a datagram, if it is long enough for one.
 fn steering_header(datagram: &[u8]) -> Option<SteeringHeader> {
     datagram.get(..HEADER).and_then(|h| bytemuck::try_from_bytes::<SteeringHeader>(h).ok()).copied()
+}
+
+/// Returns at `deadline`, never without one.
+async fn until(alarm: &mut Alarm, deadline: Option<Instant>) -> std::io::Result<()> {
+    match deadline {
+        Some(at) => alarm.until(at).await,
+        None => std::future::pending().await,
+    }
 }
