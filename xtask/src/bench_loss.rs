@@ -219,7 +219,7 @@ fn print_table(rows: &[Row], size: usize, report: &mut Report) {
             _ => "-".to_owned(),
         };
         let hpa = match (row.median(Kind::Backend), hpa_bound(row)) {
-            (Some(backend), Some((hpa, bound))) => format!("{}{:.0}", if bound { "> " } else { "" }, backend / hpa),
+            (Some(backend), Some((hpa, bound))) => format!("{}{}", if bound { "> " } else { "" }, ratio(backend / hpa)),
             _ => "-".to_owned(),
         };
         report.line(format!(
@@ -237,11 +237,17 @@ fn print_table(rows: &[Row], size: usize, report: &mut Report) {
         let own = row.median(Kind::Backend).zip(lossless).map(|(a, b)| a / b);
         let mut line = format!("- {}: tftp-backend keeps {} of its lossless goodput (target ≥ 0.5)", row.case.label(), own.map_or("?".into(), |r| format!("{r:.2}")));
         if row.case.windowsize == 1 {
-            let hpa = row.median(Kind::Backend).zip(hpa_bound(row)).map(|(b, (h, bound))| format!("{}{:.0}×", if bound { "> " } else { "" }, b / h));
+            let hpa = row.median(Kind::Backend).zip(hpa_bound(row)).map(|(b, (h, bound))| format!("{}{}×", if bound { "> " } else { "" }, ratio(b / h)));
             let _ = write!(line, "; {} tftpd-hpa (target ≥ 20×)", hpa.unwrap_or_else(|| "?".into()));
         }
         report.line(line);
     }
+}
+
+/// A ratio with two decimals, or none from 10 up (lossy stock servers are hundreds of times
+/// slower).
+fn ratio(r: f64) -> String {
+    if r < 10.0 { format!("{r:.2}") } else { format!("{r:.0}") }
 }
 
 /// tftpd-hpa's goodput in a row, or the bound it stayed under (true) when it ran out of time.
