@@ -413,7 +413,7 @@ pub struct WriteTransfer {
     received: u32,
     netascii: Option<netascii::Decoder>,
     overwrite: bool,
-    /// The transfer began with an OACK, which is resent more rarely (see `rto::oack_wait`).
+    /// The transfer began with an OACK, which is resent more rarely (see `rto::quiet_wait`).
     oack: bool,
     clock: Clock,
     decoded: Vec<u8>,
@@ -543,7 +543,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
-    use crate::rto::MAX_RETRIES;
+    use crate::rto::{MAX_RETRIES, QUICK};
 
     const MS: Duration = Duration::from_millis(1);
     const PACE: Pace = Pace { floor: Duration::from_millis(2), timeout: Duration::from_secs(1), negotiated: false };
@@ -608,7 +608,7 @@ mod tests {
         t.start(now());
         assert_eq!(t.wait(), 1000 * MS, "no round trip measured yet: the timeout");
         assert_eq!((t.on_timeout(now()), t.retries()), (Next::Send(4..=4), 1), "first a probe of the window's tail");
-        assert_eq!(t.wait(), 2000 * MS);
+        assert_eq!(t.wait(), 1000 * MS, "doubling, but never beyond the timeout while quick");
         assert_eq!(t.on_timeout(now()), Next::Send(1..=4), "then the window");
         assert_eq!(t.retries(), 2);
         t.on_ack(4, false, now());
@@ -774,7 +774,7 @@ mod tests {
     fn timeouts_give_up_after_the_retry_limit() {
         let mut t = ReadTransfer::new(source(10), 512, 1, false, PACE).unwrap();
         t.start(now());
-        for _ in 0..MAX_RETRIES {
+        for _ in 0..QUICK + MAX_RETRIES {
             assert_eq!(t.on_timeout(now()), Next::Send(1..=1));
         }
         assert_eq!(t.on_timeout(now()), Next::GiveUp);
