@@ -191,6 +191,13 @@ impl Clock {
         self.retries
     }
 
+    /// The quick resends are spent: the server waits quietly for the client's own
+    /// retransmission.
+    #[must_use]
+    pub fn quiet(&self) -> bool {
+        self.backoff.max(self.retries) >= QUICK
+    }
+
     /// The timer fired with nothing heard: false when the transfer should be abandoned.
     pub fn expired(&mut self, oack: bool) -> bool {
         self.retries = self.retries.saturating_add(1);

@@ -311,6 +311,13 @@ impl ReadTransfer {
             self.clock.sent(first, now);
             return Next::Send(first..=last);
         }
+        if block == self.acked && self.clock.quiet() && !self.oack_pending {
+            // The server has gone quiet after its quick resends went unanswered: this repeat
+            // is the client's own retransmission, not an answer to a copy from here (no
+            // Sorcerer's Apprentice to fear), and what it asks for was lost again.
+            self.echoes = 0;
+            return self.window_after(block, now);
+        }
         if block == self.acked && self.windowsize > 1 {
             if self.echoes > 0 {
                 self.echoes -= 1;
@@ -736,6 +743,34 @@ mod tests {
         t.start(now());
         assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2));
         assert_eq!(t.on_ack(1, false, now()), Next::Nothing, "no Sorcerer's Apprentice");
+    }
+
+    /// Once the quick resends went unanswered the server is quiet for seconds, waiting for the
+    /// client's own retransmission: a repeated ACK then is that retransmission, and gets the
+    /// block at once (it used to wait out the quiet gap: 6 s stalls in the lossy tests).
+    #[test]
+    fn a_repeated_ack_in_the_quiet_gap_is_answered_at_once() {
+        let mut t = ReadTransfer::new(source(20 * 512), 512, 1, false, PACE).unwrap();
+        t.start(now());
+        assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2));
+        for _ in 0..QUICK {
+            assert_eq!(t.on_timeout(now()), Next::Send(2..=2));
+        }
+        assert!(t.wait() >= 6000 * MS, "quiet: {:?}", t.wait());
+        assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2), "the client's retransmission");
+        let mut w = ReadTransfer::new(source(100 * 512), 512, 4, false, PACE).unwrap();
+        w.start(now());
+        assert_eq!(w.on_ack(4, false, now()), Next::Send(5..=8));
+        for _ in 0..QUICK {
+            w.on_timeout(now());
+        }
+        assert_eq!(w.on_ack(4, false, now()), Next::Send(5..=8), "windowed: no echo counting either");
+        // Progress keeps the backoff just short of quiet (Karn): one more expiry is quiet
+        // again, though only one retry since the progress.
+        assert_eq!(w.on_ack(8, false, now()), Next::Send(9..=12));
+        w.on_timeout(now());
+        assert!(w.wait() >= 6000 * MS);
+        assert_eq!(w.on_ack(8, false, now()), Next::Send(9..=12), "quiet by the backoff, not the retry count");
     }
 
     #[test]
