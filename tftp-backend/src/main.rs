@@ -84,7 +84,8 @@ struct Cli {
     /// Shortest wait before a retransmission, in milliseconds, however short the measured
     /// round trip (RFC 6298's minimum RTO, lowered for LANs): a lost DATA or ACK costs about
     /// this much. Raise it where clients answer late without loss (slow firmware on a busy
-    /// host); OACKs are always resent after at least twice the timeout.
+    /// host). After three unanswered resends the server waits for the client's own
+    /// retransmission (twice the negotiated timeout, or 6 s); OACKs are resent only then.
     #[arg(long, default_value_t = 1)]
     rto_min_ms: u64,
 

@@ -124,6 +124,8 @@ pub struct ReadTransfer {
     /// ACKs; resending a window for each made every copy answer again, and after a failover
     /// one 528 KiB download grew into 160 000 DATA packets.
     echoes: u32,
+    /// When a repeated ACK was last answered during the quiet gap (see `on_ack`).
+    quiet_answer: Option<Instant>,
     /// The last ACK covered everything sent: a late ACK after it more likely went missing
     /// than the window did, so the first timeout resends only the window's last block (a
     /// tail probe, which a client answers with an ACK showing what it holds).
@@ -150,6 +152,7 @@ impl ReadTransfer {
             resync: false,
             resent: None,
             echoes: 0,
+            quiet_answer: None,
             whole: true,
         })
     }
@@ -297,11 +300,13 @@ impl ReadTransfer {
             self.resync = nudge;
             self.acked = block;
             self.clock.progress();
+            self.quiet_answer = None;
             return self.window_after(block, now);
         }
         if forward {
             self.acked = block;
             self.clock.progress();
+            self.quiet_answer = None;
             let last = block.saturating_add(u32::from(self.windowsize)).min(self.last);
             if last <= self.sent {
                 return Next::Nothing;
@@ -311,11 +316,15 @@ impl ReadTransfer {
             self.clock.sent(first, now);
             return Next::Send(first..=last);
         }
-        if block == self.acked && self.clock.quiet() && !self.oack_pending {
+        let answered_lately = self.quiet_answer.is_some_and(|at| now.saturating_duration_since(at) < self.clock.pace.timeout / 2);
+        if block == self.acked && self.clock.quiet() && !self.oack_pending && !answered_lately {
             // The server has gone quiet after its quick resends went unanswered: this repeat
-            // is the client's own retransmission, not an answer to a copy from here (no
-            // Sorcerer's Apprentice to fear), and what it asks for was lost again.
+            // is the client's own retransmission, not an answer to a copy from here, and what
+            // it asks for was lost again. Clients retransmit a timeout apart, so one answer
+            // per half timeout: a client repeating its ACK every millisecond gets no DATA for
+            // each (no Sorcerer's Apprentice).
             self.echoes = 0;
+            self.quiet_answer = Some(now);
             return self.window_after(block, now);
         }
         if block == self.acked && self.windowsize > 1 {
@@ -757,7 +766,10 @@ mod tests {
             assert_eq!(t.on_timeout(now()), Next::Send(2..=2));
         }
         assert!(t.wait() >= 6000 * MS, "quiet: {:?}", t.wait());
-        assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2), "the client's retransmission");
+        let at = now();
+        assert_eq!(t.on_ack(1, false, at), Next::Send(2..=2), "the client's retransmission");
+        assert_eq!(t.on_ack(1, false, at + MS), Next::Nothing, "a storm of repeats: one answer per half timeout");
+        assert_eq!(t.on_ack(1, false, at + 600 * MS), Next::Send(2..=2), "the client's next retransmission");
         let mut w = ReadTransfer::new(source(100 * 512), 512, 4, false, PACE).unwrap();
         w.start(now());
         assert_eq!(w.on_ack(4, false, now()), Next::Send(5..=8));
