@@ -317,7 +317,7 @@ impl ReadTransfer {
             return Next::Send(first..=last);
         }
         let answered_lately = self.quiet_answer.is_some_and(|at| now.saturating_duration_since(at) < self.clock.pace.timeout / 2);
-        if block == self.acked && self.clock.quiet() && !self.oack_pending && !answered_lately {
+        if block == self.acked && self.clock.quiet() && !answered_lately {
             // The server has gone quiet after its quick resends went unanswered: this repeat
             // is the client's own retransmission, not an answer to a copy from here, and what
             // it asks for was lost again. Clients retransmit a timeout apart, so one answer
