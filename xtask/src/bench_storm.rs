@@ -18,7 +18,9 @@
 //! Per cell: the time from the first client's start to the last one's end, p50 and p99 of the
 //! clients' completion times, failures (a client that exits with an error, one still running
 //! at the cell's limit, which is killed, or a file whose size or SHA-256 differs: every file is
-//! checked), aggregate goodput, and CPU time per MB delivered: the server's ([`CpuGroup`]: a
+//! checked; a direct server that exits during a storm is noted with the end of its log and
+//! started again for the next one), datagrams the server's host dropped for full receive
+//! buffers, aggregate goodput, and CPU time per MB delivered: the server's ([`CpuGroup`]: a
 //! cgroup holding its processes and every child they fork; for xdp-lb its backends and
 //! agents) and the whole machine's (`/proc/stat`: clients, kernel, and whatever else runs).
 //! A table, the ratios the targets name (printed, never asserted),
@@ -212,6 +214,8 @@ struct Target<'a> {
     /// and their children.
     pids: Vec<u32>,
     cpu: Option<&'a CpuGroup>,
+    /// The namespaces the server's processes receive in (xdp-lb: its backends').
+    hosts: Vec<&'a Netns>,
     /// Whether the server answered a request for windowsize 4 with it (RFC 7440).
     windowsize: bool,
 }
@@ -225,6 +229,9 @@ struct Cell {
     /// Granted windowsize (false: the server answered lock-step).
     windowsize: bool,
     outcome: Result<Measured, String>,
+    /// A direct server that exited during the storm: the end of its log (it is restarted for
+    /// the next storm).
+    exited: Option<String>,
 }
 
 /// What one storm measured.
@@ -245,6 +252,8 @@ struct Measured {
     machine_cpu_s: f64,
     /// Frames the loss rule dropped.
     dropped: u64,
+    /// Datagrams the server's hosts dropped for a full socket receive buffer (`RcvbufErrors`).
+    rcvbuf_errors: u64,
     /// xdp-lb only: requests the balancers' per-source pacing dropped, and the failure
     /// detectors' verdicts (backends, balancers) during the storm.
     rate_limited: u64,
@@ -302,7 +311,7 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     // Every process below is stopped on drop, before the namespaces go.
     let mut servers = Vec::new();
     for (i, server) in Server::DIRECT.into_iter().enumerate() {
-        servers.push(start_direct(server, &direct, i, &dirs.root, &prefix, groups[i].as_ref())?);
+        servers.push(start_direct(server, &direct, i, &dirs.root, &prefix.name(&format!("-storm-{}", server.name())), groups[i].as_ref())?);
     }
     // The cluster harness asserts like a test; a failure there is this section's error.
     let cluster = std::panic::catch_unwind(|| Cluster::start(NAMESPACES, BACKENDS))
@@ -324,18 +333,20 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     for (i, (server, process)) in Server::DIRECT.into_iter().zip(&servers).enumerate() {
         let address = backend_addr(i);
         let windowsize = grants_windowsize(&direct.clients[0], &address, probe)?;
-        let (segment, pids, cpu) = ((direct.bridge(), None), vec![process.pid()], groups[i].as_ref());
-        targets.push(Target { server, address, clients: &direct.clients, segment, pids, cpu, windowsize });
+        let (segment, pids, cpu, hosts) = ((direct.bridge(), None), vec![process.pid()], groups[i].as_ref(), vec![&direct.backends[i]]);
+        targets.push(Target { server, address, clients: &direct.clients, segment, pids, cpu, hosts, windowsize });
     }
     let windowsize = grants_windowsize(&cluster.topo.clients[0], VIP, probe)?;
     let (segment, cpu) = ((cluster.topo.bridges(), Some("br0")), groups[Server::DIRECT.len()].as_ref());
-    targets.push(Target { server: Server::XdpLb, address: VIP.to_owned(), clients: &cluster.topo.clients, segment, pids, cpu, windowsize });
+    let hosts = cluster.topo.backends.iter().collect();
+    targets.push(Target { server: Server::XdpLb, address: VIP.to_owned(), clients: &cluster.topo.clients, segment, pids, cpu, hosts, windowsize });
 
     let per_server: usize = plan.counts.iter().sum::<usize>() * Mode::ALL.len() * LOSSES.len();
     let bar = ProgressBar::new((per_server * targets.len()) as u64)
         .with_style(ProgressStyle::with_template("{spinner} storm [{bar:30}] {pos}/{len} clients {elapsed_precise} {msg}")?);
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut cells = Vec::new();
+    let mut restarts = 0;
     for &clients in &plan.counts {
         for mode in Mode::ALL {
             for loss in LOSSES {
@@ -344,14 +355,27 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
                     set_loss(target.segment, loss)?;
                 }
                 // The servers take turns within each group of cells.
-                for target in &targets {
+                for t in 0..targets.len() {
+                    let target = &targets[t];
                     bar.set_message(format!("{} ← {clients} × {}, {loss}% loss", target.server.name(), mode.label()));
                     let outcome = storm(target, files, clients, mode, plan.limit, &dirs.downloads, &cluster, &bar).map_err(|e| format!("{e:#}"));
                     if let Err(why) = &outcome {
                         bar.suspend(|| eprintln!("storm {} ← {clients} × {}, {loss}% loss failed: {why}", target.server.name(), mode.label()));
                     }
                     let windowsize = mode == Mode::Window && target.windowsize;
-                    cells.push(Cell { server: target.server, clients, mode, loss, windowsize, outcome });
+                    let mut cell = Cell { server: target.server, clients, mode, loss, windowsize, outcome, exited: None };
+                    // A direct server that died is started again: each storm gets a server.
+                    if let Some(process) = servers.get_mut(t)
+                        && !process.is_running()
+                    {
+                        cell.exited = Some(log_tail(&process.log(), 3));
+                        restarts += 1;
+                        let name = prefix.name(&format!("-storm-{}-{restarts}", target.server.name()));
+                        if let Err(error) = restart(process, &mut targets[t], t, &direct, &dirs.root, &name, groups[t].as_ref()) {
+                            bar.suspend(|| eprintln!("{} did not start again: {error:#}", targets[t].server.name()));
+                        }
+                    }
+                    cells.push(cell);
                     // Let the last retransmissions to clients that have left die down.
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -380,7 +404,25 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
             None
         }
     };
-    let results = json!({
+    let results = results_json(stamp, quick, &plan, &files, &windowsizes, chart.as_deref(), &cells);
+    let path = out.join(format!("storm-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    report.line(format!("\nFigures: {}", path.display()));
+    Ok(results)
+}
+
+/// Everything a run measured, for `storm-<unix time>.json` (and the section's part of
+/// `bench-<unix time>.json`).
+fn results_json(
+    stamp: u64,
+    quick: bool,
+    plan: &Plan,
+    files: &[((usize, u8), [BootFile; 2])],
+    windowsizes: &[(Server, bool)],
+    chart: Option<&str>,
+    cells: &[Cell],
+) -> serde_json::Value {
+    json!({
         "unix_time": stamp,
         "quick": quick,
         "client_namespaces": NAMESPACES,
@@ -394,11 +436,7 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
         "windowsize_granted": windowsizes.iter().map(|(s, w)| (s.name().to_owned(), json!(w))).collect::<serde_json::Map<_, _>>(),
         "chart": chart,
         "cells": cells.iter().map(cell_json).collect::<Vec<_>>(),
-    });
-    let path = out.join(format!("storm-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    report.line(format!("\nFigures: {}", path.display()));
-    Ok(results)
+    })
 }
 
 /// A CPU group per server (in [`Server::ALL`] order), or none if cgroups cannot be made here
@@ -412,11 +450,11 @@ fn cpu_groups(prefix: &RunPrefix) -> Vec<Option<CpuGroup>> {
 }
 
 /// Starts a direct server in server namespace `i` of the topology (in its CPU group before it
-/// serves anything) and waits until it answers.
-fn start_direct(server: Server, topo: &LbTopology, i: usize, root: &Path, prefix: &RunPrefix, cpu: Option<&CpuGroup>) -> anyhow::Result<Process> {
+/// serves anything), logging under `name`, and waits until it answers.
+fn start_direct(server: Server, topo: &LbTopology, i: usize, root: &Path, name: &str, cpu: Option<&CpuGroup>) -> anyhow::Result<Process> {
     let address = backend_addr(i);
     let command = in_netns(&topo.backends[i], &server.command(root, &address)?);
-    let mut process = Process::spawn(prefix.name(&format!("-storm-{}", server.name())), command)?;
+    let mut process = Process::spawn(name, command)?;
     if let Some(group) = cpu {
         group.add(process.pid())?;
     }
@@ -426,6 +464,14 @@ fn start_direct(server: Server, topo: &LbTopology, i: usize, root: &Path, prefix
         bail!("{} did not answer on {address}:{TFTP_PORT}: {error:#}\n{log}", server.name());
     }
     Ok(process)
+}
+
+/// Starts direct server `i` again in place of its exited process. If it cannot start, the
+/// target keeps the dead PID, and its next storms are "not measured" (not running).
+fn restart(process: &mut Process, target: &mut Target<'_>, i: usize, topo: &LbTopology, root: &Path, name: &str, cpu: Option<&CpuGroup>) -> anyhow::Result<()> {
+    *process = start_direct(target.server, topo, i, root, name, cpu)?;
+    target.pids = vec![process.pid()];
+    Ok(())
 }
 
 /// `command` (program, arguments, environment) run in `ns`.
@@ -566,12 +612,13 @@ impl Clients<'_> {
 /// files; those not done `limit` after the first start are killed.
 #[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename them")]
 fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit: Duration, downloads: &Path, cluster: &Cluster, bar: &ProgressBar) -> anyhow::Result<Measured> {
-    if let Some(pid) = target.pids.iter().find(|&&pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-        bail!("{} is not running (process {pid} is gone)", target.server.name());
+    if let Some(pid) = target.pids.iter().find(|&&pid| !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| alive(&stat))) {
+        bail!("{} is not running (process {pid} exited)", target.server.name());
     }
     let xdp = target.server == Server::XdpLb;
     let xdp_before = xdp.then(|| (cluster.verdicts(), rate_limited(cluster)));
     let dropped_before = dropped(target.segment.0);
+    let rcvbuf_before = rcvbuf_errors(&target.hosts);
     let server_before = target.cpu.and_then(CpuGroup::cpu_seconds);
     let machine_before = super::goodput::busy_cpu_seconds()?;
 
@@ -627,6 +674,7 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
         server_cpu_s: target.cpu.and_then(CpuGroup::cpu_seconds).zip(server_before).map(|(after, before)| after - before),
         machine_cpu_s: super::goodput::busy_cpu_seconds()? - machine_before,
         dropped: dropped(target.segment.0).saturating_sub(dropped_before),
+        rcvbuf_errors: rcvbuf_errors(&target.hosts).saturating_sub(rcvbuf_before),
         ..Measured::default()
     };
     if let Some((verdicts, paced)) = xdp_before {
@@ -651,6 +699,30 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
     }
     measured.times.sort_by(f64::total_cmp);
     Ok(measured)
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live process (not a zombie waiting to be reaped).
+fn alive(stat: &str) -> bool {
+    stat.rsplit_once(") ").and_then(|(_, fields)| fields.chars().next()).is_some_and(|state| !matches!(state, 'Z' | 'X'))
+}
+
+/// The last `lines` lines of a log, on one line.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" / ")
+}
+
+/// Datagrams the namespaces' UDP dropped for full receive buffers so far.
+fn rcvbuf_errors(hosts: &[&Netns]) -> u64 {
+    hosts.iter().filter_map(|ns| udp_rcvbuf_errors(&ns.exec("cat", &["/proc/net/snmp"]).ok()?)).sum()
+}
+
+/// `RcvbufErrors` of the `Udp:` lines of `/proc/net/snmp` (a header line, then the values).
+fn udp_rcvbuf_errors(snmp: &str) -> Option<u64> {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let column = names.split_whitespace().position(|name| name == "RcvbufErrors")?;
+    values.split_whitespace().nth(column)?.parse().ok()
 }
 
 /// Frames the loss rule of `ns` dropped so far (0 without a rule).
@@ -866,10 +938,16 @@ fn report_cells(cells: &[Cell], plan: &Plan, windowsizes: &[(Server, bool)], rep
     }
     let mut notes = Vec::new();
     for cell in cells {
-        let Ok(m) = &cell.outcome else { continue };
         let what = format!("{} ({})", cell.server.name(), cell_title(cell.clients, cell.mode, cell.loss));
+        if let Some(log) = &cell.exited {
+            notes.push(format!("- {what}: the server exited during the storm (started again for the next one); its log ends: `{log}`"));
+        }
+        let Ok(m) = &cell.outcome else { continue };
         if !m.failure_samples.is_empty() {
             notes.push(format!("- {what}: {} failed, e.g. {}", m.failures, m.failure_samples.join("; ")));
+        }
+        if m.rcvbuf_errors > 0 {
+            notes.push(format!("- {what}: the server's host dropped {} datagrams for a full socket receive buffer", m.rcvbuf_errors));
         }
         if m.rate_limited > 0 || m.verdicts != (0, 0) {
             notes.push(format!("- {what}: {} requests paced out, detector verdicts: {} backend, {} balancer", m.rate_limited, m.verdicts.0, m.verdicts.1));
@@ -891,6 +969,7 @@ fn cell_json(cell: &Cell) -> serde_json::Value {
     let mut row = json!({
         "server": cell.server.name(), "clients": cell.clients, "mode": cell.mode.label(), "loss_percent": cell.loss,
         "windowsize_granted": cell.windowsize,
+        "server_exited": cell.exited,
     });
     match &cell.outcome {
         Err(why) => row["failed"] = json!(why),
@@ -906,6 +985,7 @@ fn cell_json(cell: &Cell) -> serde_json::Value {
                 "server_cpu_ms_per_mb": summary.map(|s| s.server_cpu_ms_per_mb),
                 "machine_cpu_ms_per_mb": summary.map(|s| s.machine_cpu_ms_per_mb),
                 "frames_dropped_by_loss_rule": m.dropped,
+                "server_udp_rcvbuf_errors": m.rcvbuf_errors,
                 "rate_limited_requests": m.rate_limited,
                 "detector_verdicts": { "backends": m.verdicts.0, "balancers": m.verdicts.1 },
                 "completion_s": m.times,
@@ -1028,7 +1108,7 @@ mod tests {
     }
 
     fn cell(server: Server, loss: u8, times: &[f64], failures: usize) -> Cell {
-        Cell { server, clients: 100, mode: Mode::LockStep, loss, windowsize: false, outcome: Ok(measured(times, failures)) }
+        Cell { server, clients: 100, mode: Mode::LockStep, loss, windowsize: false, outcome: Ok(measured(times, failures)), exited: None }
     }
 
     #[test]
@@ -1069,9 +1149,57 @@ mod tests {
     }
 
     #[test]
+    fn a_zombie_is_not_alive() {
+        assert!(alive("4242 (atftpd) S 4200 4242 4242 0 -1 4194560 120 0"));
+        assert!(alive("4242 (a) (b)) R 1 2"));
+        assert!(!alive("4242 (atftpd) Z 4200 4242"));
+        assert!(!alive("garbage"));
+    }
+
+    #[test]
+    fn receive_buffer_drops_are_read_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nUdp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 100 2 7 90 5 0\nUdpLite: InDatagrams\nUdpLite: 0\n";
+        assert_eq!(udp_rcvbuf_errors(snmp), Some(5));
+        assert_eq!(udp_rcvbuf_errors("Ip: 1\n"), None);
+        assert_eq!(log_tail("a\n\nb\nc\n", 2), "b / c");
+    }
+
+    #[test]
     fn cpu_usage_is_read_from_cpu_stat() {
         assert_eq!(usage_seconds("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"), Some(2.5));
         assert_eq!(usage_seconds("user_usec 1\n"), None);
+    }
+
+    #[test]
+    fn a_run_is_reported_as_a_table_json_and_a_chart() {
+        let plan = Plan::new(true);
+        let mut exited = cell(Server::Atftpd, 0, &[1.0, 2.0], 98);
+        exited.exited = Some("*** bit out of range 0 - FD_SETSIZE on fd_set ***: terminated".into());
+        let mut broken = cell(Server::Dnsmasq, 0, &[], 0);
+        broken.outcome = Err("dnsmasq is not running (process 7 exited)".into());
+        let cells = [cell(Server::Backend, 0, &[1.0, 2.0], 0), exited, broken, cell(Server::XdpLb, 0, &[1.5, 2.0], 0)];
+        let windowsizes = [(Server::Backend, true), (Server::Dnsmasq, false)];
+        let mut report = Report::default();
+        report_cells(&cells, &plan, &windowsizes, &mut report);
+        let text = &report.markdown;
+        assert!(text.contains("20 clients: 1 MiB + 4 MiB (64 KiB + 256 KiB with loss); 100 clients: 204 KiB + 819 KiB"), "{text}");
+        assert!(text.contains("| 100 | lock-step | 0% | atftpd | 2.5 s | 1.0 s | 2.0 s | 2.00 | **98** |"), "{text}");
+        assert!(text.contains("the server exited during the storm (started again for the next one); its log ends: `*** bit out of range"), "{text}");
+        assert!(text.contains("¹ dnsmasq (100 clients, lock-step, 0% loss): dnsmasq is not running"), "{text}");
+        assert!(text.contains("† dnsmasq did not grant windowsize 4"), "{text}");
+        assert!(text.contains("xdp-lb's time to the last client vs direct tftp-backend 1.00× (≤ 1.1: met)"), "{text}");
+
+        let json = results_json(1, true, &plan, &[], &windowsizes, Some("chart.png"), &cells);
+        assert_eq!(json["cells"][1]["server_exited"], "*** bit out of range 0 - FD_SETSIZE on fd_set ***: terminated");
+        assert_eq!(json["cells"][2]["failed"], "dnsmasq is not running (process 7 exited)");
+        assert_eq!(json["cells"][3]["measured"]["completion_s"], json!([1.5, 2.0]));
+        assert_eq!(json["windowsize_granted"]["dnsmasq"], false);
+
+        let png = std::env::temp_dir().join(format!("xl-storm-chart-test-{}.png", std::process::id()));
+        plot(&cells, &png).expect("chart");
+        let written = std::fs::metadata(&png).map_or(0, |m| m.len());
+        let _ = std::fs::remove_file(&png);
+        assert!(written > 1000, "{written} bytes");
     }
 
     #[test]
