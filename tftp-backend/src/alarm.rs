@@ -38,7 +38,7 @@ impl Alarm {
                 return Ok(());
             }
             if self.armed.is_none_or(|at| at > deadline) {
-                self.set(Some(deadline - now))?;
+                self.set(deadline - now)?;
                 self.armed = Some(deadline);
             }
             self.rung().await?;
@@ -46,14 +46,11 @@ impl Alarm {
         }
     }
 
-    /// Rings `after` from now (replacing the previous setting); `None` disarms.
-    fn set(&self, after: Option<Duration>) -> io::Result<()> {
+    /// Rings `after` from now, replacing the previous setting.
+    fn set(&self, after: Duration) -> io::Result<()> {
         let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-        let value = match after {
-            // A zero value would disarm: ring as soon as possible instead.
-            Some(after) => rustix::time::Timespec::try_from(after.max(Duration::from_nanos(1))).map_err(|_| io::Error::other("timer too far away"))?,
-            None => zero,
-        };
+        // A zero value would disarm: ring as soon as possible instead.
+        let value = rustix::time::Timespec::try_from(after.max(Duration::from_nanos(1))).map_err(|_| io::Error::other("timer too far away"))?;
         timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::empty(), &Itimerspec { it_interval: zero, it_value: value })?;
         Ok(())
     }
