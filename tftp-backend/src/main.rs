@@ -81,13 +81,15 @@ struct Cli {
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
 
-    /// Shortest wait before a retransmission, in milliseconds, however short the measured
-    /// round trip (RFC 6298's minimum RTO, lowered for LANs): a lost DATA or ACK costs about
-    /// this much. Raise it where clients answer late without loss (slow firmware on a busy
-    /// host). After three unanswered resends the server waits for the client's own
-    /// retransmission (twice the negotiated timeout, or 6 s); OACKs are resent only then.
-    #[arg(long, default_value_t = 1)]
-    rto_min_ms: u64,
+    /// Shortest wait before a retransmission, in milliseconds (fractions allowed), however
+    /// short the measured round trip (RFC 6298's minimum RTO, lowered for LANs): a lost DATA
+    /// or ACK of a lock-step transfer costs about this much, against tens of microseconds per
+    /// block on a LAN. Raise it where clients answer late without loss (slow firmware on a
+    /// busy host): a wait that ends before the ACK arrives sends a block twice. After three
+    /// unanswered resends the server waits for the client's own retransmission (twice the
+    /// negotiated timeout, or 6 s); OACKs are resent only then.
+    #[arg(long, default_value = "0.5", value_parser = parse_millis)]
+    rto_min_ms: Duration,
 
     /// Most timer-driven retransmissions per second, in datagrams, across every transfer of
     /// this server (a token bucket holding a tenth of a second's worth). When a link is
@@ -95,6 +97,12 @@ struct Cli {
     /// from adding much to it. Resends a client's ACK asks for are not charged. 0: no limit.
     #[arg(long, default_value_t = 20_000)]
     retransmit_budget: u32,
+}
+
+/// A duration in milliseconds, fractions allowed (`0.25`: 250 µs).
+fn parse_millis(text: &str) -> Result<Duration, String> {
+    let ms: f64 = text.parse().map_err(|e| format!("{text:?} is not a number of milliseconds: {e}"))?;
+    Duration::try_from_secs_f64(ms / 1000.0).map_err(|e| format!("{text:?} is not a duration in milliseconds: {e}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,7 +121,7 @@ fn main() -> anyhow::Result<()> {
         allow_upload: cli.allow_upload,
         allow_overwrite: cli.allow_overwrite,
         timeout: Duration::from_millis(cli.timeout_ms.max(1)),
-        rto_min: Duration::from_millis(cli.rto_min_ms),
+        rto_min: cli.rto_min_ms,
         retransmit_budget: cli.retransmit_budget,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -145,12 +145,35 @@ pub struct Clock {
     /// Retransmissions since the peer last made progress: the transfer is abandoned when
     /// the waits for as many have run out.
     retries: u8,
+    /// The timed send that a resend voided, kept to tell later whether the resend was needed.
+    doubt: Option<Doubt>,
+    /// The shortest wait this transfer's client has shown it needs: a client that stalls now
+    /// and then (a VM whose CPU the host takes away, firmware polling its NIC) answers late
+    /// without any loss, and a timer set from its usual fast answers resent a block at each
+    /// stall (8% of a GRUB download on a loaded host). Raised by a resend that proved
+    /// needless, halved after `LEARNED_FLOOR_DECAY` clean samples.
+    learned_floor: Duration,
+    /// Clean samples since the learned floor was set or last halved.
+    clean: u16,
 }
+
+/// A resend of the timed block, while its answers tell whether it was needed.
+#[derive(Clone, Copy, Debug)]
+struct Doubt {
+    block: u32,
+    /// When the block first went out.
+    sent: Instant,
+    /// When the first answer covering it came, if one did.
+    answered: Option<Instant>,
+}
+
+/// Clean samples after which the learned floor is halved.
+const LEARNED_FLOOR_DECAY: u16 = 64;
 
 impl Clock {
     #[must_use]
     pub fn new(pace: Pace) -> Self {
-        Self { pace, rtt: RttEstimate::default(), timed: None, backoff: 0, retries: 0 }
+        Self { pace, rtt: RttEstimate::default(), timed: None, backoff: 0, retries: 0, doubt: None, learned_floor: Duration::ZERO, clean: 0 }
     }
 
     /// Something new went out, from `block` on; timed unless a sample is pending already.
@@ -162,20 +185,52 @@ impl Clock {
 
     /// Blocks `first..=last` went out again (Karn's rule).
     pub fn resent(&mut self, first: u32, last: u32) {
-        if self.timed.is_some_and(|(timed, _)| (first..=last).contains(&timed)) {
+        if let Some((block, sent)) = self.timed
+            && (first..=last).contains(&block)
+        {
             self.timed = None;
+            self.doubt = Some(Doubt { block, sent, answered: None });
         }
     }
 
     /// The peer answered up to `block`: a sample if that covers the timed send.
     pub fn answered(&mut self, block: u32, now: Instant) {
+        if let Some(doubt) = &mut self.doubt
+            && block >= doubt.block
+            && doubt.answered.is_none()
+        {
+            doubt.answered = Some(now);
+        }
         if let Some((timed, at)) = self.timed
             && block >= timed
         {
             self.rtt.sample(now.saturating_duration_since(at));
             self.timed = None;
             self.backoff = 0;
+            self.clean = self.clean.saturating_add(1);
+            if self.clean >= LEARNED_FLOOR_DECAY {
+                self.learned_floor /= 2;
+                self.clean = 0;
+            }
         }
+    }
+
+    /// A lock-step client repeated its ACK of `block` at `now`. Right after the first ACK of a
+    /// resent block (within a timeout's estimate), the repeat is the client's answer to the
+    /// copy: it had the first one, the resend was needless, and the first ACK answered the
+    /// first send: a true sample (RFC 3522's idea, with the duplicate for a timestamp). The
+    /// estimate takes it and the floor rises to it.
+    pub fn repeated(&mut self, block: u32, now: Instant) {
+        let Some(Doubt { block: doubted, sent, answered: Some(answered) }) = self.doubt else { return };
+        if block != doubted || now.saturating_duration_since(answered) > self.rtt.rto(self.pace) {
+            return;
+        }
+        let rtt = answered.saturating_duration_since(sent);
+        self.rtt.sample(rtt);
+        self.learned_floor = self.learned_floor.max(rtt + rtt / 4).min(self.pace.timeout);
+        self.clean = 0;
+        self.backoff = 0;
+        self.doubt = None;
     }
 
     /// The peer made progress: it is alive, the give-up count starts again. The backoff stays
@@ -213,7 +268,8 @@ impl Clock {
     }
 
     fn schedule(&self, oack: bool, step: u8) -> Option<Duration> {
-        if oack { quiet_wait(self.pace, step) } else { wait(self.rtt.rto(self.pace), self.pace, step) }
+        let learned = Pace { floor: self.pace.floor.max(self.learned_floor), ..self.pace };
+        if oack { quiet_wait(self.pace, step) } else { wait(self.rtt.rto(learned), self.pace, step) }
     }
 }
 

@@ -253,12 +253,13 @@ impl ReadTransfer {
     /// resend what follows now, even if the ACK looks like a duplicate (the session just moved
     /// here).
     ///
-    /// Windows (RFC 7440): an ACK that moves forward but not to the end of what was sent only
-    /// adds new blocks, leaving those in flight alone. Clients that count duplicates towards
-    /// their window (atftp) would otherwise stay out of phase after any resend and have half
-    /// of every window sent twice. A repeated ACK signals loss and resends from the block
-    /// after it; with a window of one it waits for the timer instead (no Sorcerer's
-    /// Apprentice).
+    /// Windows (RFC 7440): an ACK that moves forward but not to the end of what was sent is a
+    /// gap ACK and resends from the gap at once, unless it falls inside blocks resent lately:
+    /// then it is an echo of that resend, the client is going on with the resent blocks in
+    /// flight, and only new blocks are added (resending them again would put every later
+    /// window out of phase with the client's count and send half of each twice). A repeated
+    /// ACK signals loss and resends from the block after it; with a window of one it waits
+    /// for the timer instead (no Sorcerer's Apprentice).
     pub fn on_ack(&mut self, block: u32, nudge: bool, now: Instant) -> Next {
         // A nudge carries the balancer's view, which may lag behind the ACKs this server saw.
         let block = if nudge { block.max(self.acked) } else { block };
@@ -285,6 +286,9 @@ impl ReadTransfer {
             // (RRQ or ACK 0) settles it.
             return Next::Nothing;
         }
+        // An ACK inside blocks resent lately may be an echo of that resend (the client had
+        // them); any other ACK short of what was sent is a gap ACK.
+        let echo_of_resend = self.resent.is_some_and(|(first, _, _)| block >= first);
         if let Some((first, last, copies)) = self.resent
             && block >= first
         {
@@ -307,6 +311,20 @@ impl ReadTransfer {
             self.acked = block;
             self.clock.progress();
             self.quiet_answer = None;
+            if !echo_of_resend {
+                // A gap ACK: the block after `block` was lost, and the client (atftp, EDK2,
+                // RFC 7440) drops every block until it comes, so nothing in flight can help:
+                // resend from the gap now (waiting for the timer cost a timeout per lost block).
+                // The client held none of the resent blocks, so they bring no echoes; the
+                // blocks behind the gap may each bring one equal ACK (EDK2), this one included.
+                let behind_the_gap = self.sent.saturating_sub(block + 1);
+                let next = self.window_after(block, now);
+                self.resent = None;
+                self.echoes = behind_the_gap.saturating_sub(1);
+                return next;
+            }
+            // An echo of a resend: the client went on from `block` with the resent blocks that
+            // followed it, and counts its window from there.
             let last = block.saturating_add(u32::from(self.windowsize)).min(self.last);
             if last <= self.sent {
                 return Next::Nothing;
@@ -338,6 +356,9 @@ impl ReadTransfer {
             let next = self.window_after(block, now);
             self.echoes = behind_the_gap.saturating_sub(1);
             return next;
+        }
+        if self.windowsize == 1 {
+            self.clock.repeated(block, now);
         }
         Next::Nothing
     }
@@ -666,7 +687,7 @@ mod tests {
         assert_eq!(t.start(t0), Next::Send(1..=16));
         assert_eq!(t.wait(), 1000 * MS);
         // Block 5 lost: the client ACKs 4 once when 6 arrives.
-        assert_eq!(t.on_ack(4, false, t0 + 20 * MS), Next::Send(17..=20));
+        assert_eq!(t.on_ack(4, false, t0 + 20 * MS), Next::Send(5..=20), "from the gap at once");
         assert_eq!(t.wait(), 60 * MS, "SRTT 20 ms + 4 * RTTVAR 10 ms");
         assert_eq!(t.on_timeout(t0 + 80 * MS), Next::Send(5..=20), "after a partial ACK: the window from the gap");
     }
@@ -737,13 +758,67 @@ mod tests {
         let mut t = ReadTransfer::new(source(10 * 100 + 5), 100, 4, true, PACE).unwrap();
         assert_eq!(t.start(now()), Next::Send(0..=0), "OACK first");
         assert_eq!(t.on_ack(0, false, now()), Next::Send(1..=4));
-        assert_eq!(t.on_ack(2, false, now()), Next::Send(5..=6), "a partial ACK adds new blocks only");
-        assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=6), "a repeated ACK means loss: resend after it");
-        assert_eq!(t.on_timeout(now()), Next::Send(3..=6));
+        assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=6), "a gap ACK: resend from the gap at once");
+        assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=6), "a repeated ACK means loss again: resend after it");
+        assert_eq!(t.on_ack(4, false, now()), Next::Send(7..=8), "inside the resend: an echo, new blocks only");
+        assert_eq!(t.on_timeout(now()), Next::Send(5..=8));
         assert_eq!(t.on_ack(9, false, now()), Next::Nothing, "beyond what was sent");
-        assert_eq!(t.on_ack(6, false, now()), Next::Send(7..=10));
+        assert_eq!(t.on_ack(6, false, now()), Next::Send(9..=10), "inside the timer's resend: an echo too");
         assert_eq!(t.on_ack(10, false, now()), Next::Send(11..=11));
         assert_eq!(t.on_ack(11, false, now()), Next::Finished);
+    }
+
+    /// A client that stalls now and then without losing anything (GRUB in a VM on a busy
+    /// host) answers a block late, after the timer resent it, and then answers the copy too.
+    /// That second ACK shows the resend was needless: the timer learns the stall and stops
+    /// resending at every one.
+    #[test]
+    fn a_needless_resend_raises_the_floor_to_the_stall_it_showed() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(1000 * 512), 512, 1, false, PACE).unwrap();
+        t.start(t0);
+        let mut at = t0;
+        for block in 1..=20 {
+            at += MS / 10;
+            assert_eq!(t.on_ack(block, false, at), Next::Send(block + 1..=block + 1));
+        }
+        assert_eq!(t.wait(), PACE.floor, "100 µs round trips: the floor");
+        // Block 21 went out at `at`; the client stalls 10 ms. The timer resends it.
+        assert_eq!(t.on_timeout(at + PACE.floor), Next::Send(21..=21));
+        let answered = at + 10 * MS;
+        assert_eq!(t.on_ack(21, false, answered), Next::Send(22..=22));
+        assert_eq!(t.on_ack(21, false, answered + MS / 20), Next::Nothing, "the answer to the copy");
+        assert!(t.wait() >= 10 * MS, "the stall is the least wait now: {:?}", t.wait());
+        // A repeat long after (the client's own timer: block 22 lost) proves nothing.
+        let mut u = ReadTransfer::new(source(1000 * 512), 512, 1, false, PACE).unwrap();
+        u.start(t0);
+        let mut at = t0;
+        for block in 1..=20 {
+            at += MS / 10;
+            u.on_ack(block, false, at);
+        }
+        u.on_timeout(at + PACE.floor);
+        u.on_ack(21, false, at + 3 * MS);
+        assert_eq!(u.on_ack(21, false, at + 1003 * MS), Next::Nothing);
+        assert!(u.wait() < 10 * MS, "no needless resend shown: {:?}", u.wait());
+    }
+
+    /// A lost block costs one round trip, not a timer: the first ACK short of the window is a
+    /// gap ACK (the client drops everything after the gap) and resends from the gap at once.
+    /// EDK2 answers each of the 11 blocks behind the gap with that ACK: one resend for all.
+    #[test]
+    fn a_gap_ack_resends_from_the_gap_at_once_and_once() {
+        let mut t = ReadTransfer::new(source(100 * 1468), 1468, 16, false, PACE).unwrap();
+        assert_eq!(t.start(now()), Next::Send(1..=16));
+        assert_eq!(t.on_ack(4, false, now()), Next::Send(5..=20), "block 5 lost: from the gap, now");
+        for echo in 0..10 {
+            assert_eq!(t.on_ack(4, false, now()), Next::Nothing, "EDK2's answer {echo} to a block behind the gap");
+        }
+        assert_eq!(t.on_ack(4, false, now()), Next::Send(5..=20), "one more: the resend lost block 5 again");
+        assert_eq!(t.on_ack(20, false, now()), Next::Send(21..=36), "in phase with the client's count");
+        // The window's ACK was lost: the tail probe's answer shows a gap at 30.
+        assert_eq!(t.on_timeout(now()), Next::Send(36..=36));
+        assert_eq!(t.on_ack(29, false, now()), Next::Send(30..=45), "a probe's gap answer resends at once too");
     }
 
     #[test]
