@@ -774,29 +774,28 @@ mod tests {
     /// resending at every one.
     #[test]
     fn a_needless_resend_raises_the_floor_to_the_stall_it_showed() {
-        let t0 = now();
-        let mut t = ReadTransfer::new(source(1000 * 512), 512, 1, false, PACE).unwrap();
-        t.start(t0);
-        let mut at = t0;
-        for block in 1..=20 {
-            at += MS / 10;
-            assert_eq!(t.on_ack(block, false, at), Next::Send(block + 1..=block + 1));
-        }
+        // Twenty blocks answered 100 µs after each went out; block 21 went out at the time
+        // returned.
+        let fast = || {
+            let mut t = ReadTransfer::new(source(1000 * 512), 512, 1, false, PACE).unwrap();
+            let mut at = now();
+            t.start(at);
+            for block in 1..=20 {
+                at += MS / 10;
+                assert_eq!(t.on_ack(block, false, at), Next::Send(block + 1..=block + 1));
+            }
+            (t, at)
+        };
+        let (mut t, at) = fast();
         assert_eq!(t.wait(), PACE.floor, "100 µs round trips: the floor");
-        // Block 21 went out at `at`; the client stalls 10 ms. The timer resends it.
+        // The client stalls 10 ms; the timer resends block 21.
         assert_eq!(t.on_timeout(at + PACE.floor), Next::Send(21..=21));
         let answered = at + 10 * MS;
         assert_eq!(t.on_ack(21, false, answered), Next::Send(22..=22));
         assert_eq!(t.on_ack(21, false, answered + MS / 20), Next::Nothing, "the answer to the copy");
         assert!(t.wait() >= 10 * MS, "the stall is the least wait now: {:?}", t.wait());
         // A repeat long after (the client's own timer: block 22 lost) proves nothing.
-        let mut u = ReadTransfer::new(source(1000 * 512), 512, 1, false, PACE).unwrap();
-        u.start(t0);
-        let mut at = t0;
-        for block in 1..=20 {
-            at += MS / 10;
-            u.on_ack(block, false, at);
-        }
+        let (mut u, at) = fast();
         u.on_timeout(at + PACE.floor);
         u.on_ack(21, false, at + 3 * MS);
         assert_eq!(u.on_ack(21, false, at + 1003 * MS), Next::Nothing);

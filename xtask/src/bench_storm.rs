@@ -23,6 +23,8 @@
 //! buffers, aggregate goodput, and CPU time per MB delivered: the server's ([`CpuGroup`]: a
 //! cgroup holding its processes and every child they fork; for xdp-lb its backends and
 //! agents) and the whole machine's (`/proc/stat`: clients, kernel, and whatever else runs).
+//! Every server runs at a higher priority than the clients ([`SERVER_NICE`]: on a site they
+//! are other machines).
 //! A table, the ratios the targets name (printed, never asserted),
 //! `storm-<unix time>.json` and `storm-<unix time>.png`. File sizes and why: [`Plan::new`].
 
@@ -317,6 +319,7 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     let cluster = std::panic::catch_unwind(|| Cluster::start(NAMESPACES, BACKENDS))
         .map_err(|panic| anyhow::anyhow!("starting the cluster failed: {}", panic.downcast_ref::<String>().map_or("(panic)", String::as_str)))?;
     let pids: Vec<u32> = cluster.backends.iter().chain(&cluster.lbs).flatten().chain([&cluster.switch]).map(Process::pid).collect();
+    pids.iter().try_for_each(|&pid| prioritize(pid))?;
     if let Some(group) = &groups[Server::DIRECT.len()] {
         pids.iter().try_for_each(|&pid| group.add(pid))?;
     }
@@ -449,12 +452,32 @@ fn cpu_groups(prefix: &RunPrefix) -> Vec<Option<CpuGroup>> {
     groups.into_iter().map(Result::ok).collect()
 }
 
-/// Starts a direct server in server namespace `i` of the topology (in its CPU group before it
-/// serves anything), logging under `name`, and waits until it answers.
+/// The servers' priority in a storm (nice), above the clients'. On a site the clients are
+/// other machines; here up to a thousand atftp processes share the two CPUs with the server,
+/// and the scheduler splits a CPU per thread: a server with one thread (tftp-backend,
+/// dnsmasq) got about a hundredth of it against 100 clients, one that forks a process per
+/// transfer (tftpd-hpa) or starts a thread (atftpd) about half. Every server gets the same,
+/// and so does every process of xdp-lb's cluster; children and threads inherit it.
+const SERVER_NICE: libc::c_int = -10;
+
+/// Gives server process `pid` (its main thread, whose later threads and children inherit it)
+/// the servers' priority.
+fn prioritize(pid: u32) -> anyhow::Result<()> {
+    // SAFETY: setpriority(2) on the PID of a process this section started; no memory effects.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, SERVER_NICE) } != 0 {
+        bail!("cannot renice server {pid} to {SERVER_NICE}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts a direct server in server namespace `i` of the topology (in its CPU group and at the
+/// servers' priority before it serves anything), logging under `name`, and waits until it
+/// answers.
 fn start_direct(server: Server, topo: &LbTopology, i: usize, root: &Path, name: &str, cpu: Option<&CpuGroup>) -> anyhow::Result<Process> {
     let address = backend_addr(i);
     let command = in_netns(&topo.backends[i], &server.command(root, &address)?);
     let mut process = Process::spawn(name, command)?;
+    prioritize(process.pid())?;
     if let Some(group) = cpu {
         group.add(process.pid())?;
     }
