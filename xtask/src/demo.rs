@@ -465,11 +465,14 @@ impl Targets {
             while !flag.load(Ordering::Relaxed) && !INTERRUPTED.load(Ordering::Relaxed) {
                 let active = active_lb(&switch_pins);
                 let serving = active.and_then(|a| serving_backend(&lb_pins, a));
-                let mut view = out.lock().expect("targets lock");
-                // A look that finds no session (a table read mid-swap, a slow `status` under
-                // load) keeps the backend seen last: it serves until someone kills it, and a
-                // blank here left the backend kill with no target (CI saw it once).
-                *view = (active.or(view.0), serving.or(view.1));
+                {
+                    let mut view = out.lock().expect("targets lock");
+                    // A look that finds no session (a table read mid-swap, a slow `status`
+                    // under load) keeps the backend seen last: it serves until someone kills
+                    // it, and a blank here left the backend kill with no target (CI saw it
+                    // once).
+                    *view = (active.or(view.0), serving.or(view.1));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
