@@ -283,8 +283,8 @@ fn stock_clients_over_an_impaired_network() {
     lossy.print_verdicts("without any failure");
 }
 
-/// The same, with the active balancer killed once both transfers are a fifth done: both
-/// finish through the backup.
+/// The same, with the active balancer killed once atftp is a fifth done and tftp-hpa is
+/// receiving: both finish through the backup.
 #[test]
 fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
     let mut lossy = Lossy::start(2, 2, false);
@@ -295,10 +295,12 @@ fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
     let small = lossy.file("small.bin", TFTP_HPA_SIZE, 22);
     let atftp = lossy.download(0, Client::Atftp, "big.bin");
     let hpa = lossy.download(1, Client::TftpHpa, "small.bin");
-    // Both a fifth done: neither can be finished yet (tftp-hpa needs 40 ms per block alone).
+    // atftp a fifth done and tftp-hpa receiving, which cannot finish before long (97 blocks of
+    // 512 bytes at 40 ms per block alone). Waiting for a fifth of tftp-hpa's file too let atftp
+    // end first under CI load.
     let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
-    wait_for("both transfers a fifth done", 30, || {
-        (size(&atftp.local) >= big_size as u64 / 5 && size(&hpa.local) >= TFTP_HPA_SIZE as u64 / 5).then_some(())
+    wait_for("atftp a fifth done, tftp-hpa receiving", 30, || {
+        (size(&atftp.local) >= big_size as u64 / 5 && size(&hpa.local) > 0).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
     let at_kill = (size(&atftp.local), size(&hpa.local));
