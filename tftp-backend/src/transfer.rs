@@ -315,12 +315,9 @@ impl ReadTransfer {
                 // A gap ACK: the block after `block` was lost, and the client (atftp, EDK2,
                 // RFC 7440) drops every block until it comes, so nothing in flight can help:
                 // resend from the gap now (waiting for the timer cost a timeout per lost block).
-                // The client held none of the resent blocks, so they bring no echoes; the
-                // blocks behind the gap may each bring one equal ACK (EDK2), this one included.
-                let behind_the_gap = self.sent.saturating_sub(block + 1);
-                let next = self.window_after(block, now);
+                // The client held none of the resent blocks, so they bring no echoes.
+                let next = self.resend_from_gap(block, now);
                 self.resent = None;
-                self.echoes = behind_the_gap.saturating_sub(1);
                 return next;
             }
             // An echo of a resend: the client went on from `block` with the resent blocks that
@@ -350,17 +347,23 @@ impl ReadTransfer {
                 self.echoes -= 1;
                 return Next::Nothing;
             }
-            // A block after `block` was lost: the blocks behind the gap that arrive may each be
-            // answered with this same ACK; one resend answers them all.
-            let behind_the_gap = self.sent.saturating_sub(block + 1);
-            let next = self.window_after(block, now);
-            self.echoes = behind_the_gap.saturating_sub(1);
-            return next;
+            // A block after `block` was lost.
+            return self.resend_from_gap(block, now);
         }
         if self.windowsize == 1 {
             self.clock.repeated(block, now);
         }
         Next::Nothing
+    }
+
+    /// Resends the window after `block`, the last the client holds in order. The blocks sent
+    /// behind the gap that arrive may each be answered with that same ACK (EDK2), the one that
+    /// asked included: one resend answers them all.
+    fn resend_from_gap(&mut self, block: u32, now: Instant) -> Next {
+        let behind_the_gap = self.sent.saturating_sub(block + 1);
+        let next = self.window_after(block, now);
+        self.echoes = behind_the_gap.saturating_sub(1);
+        next
     }
 
     /// The retransmission timer fired (after the input queued for this transfer was read).
