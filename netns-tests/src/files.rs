@@ -30,3 +30,12 @@ pub fn sha256(path: &Path) -> Result<String> {
     std::io::copy(&mut file, &mut hasher).map_err(io_error(format!("read {}", path.display())))?;
     Ok(format!("{:x}", hasher.finalize()))
 }
+
+/// Opens a test's served directory to the unprivileged user the server becomes after binding
+/// (`tftp-backend` gives up root): readable by all, and with `uploads` writable by all too
+/// (sticky, like /tmp). `tempfile::tempdir` makes 0700 directories, which that user cannot read.
+pub fn share_dir(path: &Path, uploads: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = if uploads { 0o1777 } else { 0o755 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_error(format!("chmod {}", path.display())))
+}

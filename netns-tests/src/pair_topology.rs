@@ -151,6 +151,7 @@ impl PairTopology {
         let mut command = self.backends[i].command(binary("tftp-backend"));
         command.arg("--root").arg(&self.root);
         command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        command.args(["--lb", &lb_addr(0), "--lb", &lb_addr(1)]);
         command.env("RUST_LOG", crate::process::backend_log_filter());
         Process::spawn(self.prefix.name(&format!("backend{i}")), command)
     }

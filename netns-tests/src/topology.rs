@@ -101,6 +101,7 @@ impl LbTopology {
         let mut command = self.backends[i].command(binary("tftp-backend"));
         command.arg("--root").arg(&self.root);
         command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
+        command.args(["--lb", LB_ADDR]);
         command.env("RUST_LOG", crate::process::backend_log_filter());
         Process::spawn(self.prefix.name(&format!("backend{i}")), command)
     }

@@ -4,10 +4,12 @@
 //! behind xdp-lb's load balancers: every packet carries the steering header, and an ACK for a
 //! transfer this server never saw is served from that header alone.
 mod alarm;
+mod allowed;
 mod batch;
 mod completed;
 mod files;
 mod netascii;
+mod privilege;
 mod rto;
 mod service;
 mod standalone;
@@ -20,10 +22,15 @@ mod transfer;
 // `crate::options` keep working for the binary's modules through this import.
 use tftp_backend::{options, wire};
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
+use nix::unistd::AccessFlags;
 use tracing::info;
 
 /// A TFTP server that resumes any transfer at a block offset.
@@ -44,6 +51,41 @@ struct Cli {
     /// Behind xdp-lb: expect the steering header on every packet, answer to the load balancer.
     #[arg(long)]
     steered: bool,
+
+    /// Steered: a load balancer's address on the backend network (repeat it for each, both of
+    /// a pair). Datagrams from any other address are dropped before their steering header is
+    /// read (a forged header could resume any file toward its sender), and logged at most once
+    /// a second with the count.
+    #[arg(long = "lb", value_name = "ADDR", requires = "steered", required_if_eq("steered", "true"))]
+    lbs: Vec<IpAddr>,
+
+    /// The user to run as once the socket is bound (tftp-hpa's `-u`). Default when started as
+    /// root: `tftp`, or `nobody` if there is no `tftp` user. The served files must be readable
+    /// by this user, and with --allow-upload the upload directories writable by it; uploads
+    /// are owned by it.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+
+    /// Serve as root when started as root (not recommended: a parser bug would then run as
+    /// root). Without it, a server started as root always changes user.
+    #[arg(long)]
+    allow_root: bool,
+
+    /// File mode creation mask for uploads, in octal: an upload is created with mode 0666
+    /// minus these bits (022: rw-r--r--).
+    #[arg(long, default_value = "022", value_parser = parse_umask, value_name = "OCTAL")]
+    umask: u32,
+
+    /// Largest upload accepted, in bytes. A client that announces a larger tsize is refused at
+    /// once; one that sends more gets ERROR 3 (disk full or allocation exceeded) when it
+    /// crosses it, and nothing stays on disk. Default: no limit.
+    #[arg(long, value_name = "BYTES", requires = "allow_upload")]
+    max_upload_bytes: Option<u64>,
+
+    /// Free space, in MiB, that uploads leave on the filesystem of the upload: an upload that
+    /// would go below it gets ERROR 3 and nothing stays on disk (checked every MiB written).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    min_free_mib: u64,
 
     /// Steered: while several transfers share this backend, send each window toward the load
     /// balancer as one UDP segmentation offload (UDP_SEGMENT) super-packet that the kernel or
@@ -99,6 +141,12 @@ struct Cli {
     retransmit_budget: u32,
 }
 
+/// A umask in octal (`022`, `0o027`).
+fn parse_umask(text: &str) -> Result<u32, String> {
+    let digits = text.trim_start_matches("0o");
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777).ok_or_else(|| format!("{text:?} is not an octal mode mask (000 to 777)"))
+}
+
 /// A duration in milliseconds, fractions allowed (`0.25`: 250 µs).
 fn parse_millis(text: &str) -> Result<Duration, String> {
     let ms: f64 = text.parse().map_err(|e| format!("{text:?} is not a number of milliseconds: {e}"))?;
@@ -115,7 +163,24 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let root = files::Root::new(&cli.root).with_context(|| format!("cannot serve {}", cli.root.display()))?;
+    // Bound (and enlarged, which needs root) before root is given up.
+    let socket = std::net::UdpSocket::bind(cli.listen).with_context(|| format!("cannot listen on {}", cli.listen))?;
+    widen_buffers(&socket);
+    socket.set_nonblocking(true)?;
+    let plan = privilege::plan(nix::unistd::geteuid().as_raw(), cli.user.as_deref(), cli.allow_root, privilege::lookup)?;
+    privilege::become_user(&plan)?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(cli.umask));
+    let user = match &plan {
+        privilege::Plan::Become { name, .. } => name.clone(),
+        privilege::Plan::Stay => privilege::current_user(),
+    };
+    let root = files::Root::new(&cli.root).with_context(|| format!("cannot serve {} as user {user}", cli.root.display()))?;
+    // Checked as the serving user: a root it cannot use would refuse every request instead.
+    let (read, write) = (AccessFlags::R_OK | AccessFlags::X_OK, AccessFlags::W_OK | AccessFlags::X_OK);
+    nix::unistd::access(root.dir(), read).with_context(|| format!("user {user} cannot read {} (--root)", root.dir().display()))?;
+    if cli.allow_upload {
+        nix::unistd::access(root.dir(), write).with_context(|| format!("--allow-upload: user {user} cannot write to {}", root.dir().display()))?;
+    }
     let config = service::Config {
         limits: options::Limits { max_blksize: cli.max_blksize, max_windowsize: cli.max_windowsize },
         allow_upload: cli.allow_upload,
@@ -123,16 +188,15 @@ fn main() -> anyhow::Result<()> {
         timeout: Duration::from_millis(cli.timeout_ms.max(1)),
         rto_min: cli.rto_min_ms,
         retransmit_budget: cli.retransmit_budget,
+        upload: transfer::UploadLimits { max_bytes: cli.max_upload_bytes, min_free: cli.min_free_mib.saturating_mul(1 << 20) },
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let socket = tokio::net::UdpSocket::bind(cli.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", cli.listen))?;
-        widen_buffers(&socket);
-        info!(listen = %cli.listen, root = %root.dir().display(), steered = cli.steered, "serving");
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        info!(listen = %cli.listen, root = %root.dir().display(), steered = cli.steered, %user, "serving");
         if cli.steered {
-            steered::Steered::new(socket, root, config, cli.segment_offload).run().await
+            let allowed = allowed::AllowedBalancers::new(cli.lbs.clone());
+            steered::Steered::new(socket, root, config, cli.segment_offload, allowed).run().await
         } else {
             standalone::run(socket, root, config).await
         }
@@ -143,7 +207,7 @@ fn main() -> anyhow::Result<()> {
 /// windows, and standalone, every request arrives on it: the kernel default (~208 KiB, ~270
 /// datagrams) overflowed with 1000 transfers at once, and a lost ACK costs a timeout. Root may
 /// exceed `net.core.rmem_max` (SO_RCVBUFFORCE); otherwise the kernel caps the request there.
-fn widen_buffers(socket: &tokio::net::UdpSocket) {
+fn widen_buffers(socket: &std::net::UdpSocket) {
     #[expect(clippy::cast_possible_truncation, reason = "the size of an int")]
     const SOCKLEN: libc::socklen_t = size_of::<libc::c_int>() as libc::socklen_t;
     use std::os::fd::AsRawFd as _;

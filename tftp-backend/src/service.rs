@@ -12,7 +12,7 @@ use crate::{
     files::{Refusal, Root, path_hash},
     options::{Limits, Negotiated, negotiate},
     rto::{Pace, RttEstimate},
-    transfer::{ReadTransfer, Source, WriteTransfer},
+    transfer::{ReadTransfer, Source, TOO_LARGE, UploadLimits, WriteSetup, WriteTransfer},
     wire::{ErrorCode, Mode, Options, Repr},
 };
 
@@ -31,6 +31,8 @@ pub struct Config {
     pub rto_min: Duration,
     /// Timer-driven retransmissions per second, all transfers together (`--retransmit-budget`).
     pub retransmit_budget: u32,
+    /// What one upload may put on disk (`--max-upload-bytes`, `--min-free-mib`).
+    pub upload: UploadLimits,
 }
 
 impl Config {
@@ -156,10 +158,21 @@ pub fn open_write(root: &Root, config: &Config, filename: &str, mode: Mode, opti
     if !config.allow_overwrite && target.exists() {
         return Err(refusal(ErrorCode::FileExists, "file already exists"));
     }
+    // A client that announces its size (tsize, RFC 2349) learns of the limit before it sends.
+    if options.tsize.is_some_and(|size| !config.upload.fits(0, size)) {
+        return Err(refusal(ErrorCode::DiskFull, TOO_LARGE));
+    }
     let negotiated = negotiate(options, config.limits, None);
-    let (netascii, oack) = (mode == Mode::Netascii, !negotiated.oack.is_empty());
-    let transfer = WriteTransfer::new(target, negotiated.blksize, negotiated.windowsize, netascii, config.allow_overwrite, oack, config.pace(negotiated.timeout))
-        .map_err(|_| refusal(ErrorCode::AccessViolation, "cannot create the file"))?;
+    let setup = WriteSetup {
+        blksize: negotiated.blksize,
+        windowsize: negotiated.windowsize,
+        netascii: mode == Mode::Netascii,
+        overwrite: config.allow_overwrite,
+        oack: !negotiated.oack.is_empty(),
+        pace: config.pace(negotiated.timeout),
+        limits: config.upload,
+    };
+    let transfer = WriteTransfer::new(target, setup).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot create the file"))?;
     Ok((transfer, negotiated))
 }
 
@@ -194,7 +207,7 @@ mod tests {
     fn only_a_read_whose_context_travels_hashes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f.bin"), vec![7u8; 100_000]).unwrap();
-        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0 };
+        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0, upload: crate::transfer::UploadLimits::default() };
         let mut root = Root::new(dir.path()).unwrap();
         let file = std::fs::File::open(dir.path().join("f.bin")).unwrap();
         let (transfer, _) = open_read(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();

@@ -23,6 +23,7 @@ use xdp_lb_common::{
 
 use crate::{
     alarm::Alarm,
+    allowed::AllowedBalancers,
     batch::SendBatch,
     completed::{self, Completed},
     files::{self, FileId, Refusal, Root},
@@ -85,12 +86,15 @@ pub struct Steered {
     replies: u64,
     /// Timer-driven retransmissions left to this backend (`--retransmit-budget`).
     budget: Budget,
+    /// The balancers this backend takes steering datagrams from (`--lb`).
+    allowed: AllowedBalancers,
 }
 
 impl Steered {
-    /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`).
+    /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`);
+    /// `allowed`: who may send steering datagrams (`--lb`).
     #[must_use]
-    pub fn new(socket: UdpSocket, root: Root, config: Config, segment_offload: bool) -> Self {
+    pub fn new(socket: UdpSocket, root: Root, config: Config, segment_offload: bool, allowed: AllowedBalancers) -> Self {
         let budget = Budget::new(config.retransmit_budget, Instant::now());
         Self {
             socket,
@@ -108,6 +112,7 @@ impl Steered {
             completed: Completed::new(completed::REMEMBER_FOR, completed::CAPACITY),
             replies: 0,
             budget,
+            allowed,
         }
     }
 
@@ -143,6 +148,14 @@ impl Steered {
     }
 
     async fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+        // Before anything reads the header: a forged one could make this backend look a file
+        // up, hash it, and stream it to the sender.
+        if let Err(report) = self.allowed.check(from, Instant::now()) {
+            if let Some(r) = report {
+                warn!(from = %r.from, dropped = r.since_last, total = r.total, "dropped steering datagrams from a sender not named by --lb");
+            }
+            return;
+        }
         if self.defer_until_digested(datagram, from) {
             // Its real answer comes once the digest is known, perhaps seconds later (a deferred
             // datagram has a valid header: `file_to_digest` parsed it).

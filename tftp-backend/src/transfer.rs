@@ -444,6 +444,51 @@ pub enum WriteNext {
 
 /// An upload in progress: written to a temporary file beside the target, made durable and
 /// moved into place only when complete. Dropped unfinished, it leaves nothing behind.
+/// How much one upload may put on disk (`--max-upload-bytes`, `--min-free-mib`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest file accepted, in bytes (as stored, after netascii decoding).
+    pub max_bytes: Option<u64>,
+    /// Free space the filesystem keeps, in bytes: no upload goes below it.
+    pub min_free: u64,
+}
+
+/// The free space is looked up again every this many bytes written, and the floor kept with
+/// this much to spare, so it is never crossed between two looks.
+pub const FREE_SPACE_STEP: u64 = 1 << 20;
+
+/// Why an upload stopped early for lack of room (TFTP ERROR 3).
+pub const TOO_LARGE: &str = "file larger than this server accepts";
+pub const NO_ROOM: &str = "not enough free space on this server";
+
+impl UploadLimits {
+    /// Whether `written` bytes, plus `more`, stay within the size limit.
+    #[must_use]
+    pub fn fits(&self, written: u64, more: u64) -> bool {
+        self.max_bytes.is_none_or(|max| written.saturating_add(more) <= max)
+    }
+
+    /// Whether writing from `written` to `written + more` crosses a point where the free space
+    /// is looked up (the first byte included).
+    #[must_use]
+    pub const fn free_space_due(written: u64, more: u64) -> bool {
+        written == 0 || written / FREE_SPACE_STEP != (written + more) / FREE_SPACE_STEP
+    }
+
+    /// Whether `available` bytes of free space leave room for the next step above the floor.
+    #[must_use]
+    pub const fn room(&self, available: u64) -> bool {
+        available >= self.min_free.saturating_add(FREE_SPACE_STEP)
+    }
+}
+
+/// Free bytes for unprivileged users on the filesystem holding `file`.
+#[allow(clippy::useless_conversion, reason = "fsblkcnt_t and c_ulong are 32 bits wide on some targets")]
+fn available(file: &File) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::fstatvfs(file).map_err(std::io::Error::from)?;
+    Ok(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+}
+
 pub struct WriteTransfer {
     temp: Option<tempfile::NamedTempFile>,
     target: PathBuf,
@@ -457,13 +502,32 @@ pub struct WriteTransfer {
     oack: bool,
     clock: Clock,
     decoded: Vec<u8>,
+    limits: UploadLimits,
+    /// Bytes in the temporary file so far.
+    written: u64,
+}
+
+/// What a new upload is: where it goes and how it was negotiated.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteSetup {
+    pub blksize: u16,
+    pub windowsize: u16,
+    pub netascii: bool,
+    pub overwrite: bool,
+    /// The first answer is an OACK, not ACK 0.
+    pub oack: bool,
+    pub pace: Pace,
+    pub limits: UploadLimits,
 }
 
 impl WriteTransfer {
-    /// `oack`: the first answer is an OACK, not ACK 0.
-    pub fn new(target: PathBuf, blksize: u16, windowsize: u16, netascii: bool, overwrite: bool, oack: bool, pace: Pace) -> std::io::Result<Self> {
+    /// The temporary file is created readable and writable by all, less the process umask
+    /// (`--umask`): it becomes the uploaded file as it is.
+    pub fn new(target: PathBuf, setup: WriteSetup) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let WriteSetup { blksize, windowsize, netascii, overwrite, oack, pace, limits } = setup;
         let dir = target.parent().ok_or_else(|| std::io::Error::other("no parent directory"))?;
-        let temp = tempfile::Builder::new().prefix(".tftp-upload-").tempfile_in(dir)?;
+        let temp = tempfile::Builder::new().prefix(".tftp-upload-").permissions(std::fs::Permissions::from_mode(0o666)).tempfile_in(dir)?;
         Ok(Self {
             temp: Some(temp),
             target,
@@ -475,6 +539,8 @@ impl WriteTransfer {
             oack,
             clock: Clock::new(pace),
             decoded: Vec::new(),
+            limits,
+            written: 0,
         })
     }
 
@@ -515,8 +581,8 @@ impl WriteTransfer {
         }
         self.clock.answered(self.received, now);
         self.clock.progress();
-        if let Err(code) = self.append(data) {
-            return WriteNext::Fail(code, "cannot write the file");
+        if let Err((code, message)) = self.append(data) {
+            return WriteNext::Fail(code, message);
         }
         self.received = block;
         if data.len() < usize::from(self.blksize) {
@@ -533,17 +599,28 @@ impl WriteTransfer {
         }
     }
 
-    fn append(&mut self, data: &[u8]) -> Result<(), ErrorCode> {
-        let Some(temp) = self.temp.as_mut() else { return Err(ErrorCode::NotDefined) };
-        let result = match self.netascii.as_mut() {
+    /// Appends a block, within the upload limits (a failed upload's temporary file goes with
+    /// the transfer).
+    fn append(&mut self, data: &[u8]) -> Result<(), (ErrorCode, &'static str)> {
+        let Some(temp) = self.temp.as_mut() else { return Err((ErrorCode::NotDefined, "upload already finished")) };
+        let bytes = match self.netascii.as_mut() {
             Some(decoder) => {
                 self.decoded.clear();
                 decoder.decode(data, &mut self.decoded);
-                temp.write_all(&self.decoded)
+                &self.decoded[..]
             }
-            None => temp.write_all(data),
+            None => data,
         };
-        result.map_err(|e| if e.raw_os_error() == Some(libc_enospc()) { ErrorCode::DiskFull } else { ErrorCode::NotDefined })
+        let more = bytes.len() as u64;
+        if !self.limits.fits(self.written, more) {
+            return Err((ErrorCode::DiskFull, TOO_LARGE));
+        }
+        if UploadLimits::free_space_due(self.written, more) && !available(temp.as_file()).is_ok_and(|free| self.limits.room(free)) {
+            return Err((ErrorCode::DiskFull, NO_ROOM));
+        }
+        temp.write_all(bytes).map_err(|e| if e.raw_os_error() == Some(libc_enospc()) { (ErrorCode::DiskFull, NO_ROOM) } else { (ErrorCode::NotDefined, "cannot write the file") })?;
+        self.written += more;
+        Ok(())
     }
 
     /// fsync, then move into place: atomically replacing with --allow-overwrite, else linking
@@ -908,22 +985,71 @@ mod tests {
     fn upload_lands_only_when_complete_and_never_clobbers() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("up.bin");
-        let mut w = WriteTransfer::new(target.clone(), 4, 1, false, false, false, PACE).unwrap();
+        let mut w = WriteTransfer::new(target.clone(), write_setup(UploadLimits::default())).unwrap();
         assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Ack(1));
         assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Nothing);
         assert!(!target.exists(), "nothing in place before the end");
         assert_eq!(w.on_data(2, b"ef", now()), WriteNext::Done(2));
         assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
 
-        let mut again = WriteTransfer::new(target.clone(), 4, 1, false, false, false, PACE).unwrap();
+        let mut again = WriteTransfer::new(target.clone(), write_setup(UploadLimits::default())).unwrap();
         assert_eq!(again.on_data(1, b"x", now()), WriteNext::Fail(ErrorCode::FileExists, "file already exists"));
         assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
 
-        let aborted = WriteTransfer::new(dir.path().join("gone.bin"), 4, 1, false, false, false, PACE).unwrap();
+        let aborted = WriteTransfer::new(dir.path().join("gone.bin"), write_setup(UploadLimits::default())).unwrap();
         drop(aborted);
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "an aborted upload leaves nothing");
         let mut f = File::create(dir.path().join("x")).unwrap();
         f.write_all(b"").unwrap();
+    }
+
+    fn write_setup(limits: UploadLimits) -> WriteSetup {
+        WriteSetup { blksize: 4, windowsize: 1, netascii: false, overwrite: false, oack: false, pace: PACE, limits }
+    }
+
+    /// Only the temporary file of the upload is left in `dir` (or nothing).
+    fn files_in(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn an_upload_beyond_the_size_limit_fails_with_disk_full_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("big.bin");
+        let mut w = WriteTransfer::new(target.clone(), write_setup(UploadLimits { max_bytes: Some(10), min_free: 0 })).unwrap();
+        assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Ack(1));
+        assert_eq!(w.on_data(2, b"efgh", now()), WriteNext::Ack(2));
+        assert_eq!(w.on_data(3, b"ijkl", now()), WriteNext::Fail(ErrorCode::DiskFull, TOO_LARGE), "12 bytes > 10");
+        drop(w);
+        assert!(files_in(dir.path()).is_empty(), "the temporary file goes with the transfer: {:?}", files_in(dir.path()));
+
+        let mut exact = WriteTransfer::new(target.clone(), write_setup(UploadLimits { max_bytes: Some(10), min_free: 0 })).unwrap();
+        assert_eq!(exact.on_data(1, b"abcd", now()), WriteNext::Ack(1));
+        assert_eq!(exact.on_data(2, b"efgh", now()), WriteNext::Ack(2));
+        assert_eq!(exact.on_data(3, b"ij", now()), WriteNext::Done(3), "exactly the limit is accepted");
+        assert_eq!(std::fs::read(&target).unwrap(), b"abcdefghij");
+    }
+
+    #[test]
+    fn an_upload_that_would_eat_into_the_free_space_floor_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = available(&File::open(dir.path()).unwrap()).unwrap();
+        let mut w = WriteTransfer::new(dir.path().join("f.bin"), write_setup(UploadLimits { max_bytes: None, min_free: free })).unwrap();
+        assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Fail(ErrorCode::DiskFull, NO_ROOM), "the first block is checked");
+        drop(w);
+        assert!(files_in(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn free_space_is_looked_up_once_per_step() {
+        assert!(UploadLimits::free_space_due(0, 512), "the first block");
+        assert!(!UploadLimits::free_space_due(512, 512));
+        assert!(UploadLimits::free_space_due(FREE_SPACE_STEP - 100, 512), "crossing a step");
+        assert!(!UploadLimits::free_space_due(FREE_SPACE_STEP, 512));
+        let floor = UploadLimits { max_bytes: None, min_free: 64 << 20 };
+        assert!(floor.room((64 << 20) + FREE_SPACE_STEP), "the floor and a step to spare");
+        assert!(!floor.room((64 << 20) + FREE_SPACE_STEP - 1));
+        assert!(UploadLimits::default().fits(u64::MAX - 1, 1), "no size limit");
     }
 }

@@ -11,7 +11,7 @@ use std::{
 use netns_tests::{
     Process, RunPrefix,
     clients::Client,
-    files::{make_file, sha256},
+    files::{make_file, sha256, share_dir},
 };
 
 struct Server {
@@ -27,6 +27,12 @@ fn free_port() -> u16 {
 /// Starts the server on a free loopback port with `extra` flags; waits until it answers.
 fn server(extra: &[&str]) -> Server {
     let root = tempfile::tempdir().unwrap();
+    share_dir(root.path(), extra.contains(&"--allow-upload")).unwrap();
+    server_at(root, extra)
+}
+
+/// Starts the server on `root` (made readable, or writable for uploads, by the test).
+fn server_at(root: tempfile::TempDir, extra: &[&str]) -> Server {
     let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
     command.arg("--root").arg(root.path()).args(["--listen", &format!("127.0.0.1:{port}")]).args(extra);
@@ -117,25 +123,20 @@ fn netascii_downloads_convert_line_ends() {
 fn uploads_arrive_intact_only_when_allowed() {
     let upload = local("upload-src");
     make_file(&upload, 300_000, 14).unwrap();
-    let put = |port: u16, remote: &str| {
-        let mut command = Command::new("tftp");
-        command.args(["-m", "binary", "127.0.0.1", &port.to_string(), "-c", "put"]).arg(&upload).arg(remote);
-        command.output().unwrap()
-    };
 
     let refusing = server(&[]);
-    let output = put(refusing.port, "new.bin");
+    let output = put(refusing.port, &upload, "new.bin");
     assert!(String::from_utf8_lossy(&output.stdout).contains("Error") || String::from_utf8_lossy(&output.stderr).contains("Error") || !output.status.success(), "upload refused");
     assert!(!refusing.root.path().join("new.bin").exists());
 
     let accepting = server(&["--allow-upload"]);
-    put(accepting.port, "new.bin");
+    put(accepting.port, &upload, "new.bin");
     assert_same(&upload, &accepting.root.path().join("new.bin"));
     // Nothing but the file: no temporary left behind.
     assert_eq!(std::fs::read_dir(accepting.root.path()).unwrap().count(), 1);
     // An existing file is not replaced without --allow-overwrite.
     std::fs::write(accepting.root.path().join("keep.bin"), b"original").unwrap();
-    put(accepting.port, "keep.bin");
+    put(accepting.port, &upload, "keep.bin");
     assert_eq!(std::fs::read(accepting.root.path().join("keep.bin")).unwrap(), b"original");
     std::fs::remove_file(&upload).unwrap();
 }
@@ -235,6 +236,7 @@ fn blksize_is_clamped_to_the_path_mtu() {
         ns.add_address("eth0", addr).unwrap();
     }
     let root = tempfile::tempdir().unwrap();
+    share_dir(root.path(), false).unwrap();
     make_file(&root.path().join("mtu.bin"), 100_000, 41).unwrap();
     let mut command = server_ns.command(env!("CARGO_BIN_EXE_tftp-backend"));
     command.arg("--root").arg(root.path()).args(["--listen", "10.79.0.1:69"]);
@@ -285,5 +287,163 @@ fn an_ack_that_waited_past_its_timer_is_read_first() {
         unsafe { libc::kill(pid, libc::SIGCONT) };
         let n = client.recv(&mut buf).unwrap();
         assert_eq!(&buf[..4.min(n)], b"\x00\x03\x00\x03", "round {round}: DATA 3, not DATA 2 again");
+    }
+}
+
+/// The uid of the user a server started as root becomes by default (`tftp`, else `nobody`).
+fn default_server_uid() -> u32 {
+    ["tftp", "nobody"]
+        .iter()
+        .find_map(|name| nix::unistd::User::from_name(name).ok().flatten())
+        .map(|user| user.uid.as_raw())
+        .expect("a tftp or nobody user")
+}
+
+/// Real, effective, saved and filesystem uids of a running process.
+fn uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().skip(1).map(|n| n.parse().unwrap()).collect()
+}
+
+fn put(port: u16, source: &Path, remote: &str) -> std::process::Output {
+    let mut command = Command::new("tftp");
+    command.args(["-m", "binary", "127.0.0.1", &port.to_string(), "-c", "put"]).arg(source).arg(remote);
+    command.output().unwrap()
+}
+
+/// Names in a directory (uploads leave nothing else, not even a temporary file).
+fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// Started as root (the test runs as root), the server gives root up once its socket is bound:
+/// every uid of the process is the unprivileged user's, uploads are that user's files with
+/// the mode --umask leaves, and only --allow-root keeps root.
+#[test]
+fn a_server_started_as_root_serves_as_an_unprivileged_user() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    netns_tests::require_root();
+    let user = default_server_uid();
+    let upload = local("owned-src");
+    make_file(&upload, 70_000, 15).unwrap();
+
+    let s = server(&["--allow-upload"]);
+    assert_eq!(uids(s.process.pid()), vec![user; 4], "real, effective, saved and fs uid");
+    assert!(put(s.port, &upload, "owned.bin").status.success());
+    let meta = std::fs::metadata(s.root.path().join("owned.bin")).unwrap();
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o777), (user, 0o644), "the user's file, mode 0666 less umask 022");
+    // Downloads still work as that user.
+    let back = local("owned-back");
+    run(Client::TftpHpa.download_here("127.0.0.1", s.port, "owned.bin", &back));
+    assert_same(&upload, &back);
+
+    let private = server(&["--allow-upload", "--umask", "077"]);
+    assert!(put(private.port, &upload, "private.bin").status.success());
+    assert_eq!(std::fs::metadata(private.root.path().join("private.bin")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let as_root = server(&["--allow-root"]);
+    assert_eq!(uids(as_root.process.pid()), vec![0; 4], "--allow-root keeps root");
+    for path in [upload, back] {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+/// A root the server's user cannot read, or with --allow-upload cannot write, stops the server
+/// at start with a message that names the user, not a server that refuses every request.
+#[test]
+fn a_root_the_server_user_cannot_use_is_refused_at_start() {
+    netns_tests::require_root();
+    let private = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let read_only = tempfile::tempdir().unwrap();
+    share_dir(read_only.path(), false).unwrap();
+    for (root, extra, what) in [(&private, &[][..], "cannot read"), (&read_only, &["--allow-upload"][..], "cannot write")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
+        command.arg("--root").arg(root.path()).args(["--listen", &format!("127.0.0.1:{}", free_port())]).args(extra);
+        let mut process = Process::spawn(RunPrefix::new().name("refused"), command).unwrap();
+        let status = process.wait(Duration::from_secs(10));
+        let log = process.log();
+        assert!(status.is_some_and(|s| !s.success()), "{extra:?}: the server must exit with an error: {log}");
+        assert!(log.contains(what) && log.contains("user"), "{extra:?}: {log}");
+    }
+}
+
+/// --max-upload-bytes: a client that announces a larger tsize (curl does) is refused at once,
+/// one that just sends (tftp-hpa) gets ERROR 3 when it crosses the limit; nothing is left.
+#[test]
+fn uploads_beyond_the_size_limit_get_disk_full_and_leave_nothing() {
+    let upload = local("quota-src");
+    make_file(&upload, 300_000, 16).unwrap();
+    let s = server(&["--allow-upload", "--max-upload-bytes", "100000"]);
+
+    let output = put(s.port, &upload, "sent.bin");
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(said.contains("code 3") && said.contains("larger than this server accepts"), "tftp-hpa: {said}");
+    assert!(names(s.root.path()).is_empty(), "nothing on disk: {:?}", names(s.root.path()));
+
+    let curl = Command::new("curl")
+        .args(["-sS", "-T"])
+        .arg(&upload)
+        .arg(format!("tftp://127.0.0.1:{}/announced.bin", s.port))
+        .output()
+        .unwrap();
+    assert_eq!(curl.status.code(), Some(70), "curl: remote disk full: {}", String::from_utf8_lossy(&curl.stderr));
+    assert!(names(s.root.path()).is_empty(), "nothing on disk: {:?}", names(s.root.path()));
+
+    let small = local("quota-small");
+    make_file(&small, 100_000, 17).unwrap();
+    assert!(put(s.port, &small, "small.bin").status.success());
+    assert_same(&small, &s.root.path().join("small.bin"));
+    for path in [upload, small] {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+/// A tmpfs the test mounts (and unmounts, even on failure).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=1777"), "tmpfs"]).arg(dir.path()).status().unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// --min-free-mib: an upload that would leave less free space than that fails with ERROR 3
+/// and leaves nothing; one that leaves enough lands. (16 MiB filesystem, 8 MiB floor: a
+/// 12 MiB file would fit, but not above the floor.)
+#[test]
+fn uploads_keep_the_free_space_floor() {
+    netns_tests::require_root();
+    let fs = Tmpfs::new("16m");
+    let root = tempfile::tempdir_in(fs.0.path()).unwrap();
+    share_dir(root.path(), true).unwrap();
+    let s = server_at(root, &["--allow-upload", "--min-free-mib", "8"]);
+    let big = local("floor-big");
+    make_file(&big, 12 << 20, 18).unwrap();
+    let output = put(s.port, &big, "big.bin");
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(said.contains("code 3") && said.contains("not enough free space"), "tftp-hpa: {said}");
+    assert!(names(s.root.path()).is_empty(), "nothing on disk: {:?}", names(s.root.path()));
+
+    let fits = local("floor-fits");
+    make_file(&fits, 4 << 20, 19).unwrap();
+    assert!(put(s.port, &fits, "fits.bin").status.success());
+    assert_same(&fits, &s.root.path().join("fits.bin"));
+    drop(s);
+    for path in [big, fits] {
+        std::fs::remove_file(path).unwrap();
     }
 }

@@ -3,7 +3,10 @@
 
 use std::{net::UdpSocket, process::Command, time::Duration};
 
-use netns_tests::{Process, RunPrefix, files::make_file};
+use netns_tests::{
+    Process, RunPrefix,
+    files::{make_file, share_dir},
+};
 use sha2::{Digest as _, Sha256};
 use xdp_lb_common::{
     SteeringHeader,
@@ -19,9 +22,10 @@ struct Backend {
 }
 
 fn backend(root: &std::path::Path) -> Backend {
+    share_dir(root, false).unwrap();
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
-    command.arg("--root").arg(root).args(["--steered", "--listen", &format!("127.0.0.1:{port}")]);
+    command.arg("--root").arg(root).args(["--steered", "--lb", "127.0.0.1", "--listen", &format!("127.0.0.1:{port}")]);
     let backend = Backend { port, process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
     let lb = Lb::new();
     for _ in 0..100 {
@@ -39,7 +43,12 @@ struct Lb {
 
 impl Lb {
     fn new() -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Self::at("127.0.0.1")
+    }
+
+    /// A sender on another loopback address (the backend is told `--lb 127.0.0.1`).
+    fn at(address: &str) -> Self {
+        let socket = UdpSocket::bind((address, 0)).unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         Self { socket }
     }
@@ -404,4 +413,37 @@ fn a_request_repeated_after_the_oack_was_lost_gets_it_again() {
     lb.send(&a, &client_header(), rrq);
     let (heard, payload) = lb.recv_any().expect("an answer for the watchdog");
     assert!(heard.has_flag(FLAG_HEARD) && payload.is_empty(), "a copy right after: HEARD only, {payload:?}");
+}
+
+/// `--lb`: a steering datagram from an address that is not a named balancer gets no answer at
+/// all (not even `HEARD`), file lookups included, and the drops are logged with their count;
+/// the balancer is served as before. `--steered` without `--lb` does not start.
+#[test]
+fn only_the_named_balancers_may_steer() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 100_000, 23).unwrap();
+    let b = backend(root.path());
+    let attacker = Lb::at("127.0.0.2");
+    let request = b"\x00\x01fw.bin\x00octet\x00blksize\x001000\x00";
+    for _ in 0..20 {
+        attacker.send(&b, &client_header(), request);
+        let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
+        beat.flags = FLAG_HEARTBEAT;
+        attacker.send(&b, &beat, b"");
+    }
+    assert!(attacker.recv_any().is_none(), "no answer of any kind to a sender not named by --lb");
+    let log = b.process.log();
+    assert!(log.contains("not named by --lb") && log.contains("from=127.0.0.2"), "{log}");
+    assert!(!log.contains("fw.bin"), "no request of the attacker reached the file lookup: {log}");
+    let lb = Lb::new();
+    lb.send(&b, &client_header(), request);
+    let (_, oack) = lb.recv().expect("the balancer is served");
+    assert_eq!(&oack[..2], b"\x00\x06");
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
+    command.arg("--root").arg(root.path()).args(["--steered", "--listen", "127.0.0.1:0"]);
+    let mut refused = Process::spawn(RunPrefix::new().name("no-lb"), command).unwrap();
+    let status = refused.wait(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "a usage error: {}", refused.log());
+    assert!(refused.log().contains("--lb"), "{}", refused.log());
 }
