@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
 
 pub const VIP: &str = "10.77.9.100";
 pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
@@ -53,6 +53,9 @@ pub struct PairTopology {
     pub lb_pins: [PinDir; 2],
     /// Files the backends serve (one directory, shared by all backends).
     pub root: PathBuf,
+    /// The control key file every agent gets (`--control-key-file`; a test's `extra` arguments
+    /// may name another, the later flag wins).
+    pub control_key: ControlKey,
     // Dropped last: deleting it removes both bridges and every bridge port.
     _bridges: Netns,
 }
@@ -102,7 +105,8 @@ impl PairTopology {
             .collect::<Result<Vec<_>>>()?;
         let switch_pins = PinDir::new(&prefix.name("sw"))?;
         let lb_pins = [PinDir::new(&prefix.name("lba"))?, PinDir::new(&prefix.name("lbb"))?];
-        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, _bridges: net })
+        let control_key = ControlKey::random(&prefix, "control", 1)?;
+        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, control_key, _bridges: net })
     }
 
     /// Starts the switch agent; balancer 0 starts active.
@@ -111,6 +115,7 @@ impl PairTopology {
         command.arg("--pin-root").arg(self.switch_pins.path());
         command.args(["switch", "--iface", "eth0", "--iface", "eth1", "--xdp-mode", "skb", "--vip", VIP]);
         command.args(["--address", SWITCH_LB_SIDE]);
+        command.arg("--control-key-file").arg(self.control_key.path());
         for i in 0..2 {
             command.args(["--lb", &format!("{}:{CONTROL_PORT}", lb_addr(i))]);
         }
@@ -132,6 +137,7 @@ impl PairTopology {
         let mut command = self.lbs[i].command(binary("xdp-lb"));
         command.arg("--pin-root").arg(self.lb_pins[i].path());
         command.args(["balance", "--iface", "eth0", "--xdp-mode", "skb", "--vip", VIP, "--address", &lb_addr(i)]);
+        command.arg("--control-key-file").arg(self.control_key.path());
         if mirror {
             command.args(["--peer", &format!("{}:{CONTROL_PORT}", lb_addr(1 - i))]);
         }

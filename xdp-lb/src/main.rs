@@ -3,6 +3,7 @@ mod balance;
 mod batch;
 mod config;
 mod control;
+mod control_auth;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
