@@ -76,6 +76,9 @@ impl Sent {
 /// The first of the agent's `control_*` slots in `LB_COUNTERS`.
 const CONTROL_COUNTERS: u32 = xdp_lb_common::BalanceCounter::ControlAccepted as u32;
 
+/// A `Hello` goes to the peer this often.
+const HELLO_EVERY: Duration = Duration::from_secs(1);
+
 /// Every session is sent again this often, so a restarted peer catches up.
 const FULL_SYNC: Duration = Duration::from_secs(1);
 
@@ -95,6 +98,10 @@ pub struct Pair {
     pub mirrored_new: u64,
     /// Seals what goes out, checks what comes in (keys, recipient, replays), counts rejections.
     control: Control,
+    /// When the last `Hello` went to the peer.
+    last_hello: Option<Instant>,
+    /// Whether an authentic message from the peer arrived yet (logged once).
+    peer_heard: bool,
 }
 
 /// A periodic sync starts again only after `SYNC_DUTY` times its last cost has passed (at most
@@ -122,6 +129,8 @@ impl Pair {
             last_sync: None,
             mirrored_new: 0,
             control,
+            last_hello: None,
+            peer_heard: false,
         })
     }
 
@@ -184,6 +193,13 @@ impl Pair {
                 debug!(%from, "sync from the peer ignored: this balancer is active");
                 false
             }
+            Message::Hello => {
+                if !self.peer_heard {
+                    self.peer_heard = true;
+                    info!(%from, "the peer balancer's control messages authenticate");
+                }
+                false
+            }
             // Handled (counted, logged) by `Control`.
             Message::Rejected { .. } => false,
         }
@@ -191,6 +207,13 @@ impl Pair {
 
     /// Sends the peer what changed since the last sync (everything, once a second).
     pub async fn sync(&mut self, maps: &LbMaps) {
+        // Whatever the role: the peer learns at once whether our keys agree.
+        if let Some(peer) = self.peer
+            && self.last_hello.is_none_or(|at| at.elapsed() >= HELLO_EVERY)
+        {
+            self.last_hello = Some(Instant::now());
+            self.send(peer, &Message::Hello).await;
+        }
         let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
             return;
         };

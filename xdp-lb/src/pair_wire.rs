@@ -45,6 +45,7 @@ const KIND_HEARTBEAT_BACKUP: u8 = 2;
 const KIND_UPSERT: u8 = 3;
 const KIND_FORGET: u8 = 4;
 const KIND_REJECTED: u8 = 5;
+const KIND_HELLO: u8 = 6;
 
 const UPSERT_LEN: usize = size_of::<ClientKey>() + size_of::<Session>();
 const FORGET_LEN: usize = size_of::<ClientKey>();
@@ -146,6 +147,10 @@ pub enum Message {
     Upsert(Vec<(ClientKey, Session)>),
     /// From the peer balancer: sessions that ended.
     Forget(Vec<ClientKey>),
+    /// From the peer balancer, every second whatever its role: nothing to act on, but it shows
+    /// from the start whether the two balancers' keys agree (sync only flows from an active
+    /// balancer that holds sessions).
+    Hello,
     /// An agent's notice that it rejected a message from us, and which key ids it holds
     /// (0: none), so a key mismatch shows on both sides. Never answered with another notice.
     Rejected { reason: Reason, their_key_id: u8, key_ids: [u8; 2] },
@@ -321,6 +326,12 @@ impl Message {
                 }
                 Self::Heartbeat { active: header.kind == KIND_HEARTBEAT_ACTIVE }
             }
+            KIND_HELLO => {
+                if !body.is_empty() || header.count != 0 {
+                    return Err(WireError::BadLength { count: header.count, len: body.len() });
+                }
+                Self::Hello
+            }
             KIND_UPSERT => Self::Upsert(
                 entries(UPSERT_LEN)?
                     .map(|entry| {
@@ -366,6 +377,7 @@ impl Message {
                 let kind = if *active { KIND_HEARTBEAT_ACTIVE } else { KIND_HEARTBEAT_BACKUP };
                 vec![header(seal, kind, 0, next()).to_vec()]
             }
+            Self::Hello => vec![header(seal, KIND_HELLO, 0, next()).to_vec()],
             Self::Upsert(sessions) => chunked(seal, KIND_UPSERT, sessions, UPSERT_LEN, &mut next, |out, (key, session)| {
                 out.extend_from_slice(bytemuck::bytes_of(key));
                 out.extend_from_slice(bytemuck::bytes_of(session));
@@ -398,7 +410,7 @@ impl Message {
     pub fn datagrams(&self) -> u64 {
         let count = |n: usize, size: usize| n.div_ceil(per_datagram(size)).max(1) as u64;
         match self {
-            Self::Heartbeat { .. } | Self::Rejected { .. } => 1,
+            Self::Heartbeat { .. } | Self::Hello | Self::Rejected { .. } => 1,
             Self::Upsert(sessions) => count(sessions.len(), UPSERT_LEN),
             Self::Forget(keys) => count(keys.len(), FORGET_LEN),
         }
@@ -543,7 +555,12 @@ mod tests {
     #[test]
     fn changing_any_byte_fails_the_check() {
         let keys = ring(&[(1, b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1")]);
-        for message in [Message::Heartbeat { active: false }, Message::Upsert(vec![session(1), session(2)]), Message::Forget(vec![session(3).0])] {
+        for message in [
+            Message::Heartbeat { active: false },
+            Message::Hello,
+            Message::Upsert(vec![session(1), session(2)]),
+            Message::Forget(vec![session(3).0]),
+        ] {
             let datagram = message.seal(&seal(&keys)).remove(0);
             for at in 0..datagram.len() {
                 for flip in [0x01, 0x80, 0xff] {
@@ -624,6 +641,13 @@ mod tests {
         }
         let heartbeat = Message::Heartbeat { active: true }.seal(&seal(&keys)).remove(0);
         assert_eq!(Message::open(&heartbeat[..HEADER_LEN + MAC_LEN - 1], &keys), Err(WireError::Truncated));
+    }
+
+    #[test]
+    fn hellos_round_trip() {
+        let keys = ring(&[(3, b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1")]);
+        let datagram = Message::Hello.seal(&seal(&keys)).remove(0);
+        assert_eq!(Message::open(&datagram, &keys).unwrap().1, Message::Hello);
     }
 
     #[test]
