@@ -137,7 +137,7 @@ pub fn parse_keys(text: &str) -> Result<Vec<Key>, (usize, String)> {
         if keys.iter().any(|k| k.id == id) {
             return Err(fail(format!("key id {id} given twice")));
         }
-        keys.push(Key::new(id, secret));
+        keys.push(Key::new(id, &secret));
     }
     Ok(keys)
 }
@@ -467,6 +467,66 @@ fn advice(reason: Reason) -> &'static str {
         Reason::Stale => "the hosts' clocks differ by more than --control-max-skew-ms (run NTP), or an old message was replayed",
         Reason::Replayed => "a copy of a message already accepted (a replay, or a duplicate on the network)",
     }
+}
+
+/// One row of `xdp-lb bench-control`: mean ns to seal and to open one datagram of a message,
+/// without a key (format only) and with HMAC-SHA-256.
+#[derive(Debug, serde::Serialize)]
+pub struct BenchRow {
+    pub message: &'static str,
+    pub bytes: usize,
+    pub seal_plain_ns: f64,
+    pub seal_mac_ns: f64,
+    pub open_plain_ns: f64,
+    pub open_mac_ns: f64,
+}
+
+fn seal_for(keys: &Keyring, to: SocketAddrV4) -> Seal<'_> {
+    Seal { keys, sender: Sender::Balancer, seq: 1, to }
+}
+
+/// The cost of the MAC per control message (`cargo xtask bench --only control`): each message
+/// sealed and opened `repeat` times without a key and with one.
+#[must_use]
+pub fn bench(repeat: u32) -> Vec<BenchRow> {
+    use std::hint::black_box;
+
+    use xdp_lb_common::{ClientKey, Session};
+
+    let keyed = Keyring::new(vec![Key::new(1, &[0x42; 32])]);
+    let plain = Keyring::default();
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 6970);
+    let session = |n: u16| (ClientKey::new([10, 0, 0, 50], n.to_be_bytes()), <Session as bytemuck::Zeroable>::zeroed());
+    let full = (1400 - crate::pair_wire::HEADER_LEN - crate::pair_wire::MAC_LEN) / (size_of::<ClientKey>() + size_of::<Session>());
+    let messages = [
+        ("heartbeat", Message::Heartbeat { active: true }),
+        ("upsert, 1 session", Message::Upsert(vec![session(1)])),
+        ("upsert, full datagram", Message::Upsert((0..u16::try_from(full).unwrap_or(1)).map(session).collect())),
+    ];
+    let mean_ns = |f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        for _ in 0..repeat {
+            f();
+        }
+        started.elapsed().as_secs_f64() * 1e9 / f64::from(repeat.max(1))
+    };
+    messages
+        .into_iter()
+        .map(|(name, message)| {
+            let seal_ns = |keys: &Keyring| mean_ns(&mut || drop(black_box(black_box(&message).seal(&seal_for(keys, to)))));
+            let datagram = |keys: &Keyring| message.seal(&seal_for(keys, to)).remove(0);
+            let (plain_datagram, keyed_datagram) = (datagram(&plain), datagram(&keyed));
+            let open_ns = |datagram: &[u8], keys: &Keyring| mean_ns(&mut || drop(black_box(Message::open(black_box(datagram), keys))));
+            BenchRow {
+                message: name,
+                bytes: keyed_datagram.len(),
+                seal_plain_ns: seal_ns(&plain),
+                seal_mac_ns: seal_ns(&keyed),
+                open_plain_ns: open_ns(&plain_datagram, &plain),
+                open_mac_ns: open_ns(&keyed_datagram, &keyed),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ impl Pair {
         let message = match self.control.receive(datagram, from) {
             Received::Accepted(message) => message,
             Received::Dropped { reason, notice } => {
-                debug!(%from, reason = reason.map(|r| r.name()), "control datagram dropped");
+                debug!(%from, reason = reason.map(crate::pair_wire::Reason::name), "control datagram dropped");
                 if let Some(notice) = notice
                     && let Err(error) = self.socket.send_to(&notice, from).await
                 {
