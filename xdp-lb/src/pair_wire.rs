@@ -665,6 +665,51 @@ mod tests {
         assert!(!Message::peek_is_rejection(&Message::Heartbeat { active: true }.seal(&seal(&keys))[0]));
     }
 
+    /// The no-panic contract on arbitrary bytes, and on valid datagrams with bytes changed,
+    /// cut or appended, opened without a key so that parsing reaches the payload.
+    #[test]
+    #[expect(clippy::cast_possible_truncation, reason = "random bytes and indices from a 64-bit generator")]
+    fn no_input_panics() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let keys = ring(&[(1, b"k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1k1")]);
+        let none = Keyring::default();
+        let valid: Vec<Vec<u8>> = [
+            Message::Heartbeat { active: true },
+            Message::Hello,
+            Message::Upsert(vec![session(1), session(2)]),
+            Message::Forget(vec![session(1).0]),
+            Message::Rejected { reason: Reason::BadMac, their_key_id: 1, key_ids: [1, 2] },
+        ]
+        .iter()
+        .map(|m| m.seal(&seal(&none)).remove(0))
+        .collect();
+        for i in 0..200_000u32 {
+            let mut datagram = if i % 2 == 0 {
+                valid[(next() % valid.len() as u64) as usize].clone()
+            } else {
+                (0..next() % 300).map(|_| next() as u8).collect()
+            };
+            match next() % 4 {
+                0 if !datagram.is_empty() => {
+                    let at = (next() % datagram.len() as u64) as usize;
+                    datagram[at] = next() as u8;
+                }
+                1 => datagram.truncate((next() % (datagram.len() as u64 + 1)) as usize),
+                2 => datagram.extend((0..next() % 120).map(|_| next() as u8)),
+                _ => {}
+            }
+            let _ = Message::open(&datagram, &none);
+            let _ = Message::open(&datagram, &keys);
+            let _ = Message::peek_is_rejection(&datagram);
+        }
+    }
+
     #[test]
     fn sequence_numbers_count_up_even_when_the_clock_does_not() {
         let mut seq = Sequencer::default();

@@ -360,3 +360,31 @@ fn print_counters(out: &mut impl std::io::Write, counters: &[NamedCounter]) -> a
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(values: &[(&'static str, u64)]) -> Vec<NamedCounter> {
+        Stats::NAMES
+            .iter()
+            .map(|name| NamedCounter { name, packets: values.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v), bytes: 0 })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_mismatch_with_the_peer_is_a_sentence() {
+        let quiet = ControlStatus::of(&counters(&[("control_accepted", 100)]), "the peer balancer", "others");
+        assert!(quiet.warnings.is_empty());
+        let status = ControlStatus::of(
+            &counters(&[("control_bad_mac", 7), ("control_unknown_key", 2), ("control_peer_auth_failed", 5), ("control_rejected_by_other", 3), ("control_stale", 1)]),
+            "the peer balancer",
+            "the switch's side",
+        );
+        assert_eq!(status.rejected["bad_mac"], 7);
+        assert!(status.warnings[0].starts_with("the peer balancer's messages fail authentication (5 messages)"), "{:?}", status.warnings);
+        assert!(status.warnings[1].starts_with("4 control messages from the switch's side failed authentication"), "{:?}", status.warnings);
+        assert!(status.warnings[2].contains("another agent rejected this agent's control messages (3 notices)"));
+        assert!(status.warnings[3].contains("stale"));
+    }
+}
