@@ -469,7 +469,7 @@ impl Agent {
 
     /// Recounts sessions per backend and forgets sessions idle for too long.
     fn maintain(&mut self) -> anyhow::Result<()> {
-        self.pair.write_counters(&mut self.maps)?;
+        self.pair.write_counters(&mut self.maps);
         let now = monotonic_ns();
         let idle = u64::try_from(self.session_idle.as_nanos()).unwrap_or(u64::MAX);
         let mut sessions = self.maps.sessions();

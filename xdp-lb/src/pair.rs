@@ -102,6 +102,8 @@ pub struct Pair {
     last_hello: Option<Instant>,
     /// Whether an authentic message from the peer arrived yet (logged once).
     peer_heard: bool,
+    /// Whether writing the control counters failed (logged once).
+    counters_failed: bool,
 }
 
 /// A periodic sync starts again only after `SYNC_DUTY` times its last cost has passed (at most
@@ -131,15 +133,20 @@ impl Pair {
             control,
             last_hello: None,
             peer_heard: false,
+            counters_failed: false,
         })
     }
 
-    /// Writes the control counters to the counter map (for `xdp-lb status`) if they changed.
-    pub fn write_counters(&mut self, maps: &mut LbMaps) -> anyhow::Result<()> {
-        if self.control.take_dirty() {
-            maps::write_agent_counters(&mut maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())?;
+    /// Writes the control counters to the counter map (for `xdp-lb status`) if they changed. A
+    /// failure (a counter map pinned by an older version, without these slots) is logged once
+    /// and does not stop the agent.
+    pub fn write_counters(&mut self, maps: &mut LbMaps) {
+        if self.control.take_dirty()
+            && let Err(error) = maps::write_agent_counters(&mut maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())
+            && !std::mem::replace(&mut self.counters_failed, true)
+        {
+            warn!(error = format!("{error:#}"), "control counters not written: `xdp-lb status` will not show them (a counter map pinned by an older version? remove the pins and restart)");
         }
-        Ok(())
     }
 
     /// Handles a control datagram. Returns true when the switch just made this balancer active.

@@ -114,6 +114,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
         started_ns: monotonic_ns(),
         control,
         counters_written_ns: 0,
+        counters_failed: false,
     };
     agent.run(args).await?;
     info!(links = ?links.paths(), "shutting down, unpinning the links and detaching");
@@ -149,6 +150,7 @@ struct Agent {
     /// Seals the heartbeats; checks the balancers' echoes and rejection notices.
     control: Control,
     counters_written_ns: u64,
+    counters_failed: bool,
 }
 
 impl Agent {
@@ -207,8 +209,13 @@ impl Agent {
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
         if now.saturating_sub(self.counters_written_ns) >= COUNTERS_EVERY_NS && self.control.take_dirty() {
-            maps::write_agent_counters(&mut self.maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())?;
             self.counters_written_ns = now;
+            // Not fatal (a counter map pinned by an older version lacks these slots): logged once.
+            if let Err(error) = maps::write_agent_counters(&mut self.maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())
+                && !std::mem::replace(&mut self.counters_failed, true)
+            {
+                warn!(error = format!("{error:#}"), "control counters not written: `xdp-lb status` will not show them (a counter map pinned by an older version? remove the pins and restart)");
+            }
         }
         let late = self.detector.begin_tick(now);
         if let Some(late) = late {
