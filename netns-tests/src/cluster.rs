@@ -48,6 +48,19 @@ impl Cluster {
         require_root();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
+        Self::run_on(topo, turn, mirror, lb_args)
+    }
+
+    /// Starts everything on a topology the test prepared (e.g. without control keys).
+    #[must_use]
+    pub fn start_on(topo: PairTopology) -> Self {
+        require_root();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::run_on(topo, turn, true, &[])
+    }
+
+    fn run_on(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, mirror: bool, lb_args: &[&str]) -> Self {
+        let backends = topo.backends.len();
         let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
         let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, lb_args).expect("lb")));
         let switch = topo.start_switch(&[]).expect("xdp-lb switch");
@@ -104,8 +117,13 @@ impl Cluster {
 
     /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).
     pub fn restart_lb(&mut self, i: usize) {
+        self.restart_lb_with(i, &[]);
+    }
+
+    /// Brings balancer `i` back with `extra` arguments (a later flag wins over the topology's).
+    pub fn restart_lb_with(&mut self, i: usize, extra: &[&str]) {
         self.topo.plug_lb(i).expect("link up");
-        self.lbs[i] = Some(self.topo.start_lb(i, &[]).expect("restart lb"));
+        self.lbs[i] = Some(self.topo.start_lb(i, extra).expect("restart lb"));
         self.wait_backends_live(i, self.backends.iter().filter(|b| b.is_some()).count());
     }
 

@@ -13,6 +13,7 @@
 pub mod boot;
 pub mod clients;
 pub mod cluster;
+pub mod control_key;
 pub mod files;
 pub mod impair;
 mod netns;
@@ -23,6 +24,7 @@ pub mod storm;
 pub mod topology;
 pub mod watch;
 
+pub use control_key::ControlKey;
 pub use netns::{Netns, VethEnd, veth_pair};
 pub use paths::{PinDir, binary, ensure_bpffs};
 pub use process::Process;

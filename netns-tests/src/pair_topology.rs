@@ -17,7 +17,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
 
 pub const VIP: &str = "10.77.9.100";
 pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
@@ -53,6 +53,9 @@ pub struct PairTopology {
     pub lb_pins: [PinDir; 2],
     /// Files the backends serve (one directory, shared by all backends).
     pub root: PathBuf,
+    /// The control key file every agent gets (`--control-key-file`; a test's `extra` arguments
+    /// may name another, the later flag wins). `None`: the agents run with `--insecure-control`.
+    pub control_key: Option<ControlKey>,
     // Dropped last: deleting it removes both bridges and every bridge port.
     _bridges: Netns,
 }
@@ -102,7 +105,8 @@ impl PairTopology {
             .collect::<Result<Vec<_>>>()?;
         let switch_pins = PinDir::new(&prefix.name("sw"))?;
         let lb_pins = [PinDir::new(&prefix.name("lba"))?, PinDir::new(&prefix.name("lbb"))?];
-        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, _bridges: net })
+        let control_key = Some(ControlKey::random(&prefix, "control", 1)?);
+        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, control_key, _bridges: net })
     }
 
     /// Starts the switch agent; balancer 0 starts active.
@@ -111,6 +115,7 @@ impl PairTopology {
         command.arg("--pin-root").arg(self.switch_pins.path());
         command.args(["switch", "--iface", "eth0", "--iface", "eth1", "--xdp-mode", "skb", "--vip", VIP]);
         command.args(["--address", SWITCH_LB_SIDE]);
+        self.control_key_args(&mut command);
         for i in 0..2 {
             command.args(["--lb", &format!("{}:{CONTROL_PORT}", lb_addr(i))]);
         }
@@ -132,6 +137,7 @@ impl PairTopology {
         let mut command = self.lbs[i].command(binary("xdp-lb"));
         command.arg("--pin-root").arg(self.lb_pins[i].path());
         command.args(["balance", "--iface", "eth0", "--xdp-mode", "skb", "--vip", VIP, "--address", &lb_addr(i)]);
+        self.control_key_args(&mut command);
         if mirror {
             command.args(["--peer", &format!("{}:{CONTROL_PORT}", lb_addr(1 - i))]);
         }
@@ -144,6 +150,21 @@ impl PairTopology {
         // meets no program, and a status read shows the maps a predecessor left.
         agent.wait_for_output("balance attached", crate::process::AGENT_START);
         Ok(agent)
+    }
+
+    fn control_key_args(&self, command: &mut std::process::Command) {
+        match &self.control_key {
+            Some(key) => command.arg("--control-key-file").arg(key.path()),
+            None => command.arg("--insecure-control"),
+        };
+    }
+
+    /// Another host on the balancers' network (`br1`: the control network), with `address`
+    /// (e.g. an attacker's: the tests send from it what the agents must refuse).
+    pub fn add_control_host(&self, suffix: &str, address: &str) -> Result<Netns> {
+        let ns = Netns::new(self.prefix.name(suffix))?;
+        attach(self.bridges(), "br1", &ns, "eth0", &format!("p{suffix}"), &format!("{address}/24"))?;
+        Ok(ns)
     }
 
     /// Starts backend `i` in steered mode on the shared root.

@@ -20,7 +20,7 @@
 
 use std::path::PathBuf;
 
-use crate::{Netns, PinDir, Process, Result, RunPrefix, binary};
+use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary};
 
 pub const VIP: &str = "10.77.0.100";
 pub const LB_ADDR: &str = "10.77.0.2";
@@ -47,6 +47,9 @@ pub struct LbTopology {
     pub pins: PinDir,
     /// Files the backends serve (one directory, shared by all backends).
     pub root: PathBuf,
+    /// The balancer's `--control-key-file` (it has no switch nor peer, but an agent without a
+    /// key does not start).
+    pub control_key: ControlKey,
     // Dropped last: deleting it removes the bridge and every bridge port.
     _bridge: Netns,
 }
@@ -77,7 +80,8 @@ impl LbTopology {
                 Ok(ns)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { prefix, clients, lb, backends, pins, root, _bridge: net })
+        let control_key = ControlKey::random(&prefix, "control", 1)?;
+        Ok(Self { prefix, clients, lb, backends, pins, root, control_key, _bridge: net })
     }
 
     /// Starts the load balancer agent with every backend registered.
@@ -85,6 +89,7 @@ impl LbTopology {
         let mut command = self.lb.command(binary("xdp-lb"));
         command.arg("--pin-root").arg(self.pins.path());
         command.args(["balance", "--iface", "eth0", "--xdp-mode", "skb", "--vip", VIP, "--address", LB_ADDR]);
+        command.arg("--control-key-file").arg(self.control_key.path());
         for i in 0..self.backends.len() {
             command.args(["--backend", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
         }

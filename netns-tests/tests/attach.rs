@@ -3,7 +3,7 @@
 
 use std::{net::UdpSocket, process::Command};
 
-use netns_tests::{Netns, PinDir, Process, RunPrefix, binary, require_root, veth_pair, wait_for};
+use netns_tests::{ControlKey, Netns, PinDir, Process, RunPrefix, binary, require_root, veth_pair, wait_for};
 
 const LB_ADDR: &str = "10.231.0.1";
 const VIP: &str = "10.231.0.100";
@@ -60,6 +60,8 @@ fn balance_counts_udp_in_pinned_map_while_attached() {
     command.arg("--pin-root").arg(pins.path()).args(["balance", "--iface", &lb_end.iface, "--vip", VIP]);
     // A backend that never answers: this test is about attaching and counting.
     command.args(["--backend", "10.231.0.77:7000", "--address", LB_ADDR]);
+    let key = ControlKey::random(&prefix, "control", 1).expect("control key file");
+    command.arg("--control-key-file").arg(key.path());
     let mut agent = Process::spawn(prefix.name("agent"), command).expect("start xdp-lb balance");
 
     // Ready when the program shows on the interface and the counter map is pinned.

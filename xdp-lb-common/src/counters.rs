@@ -54,7 +54,8 @@ macro_rules! counters {
 
 counters! {
     /// Every decision the `balance` program makes, as an index into its counter map. Each packet
-    /// increments `Received` and exactly one other counter.
+    /// increments `Received` and exactly one other counter. The `control_*` slots at the end
+    /// are the agent's, not the program's.
     pub enum BalanceCounter {
         /// Every packet the program saw.
         Received => "received",
@@ -113,12 +114,36 @@ counters! {
         /// A backend's header-only `HEARD` reply (a datagram that needed no answer): recorded
         /// as its answer for the watchdog, then dropped.
         BackendHeard => "backend_heard",
+        // Written by the agent, not the program: its control messages (heartbeats, role
+        // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
+        /// Control messages accepted (authentic, addressed here, fresh, new).
+        ControlAccepted => "control_accepted",
+        /// Dropped: not a control message of this version.
+        ControlMalformed => "control_malformed",
+        /// Dropped: unsigned (`--insecure-control` sender) while this agent has a key.
+        ControlUnauthenticated => "control_unauthenticated",
+        /// Dropped: signed with a key id this agent does not hold.
+        ControlUnknownKey => "control_unknown_key",
+        /// Dropped: the MAC does not match (another key, or forged or altered bytes).
+        ControlBadMac => "control_bad_mac",
+        /// Dropped: authentic but addressed to another agent.
+        ControlMisaddressed => "control_misaddressed",
+        /// Dropped: authentic but its time is beyond `--control-max-skew-ms`.
+        ControlStale => "control_stale",
+        /// Dropped: authentic but not newer than the last accepted from its sender.
+        ControlReplayed => "control_replayed",
+        /// Of the authentication failures, those from a known peer's address (the other
+        /// balancer; for the switch, either balancer).
+        ControlPeerAuthFailed => "control_peer_auth_failed",
+        /// Rejection notices received: another agent drops this one's messages.
+        ControlRejectedByOther => "control_rejected_by_other",
     }
 }
 
 counters! {
     /// Every decision the `switch` program makes, as an index into its counter map. Each packet
-    /// increments `Received` and exactly one other counter.
+    /// increments `Received` and exactly one other counter. The `control_*` slots at the end
+    /// are the agent's, not the program's.
     pub enum SwitchCounter {
         /// Every packet the program saw.
         Received => "received",
@@ -142,6 +167,29 @@ counters! {
         ToClientByStack => "to_client_by_stack",
         /// A load balancer's own traffic (heartbeat answers, sync): recorded, passed.
         FromLb => "from_lb",
+        // Written by the agent, not the program: its control messages (heartbeats, role
+        // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
+        /// Control messages accepted (authentic, addressed here, fresh, new).
+        ControlAccepted => "control_accepted",
+        /// Dropped: not a control message of this version.
+        ControlMalformed => "control_malformed",
+        /// Dropped: unsigned (`--insecure-control` sender) while this agent has a key.
+        ControlUnauthenticated => "control_unauthenticated",
+        /// Dropped: signed with a key id this agent does not hold.
+        ControlUnknownKey => "control_unknown_key",
+        /// Dropped: the MAC does not match (another key, or forged or altered bytes).
+        ControlBadMac => "control_bad_mac",
+        /// Dropped: authentic but addressed to another agent.
+        ControlMisaddressed => "control_misaddressed",
+        /// Dropped: authentic but its time is beyond `--control-max-skew-ms`.
+        ControlStale => "control_stale",
+        /// Dropped: authentic but not newer than the last accepted from its sender.
+        ControlReplayed => "control_replayed",
+        /// Of the authentication failures, those from a known peer's address (the other
+        /// balancer; for the switch, either balancer).
+        ControlPeerAuthFailed => "control_peer_auth_failed",
+        /// Rejection notices received: another agent drops this one's messages.
+        ControlRejectedByOther => "control_rejected_by_other",
     }
 }
 
@@ -157,5 +205,17 @@ mod tests {
         for (i, c) in SwitchCounter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{c:?} is out of order");
         }
+    }
+
+    #[test]
+    fn both_agents_have_the_same_control_slots_last() {
+        let balance = &BalanceCounter::ALL[BalanceCounter::ControlAccepted as usize..];
+        let switch = &SwitchCounter::ALL[SwitchCounter::ControlAccepted as usize..];
+        assert_eq!(balance.len(), switch.len());
+        for (b, s) in balance.iter().zip(switch) {
+            assert_eq!(b.name(), s.name());
+            assert!(b.name().starts_with("control_"));
+        }
+        assert!(!BalanceCounter::ALL[BalanceCounter::ControlAccepted as usize - 1].name().starts_with("control_"));
     }
 }

@@ -95,11 +95,13 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if args.backends.len() > MAX_BACKENDS {
         bail!("at most {MAX_BACKENDS} backends, got {}", args.backends.len());
     }
+    // Before anything is loaded or attached: no key, no agent (unless --insecure-control).
+    let keys = args.pair.auth.keyring()?;
     crate::sched::realtime(args.watchdog.rt_priority);
-    crate::block_on(serve(pin_root, args))
+    crate::block_on(serve(pin_root, args, keys))
 }
 
-async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) -> anyhow::Result<()> {
     let address = match args.address {
         Some(address) => address,
         None => interface_address(&args.interfaces[0], args.vip)?,
@@ -121,6 +123,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         interfaces = ?args.interfaces, vip = %args.vip, %address, backends = ?args.backends,
         pin_dir = %pin_dir.display(), "balance attached"
     );
+    let pair = Pair::bind(address, &args.pair, keys, &lb_maps).await?;
     let started_ns = monotonic_ns();
     let mut agent = Agent {
         maps: lb_maps,
@@ -132,7 +135,7 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         draining: std::collections::BTreeSet::new(),
         socket,
         session_idle: Duration::from_secs(args.session_idle_secs),
-        pair: Pair::bind(address, &args.pair).await?,
+        pair,
         events,
         sought: std::collections::HashMap::new(),
         awaiting_data: None,
@@ -466,6 +469,7 @@ impl Agent {
 
     /// Recounts sessions per backend and forgets sessions idle for too long.
     fn maintain(&mut self) -> anyhow::Result<()> {
+        self.pair.write_counters(&mut self.maps);
         let now = monotonic_ns();
         let idle = u64::try_from(self.session_idle.as_nanos()).unwrap_or(u64::MAX);
         let mut sessions = self.maps.sessions();

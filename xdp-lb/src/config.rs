@@ -329,6 +329,31 @@ mod tests {
     }
 
     #[test]
+    fn the_control_key_options_come_from_the_file_for_both_agents() {
+        let file = config_file("control-key-file = \"/etc/xdp-lb/control.key\"\ncontrol-max-skew-ms = 5000\n");
+        let command = with_config_flag(crate::Cli::command());
+        let expand_with = |file: &ConfigFile, args: &[&str]| {
+            let mut full: Vec<OsString> = vec!["xdp-lb".into()];
+            full.extend(args.iter().map(|a| OsString::from(a.replace("FILE", &file.path().display().to_string()))));
+            expand(full, &command)
+        };
+        for args in [
+            &["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"][..],
+            &["switch", "--iface", "eth0", "--vip", "10.0.0.1", "--lb", "10.0.0.2:6970", "--lb", "10.0.0.3:6970", "--config", "FILE"],
+        ] {
+            let matches = command.clone().try_get_matches_from(expand_with(&file, args).unwrap()).unwrap();
+            let sub = matches.subcommand_matches(args[0]).unwrap();
+            assert_eq!(sub.get_one::<PathBuf>("control_key_file").unwrap(), Path::new("/etc/xdp-lb/control.key"), "{}", args[0]);
+            assert_eq!(sub.get_one::<u64>("control_max_skew_ms"), Some(&5000));
+            assert!(!sub.get_flag("insecure_control"));
+        }
+        let insecure = config_file("insecure-control = true\n");
+        let args = ["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"];
+        let matches = command.clone().try_get_matches_from(expand_with(&insecure, &args).unwrap()).unwrap();
+        assert!(matches.subcommand_matches("balance").unwrap().get_flag("insecure_control"));
+    }
+
+    #[test]
     fn the_example_file_is_valid_for_the_real_cli() {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/xdp-lb.example.toml");
         let args: Vec<OsString> = ["xdp-lb", "balance", "--config", example].iter().map(OsString::from).collect();

@@ -3,6 +3,7 @@ mod balance;
 mod batch;
 mod config;
 mod control;
+mod control_auth;
 #[cfg(test)]
 mod hostile_tests;
 #[cfg(test)]
@@ -59,6 +60,14 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Measure the cost of sealing and opening control messages with and without the MAC
+    /// (used by `cargo xtask bench`; needs no root).
+    #[command(hide = true)]
+    BenchControl {
+        /// Runs per message and mode; the mean is reported.
+        #[arg(long, default_value_t = 200_000)]
+        repeat: u32,
+    },
 }
 
 /// Runs an agent on a single-threaded tokio runtime: agents wait on timers and sockets, the
@@ -92,6 +101,12 @@ fn main() -> anyhow::Result<()> {
         Command::BenchXdp { repeat } => {
             for (path, mean) in testrun::bench(repeat)? {
                 println!("{}", serde_json::json!({ "path": path, "ns_per_packet": mean.as_nanos() }));
+            }
+            Ok(())
+        }
+        Command::BenchControl { repeat } => {
+            for row in control_auth::bench(repeat) {
+                println!("{}", serde_json::to_string(&row)?);
             }
             Ok(())
         }

@@ -103,6 +103,28 @@ fn sum_per_cpu(counters: &PerCpuArray<MapData, Counter>) -> anyhow::Result<Vec<C
         .collect()
 }
 
+/// The agent's own counters (the `control_*` slots from `first` on), as a previous agent left
+/// them, summed over all CPUs.
+pub fn agent_counters(counters: &PerCpuArray<MapData, Counter>, first: u32, n: usize) -> Vec<u64> {
+    (first..)
+        .take(n)
+        .map(|i| counters.get(&i, 0).map_or(0, |per_cpu| per_cpu.iter().map(|c| c.packets).sum()))
+        .collect()
+}
+
+/// Writes the agent's own counters from slot `first` on: each total on the first CPU's copy,
+/// zero on the others (the program never touches these slots).
+pub fn write_agent_counters(counters: &mut PerCpuArray<MapData, Counter>, first: u32, values: &[u64]) -> anyhow::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, error)| anyhow::anyhow!("{what}: {error}"))?;
+    for (i, value) in (first..).zip(values) {
+        let mut per_cpu = vec![Counter::default(); cpus];
+        per_cpu[0].packets = *value;
+        let per_cpu = aya::maps::PerCpuValues::try_from(per_cpu).context("per-CPU counter values")?;
+        counters.set(i, per_cpu, 0).context("writing the agent's control counters")?;
+    }
+    Ok(())
+}
+
 /// Every map of `switch` that its agent, `status` or a test touches.
 pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_HEALTH, MAP_SW_CLIENTS];
 

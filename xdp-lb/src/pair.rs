@@ -23,7 +23,12 @@ use tokio::{io::unix::AsyncFd, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{ClientKey, Session, SessionEvent, maps::BACKEND_UNUSED};
 
-use crate::{balance::monotonic_ns, maps::LbMaps, pair_wire::Message};
+use crate::{
+    balance::monotonic_ns,
+    control_auth::{AuthArgs, Control, Received, Stats},
+    maps::{self, LbMaps},
+    pair_wire::{Keyring, Message, Sender},
+};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct PairArgs {
@@ -40,6 +45,9 @@ pub struct PairArgs {
     /// Interval of the session sync to the peer (ms). New and moved sessions go at once.
     #[arg(long, default_value_t = 25)]
     pub sync_ms: u64,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 /// What the switch last said about this balancer.
@@ -65,6 +73,12 @@ impl Sent {
     }
 }
 
+/// The first of the agent's `control_*` slots in `LB_COUNTERS`.
+const CONTROL_COUNTERS: u32 = xdp_lb_common::BalanceCounter::ControlAccepted as u32;
+
+/// A `Hello` goes to the peer this often.
+const HELLO_EVERY: Duration = Duration::from_secs(1);
+
 /// Every session is sent again this often, so a restarted peer catches up.
 const FULL_SYNC: Duration = Duration::from_secs(1);
 
@@ -82,6 +96,14 @@ pub struct Pair {
     /// Sessions the peer's sync brought that this balancer's table did not hold: a backup's
     /// view of the requests the active one receives (its request-flood signal).
     pub mirrored_new: u64,
+    /// Seals what goes out, checks what comes in (keys, recipient, replays), counts rejections.
+    control: Control,
+    /// When the last `Hello` went to the peer.
+    last_hello: Option<Instant>,
+    /// Whether an authentic message from the peer arrived yet (logged once).
+    peer_heard: bool,
+    /// Whether writing the control counters failed (logged once).
+    counters_failed: bool,
 }
 
 /// A periodic sync starts again only after `SYNC_DUTY` times its last cost has passed (at most
@@ -90,19 +112,54 @@ pub struct Pair {
 const SYNC_DUTY: u32 = 5;
 
 impl Pair {
-    pub async fn bind(address: std::net::Ipv4Addr, args: &PairArgs) -> anyhow::Result<Self> {
-        let socket = UdpSocket::bind(SocketAddrV4::new(address, args.control_port))
-            .await
-            .with_context(|| format!("cannot bind the control port {address}:{}", args.control_port))?;
-        Ok(Self { role: Role::Alone, peer: args.peer, socket, sent: HashMap::new(), last_full: Instant::now(), last_sync: None, mirrored_new: 0 })
+    /// Binds the control port. `keys` come from `args.auth` (read before the program is
+    /// attached, so a bad key file stops the agent before it changes anything); the counters
+    /// continue from those a previous agent left in `maps`.
+    pub async fn bind(address: std::net::Ipv4Addr, args: &PairArgs, keys: Keyring, maps: &LbMaps) -> anyhow::Result<Self> {
+        let me = SocketAddrV4::new(address, args.control_port);
+        let socket = UdpSocket::bind(me).await.with_context(|| format!("cannot bind the control port {me}"))?;
+        let stats = Stats::from_counters(&maps::agent_counters(&maps.counters, CONTROL_COUNTERS, Stats::SLOTS));
+        let peers = args.peer.map(|peer| *peer.ip()).into_iter().collect();
+        let control = Control::new(keys, Sender::Balancer, me, args.auth.max_skew(), peers, stats);
+        control.log_keys("balance");
+        Ok(Self {
+            role: Role::Alone,
+            peer: args.peer,
+            socket,
+            sent: HashMap::new(),
+            last_full: Instant::now(),
+            last_sync: None,
+            mirrored_new: 0,
+            control,
+            last_hello: None,
+            peer_heard: false,
+            counters_failed: false,
+        })
+    }
+
+    /// Writes the control counters to the counter map (for `xdp-lb status`) if they changed. A
+    /// failure (a counter map pinned by an older version, without these slots) is logged once
+    /// and does not stop the agent.
+    pub fn write_counters(&mut self, maps: &mut LbMaps) {
+        if self.control.take_dirty()
+            && let Err(error) = maps::write_agent_counters(&mut maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())
+            && !std::mem::replace(&mut self.counters_failed, true)
+        {
+            warn!(error = format!("{error:#}"), "control counters not written: `xdp-lb status` will not show them (a counter map pinned by an older version? remove the pins and restart)");
+        }
     }
 
     /// Handles a control datagram. Returns true when the switch just made this balancer active.
     pub async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, maps: &mut LbMaps) -> bool {
-        let message = match Message::parse(datagram) {
-            Ok(message) => message,
-            Err(error) => {
-                debug!(%from, %error, "control datagram ignored");
+        let message = match self.control.receive(datagram, from) {
+            Received::Accepted(message) => message,
+            Received::Dropped { reason, notice } => {
+                debug!(%from, reason = reason.map(crate::pair_wire::Reason::name), "control datagram dropped");
+                if let Some(notice) = notice
+                    && let Err(error) = self.socket.send_to(&notice, from).await
+                {
+                    debug!(%error, %from, "rejection notice not sent");
+                }
                 return false;
             }
         };
@@ -143,11 +200,27 @@ impl Pair {
                 debug!(%from, "sync from the peer ignored: this balancer is active");
                 false
             }
+            Message::Hello => {
+                if !self.peer_heard {
+                    self.peer_heard = true;
+                    info!(%from, "the peer balancer's control messages authenticate");
+                }
+                false
+            }
+            // Handled (counted, logged) by `Control`.
+            Message::Rejected { .. } => false,
         }
     }
 
     /// Sends the peer what changed since the last sync (everything, once a second).
     pub async fn sync(&mut self, maps: &LbMaps) {
+        // Whatever the role: the peer learns at once whether our keys agree.
+        if let Some(peer) = self.peer
+            && self.last_hello.is_none_or(|at| at.elapsed() >= HELLO_EVERY)
+        {
+            self.last_hello = Some(Instant::now());
+            self.send(peer, &Message::Hello).await;
+        }
         let Some(peer) = self.peer.filter(|_| self.role == Role::Active) else {
             return;
         };
@@ -198,12 +271,12 @@ impl Pair {
         self.send(peer, &Message::Upsert(sessions)).await;
     }
 
-    async fn send(&self, peer: SocketAddrV4, message: &Message) {
+    async fn send(&mut self, peer: SocketAddrV4, message: &Message) {
         let empty = matches!(message, Message::Upsert(v) if v.is_empty()) || matches!(message, Message::Forget(v) if v.is_empty());
         if empty {
             return;
         }
-        for datagram in message.emit() {
+        for datagram in self.control.seal(message, peer) {
             if let Err(error) = self.socket.send_to(&datagram, peer).await {
                 debug!(%error, %peer, "sync not sent");
             }

@@ -15,7 +15,9 @@ use xdp_lb_common::{
 
 use crate::{
     balance::monotonic_ns,
+    control_auth::Stats,
     maps::{LbMaps, SwitchMaps},
+    pair_wire::Reason,
     pins,
 };
 
@@ -46,6 +48,56 @@ struct SwitchStatus {
     clients_in_flight: u64,
     lbs: Vec<LbStatus>,
     counters: Vec<NamedCounter>,
+    control: ControlStatus,
+}
+
+/// The agent's control messages: what it accepted and rejected (the `control_*` counters),
+/// and what that means, a sentence each (a key mismatch above all).
+#[derive(Serialize)]
+struct ControlStatus {
+    accepted: u64,
+    /// Rejected messages by reason (`bad_mac`, `unknown_key`, `replayed`, ...).
+    rejected: std::collections::BTreeMap<&'static str, u64>,
+    /// Of the authentication failures, those from the peer's address.
+    peer_auth_failed: u64,
+    /// Rejection notices another agent sent this one.
+    rejected_by_other: u64,
+    warnings: Vec<String>,
+}
+
+impl ControlStatus {
+    /// From the counters; `peer` names the known senders ("the peer balancer", "a load
+    /// balancer").
+    fn of(counters: &[NamedCounter], peer: &str, others: &str) -> Self {
+        let at = |name: &str| counters.iter().find(|c| c.name == name).map_or(0, |c| c.packets);
+        let stats = Stats::from_counters(&Stats::NAMES.map(at));
+        let rejected = Reason::ALL.iter().map(|r| (r.name(), stats.rejected[*r as usize - 1])).collect();
+        let auth_failed: u64 = Reason::ALL.iter().filter(|r| r.is_auth_failure()).map(|r| stats.rejected[*r as usize - 1]).sum();
+        let mut warnings = Vec::new();
+        if stats.peer_auth_failed > 0 {
+            warnings.push(format!(
+                "{peer}'s messages fail authentication ({} messages): its control key differs from this agent's (compare the key fingerprints both agents log at start), or someone forges its address",
+                stats.peer_auth_failed
+            ));
+        }
+        let from_others = auth_failed - stats.peer_auth_failed.min(auth_failed);
+        if from_others > 0 {
+            warnings.push(format!("{from_others} control messages from {others} failed authentication (a key mismatch there, or forgeries): dropped"));
+        }
+        if stats.rejected_by_other > 0 {
+            warnings.push(format!(
+                "another agent rejected this agent's control messages ({} notices): see this agent's log for which one and why",
+                stats.rejected_by_other
+            ));
+        }
+        for (reason, what) in [(Reason::Misaddressed, "addressed to another agent (check --lb/--peer)"), (Reason::Stale, "stale (clocks apart, or replays)"), (Reason::Replayed, "replayed")] {
+            let n = stats.rejected[reason as usize - 1];
+            if n > 0 {
+                warnings.push(format!("{n} authentic control messages dropped as {what}"));
+            }
+        }
+        Self { accepted: stats.accepted, rejected, peer_auth_failed: stats.peer_auth_failed, rejected_by_other: stats.rejected_by_other, warnings }
+    }
 }
 
 #[derive(Serialize)]
@@ -103,6 +155,7 @@ struct BalanceStatus {
     backends: Vec<BackendStatus>,
     sessions: Vec<SessionStatus>,
     counters: Vec<NamedCounter>,
+    control: ControlStatus,
 }
 
 #[derive(Serialize)]
@@ -183,12 +236,14 @@ fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
             health: HealthStatus::of(now, &maps.health(slot)?),
         });
     }
+    let counters = named(SwitchCounter::ALL.iter().map(|c| c.name()), maps.counters()?);
     Ok(SwitchStatus {
         pin_dir: dir.display().to_string(),
         vip: config.vip.into(),
         clients_in_flight: maps.clients_in_flight(now, CLIENT_WINDOW_NS),
         lbs,
-        counters: named(SwitchCounter::ALL.iter().map(|c| c.name()), maps.counters()?),
+        control: ControlStatus::of(&counters, "a load balancer", "other addresses"),
+        counters,
     })
 }
 
@@ -241,6 +296,7 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
         address: SocketAddrV4::new(config.steer_addr.into(), u16::from_be_bytes(config.steer_port)),
         backends,
         sessions,
+        control: ControlStatus::of(&counters, "the peer balancer", "the switch's side or other addresses"),
         counters,
     })
 }
@@ -268,7 +324,17 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
     if b.sessions.len() > TABLE_SESSIONS {
         writeln!(out, "  ... {} more (see --json)", b.sessions.len() - TABLE_SESSIONS)?;
     }
+    print_control(out, &b.control)?;
     print_counters(out, &b.counters)
+}
+
+fn print_control(out: &mut impl std::io::Write, c: &ControlStatus) -> anyhow::Result<()> {
+    let rejected: u64 = c.rejected.values().sum();
+    writeln!(out, "\ncontrol messages: {} accepted, {rejected} rejected", c.accepted)?;
+    for warning in &c.warnings {
+        writeln!(out, "  WARNING: {warning}")?;
+    }
+    Ok(())
 }
 
 fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Result<()> {
@@ -280,6 +346,7 @@ fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Resu
         let reachable = if lb.reachable { "yes" } else { "no" };
         writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", lb.address, lb.role, reachable, lb.unanswered, last, lb.packets_to, lb.packets_from, lb.health.cell())?;
     }
+    print_control(out, &s.control)?;
     print_counters(out, &s.counters)?;
     writeln!(out)?;
     Ok(())
@@ -292,4 +359,32 @@ fn print_counters(out: &mut impl std::io::Write, counters: &[NamedCounter]) -> a
         writeln!(out, "  {:<26} {:>14} {:>16}", c.name, c.packets, c.bytes)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(values: &[(&'static str, u64)]) -> Vec<NamedCounter> {
+        Stats::NAMES
+            .iter()
+            .map(|name| NamedCounter { name, packets: values.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v), bytes: 0 })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_mismatch_with_the_peer_is_a_sentence() {
+        let quiet = ControlStatus::of(&counters(&[("control_accepted", 100)]), "the peer balancer", "others");
+        assert!(quiet.warnings.is_empty());
+        let status = ControlStatus::of(
+            &counters(&[("control_bad_mac", 7), ("control_unknown_key", 2), ("control_peer_auth_failed", 5), ("control_rejected_by_other", 3), ("control_stale", 1)]),
+            "the peer balancer",
+            "the switch's side",
+        );
+        assert_eq!(status.rejected["bad_mac"], 7);
+        assert!(status.warnings[0].starts_with("the peer balancer's messages fail authentication (5 messages)"), "{:?}", status.warnings);
+        assert!(status.warnings[1].starts_with("4 control messages from the switch's side failed authentication"), "{:?}", status.warnings);
+        assert!(status.warnings[2].contains("another agent rejected this agent's control messages (3 notices)"));
+        assert!(status.warnings[3].contains("stale"));
+    }
 }

@@ -20,11 +20,18 @@ use xdp_lb_common::{
 use crate::{
     balance::monotonic_ns,
     control::{self, BackendView, Detector, Outcome},
+    control_auth::{AuthArgs, Control, Stats},
     loader,
-    maps::{SWITCH_ALL, SwitchMaps},
-    pair_wire::Message,
+    maps::{self, SWITCH_ALL, SwitchMaps},
+    pair_wire::{Keyring, Message, Sender},
     pins,
 };
+
+/// The first of the agent's `control_*` slots in `SW_COUNTERS`.
+const CONTROL_COUNTERS: u32 = xdp_lb_common::SwitchCounter::ControlAccepted as u32;
+
+/// The control counters are written to the map at most this often.
+const COUNTERS_EVERY_NS: u64 = 500_000_000;
 
 /// How long the first --lb has, after the agent starts, to answer before the second one is
 /// made active instead.
@@ -61,6 +68,9 @@ pub struct Args {
     /// (generic XDP) works everywhere.
     #[arg(long, value_enum, default_value_t)]
     xdp_mode: loader::AttachMode,
+
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -70,11 +80,13 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if first.ip() == second.ip() {
         bail!("the two load balancers need different addresses, both are {}", first.ip());
     }
+    // Before anything is loaded or attached: no key, no agent (unless --insecure-control).
+    let keys = args.auth.keyring()?;
     crate::sched::realtime(args.watchdog.rt_priority);
-    crate::block_on(serve(pin_root, args))
+    crate::block_on(serve(pin_root, args, keys))
 }
 
-async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
+async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()> {
     let pin_dir = pins::prepare_role_dir(pin_root, ROLE_SWITCH)?;
     let mut ebpf = loader::load_pinned(&pin_dir, SWITCH_ALL)?;
     let mut maps = SwitchMaps::take(&mut ebpf)?;
@@ -84,6 +96,13 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     let bind = SocketAddrV4::new(args.address.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);
     let socket = UdpSocket::bind(bind).await.with_context(|| format!("cannot bind the heartbeat socket {bind}"))?;
     info!(interfaces = ?args.interfaces, vip = %args.vip, lbs = ?args.lbs, active = %args.lbs[active], pin_dir = %pin_dir.display(), "switch attached");
+    let stats = Stats::from_counters(&maps::agent_counters(&maps.counters, CONTROL_COUNTERS, Stats::SLOTS));
+    let me = match socket.local_addr()? {
+        std::net::SocketAddr::V4(me) => me,
+        std::net::SocketAddr::V6(_) => bind,
+    };
+    let control = Control::new(keys, Sender::Switch, me, args.auth.max_skew(), args.lbs.iter().map(|lb| *lb.ip()).collect(), stats);
+    control.log_keys("switch");
     let mut agent = Agent {
         maps,
         lbs: [args.lbs[0], args.lbs[1]],
@@ -93,6 +112,9 @@ async fn serve(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         client_window_ns: args.client_window_ms * 1_000_000,
         socket,
         started_ns: monotonic_ns(),
+        control,
+        counters_written_ns: 0,
+        counters_failed: false,
     };
     agent.run(args).await?;
     info!(links = ?links.paths(), "shutting down, unpinning the links and detaching");
@@ -125,6 +147,10 @@ struct Agent {
     /// When the agent started: the configured active balancer gets `STARTUP_GRACE_NS` to
     /// answer before the backup is preferred, so starting order does not decide the roles.
     started_ns: u64,
+    /// Seals the heartbeats; checks the balancers' echoes and rejection notices.
+    control: Control,
+    counters_written_ns: u64,
+    counters_failed: bool,
 }
 
 impl Agent {
@@ -142,8 +168,13 @@ impl Agent {
                     self.heartbeat().await?;
                     self.note_probes()?;
                 }
-                // Answers: the kernel recorded them from the balancers' frames; drain.
-                _ = self.socket.recv_from(&mut buf) => {}
+                // Answers: the kernel recorded them from the balancers' frames. Echoes are checked
+                // (a forged one is counted) and rejection notices reported.
+                received = self.socket.recv_from(&mut buf) => {
+                    if let Ok((len, from)) = received {
+                        self.control.receive_echo(&buf[..len], from);
+                    }
+                }
             }
         }
     }
@@ -153,10 +184,10 @@ impl Agent {
     }
 
     /// Tells each balancer its role; the answers (any frame from it) keep it alive.
-    async fn heartbeat(&self) -> anyhow::Result<()> {
+    async fn heartbeat(&mut self) -> anyhow::Result<()> {
         let active = self.active()?;
         for (slot, lb) in self.lbs.iter().enumerate() {
-            for datagram in (Message::Heartbeat { active: slot == active }).emit() {
+            for datagram in self.control.seal(&Message::Heartbeat { active: slot == active }, *lb) {
                 if let Err(error) = self.socket.send_to(&datagram, lb).await {
                     debug!(%error, %lb, "heartbeat not sent");
                 }
@@ -177,6 +208,15 @@ impl Agent {
 
     async fn watchdog(&mut self) -> anyhow::Result<()> {
         let now = monotonic_ns();
+        if now.saturating_sub(self.counters_written_ns) >= COUNTERS_EVERY_NS && self.control.take_dirty() {
+            self.counters_written_ns = now;
+            // Not fatal (a counter map pinned by an older version lacks these slots): logged once.
+            if let Err(error) = maps::write_agent_counters(&mut self.maps.counters, CONTROL_COUNTERS, &self.control.stats.counters())
+                && !std::mem::replace(&mut self.counters_failed, true)
+            {
+                warn!(error = format!("{error:#}"), "control counters not written: `xdp-lb status` will not show them (a counter map pinned by an older version? remove the pins and restart)");
+            }
+        }
         let late = self.detector.begin_tick(now);
         if let Some(late) = late {
             warn!(late_ms = late.as_millis(), "watchdog tick late (machine overloaded?): waiting for fresh heartbeats");

@@ -3,6 +3,8 @@
 //! `bench-<unix time>.md`, and a PNG per charted section). Sections (`--only` picks some):
 //!
 //! - `xdp`: cost per packet of each path through `balance` (BPF_PROG_TEST_RUN, `xdp-lb bench-xdp`);
+//! - `control`: cost of the MAC (HMAC-SHA-256) per control message, sealing and opening,
+//!   against the same messages without a key (`xdp-lb bench-control`);
 //! - `lb`: goodput of 1 and 20 clients direct from a backend, through the kernel path a user
 //!   would build today (nftables DNAT + the TFTP conntrack helper) and through xdp-lb
 //!   ([`goodput`]);
@@ -39,7 +41,8 @@ use crate::cargo::release_dir;
 
 #[derive(clap::Args)]
 #[command(after_help = "\
-Sections: xdp (XDP cost per packet), lb (goodput direct / nftables DNAT + conntrack helper / \
+Sections: xdp (XDP cost per packet), control (MAC cost per control message, with vs without a \
+key), lb (goodput direct / nftables DNAT + conntrack helper / \
 xdp-lb, 1 and 20 clients), backend (tftp-backend vs tftpd-hpa vs atftpd), loss (the same at 0% \
 and 1% loss each way: lock-step and windowsize 16), failover (active LB \
 and serving backend killed at 50%, stall and DATA sent twice), scaling (1..1000 concurrent \
@@ -71,6 +74,8 @@ pub struct Args {
 pub enum Section {
     /// XDP cost per packet of each path through `balance`.
     Xdp,
+    /// Cost of the MAC per control message (seal and open, with vs without a key).
+    Control,
     /// Goodput of 1 and 20 clients: direct, nftables DNAT + conntrack helper, xdp-lb.
     Lb,
     /// tftp-backend vs tftpd-hpa vs atftpd (loopback).
@@ -132,6 +137,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         })
     };
     let xdp = run_section(Section::Xdp, &mut report, &mut |report| Ok(json!(xdp_costs(if args.quick { 200_000 } else { 2_000_000 }, report)?)));
+    let control = run_section(Section::Control, &mut report, &mut |report| control_costs(if args.quick { 20_000 } else { 200_000 }, report));
     let goodput = run_section(Section::Lb, &mut report, &mut |report| goodput::run(args.quick, report));
     let backend = run_section(Section::Backend, &mut report, &mut |report| {
         let backend = crate::bench_backend::run(args.quick, &args.out)?;
@@ -152,7 +158,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
-        "xdp_ns_per_packet": xdp, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
+        "xdp_ns_per_packet": xdp, "control_mac": control, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
         "storm": storm,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
@@ -206,6 +212,34 @@ fn xdp_costs(repeat: u32, report: &mut Report) -> anyhow::Result<Vec<serde_json:
         report.line(format!("| {} | {ns:.0} | {:.2} |", row["path"].as_str().unwrap_or("?"), ns / 119.0));
     }
     Ok(rows)
+}
+
+/// Mean ns to seal and to open one datagram of each control message, without a key and with
+/// HMAC-SHA-256, and their ratio.
+fn control_costs(repeat: u32, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+    let output = Command::new(release_dir()?.join("xdp-lb"))
+        .args(["bench-control", "--repeat", &repeat.to_string()])
+        .output()
+        .context("run xdp-lb bench-control")?;
+    if !output.status.success() {
+        bail!("xdp-lb bench-control failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let rows: Vec<serde_json::Value> = String::from_utf8(output.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    report.line(format!("\n### Control messages: cost of the MAC ({repeat} runs each)\n"));
+    report.line("| message | bytes | seal, no key (ns) | seal, HMAC (ns) | ratio | open, no key (ns) | open, HMAC (ns) | ratio |");
+    report.line("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &rows {
+        let ns = |field: &str| row[field].as_f64().unwrap_or(f64::NAN);
+        let (seal, seal_mac, open, open_mac) = (ns("seal_plain_ns"), ns("seal_mac_ns"), ns("open_plain_ns"), ns("open_mac_ns"));
+        report.line(format!(
+            "| {} | {} | {seal:.0} | {seal_mac:.0} | {:.1} | {open:.0} | {open_mac:.0} | {:.1} |",
+            row["message"].as_str().unwrap_or("?"),
+            row["bytes"],
+            seal_mac / seal,
+            open_mac / open,
+        ));
+    }
+    Ok(json!(rows))
 }
 
 /// Waits until a balancer's status (`status()`, `xdp-lb status --json`) shows `n` live backends
