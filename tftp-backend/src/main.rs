@@ -82,6 +82,14 @@ struct Cli {
     #[arg(long, value_name = "BYTES", requires = "allow_upload")]
     max_upload_bytes: Option<u64>,
 
+    /// Most transfers at once (downloads and uploads). A new request beyond it gets ERROR 0
+    /// "server busy, try again later" at once, before any file or port is opened: memory and
+    /// open files stay bounded under a flood of requests. Steered, transfers that move here
+    /// from a failed backend are still taken (they are not new). The open-file limit is
+    /// raised to its hard limit at start; each transfer holds one or two descriptors.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    max_transfers: u32,
+
     /// Free space, in MiB, that uploads leave on the filesystem of the upload: an upload that
     /// would go below it gets ERROR 3 and nothing stays on disk (checked every MiB written).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
@@ -189,7 +197,9 @@ fn main() -> anyhow::Result<()> {
         rto_min: cli.rto_min_ms,
         retransmit_budget: cli.retransmit_budget,
         upload: transfer::UploadLimits { max_bytes: cli.max_upload_bytes, min_free: cli.min_free_mib.saturating_mul(1 << 20) },
+        max_transfers: usize::try_from(cli.max_transfers).unwrap_or(usize::MAX),
     };
+    raise_open_file_limit(cli.max_transfers);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let socket = tokio::net::UdpSocket::from_std(socket)?;
@@ -201,6 +211,24 @@ fn main() -> anyhow::Result<()> {
             standalone::run(socket, root, config).await
         }
     })
+}
+
+/// Each transfer holds a file (and standalone, a socket): the usual soft limit of 1024 open
+/// files would refuse requests long before `--max-transfers`. Raised to the hard limit.
+fn raise_open_file_limit(max_transfers: u32) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let wanted = u64::from(max_transfers).saturating_mul(2).saturating_add(64);
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < wanted => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, "cannot raise the open-file limit");
+            } else if hard < wanted {
+                tracing::warn!(limit = hard, max_transfers, "the open-file limit is below what --max-transfers needs");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
 }
 
 /// Socket buffers of the service port. Steered, one socket carries every transfer's ACKs and

@@ -33,7 +33,13 @@ pub struct Config {
     pub retransmit_budget: u32,
     /// What one upload may put on disk (`--max-upload-bytes`, `--min-free-mib`).
     pub upload: UploadLimits,
+    /// Most transfers at once; new requests beyond it are refused (`--max-transfers`).
+    pub max_transfers: usize,
 }
+
+/// The answer to a request beyond `--max-transfers`: not an error of the request, so code 0
+/// (clients that restart on any other error than 1 and 2, like U-Boot, simply retry).
+pub const BUSY: Refusal = Refusal { code: ErrorCode::NotDefined, message: "server busy, try again later" };
 
 impl Config {
     /// The retransmission bounds of a transfer that negotiated `timeout` seconds (RFC 2349).
@@ -207,7 +213,7 @@ mod tests {
     fn only_a_read_whose_context_travels_hashes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f.bin"), vec![7u8; 100_000]).unwrap();
-        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0, upload: crate::transfer::UploadLimits::default() };
+        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0, upload: crate::transfer::UploadLimits::default(), max_transfers: 10 };
         let mut root = Root::new(dir.path()).unwrap();
         let file = std::fs::File::open(dir.path().join("f.bin")).unwrap();
         let (transfer, _) = open_read(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();

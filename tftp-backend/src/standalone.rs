@@ -3,7 +3,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,15 +34,42 @@ pub async fn run(socket: UdpSocket, root: Root, config: Config) -> anyhow::Resul
     let config = Arc::new(config);
     let local_ip = socket.local_addr()?.ip();
     let mut buf = vec![0u8; MAX_PACKET];
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut out = vec![0u8; SMALL_PACKET];
     loop {
         let (len, client) = socket.recv_from(&mut buf).await.context("receiving requests")?;
+        if active.load(Ordering::Relaxed) >= config.max_transfers {
+            // Refused from the service port, before a transfer port or a file is opened.
+            debug!(%client, "busy: request refused");
+            let end = service::emit_at(&Repr::Error { code: service::BUSY.code, message: service::BUSY.message }, &mut out, 0);
+            let _ = socket.send_to(&out[..end], client).await;
+            continue;
+        }
         let request = buf[..len].to_vec();
         let (root, config, budget) = (Arc::clone(&root), Arc::clone(&config), Arc::clone(&budget));
+        let slot = Active::take(&active);
         tokio::spawn(async move {
             if let Err(error) = serve(&request, client, local_ip, &root, &config, &budget).await {
                 debug!(%client, %error, "transfer ended with an error");
             }
+            drop(slot);
         });
+    }
+}
+
+/// One transfer counted in `active` while it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn take(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(active))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

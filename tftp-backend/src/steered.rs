@@ -262,6 +262,10 @@ impl Steered {
                     return;
                 }
                 self.forget(key);
+                if self.busy() {
+                    self.refuse(key, &header, from, &service::BUSY).await;
+                    return;
+                }
                 match service::open_read_with_context(&mut self.root, &self.config, filename, mode, &options) {
                     Ok((mut transfer, context)) => {
                         info!(client = ?key.0, port = u16::from_be_bytes(key.1), file = filename, "read");
@@ -274,6 +278,10 @@ impl Steered {
             }
             Repr::Wrq { filename, mode, options } => {
                 self.forget(key);
+                if self.busy() {
+                    self.refuse(key, &header, from, &service::BUSY).await;
+                    return;
+                }
                 match service::open_write(&self.root, &self.config, filename, mode, &options) {
                     Ok((transfer, negotiated)) => {
                         info!(client = ?key.0, file = filename, "write");
@@ -557,6 +565,16 @@ impl Steered {
                 }
             }
         }
+    }
+
+    /// Whether a new request must be refused (`--max-transfers`). Transfers resumed from a
+    /// header are not refused: they are transfers in flight moving here from a dead backend.
+    fn busy(&self) -> bool {
+        if self.sessions.len() < self.config.max_transfers {
+            return false;
+        }
+        debug!(transfers = self.sessions.len(), "busy: request refused");
+        true
     }
 
     fn insert(&mut self, key: Key, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr) {

@@ -447,3 +447,41 @@ fn uploads_keep_the_free_space_floor() {
         std::fs::remove_file(path).unwrap();
     }
 }
+
+/// `--max-transfers 2`: with two transfers in flight a third request gets ERROR 0 "server
+/// busy" from the service port at once (no transfer port, no file opened); once one ends, a
+/// new request is served.
+#[test]
+fn requests_beyond_max_transfers_get_server_busy() {
+    let s = server(&["--max-transfers", "2"]);
+    make_file(&s.root.path().join("busy.bin"), 50_000, 25).unwrap();
+    let rrq = b"\x00\x01busy.bin\x00octet\x00";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+        socket.send_to(rrq, ("127.0.0.1", s.port)).unwrap();
+        let mut buf = [0u8; 600];
+        let (n, tid) = socket.recv_from(&mut buf).expect("DATA 1");
+        assert_eq!(&buf[..4], b"\x00\x03\x00\x01", "{:?}", &buf[..n]);
+        assert_ne!(tid.port(), s.port);
+        held.push((socket, tid));
+    }
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    socket.send_to(rrq, ("127.0.0.1", s.port)).unwrap();
+    let mut buf = [0u8; 600];
+    let (n, from) = socket.recv_from(&mut buf).expect("an answer to the third request");
+    assert_eq!(from.port(), s.port, "refused from the service port: no transfer port opened");
+    assert_eq!(&buf[..4], b"\x00\x05\x00\x00", "ERROR 0");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("server busy"));
+
+    // The first transfer ends (the client aborts it): room again.
+    let (first, tid) = &held[0];
+    first.send_to(b"\x00\x05\x00\x00done\x00", tid).unwrap();
+    let served = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        request(&s, rrq).is_some_and(|answer| answer.starts_with(b"\x00\x03\x00\x01"))
+    });
+    assert!(served, "a new request is served once a transfer ended");
+}

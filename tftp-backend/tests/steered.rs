@@ -22,10 +22,14 @@ struct Backend {
 }
 
 fn backend(root: &std::path::Path) -> Backend {
+    backend_with(root, &[])
+}
+
+fn backend_with(root: &std::path::Path, extra: &[&str]) -> Backend {
     share_dir(root, false).unwrap();
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
-    command.arg("--root").arg(root).args(["--steered", "--lb", "127.0.0.1", "--listen", &format!("127.0.0.1:{port}")]);
+    command.arg("--root").arg(root).args(["--steered", "--lb", "127.0.0.1", "--listen", &format!("127.0.0.1:{port}")]).args(extra);
     let backend = Backend { port, process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
     let lb = Lb::new();
     for _ in 0..100 {
@@ -446,4 +450,48 @@ fn only_the_named_balancers_may_steer() {
     let status = refused.wait(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "a usage error: {}", refused.log());
     assert!(refused.log().contains("--lb"), "{}", refused.log());
+}
+
+/// `--max-transfers 2`: a third new request gets ERROR 0 "server busy" at once, without a
+/// file lookup; a transfer that moves here from another backend is still taken; once a
+/// transfer ends, a new request is served again.
+#[test]
+fn new_requests_beyond_max_transfers_are_refused_but_moved_transfers_are_taken() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("fw.bin"), 100_000, 24).unwrap();
+    let b = backend_with(root.path(), &["--max-transfers", "2"]);
+    let lb = Lb::new();
+    let request = b"\x00\x01fw.bin\x00octet\x00blksize\x001000\x00";
+    let client = |port: u16| SteeringHeader::for_client(CLIENT, port, VIP, 31_337);
+    let mut contexts = Vec::new();
+    for port in [40_001, 40_002] {
+        lb.send(&b, &client(port), request);
+        let (h, oack) = lb.recv().expect("OACK");
+        assert_eq!(&oack[..2], b"\x00\x06", "transfer {port} admitted");
+        contexts.push(h);
+    }
+    lb.send(&b, &client(40_003), request);
+    let (_, busy) = lb.recv().expect("an answer to the third request");
+    assert_eq!(&busy[..4], b"\x00\x05\x00\x00", "ERROR 0");
+    assert!(String::from_utf8_lossy(&busy).contains("server busy"), "{busy:?}");
+
+    // A transfer started elsewhere (here: transfer 40_001's context under another port, as
+    // a dead backend's would arrive) is resumed although the server is full.
+    let mut moved = contexts[0];
+    moved.client_port = 40_004u16.to_be_bytes();
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    lb.send(&b, &moved, &ack(0));
+    // (After the busy ERROR came its header-only FINISHED.)
+    let data = std::iter::from_fn(|| lb.recv()).map(|(_, tftp)| tftp).find(|tftp| !tftp.is_empty()).expect("DATA of the moved transfer");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01", "a moved transfer is not refused");
+
+    // Two transfers end (the client aborts them): room for a new one.
+    for port in [40_001, 40_004] {
+        lb.send(&b, &client(port), b"\x00\x05\x00\x00done\x00");
+    }
+    let served = (0..20).any(|_| {
+        lb.send(&b, &client(40_005), request);
+        std::iter::from_fn(|| lb.recv()).any(|(_, reply)| reply.starts_with(b"\x00\x06"))
+    });
+    assert!(served, "a new request is served once transfers ended");
 }
