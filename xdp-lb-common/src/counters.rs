@@ -114,6 +114,12 @@ counters! {
         /// A backend's header-only `HEARD` reply (a datagram that needed no answer): recorded
         /// as its answer for the watchdog, then dropped.
         BackendHeard => "backend_heard",
+        /// Dropped: a request from a /24 over its networks's request rate (flood guard against
+        /// many addresses, spoofed ones included).
+        DropPrefixRateLimited => "drop_prefix_rate_limited",
+        /// Dropped: a request over this balancer's budget of new sessions a second, all
+        /// addresses together (flood guard of last resort).
+        DropSessionBudget => "drop_session_budget",
         // Written by the agent, not the program: its control messages (heartbeats, role
         // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
         /// Control messages accepted (authentic, addressed here, fresh, new).

@@ -63,12 +63,94 @@ pub struct LbConfig {
     pub request_interval_ns: u64,
     /// ... with bursts up to this much ahead of that pace (`(burst - 1) × interval`).
     pub request_burst_ns: u64,
+    /// The same for all addresses of one /24 together (`LB_PREFIX_RATE`; 0: no limit): a
+    /// flood from many (spoofed) addresses of a network.
+    pub prefix_interval_ns: u64,
+    pub prefix_burst_ns: u64,
+    /// The same for every request this balancer admits, per CPU (`LB_SESSION_BUDGET`; the
+    /// agent divides the rate among the CPUs; 0: no limit): new sessions a second, whatever
+    /// their addresses.
+    pub budget_interval_ns: u64,
+    pub budget_burst_ns: u64,
 }
 
 /// When the next request from a client address is due at the configured pace (GCRA's
-/// theoretical arrival time), value of `LB_RATE` keyed by the IPv4 address. Written by
+/// theoretical arrival time), value of `LB_RATE` keyed by the IPv4 address, of
+/// `LB_PREFIX_RATE` keyed by its /24, and of the per-CPU `LB_SESSION_BUDGET`. Written by
 /// `balance` only.
 pub type RequestPace = u64;
+
+/// Entries of `LB_PREFIX_RATE`: every /24 of IPv4 space would be 16 Mi; the networks heard
+/// from least recently are forgotten first.
+pub const MAX_PREFIXES: usize = 16_384;
+
+/// GCRA (the generic cell rate algorithm): with the pace's next due time `due` (`None`: none
+/// yet), whether a request at `now` is admitted, and the due time to store if so. Each request
+/// moves the due time one `interval` on; one further ahead than `burst` of `now` means too many
+/// too fast. `interval` 0: no limit.
+#[must_use]
+pub const fn gcra(due: Option<RequestPace>, now: u64, interval: u64, burst: u64) -> Option<RequestPace> {
+    if interval == 0 {
+        return Some(0);
+    }
+    let due = match due {
+        Some(due) if due > now => due,
+        _ => now,
+    };
+    if due - now > burst { None } else { Some(due + interval) }
+}
+
+/// Key of `LB_PREFIX_RATE`: the /24 of an IPv4 address.
+#[must_use]
+pub const fn prefix_of(ip: [u8; 4]) -> [u8; 4] {
+    [ip[0], ip[1], ip[2], 0]
+}
+
+/// GCRA parameters `(interval, burst)` in ns for `per_sec` requests a second with bursts of
+/// `burst`, shared by `shares` independent buckets (per-CPU: each takes `1/shares` of the
+/// rate and of the burst, at least one request). `per_sec` 0: no limit.
+#[must_use]
+pub fn pace(per_sec: u32, burst: u32, shares: u32) -> (u64, u64) {
+    if per_sec == 0 {
+        return (0, 0);
+    }
+    let shares = u64::from(shares.max(1));
+    let interval = (1_000_000_000 * shares / u64::from(per_sec)).max(1);
+    let burst = (u64::from(burst) / shares).max(1);
+    (interval, interval * (burst - 1))
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::{gcra, pace, prefix_of};
+
+    #[test]
+    fn gcra_admits_the_burst_then_the_pace() {
+        let (interval, burst) = pace(10, 3, 1);
+        assert_eq!((interval, burst), (100_000_000, 200_000_000));
+        let mut due = None;
+        let admitted: std::vec::Vec<bool> = (0..5)
+            .map(|_| match gcra(due, 1_000, interval, burst) {
+                Some(next) => {
+                    due = Some(next);
+                    true
+                }
+                None => false,
+            })
+            .collect();
+        assert_eq!(admitted, [true, true, true, false, false], "a burst of three at once");
+        assert!(gcra(due, 1_000 + interval, interval, burst).is_some(), "one more after an interval");
+        assert_eq!(gcra(None, 5, 0, 0), Some(0), "no limit");
+    }
+
+    #[test]
+    fn a_per_cpu_share_divides_rate_and_burst() {
+        assert_eq!(pace(1000, 100, 4), (4_000_000, 4_000_000 * 24));
+        assert_eq!(pace(1000, 1, 4), (4_000_000, 0), "at least one request per bucket");
+        assert_eq!(pace(0, 100, 4), (0, 0));
+        assert_eq!(prefix_of([10, 1, 2, 3]), [10, 1, 2, 0]);
+    }
+}
 
 /// State of a backend slot in `LB_BACKENDS`.
 pub const BACKEND_UNUSED: u8 = 0;

@@ -33,6 +33,10 @@ pub const MAP_LB_OWN_MACS: &str = "LB_OWN_MACS";
 
 /// Client IPv4 address -> `RequestPace` (LRU): the per-source request rate limit.
 pub const MAP_LB_RATE: &str = "LB_RATE";
+/// /24 prefix -> `RequestPace` (LRU): the per-network request rate limit.
+pub const MAP_LB_PREFIX_RATE: &str = "LB_PREFIX_RATE";
+/// Per-CPU `RequestPace`: this balancer's budget of new sessions.
+pub const MAP_LB_SESSION_BUDGET: &str = "LB_SESSION_BUDGET";
 
 /// Ring buffer of client keys whose session the kernel created or moved: the agent mirrors them
 /// to the peer load balancer at once instead of waiting for its next sync.

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, LbConfig, Session, SessionEvent,
-    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_SESSIONS, RequestPace},
+    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
 };
 
 #[btf_map]
@@ -51,6 +51,15 @@ pub fn addressed_to_us(ifindex: u32, dst: [u8; 6]) -> bool {
 #[btf_map]
 pub static LB_RATE: LruHashMap<[u8; 4], RequestPace, MAX_SESSIONS> = LruHashMap::new();
 
+/// Per-network request pacing (GCRA), one entry per /24.
+#[btf_map]
+pub static LB_PREFIX_RATE: LruHashMap<[u8; 4], RequestPace, MAX_PREFIXES> = LruHashMap::new();
+
+/// This balancer's budget of new sessions, one GCRA pace per CPU (no atomics: each CPU's
+/// share of the rate is the agent's division).
+#[btf_map]
+pub static LB_SESSION_BUDGET: PerCpuArray<RequestPace, 1> = PerCpuArray::new();
+
 /// Per-CPU staging slot where a new session is built before insertion: a `Session` is too
 /// large for the BPF stack next to everything else.
 #[btf_map]
@@ -78,22 +87,46 @@ pub fn report_unknown(key: &ClientKey) {
     let _ = LB_EVENTS.output(SessionEvent { key: *key, kind: EVENT_UNKNOWN }, 0);
 }
 
-/// Admits a request from `ip` if the address keeps to the configured pace (GCRA: each request
-/// moves the address's due time one interval on; a due time further ahead than the burst
-/// allowance means too many too fast). Concurrent CPUs may let a request or two more through.
+/// Why a request was not admitted.
+pub enum Refused {
+    /// Its address is over its pace.
+    Address,
+    /// Its /24 is over its pace.
+    Prefix,
+    /// This CPU's share of the balancer's new-session budget is spent.
+    Budget,
+}
+
+/// Admits a request from `ip` if its address, its /24 and the balancer as a whole keep to
+/// their paces (GCRA, `xdp_lb_common::maps::gcra`), checked in that order: a flood from one
+/// address spends only its own allowance, one from many addresses of a network that
+/// network's, and only a flood from everywhere the budget that every client shares.
+/// Concurrent CPUs may let a request or two more through an LRU pace.
 #[inline(always)]
-pub fn admit_request(ip: [u8; 4], config: &LbConfig) -> bool {
-    if config.request_interval_ns == 0 {
-        return true;
-    }
+pub fn admit_request(ip: [u8; 4], config: &LbConfig) -> Result<(), Refused> {
     let now = now_ns();
-    // SAFETY: plain read of a map value.
-    let due = unsafe { LB_RATE.get(&ip) }.copied().unwrap_or(now).max(now);
-    if due - now > config.request_burst_ns {
-        return false;
+    if config.request_interval_ns != 0 {
+        // SAFETY: plain read of a map value.
+        let due = unsafe { LB_RATE.get(&ip) }.copied();
+        let next = gcra(due, now, config.request_interval_ns, config.request_burst_ns).ok_or(Refused::Address)?;
+        let _ = LB_RATE.insert(&ip, &next, 0);
     }
-    let _ = LB_RATE.insert(&ip, &(due + config.request_interval_ns), 0);
-    true
+    if config.prefix_interval_ns != 0 {
+        let prefix = prefix_of(ip);
+        // SAFETY: plain read of a map value.
+        let due = unsafe { LB_PREFIX_RATE.get(&prefix) }.copied();
+        let next = gcra(due, now, config.prefix_interval_ns, config.prefix_burst_ns).ok_or(Refused::Prefix)?;
+        let _ = LB_PREFIX_RATE.insert(&prefix, &next, 0);
+    }
+    if config.budget_interval_ns != 0 {
+        let Some(slot) = LB_SESSION_BUDGET.get_ptr_mut(0) else { return Ok(()) };
+        // SAFETY: the per-CPU slot belongs to this CPU for the duration of the program.
+        let due = unsafe { *slot };
+        let next = gcra(Some(due), now, config.budget_interval_ns, config.budget_burst_ns).ok_or(Refused::Budget)?;
+        // SAFETY: as above.
+        unsafe { *slot = next };
+    }
+    Ok(())
 }
 
 /// Adds one packet of `len` bytes to a decision counter.

@@ -21,7 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, addressed_to_us, admit_request, announce, now_ns, report_unknown},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, Refused, addressed_to_us, admit_request, announce, now_ns, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
 };
@@ -100,8 +100,11 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
         if !matches!(opcode, Some(OPCODE_RRQ | OPCODE_WRQ)) {
             return (BalanceCounter::DropNotRequest, DROP);
         }
-        if !admit_request(key.ip, config) {
-            return (BalanceCounter::DropRateLimited, DROP);
+        match admit_request(key.ip, config) {
+            Ok(()) => {}
+            Err(Refused::Address) => return (BalanceCounter::DropRateLimited, DROP),
+            Err(Refused::Prefix) => return (BalanceCounter::DropPrefixRateLimited, DROP),
+            Err(Refused::Budget) => return (BalanceCounter::DropSessionBudget, DROP),
         }
         let Some(session) = open_session(ctx, config, &key, frame) else {
             return (BalanceCounter::DropNoBackend, DROP);

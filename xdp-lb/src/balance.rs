@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     Backend, BalanceCounter, ClientKey, Health, LbConfig, Session, SessionEvent, SteeringHeader,
-    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS},
+    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS, pace},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
 };
@@ -78,17 +78,31 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     request_burst: u32,
 
+    /// Requests admitted per second from all addresses of one /24 together, on average; more
+    /// are dropped in the kernel and counted as `drop_prefix_rate_limited`. Against floods
+    /// from many (or spoofed) addresses of one network; a rack of machines booting at once
+    /// shares it (a few requests per machine and file). 0: no limit.
+    #[arg(long, default_value_t = 2000)]
+    requests_per_prefix_sec: u32,
+
+    /// Requests one /24 may send at once before --requests-per-prefix-sec applies.
+    #[arg(long, default_value_t = 4000)]
+    prefix_burst: u32,
+
+    /// New sessions this balancer admits per second, all clients together; more requests are
+    /// dropped in the kernel and counted as `drop_session_budget` (running transfers are never
+    /// limited). The last guard against a flood from everywhere: it keeps the backends and the
+    /// session table working for the transfers in flight. Each CPU gets an equal share (a
+    /// per-CPU token bucket, no locks). 0: no limit.
+    #[arg(long, default_value_t = 20_000)]
+    new_sessions_per_sec: u32,
+
+    /// New sessions this balancer admits at once before --new-sessions-per-sec applies.
+    #[arg(long, default_value_t = 20_000)]
+    new_session_burst: u32,
+
     #[command(flatten)]
     pair: pair::PairArgs,
-}
-
-/// The kernel's GCRA parameters for `per_sec` requests a second with bursts of `burst`.
-fn request_pace(per_sec: u32, burst: u32) -> (u64, u64) {
-    if per_sec == 0 {
-        return (0, 0);
-    }
-    let interval = 1_000_000_000 / u64::from(per_sec);
-    (interval, interval * u64::from(burst.max(1) - 1))
 }
 
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -153,13 +167,21 @@ async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) ->
 /// Writes the VIP and the backends, keeping the state of backends a previous agent already
 /// registered at the same slot (re-adoption: their sessions stay where they are).
 fn configure(maps: &mut LbMaps, args: &Args, address: Ipv4Addr) -> anyhow::Result<()> {
-    let (request_interval_ns, request_burst_ns) = request_pace(args.requests_per_sec, args.request_burst);
+    let (request_interval_ns, request_burst_ns) = pace(args.requests_per_sec, args.request_burst, 1);
+    let (prefix_interval_ns, prefix_burst_ns) = pace(args.requests_per_prefix_sec, args.prefix_burst, 1);
+    // Packets of one flood spread over the CPUs that receive them: each gets its share.
+    let cpus = aya::util::online_cpus().map_or(1, |cpus| u32::try_from(cpus.len()).unwrap_or(1));
+    let (budget_interval_ns, budget_burst_ns) = pace(args.new_sessions_per_sec, args.new_session_burst, cpus);
     let config = LbConfig {
         vip: args.vip.octets(),
         steer_addr: address.octets(),
         steer_port: args.steer_port.to_be_bytes(),
         request_interval_ns,
         request_burst_ns,
+        prefix_interval_ns,
+        prefix_burst_ns,
+        budget_interval_ns,
+        budget_burst_ns,
         ..LbConfig::default()
     };
     maps.config.set(0, config, 0).context("writing LB_CONFIG")?;

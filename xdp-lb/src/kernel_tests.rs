@@ -373,6 +373,58 @@ fn requests_beyond_the_per_source_pace_are_dropped_and_counted() {
     assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not paced");
 }
 
+/// Many addresses of one /24 (a spoofed flood, say) share that network's pace: beyond its
+/// burst their requests are dropped and counted, while another network is unaffected.
+#[test]
+fn requests_beyond_the_per_network_pace_are_dropped_and_counted() {
+    let mut f = fixture(2);
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    // One request a minute per /24, bursts of three; no per-address pace.
+    config.prefix_interval_ns = 60_000_000_000;
+    config.prefix_burst_ns = 2 * config.prefix_interval_ns;
+    f.maps.config.set(0, config, 0).unwrap();
+    let actions: Vec<u32> = (0..10u8).map(|i| f.run(&from_client([10, 77, 0, 100 + i], 42_000, TFTP_PORT, RRQ)).unwrap().0).collect();
+    assert_eq!(actions.iter().filter(|&&a| a == XDP_TX).count(), 3, "ten addresses, one network: {actions:?}");
+    assert_eq!(f.counter(C::DropPrefixRateLimited).unwrap(), 7);
+    assert_eq!(f.counter(C::DropRateLimited).unwrap(), 0, "not the per-address limit");
+    assert_eq!(f.run(&from_client([10, 77, 1, 100], 42_000, TFTP_PORT, RRQ)).unwrap().0, XDP_TX, "another /24 has its own pace");
+    let key = ClientKey::new([10, 77, 0, 100], 42_000u16.to_be_bytes());
+    let ack = from_client([10, 77, 0, 100], 42_000, key.tid(), b"\x00\x04\x00\x01");
+    assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not paced");
+}
+
+/// Keeps the calling thread on CPU 0: `LB_SESSION_BUDGET` is per CPU, and BPF_PROG_TEST_RUN
+/// runs the program on the CPU of its caller.
+fn on_cpu_zero() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity on the
+    // calling thread (pid 0) with the set's true size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set), 0, "pin to CPU 0");
+    }
+}
+
+/// The new-session budget caps requests from every address together (each of its own /24,
+/// as a flood from everywhere looks): beyond the burst they are dropped and counted, while
+/// running sessions go on.
+#[test]
+fn the_new_session_budget_caps_requests_from_everywhere() {
+    on_cpu_zero();
+    let mut f = fixture(2);
+    let mut config = f.maps.config.get(&0, 0).unwrap();
+    config.budget_interval_ns = 60_000_000_000;
+    config.budget_burst_ns = 3 * config.budget_interval_ns;
+    f.maps.config.set(0, config, 0).unwrap();
+    let actions: Vec<u32> = (0..10u8).map(|i| f.run(&from_client([10, 80 + i, 0, 1], 42_000, TFTP_PORT, RRQ)).unwrap().0).collect();
+    assert_eq!(actions.iter().filter(|&&a| a == XDP_TX).count(), 4, "a burst of four: {actions:?}");
+    assert_eq!(f.counter(C::DropSessionBudget).unwrap(), 6);
+    assert_eq!(f.counter(C::NewSession).unwrap(), 4);
+    let key = ClientKey::new([10, 80, 0, 1], 42_000u16.to_be_bytes());
+    let ack = from_client([10, 80, 0, 1], 42_000, key.tid(), b"\x00\x04\x00\x01");
+    assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not limited");
+}
+
 /// A bridge floods frames for a balancer that went away to every port: the other balancer must
 /// not steer them (it would answer with the dead one's MAC and keep it looking alive).
 #[test]
