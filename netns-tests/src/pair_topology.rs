@@ -113,7 +113,7 @@ impl PairTopology {
     pub fn start_switch(&self, extra: &[&str]) -> Result<Process> {
         let mut command = self.switch.command(binary("xdp-lb"));
         command.arg("--pin-root").arg(self.switch_pins.path());
-        command.args(["switch", "--iface", "eth0", "--iface", "eth1", "--xdp-mode", "skb", "--vip", VIP]);
+        command.args(["switch", "--iface", "eth0", "--iface", "eth1", "--lb-iface", "eth1", "--xdp-mode", "skb", "--vip", VIP]);
         command.args(["--address", SWITCH_LB_SIDE]);
         self.control_key_args(&mut command);
         for i in 0..2 {

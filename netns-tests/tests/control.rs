@@ -293,7 +293,7 @@ fn an_agent_without_a_key_refuses_to_start() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&output.stderr));
     let output = std::process::Command::new(&xdp_lb)
-        .args(["--pin-root", "/nonexistent", "switch", "--iface", "lo", "--vip", "10.255.0.1", "--lb", "10.255.0.2:6970", "--lb", "10.255.0.3:6970"])
+        .args(["--pin-root", "/nonexistent", "switch", "--iface", "lo", "--lb-iface", "lo", "--vip", "10.255.0.1", "--lb", "10.255.0.2:6970", "--lb", "10.255.0.3:6970"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains("no --control-key-file"), "the switch too");

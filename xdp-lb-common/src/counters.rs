@@ -173,6 +173,10 @@ counters! {
         ToClientByStack => "to_client_by_stack",
         /// A load balancer's own traffic (heartbeat answers, sync): recorded, passed.
         FromLb => "from_lb",
+        /// Dropped: a frame with a load balancer's or the VIP's source address on an interface
+        /// that does not face the balancers (`--lb-iface`): a client-side host speaking for a
+        /// balancer. Nothing learned, no watchdog touched.
+        DropSpoofedLb => "drop_spoofed_lb",
         // Written by the agent, not the program: its control messages (heartbeats, role
         // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
         /// Control messages accepted (authentic, addressed here, fresh, new).

@@ -263,6 +263,13 @@ pub struct SwitchConfig {
     pub active: u32,
 }
 
+/// Value of `SW_LB_IFACES` (keyed by ifindex) for an interface that faces the load balancers.
+/// Written by the switch agent only; an interface without an entry faces clients.
+pub const LB_FACING: u32 = 1;
+
+/// Most interfaces `SW_LB_IFACES` holds.
+pub const MAX_LB_IFACES: usize = 64;
+
 /// What the switch's kernel sees of a load balancer (entry of `SW_SEEN`, index = slot in
 /// [`SwitchConfig::lbs`]): the same watchdog and learned next hop as [`BackendSeen`] is for a
 /// backend, so both agents judge with one policy.

@@ -56,3 +56,6 @@ pub const MAP_SW_SEEN: &str = "SW_SEEN";
 pub const MAP_SW_HEALTH: &str = "SW_HEALTH";
 /// `ClientKey` -> `bpf_ktime_get_ns` of its last packet (LRU): clients in flight.
 pub const MAP_SW_CLIENTS: &str = "SW_CLIENTS";
+/// Interface index -> `LB_FACING`, written by the switch agent (`--lb-iface`): only frames
+/// arriving there may speak for a load balancer or the VIP.
+pub const MAP_SW_LB_IFACES: &str = "SW_LB_IFACES";

@@ -4,11 +4,14 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
     programs::XdpContext,
 };
-use xdp_lb_common::{ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter};
+use xdp_lb_common::{
+    ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter,
+    maps::{LB_FACING, MAX_LB_IFACES},
+};
 
 use crate::{
     maps::{atomic_add, now_ns},
@@ -31,6 +34,11 @@ pub static SW_SEEN: Array<LbSeen, 2> = Array::new();
 /// The switch agent's verdicts and flap damping per load balancer (agent-only, see LB_HEALTH).
 #[btf_map]
 pub static SW_HEALTH: Array<Health, 2> = Array::new();
+
+/// The interfaces that face the load balancers (ifindex -> `LB_FACING`), written by the agent
+/// from `--lb-iface`. Not pinned: each agent writes it at start.
+#[btf_map]
+pub static SW_LB_IFACES: HashMap<u32, u32, MAX_LB_IFACES> = HashMap::new();
 
 #[btf_map]
 pub static SW_CLIENTS: LruHashMap<ClientKey, u64, MAX_CLIENTS> = LruHashMap::new();
@@ -66,6 +74,12 @@ pub fn switch(ctx: &XdpContext) -> Verdict {
     };
     // SAFETY: bounds-checked by ptr_at; alignment 1.
     let frame = unsafe { &mut *frame };
+    // Only the balancers' side may speak for a balancer or the VIP: such a frame from the
+    // clients' side would teach the switch an attacker's MAC or keep a dead balancer alive.
+    let speaks_for_lb = frame.ip_src == config.lbs[0] || frame.ip_src == config.lbs[1] || frame.ip_src == config.vip;
+    if speaks_for_lb && !faces_lbs(ctx.ingress_ifindex() as u32) {
+        return (SwitchCounter::DropSpoofedLb, DROP);
+    }
     if packet.dst_ip == config.vip {
         if !packet.plain {
             return (SwitchCounter::DropFragmentOrOptions, DROP);
@@ -87,6 +101,13 @@ pub fn switch(ctx: &XdpContext) -> Verdict {
         return to_client(ctx, frame);
     }
     (SwitchCounter::PassOther, PASS)
+}
+
+/// Whether `ifindex` faces the load balancers (`SW_LB_IFACES`).
+#[inline(always)]
+fn faces_lbs(ifindex: u32) -> bool {
+    // SAFETY: a plain hash lookup; the value is copied out at once.
+    unsafe { SW_LB_IFACES.get(&ifindex) }.is_some_and(|flag| *flag == LB_FACING)
 }
 
 /// A client packet for the VIP: to the active load balancer, unchanged but for the MACs.

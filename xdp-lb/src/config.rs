@@ -339,7 +339,7 @@ mod tests {
         };
         for args in [
             &["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"][..],
-            &["switch", "--iface", "eth0", "--vip", "10.0.0.1", "--lb", "10.0.0.2:6970", "--lb", "10.0.0.3:6970", "--config", "FILE"],
+            &["switch", "--iface", "eth0", "--lb-iface", "eth0", "--vip", "10.0.0.1", "--lb", "10.0.0.2:6970", "--lb", "10.0.0.3:6970", "--config", "FILE"],
         ] {
             let matches = command.clone().try_get_matches_from(expand_with(&file, args).unwrap()).unwrap();
             let sub = matches.subcommand_matches(args[0]).unwrap();

@@ -262,7 +262,7 @@ fn mode_name(attached: u8) -> &'static str {
     }
 }
 
-fn interface_index(iface: &str) -> anyhow::Result<u32> {
+pub fn interface_index(iface: &str) -> anyhow::Result<u32> {
     let c_name = std::ffi::CString::new(iface).with_context(|| format!("interface name {iface:?} contains a NUL byte"))?;
     // SAFETY: if_nametoindex reads the NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SwitchConfig,
-    maps::{BACKEND_DEAD, BACKEND_LIVE},
+    maps::{BACKEND_DEAD, BACKEND_LIVE, LB_FACING},
     names::{PROGRAM_SWITCH, ROLE_SWITCH},
 };
 
@@ -43,6 +43,14 @@ pub struct Args {
     /// and the load balancer side).
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     interfaces: Vec<String>,
+
+    /// An --iface that faces the load balancers (repeat for several). Only frames arriving on
+    /// one of these may carry a load balancer's or the VIP's source address: the switch learns
+    /// a balancer's MAC and liveness from them. The same addresses arriving on any other
+    /// interface (the clients' side) are dropped and counted as `drop_spoofed_lb`: one spoofed
+    /// frame there would otherwise send the VIP's traffic to its sender.
+    #[arg(long = "lb-iface", value_name = "IFACE", required = true)]
+    lb_interfaces: Vec<String>,
 
     /// The service address (VIP) whose traffic goes to the active load balancer.
     #[arg(long, value_name = "IPV4")]
@@ -81,6 +89,9 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
         bail!("the two load balancers need different addresses, both are {}", first.ip());
     }
     // Before anything is loaded or attached: no key, no agent (unless --insecure-control).
+    if let Some(stray) = args.lb_interfaces.iter().find(|i| !args.interfaces.contains(i)) {
+        bail!("--lb-iface {stray} is not one of the --iface interfaces the switch attaches to");
+    }
     let keys = args.auth.keyring()?;
     crate::sched::realtime(args.watchdog.rt_priority);
     crate::block_on(serve(pin_root, args, keys))
@@ -91,6 +102,11 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
     let mut ebpf = loader::load_pinned(&pin_dir, SWITCH_ALL)?;
     let mut maps = SwitchMaps::take(&mut ebpf)?;
     let active = configure(&mut maps, args)?;
+    // Before attaching: the new program drops balancers' frames from any other interface.
+    let mut lb_ifaces = maps::lb_ifaces(&mut ebpf)?;
+    for iface in &args.lb_interfaces {
+        lb_ifaces.insert(loader::interface_index(iface)?, LB_FACING, 0).context("writing SW_LB_IFACES")?;
+    }
     // Pinned links: a killed agent leaves the switch steering; the next one re-adopts them.
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let bind = SocketAddrV4::new(args.address.unwrap_or(Ipv4Addr::UNSPECIFIED), 0);

@@ -46,13 +46,19 @@ struct Case {
     action: u32,
     counter: C,
     after: Option<After>,
+    /// The frame arrives on the clients' side (not an `--lb-iface`).
+    client_side: bool,
 }
 
 fn case(name: &'static str, frame: Vec<u8>, action: u32, counter: C) -> Case {
-    Case { name, frame, known: [true, true], action, counter, after: None }
+    Case { name, frame, known: [true, true], action, counter, after: None, client_side: false }
 }
 
 impl Case {
+    fn on_client_side(self) -> Self {
+        Self { client_side: true, ..self }
+    }
+
     fn knowing(self, known: [bool; 2]) -> Self {
         Self { known, ..self }
     }
@@ -289,24 +295,39 @@ fn cases() -> Vec<Case> {
             .then(lb0_alive_not_relearned),
         case("LB 0's address, broadcast source MAC", from_lb(0, [0xff; 6], SWITCH_MAC), XDP_PASS, C::FromLb)
             .then(lb0_alive_not_relearned),
-        // Not defended (docs/SECURITY.md): any frame with a balancer's source address, from any
-        // MAC on any interface the switch is attached to, moves that balancer there.
-        case("LB 0's address, forged MAC", from_lb(0, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb0_hijacked),
-        case("LB 1's address, forged MAC", from_lb(1, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb1_hijacked),
+        // A balancer's or the VIP's source address on the clients' side (not an --lb-iface):
+        // dropped, nothing learned, no watchdog touched (the hijack of a balancer used to work
+        // from there with one frame).
+        case("client side: LB 0's address, forged MAC", from_lb(0, ATTACKER_MAC, SWITCH_MAC), XDP_DROP, C::DropSpoofedLb).on_client_side(),
+        case("client side: LB 1's address, forged MAC", from_lb(1, ATTACKER_MAC, SWITCH_MAC), XDP_DROP, C::DropSpoofedLb).on_client_side(),
         case(
-            "LB 0's address, forged MAC, IP options",
+            "client side: LB 0's address, forged MAC, IP options",
             with_ip_options(&from_lb(0, ATTACKER_MAC, SWITCH_MAC), 1),
-            XDP_PASS,
-            C::FromLb,
+            XDP_DROP,
+            C::DropSpoofedLb,
         )
-        .then(lb0_hijacked),
+        .on_client_side(),
         case(
-            "LB 0's address, forged MAC, a fragment",
+            "client side: LB 0's address, forged MAC, a fragment",
             edit_ip(&from_lb(0, ATTACKER_MAC, SWITCH_MAC), |f| f[20] = 0x20),
-            XDP_PASS,
-            C::FromLb,
+            XDP_DROP,
+            C::DropSpoofedLb,
         )
-        .then(lb0_hijacked),
+        .on_client_side(),
+        case("client side: LB 0's address, its own MAC", from_lb(0, LB_MACS[0], SWITCH_MAC), XDP_DROP, C::DropSpoofedLb).on_client_side(),
+        case("client side: from the VIP, LB 0's MAC", from_vip(LB_MACS[0]), XDP_DROP, C::DropSpoofedLb).on_client_side(),
+        case(
+            "client side: LB 0's address to the VIP",
+            udp_frame((ATTACKER_MAC, SWITCH_MAC), (LBS[0], PORT), (VIP, TFTP_PORT), RRQ),
+            XDP_DROP,
+            C::DropSpoofedLb,
+        )
+        .on_client_side(),
+        case("client side: a client's RRQ", rrq(), XDP_TX, C::ToLb).on_client_side(),
+        // Not defended (docs/SECURITY.md): on the balancers' own network a host that sends with
+        // a balancer's address (on-link spoofing) still moves that balancer to its MAC.
+        case("LB side: LB 0's address, forged MAC", from_lb(0, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb0_hijacked),
+        case("LB side: LB 1's address, forged MAC", from_lb(1, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb1_hijacked),
         case(
             "LB 0's address to the VIP, forged MAC",
             udp_frame((ATTACKER_MAC, SWITCH_MAC), (LBS[0], PORT), (VIP, TFTP_PORT), RRQ),
@@ -346,15 +367,16 @@ fn clients(sw: &Switch) -> Vec<ClientKey> {
 }
 
 /// Decisions that must leave `SW_SEEN` as it was: no MAC learned, no watchdog touched.
-const NO_SIDE_EFFECT: [C; 6] = [C::PassNotIpv4, C::PassNotUdp, C::PassOther, C::DropTruncated, C::DropFragmentOrOptions, C::DropNoLb];
+const NO_SIDE_EFFECT: [C; 7] = [C::PassNotIpv4, C::PassNotUdp, C::PassOther, C::DropTruncated, C::DropFragmentOrOptions, C::DropNoLb, C::DropSpoofedLb];
 
 #[test]
 fn hostile_packets_are_handled_and_counted() {
     let mut sw = Switch::new([true, true]);
     let table = cases();
     assert!(table.len() >= 30, "{} rows", table.len());
-    for Case { name, frame, known, action, counter, after } in table {
+    for Case { name, frame, known, action, counter, after, client_side } in table {
         sw.know(known);
+        sw.arrive_on_lb_side(!client_side);
         for key in clients(&sw) {
             sw.maps.clients.remove(&key).expect("forget a client");
         }

@@ -21,6 +21,7 @@ pub(crate) const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 pub(crate) struct Switch {
     ebpf: Ebpf,
     pub(crate) maps: SwitchMaps,
+    lb_ifaces: aya::maps::HashMap<aya::maps::MapData, u32, u32>,
 }
 
 impl Switch {
@@ -33,9 +34,21 @@ impl Switch {
         program.load().expect("the verifier accepts switch");
         let mut maps = SwitchMaps::take(&mut ebpf).expect("switch maps");
         maps.config.set(0, SwitchConfig { vip: VIP, lbs: LBS, active: 0 }, 0).expect("config");
-        let mut switch = Self { ebpf, maps };
+        let lb_ifaces = crate::maps::lb_ifaces(&mut ebpf).expect("SW_LB_IFACES");
+        let mut switch = Self { ebpf, maps, lb_ifaces };
         switch.know(known);
+        switch.arrive_on_lb_side(true);
         switch
+    }
+
+    /// Whether the test's frames arrive on an interface that faces the balancers (`--lb-iface`;
+    /// the default) or on the clients' side.
+    pub(crate) fn arrive_on_lb_side(&mut self, lb_side: bool) {
+        if lb_side {
+            self.lb_ifaces.insert(TEST_IFINDEX, xdp_lb_common::maps::LB_FACING, 0).expect("mark the test port LB-facing");
+        } else {
+            let _ = self.lb_ifaces.remove(&TEST_IFINDEX);
+        }
     }
 
     /// Sets what the program saw of each balancer: its MAC learned (`known`) or nothing yet.

@@ -1,6 +1,9 @@
-//! Backends take steering datagrams only from the balancers (`tftp-backend --lb`): a host on
-//! the balancers' network that forges steering headers (requests, resumes of a file it knows
-//! the digest of, heartbeats) gets nothing back, and the real transfers go on.
+//! Hosts that speak for others: backends take steering datagrams only from the balancers
+//! (`tftp-backend --lb`), so a host on the balancers' network that forges steering headers
+//! (requests, resumes of a file it knows the digest of, heartbeats) gets nothing back; and the
+//! switch takes a balancer's or the VIP's source address only on the balancers' side
+//! (`xdp-lb switch --lb-iface`), so a client-side host cannot steal the VIP's traffic. The real
+//! transfers go on.
 
 use std::{
     net::UdpSocket,
@@ -10,7 +13,8 @@ use std::{
 use netns_tests::{
     clients::{Client, expect_download},
     cluster::Cluster,
-    pair_topology::{BACKEND_PORT, PairTopology, backend_addr},
+    pair_topology::{BACKEND_PORT, PairTopology, VIP, backend_addr, lb_addr},
+    storm::spoofed_requests,
     watch::wait_for_size,
 };
 use xdp_lb_common::{
@@ -81,4 +85,35 @@ fn forged_steering_from_a_host_that_is_no_balancer_gets_no_answer() {
         assert!(log.contains("not named by --lb") && log.contains(ATTACKER), "backend {i} logs the drops\n{log}");
     }
     expect_download(download, &local, &source, Duration::from_secs(120), "tftp-hpa beside the forger", || running.logs());
+}
+
+/// A client-side host sends frames with balancer 0's source address and with the VIP's
+/// (spoofed, raw IPv4, from its own MAC) through the switch during a download: each used to
+/// teach the switch that the balancer lives at the attacker's MAC (all VIP traffic to it);
+/// now each is dropped and counted (`drop_spoofed_lb`), balancer 0 stays where it is, and the
+/// download arrives intact.
+#[test]
+fn a_client_side_host_cannot_speak_for_a_balancer_or_the_vip() {
+    let running = Cluster::start(2, 2);
+    let source = running.file("hijack.bin", 24 * MIB, 6);
+    let local = running.local("hijack-atftp");
+    let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "hijack.bin", &local);
+    assert!(wait_for_size(&local, MIB as u64, Duration::from_secs(30)), "download did not start\n{}", running.logs());
+    let vip: std::net::Ipv4Addr = VIP.parse().expect("VIP");
+    let lb0: std::net::Ipv4Addr = lb_addr(0).parse().expect("LB address");
+    let sent = running.topo.clients[1]
+        .enter(|| {
+            let as_lb = spoofed_requests(vip, "hijack.bin", lb0, 1, 500, Duration::from_millis(500))?;
+            let as_vip = spoofed_requests(vip, "hijack.bin", vip, 1, 500, Duration::from_millis(500))?;
+            Ok::<_, netns_tests::Error>(as_lb + as_vip)
+        })
+        .expect("enter the attacker's namespace")
+        .expect("spoofed frames");
+    expect_download(download, &local, &source, Duration::from_secs(120), "atftp beside the spoofer", || running.logs());
+    let status = running.topo.status(&running.topo.switch_pins).expect("switch status");
+    let counters = status["switch"]["counters"].as_array().expect("switch counters").clone();
+    let dropped = counters.iter().find(|c| c["name"] == "drop_spoofed_lb").and_then(|c| c["packets"].as_u64()).unwrap_or(0);
+    println!("{sent} spoofed frames, {dropped} dropped as drop_spoofed_lb");
+    assert_eq!(dropped, u64::from(sent), "every spoofed frame dropped and counted\n{status}");
+    assert_eq!(running.active_lb(), 0, "no swap");
 }
