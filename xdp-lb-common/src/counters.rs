@@ -120,6 +120,10 @@ counters! {
         /// Dropped: a request over this balancer's budget of new sessions a second, all
         /// addresses together (flood guard of last resort).
         DropSessionBudget => "drop_session_budget",
+        /// Dropped: from a registered backend's address and port, but on an interface that
+        /// does not face the backends (`--backend-iface`): a host on the clients' side speaking
+        /// for a backend. Nothing learned, no watchdog touched.
+        DropBackendWrongSide => "drop_backend_wrong_side",
         // Written by the agent, not the program: its control messages (heartbeats, role
         // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
         /// Control messages accepted (authentic, addressed here, fresh, new).

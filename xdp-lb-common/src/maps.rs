@@ -270,6 +270,11 @@ pub const LB_FACING: u32 = 1;
 /// Most interfaces `SW_LB_IFACES` holds.
 pub const MAX_LB_IFACES: usize = 64;
 
+/// Value of `LB_BACKEND_IFACES` (keyed by ifindex) for an interface of a balancer that faces
+/// the backends. Written by the balancer agent only; an interface without an entry faces only
+/// clients.
+pub const BACKEND_FACING: u32 = 1;
+
 /// What the switch's kernel sees of a load balancer (entry of `SW_SEEN`, index = slot in
 /// [`SwitchConfig::lbs`]): the same watchdog and learned next hop as [`BackendSeen`] is for a
 /// backend, so both agents judge with one policy.

@@ -30,6 +30,9 @@ pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
 /// Interface index -> the MAC of this balancer's interface, written by the agent: frames to
 /// other MACs are not steered.
 pub const MAP_LB_OWN_MACS: &str = "LB_OWN_MACS";
+/// Interface index -> `BACKEND_FACING`, written by the agent (`--backend-iface`): only frames
+/// arriving there may speak for a backend.
+pub const MAP_LB_BACKEND_IFACES: &str = "LB_BACKEND_IFACES";
 
 /// Client IPv4 address -> `RequestPace` (LRU): the per-source request rate limit.
 pub const MAP_LB_RATE: &str = "LB_RATE";

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, LbConfig, Session, SessionEvent,
-    maps::{EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
+    maps::{BACKEND_FACING, EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_LB_IFACES, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
 };
 
 #[btf_map]
@@ -34,6 +34,18 @@ pub static LB_HEALTH: Array<Health, MAX_BACKENDS> = Array::new();
 /// This balancer's MAC on each interface it is attached to (key: ifindex), written by the agent.
 #[btf_map]
 pub static LB_OWN_MACS: HashMap<u32, [u8; 6], 64> = HashMap::new();
+
+/// The interfaces that face the backends (ifindex -> `BACKEND_FACING`), written by the agent
+/// from `--backend-iface`. Not pinned: each agent writes it before it attaches.
+#[btf_map]
+pub static LB_BACKEND_IFACES: HashMap<u32, u32, MAX_LB_IFACES> = HashMap::new();
+
+/// Whether `ifindex` faces the backends (`LB_BACKEND_IFACES`).
+#[inline(always)]
+pub fn faces_backends(ifindex: u32) -> bool {
+    // SAFETY: a plain hash lookup; the value is copied out at once.
+    unsafe { LB_BACKEND_IFACES.get(&ifindex) }.is_some_and(|flag| *flag == BACKEND_FACING)
+}
 
 /// Whether a frame arriving on `ifindex` is addressed to this balancer (or the agent has not
 /// said which MAC is ours there). Multicast and broadcast are never steered traffic.

@@ -21,7 +21,7 @@ use xdp_lb_common::{
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, Refused, addressed_to_us, admit_request, announce, now_ns, report_unknown},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, Refused, addressed_to_us, admit_request, announce, faces_backends, now_ns, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
 };
@@ -231,6 +231,11 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
     let Some(id) = backends::find(frame.ip_src, frame.udp_src) else {
         return (BalanceCounter::DropUnknownSource, DROP);
     };
+    // Only the backends' side may speak for a backend: such a frame from elsewhere would
+    // teach this balancer an attacker's MAC for it, or keep a dead one alive.
+    if !faces_backends(ctx.ingress_ifindex() as u32) {
+        return (BalanceCounter::DropBackendWrongSide, DROP);
+    }
     let Some(header) = ptr_at::<SteeringHeader>(ctx, FrameHeaders::PAYLOAD_OFFSET) else {
         return (BalanceCounter::DropBadHeader, DROP);
     };

@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     Backend, BalanceCounter, ClientKey, Health, LbConfig, Session, SessionEvent, SteeringHeader,
-    maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS, pace},
+    maps::{BACKEND_DEAD, BACKEND_FACING, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS, pace},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
 };
@@ -69,6 +69,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     xdp_mode: loader::AttachMode,
 
+    /// An --iface that faces the backends (repeat for several). Only frames arriving there may
+    /// carry a registered backend's address and port: the balancer learns a backend's MAC and
+    /// liveness from them. The same source on any other interface is dropped and counted as
+    /// `drop_backend_wrong_side`. Default: every --iface (one interface for clients and
+    /// backends); give it where the backends have their own network.
+    #[arg(long = "backend-iface", value_name = "IFACE")]
+    backend_interfaces: Vec<String>,
+
     /// Requests (RRQ/WRQ) admitted per second from one client address, on average; more are
     /// dropped in the kernel and counted as `drop_rate_limited`. 0: no limit.
     #[arg(long, default_value_t = 50)]
@@ -109,6 +117,9 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
     if args.backends.len() > MAX_BACKENDS {
         bail!("at most {MAX_BACKENDS} backends, got {}", args.backends.len());
     }
+    if let Some(stray) = args.backend_interfaces.iter().find(|i| !args.interfaces.contains(i)) {
+        bail!("--backend-iface {stray} is not one of the --iface interfaces the balancer attaches to");
+    }
     // Before anything is loaded or attached: no key, no agent (unless --insecure-control).
     let keys = args.pair.auth.keyring()?;
     crate::sched::realtime(args.watchdog.rt_priority);
@@ -129,6 +140,12 @@ async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) ->
         own_macs.insert(ifindex, mac, 0).context("writing LB_OWN_MACS")?;
     }
     configure(&mut lb_maps, args, address)?;
+    // Before attaching: the new program drops backends' frames from any other interface.
+    let backend_side = if args.backend_interfaces.is_empty() { &args.interfaces } else { &args.backend_interfaces };
+    let mut backend_ifaces = maps::backend_ifaces(&mut ebpf)?;
+    for iface in backend_side {
+        backend_ifaces.insert(loader::interface_index(iface)?, BACKEND_FACING, 0).context("writing LB_BACKEND_IFACES")?;
+    }
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
         .await

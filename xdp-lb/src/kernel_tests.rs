@@ -393,6 +393,23 @@ fn requests_beyond_the_per_network_pace_are_dropped_and_counted() {
     assert_eq!(f.run(&ack).unwrap().0, XDP_TX, "a running session is not paced");
 }
 
+/// A frame with a registered backend's address and port on an interface that does not face
+/// the backends (`--backend-iface`) is dropped and counted before anything is learned: the
+/// backend's MAC, its watchdog and the session stay as they were.
+#[test]
+fn a_backend_reply_from_the_clients_side_is_dropped_and_teaches_nothing() {
+    let mut f = fixture(2);
+    open(&mut f, 40_200);
+    let seen_before = f.maps.seen.get(&0, 0).unwrap();
+    f.face_only_clients().unwrap();
+    let mut forged = from_backend(0, &reply_header(40_200, 1, 0), b"\x00\x03\x00\x01data");
+    forged[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x66]);
+    assert_eq!(f.run(&forged).unwrap().0, XDP_DROP);
+    assert_eq!(f.counter(C::DropBackendWrongSide).unwrap(), 1);
+    assert_eq!(f.counter(C::ToClient).unwrap(), 0, "nothing reached the client");
+    assert_eq!(f.maps.seen.get(&0, 0).unwrap(), seen_before, "no MAC learned, no watchdog touched");
+}
+
 /// Keeps the calling thread on CPU 0: `LB_SESSION_BUDGET` is per CPU, and BPF_PROG_TEST_RUN
 /// runs the program on the CPU of its caller.
 fn on_cpu_zero() {

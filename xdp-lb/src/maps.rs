@@ -11,7 +11,7 @@ use aya::{
 use xdp_lb_common::{
     Backend, BackendSeen, ClientKey, Counter, Health, LbConfig, LbSeen, Session, SwitchConfig,
     names::{
-        MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
+        MAP_LB_BACKEND_IFACES, MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
         MAP_LB_SEEN, MAP_LB_SESSIONS,
         MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_LB_IFACES, MAP_SW_SEEN,
     },
@@ -179,6 +179,12 @@ impl SwitchMaps {
         u64::try_from(recent.count()).unwrap_or(u64::MAX)
     }
 
+}
+
+/// The balancer's interfaces that face the backends (`LB_BACKEND_IFACES`, not pinned: each
+/// agent writes it before it attaches).
+pub fn backend_ifaces(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<MapData, u32, u32>> {
+    HashMap::try_from(take(ebpf, MAP_LB_BACKEND_IFACES)?).context(MAP_LB_BACKEND_IFACES)
 }
 
 /// The switch's interfaces that face the load balancers (`SW_LB_IFACES`, not pinned: each

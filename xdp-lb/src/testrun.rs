@@ -50,6 +50,8 @@ pub struct Fixture {
     events: RingBuf<MapData>,
     #[cfg_attr(not(test), expect(dead_code, reason = "read by the kernel tests"))]
     pub maps: LbMaps,
+    #[cfg_attr(not(test), expect(dead_code, reason = "changed by the kernel tests"))]
+    backend_ifaces: aya::maps::HashMap<MapData, u32, u32>,
 }
 
 impl Fixture {
@@ -59,6 +61,9 @@ impl Fixture {
         program.load().context("the verifier rejected balance")?;
         let mut maps = LbMaps::take(&mut ebpf)?;
         let events = crate::maps::events(&mut ebpf)?;
+        // The test's frames arrive on the backends' side unless a test says otherwise.
+        let mut backend_ifaces = crate::maps::backend_ifaces(&mut ebpf)?;
+        backend_ifaces.insert(TEST_IFINDEX, xdp_lb_common::maps::BACKEND_FACING, 0)?;
         let config = LbConfig { vip: VIP, steer_addr: STEER_ADDR, steer_port: STEER_PORT.to_be_bytes(), ..LbConfig::default() };
         maps.config.set(0, config, 0)?;
         for id in 0..backends {
@@ -67,7 +72,7 @@ impl Fixture {
             let seen = BackendSeen { mac: backend_mac(id), lb_mac: LB_MAC, ifindex: TEST_IFINDEX, ..BackendSeen::default() };
             maps.seen.set(id, seen, 0)?;
         }
-        Ok(Self { ebpf, events, maps })
+        Ok(Self { ebpf, events, maps, backend_ifaces })
     }
 
     /// The session events the program announced since the last call.
@@ -110,6 +115,11 @@ impl Fixture {
 
     pub fn session(&self, key: ClientKey) -> Option<xdp_lb_common::Session> {
         self.maps.sessions.get(&key, 0).ok()
+    }
+
+    /// Makes the test's interface one that faces only clients (no `--backend-iface`).
+    pub fn face_only_clients(&mut self) -> anyhow::Result<()> {
+        Ok(self.backend_ifaces.remove(&TEST_IFINDEX)?)
     }
 
     /// Tells the program the balancer's MAC on the test's interface (as the agent does).
