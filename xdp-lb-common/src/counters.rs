@@ -52,7 +52,44 @@ macro_rules! counters {
     };
 }
 
-counters! {
+/// `counters!` with the agent's control-message slots appended: both agents count their
+/// control messages (see xdp-lb/src/control_auth.rs) at the end of their program's counter
+/// map, under the same names.
+macro_rules! counters_with_control_slots {
+    ($(#[$meta:meta])* pub enum $name:ident { $($body:tt)* }) => {
+        counters! {
+            $(#[$meta])*
+            pub enum $name {
+                $($body)*
+                // Written by the agent, not the program: its control messages (heartbeats, role
+                // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
+                /// Control messages accepted (authentic, addressed here, fresh, new).
+                ControlAccepted => "control_accepted",
+                /// Dropped: not a control message of this version.
+                ControlMalformed => "control_malformed",
+                /// Dropped: unsigned (`--insecure-control` sender) while this agent has a key.
+                ControlUnauthenticated => "control_unauthenticated",
+                /// Dropped: signed with a key id this agent does not hold.
+                ControlUnknownKey => "control_unknown_key",
+                /// Dropped: the MAC does not match (another key, or forged or altered bytes).
+                ControlBadMac => "control_bad_mac",
+                /// Dropped: authentic but addressed to another agent.
+                ControlMisaddressed => "control_misaddressed",
+                /// Dropped: authentic but its time is beyond `--control-max-skew-ms`.
+                ControlStale => "control_stale",
+                /// Dropped: authentic but not newer than the last accepted from its sender.
+                ControlReplayed => "control_replayed",
+                /// Of the authentication failures, those from a known peer's address (the other
+                /// balancer; for the switch, either balancer).
+                ControlPeerAuthFailed => "control_peer_auth_failed",
+                /// Rejection notices received: another agent drops this one's messages.
+                ControlRejectedByOther => "control_rejected_by_other",
+            }
+        }
+    };
+}
+
+counters_with_control_slots! {
     /// Every decision the `balance` program makes, as an index into its counter map. Each packet
     /// increments `Received` and exactly one other counter. The `control_*` slots at the end
     /// are the agent's, not the program's.
@@ -124,33 +161,10 @@ counters! {
         /// does not face the backends (`--backend-iface`): a host on the clients' side speaking
         /// for a backend. Nothing learned, no watchdog touched.
         DropBackendWrongSide => "drop_backend_wrong_side",
-        // Written by the agent, not the program: its control messages (heartbeats, role
-        // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
-        /// Control messages accepted (authentic, addressed here, fresh, new).
-        ControlAccepted => "control_accepted",
-        /// Dropped: not a control message of this version.
-        ControlMalformed => "control_malformed",
-        /// Dropped: unsigned (`--insecure-control` sender) while this agent has a key.
-        ControlUnauthenticated => "control_unauthenticated",
-        /// Dropped: signed with a key id this agent does not hold.
-        ControlUnknownKey => "control_unknown_key",
-        /// Dropped: the MAC does not match (another key, or forged or altered bytes).
-        ControlBadMac => "control_bad_mac",
-        /// Dropped: authentic but addressed to another agent.
-        ControlMisaddressed => "control_misaddressed",
-        /// Dropped: authentic but its time is beyond `--control-max-skew-ms`.
-        ControlStale => "control_stale",
-        /// Dropped: authentic but not newer than the last accepted from its sender.
-        ControlReplayed => "control_replayed",
-        /// Of the authentication failures, those from a known peer's address (the other
-        /// balancer; for the switch, either balancer).
-        ControlPeerAuthFailed => "control_peer_auth_failed",
-        /// Rejection notices received: another agent drops this one's messages.
-        ControlRejectedByOther => "control_rejected_by_other",
     }
 }
 
-counters! {
+counters_with_control_slots! {
     /// Every decision the `switch` program makes, as an index into its counter map. Each packet
     /// increments `Received` and exactly one other counter. The `control_*` slots at the end
     /// are the agent's, not the program's.
@@ -181,29 +195,6 @@ counters! {
         /// that does not face the balancers (`--lb-iface`): a client-side host speaking for a
         /// balancer. Nothing learned, no watchdog touched.
         DropSpoofedLb => "drop_spoofed_lb",
-        // Written by the agent, not the program: its control messages (heartbeats, role
-        // changes, session sync; see xdp-lb/src/control_auth.rs). Packets only.
-        /// Control messages accepted (authentic, addressed here, fresh, new).
-        ControlAccepted => "control_accepted",
-        /// Dropped: not a control message of this version.
-        ControlMalformed => "control_malformed",
-        /// Dropped: unsigned (`--insecure-control` sender) while this agent has a key.
-        ControlUnauthenticated => "control_unauthenticated",
-        /// Dropped: signed with a key id this agent does not hold.
-        ControlUnknownKey => "control_unknown_key",
-        /// Dropped: the MAC does not match (another key, or forged or altered bytes).
-        ControlBadMac => "control_bad_mac",
-        /// Dropped: authentic but addressed to another agent.
-        ControlMisaddressed => "control_misaddressed",
-        /// Dropped: authentic but its time is beyond `--control-max-skew-ms`.
-        ControlStale => "control_stale",
-        /// Dropped: authentic but not newer than the last accepted from its sender.
-        ControlReplayed => "control_replayed",
-        /// Of the authentication failures, those from a known peer's address (the other
-        /// balancer; for the switch, either balancer).
-        ControlPeerAuthFailed => "control_peer_auth_failed",
-        /// Rejection notices received: another agent drops this one's messages.
-        ControlRejectedByOther => "control_rejected_by_other",
     }
 }
 
