@@ -25,7 +25,7 @@ pub mod topology;
 pub mod watch;
 
 pub use control_key::ControlKey;
-pub use netns::{Netns, VethEnd, veth_pair};
+pub use netns::{IpBatch, Netns, VethEnd, veth_pair};
 pub use paths::{PinDir, binary, ensure_bpffs};
 pub use process::Process;
 

@@ -15,9 +15,9 @@
 //! answers only on forwarding interfaces. Every program attaches in generic (skb) mode, for
 //! the reason given in [`crate::topology`].
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Mutex};
 
-use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+use crate::{ControlKey, IpBatch, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
 
 pub const VIP: &str = "10.77.9.100";
 pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
@@ -43,6 +43,8 @@ pub fn client_addr(i: usize) -> String {
 
 /// Namespaces and links; processes are started separately so tests can kill and restart them.
 pub struct PairTopology {
+    /// Takes each balancer's link down at once when it is failed (see [`IpBatch`]).
+    unplug: [Mutex<IpBatch>; 2],
     pub prefix: RunPrefix,
     pub clients: Vec<Netns>,
     pub switch: Netns,
@@ -106,7 +108,8 @@ impl PairTopology {
         let switch_pins = PinDir::new(&prefix.name("sw"))?;
         let lb_pins = [PinDir::new(&prefix.name("lba"))?, PinDir::new(&prefix.name("lbb"))?];
         let control_key = Some(ControlKey::random(&prefix, "control", 1)?);
-        Ok(Self { prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, control_key, _bridges: net })
+        let unplug = [Mutex::new(lbs[0].ip_batch()?), Mutex::new(lbs[1].ip_batch()?)];
+        Ok(Self { unplug, prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, control_key, _bridges: net })
     }
 
     /// Starts the switch agent; balancer 0 starts active.
@@ -180,17 +183,21 @@ impl PairTopology {
     /// Takes balancer `i` off the network (its link down): with its agent killed, nothing of
     /// it is left on the data path, whatever stays attached or pinned.
     pub fn unplug_lb(&self, i: usize) -> Result<()> {
-        self.lbs[i].ip(&["link", "set", "eth0", "down"]).map(drop)
+        self.unplug[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner).run("link set eth0 down")
     }
 
     /// Fails balancer `i` the way the tests, the demo and the bench do: SIGKILL of its agent
-    /// (if one runs), then its link down. Returns the killed agent, whose log stays readable.
+    /// (if one runs), then its link down, then the agent's exit awaited. Returns the killed
+    /// agent, whose log stays readable.
     pub fn fail_lb(&self, i: usize, agent: Option<Process>) -> Result<Option<Process>> {
-        let killed = agent.map(|mut agent| {
-            agent.kill_hard();
+        let mut killed = agent.map(|mut agent| {
+            agent.sigkill();
             agent
         });
         self.unplug_lb(i)?;
+        if let Some(agent) = &mut killed {
+            agent.wait(std::time::Duration::from_secs(5));
+        }
         Ok(killed)
     }
 

@@ -85,8 +85,13 @@ impl Process {
 
     /// SIGKILL, as a crash would: no cleanup runs in the process.
     pub fn kill_hard(&mut self) -> Option<ExitStatus> {
-        self.signal(libc::SIGKILL);
+        self.sigkill();
         self.wait(Duration::from_secs(5))
+    }
+
+    /// SIGKILL, without waiting for the exit (a failure with more to it than the kill).
+    pub fn sigkill(&mut self) {
+        self.signal(libc::SIGKILL);
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within 5 s.
@@ -112,11 +117,15 @@ impl Process {
     /// Waits up to `timeout` for the process to exit; its status, or `None` if still running.
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
+        // Short looks first: a killed process is gone within a millisecond or two, and callers
+        // time what follows a kill from the moment this returns.
+        let mut pause = Duration::from_millis(1);
         while self.is_running() {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         self.exit
     }

@@ -175,7 +175,7 @@ impl Sampler {
             observe_promptly(-10);
             let mut last = 0;
             while !flag.load(Ordering::Relaxed) {
-                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                let size = file_len(&path).unwrap_or(0);
                 if size != last {
                     last = size;
                     out.lock().expect("sampler lock").push((Instant::now(), size));
@@ -207,6 +207,11 @@ impl Drop for Sampler {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The size of a file being downloaded (`None` before the client created it).
+fn file_len(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
 }
 
 /// The longest time a transfer did not grow between its first and last byte.
@@ -262,9 +267,14 @@ struct Injected {
     at: Instant,
     /// The percentage asked for (`--lb-at`, `--backend-at`).
     planned: u8,
-    /// The first transfer's bytes and share when the kill was done.
+    /// The first transfer's bytes and share at the moment of the kill (its first act: the
+    /// SIGKILL).
     bytes: u64,
     percent: f64,
+    /// How long the kill took to complete (for a balancer: until its link was down), and the
+    /// first transfer's share by then.
+    took: Duration,
+    percent_done: f64,
 }
 
 struct RunResult {
@@ -479,6 +489,20 @@ impl Targets {
         Self { view, stop, thread: Some(thread) }
     }
 
+    /// Waits until a look has found the active balancer.
+    fn wait_for_active(&self, patience: Duration) -> Option<usize> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if let (Some(active), _) = self.get() {
+                return Some(active);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The latest (active balancer, serving backend) seen.
     fn get(&self) -> (Option<usize>, Option<usize>) {
         *self.view.lock().expect("targets lock")
@@ -558,6 +582,12 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         arrivals::count_data(client)?;
     }
 
+    // Who to kill is known before the trigger point: asking `xdp-lb status` at the trigger let
+    // a fast transfer run on by tens of percent, and a watcher started with the transfers had
+    // not finished its first look at 30% on a busy machine (CI saw a kill land at 100%).
+    let targets = Targets::watch(&running.topo);
+    targets.wait_for_active(Duration::from_secs(10)).context("the switch reports no active LB")?;
+
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>13} [{bar:40}] {bytes:>10}/{total_bytes:<9} {bytes_per_sec:>11} {msg}")?.progress_chars("=> ");
     let started = Instant::now();
@@ -583,9 +613,6 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     pending.sort_by_key(|&(_, at)| at);
     pending.reverse();
     let mut injected: Vec<Injected> = Vec::new();
-    // Who to kill is known before the trigger point: asking `xdp-lb status` twice at the
-    // trigger let a fast transfer run on by tens of percent.
-    let targets = Targets::watch(&running.topo);
     // (transfer, failure) pairs whose stall is not settled yet, and the settled stalls.
     let mut unsettled: Vec<(usize, usize)> = Vec::new();
     let mut stalls: Vec<Vec<Option<Duration>>> = vec![Vec::new(); transfers.len()];
@@ -626,6 +653,9 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
                 None => running.active_lb().context("no active LB at the switch")?,
             };
             let serving = cached_serving.or_else(|| running.serving_backend(active));
+            // Where the first transfer stands as the kill begins: where it landed.
+            let kill_started = Instant::now();
+            let bytes = file_len(&transfers[0].local).unwrap_or(first_got);
             let what = match fail {
                 Fail::Lb => {
                     let killed = running.topo.fail_lb(active, running.lbs[active].take())?;
@@ -646,19 +676,26 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
                 Fail::None => None,
             };
             let at_time = Instant::now();
-            // The bytes the first transfer holds right after the kill: where it really landed.
-            let bytes = std::fs::metadata(&transfers[0].local).map_or(first_got, |m| m.len());
+            let took = at_time - kill_started;
+            let bytes_done = file_len(&transfers[0].local).unwrap_or(bytes);
             if let Some(what) = what {
                 let size = transfers[0].spec.size;
                 let percent = trigger::percent(bytes, size);
+                let percent_done = trigger::percent(bytes_done, size);
                 log(
                     &bars,
                     at_time,
                     EventKind::Killed(fail),
-                    format!("{what}, {} at {percent:.1}% ({} of {}; planned {at}%)", transfers[0].label, size_text(bytes), size_text(size)),
+                    format!(
+                        "{what}, {} at {percent:.1}% ({} of {}; planned {at}%; done in {} ms, at {percent_done:.1}%)",
+                        transfers[0].label,
+                        size_text(bytes),
+                        size_text(size),
+                        took.as_millis()
+                    ),
                 );
                 let index = injected.len();
-                injected.push(Injected { fail, at: at_time, planned: at, bytes, percent });
+                injected.push(Injected { fail, at: at_time, planned: at, bytes, percent, took, percent_done });
                 for (i, t) in transfers.iter().enumerate() {
                     stalls[i].push(None);
                     if t.exited.is_none() {
@@ -934,6 +971,7 @@ fn save(runs: &[RunResult], args: &Args) -> anyhow::Result<(PathBuf, PathBuf)> {
                 "failures": r.failures.iter().map(|f| json!({
                     "what": f.fail.label(), "at_s": secs(f.at, r.started),
                     "planned_percent": f.planned, "percent": f.percent, "bytes": f.bytes,
+                    "took_ms": f.took.as_secs_f64() * 1e3, "percent_done": f.percent_done,
                 })).collect::<Vec<_>>(),
                 "events": r.events.iter().map(|e| json!({ "at_s": secs(e.at, r.started), "event": e.text })).collect::<Vec<_>>(),
                 "data_sent_twice": { "packets": r.twice_packets, "kib": r.twice_bytes / 1024, "delivered": r.delivered, "needed": r.needed },
@@ -1019,8 +1057,18 @@ mod tests {
         assert_eq!(run.failures.len(), 2, "both failures injected");
         for (injected, (fail, at)) in run.failures.iter().zip(planned) {
             assert_eq!(injected.fail, fail);
-            println!("{}: planned {at}%, landed at {:.1}% ({} bytes)", fail.label(), injected.percent, injected.bytes);
+            println!(
+                "{}: planned {at}%, landed at {:.1}% ({} bytes), done in {} ms at {:.1}%",
+                fail.label(),
+                injected.percent,
+                injected.bytes,
+                injected.took.as_millis(),
+                injected.percent_done
+            );
             assert!((injected.percent - f64::from(at)).abs() <= 5.0, "{} landed at {:.1}%, planned {at}%", fail.label(), injected.percent);
+            // Done (a balancer's link down too) before the transfer ran on: CI once saw an
+            // `ip` started at the kill take long enough for 25 more points.
+            assert!((injected.percent_done - f64::from(at)).abs() <= 5.0, "{} was done at {:.1}%, planned {at}%", fail.label(), injected.percent_done);
         }
         assert!(run.outcomes.iter().all(|o| o.ok), "every file arrives intact");
         let first = &run.outcomes[0];
