@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use xdp_lb_common::BalanceCounter;
+
 use crate::{
     Process,
     clients::Client,
@@ -87,9 +89,7 @@ impl Cluster {
 
     pub fn wait_backends_live(&self, lb: usize, n: usize) {
         wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
-            let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
-            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-            (live >= n).then_some(())
+            (self.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
     }
@@ -97,9 +97,8 @@ impl Cluster {
     /// Waits until the switch has heard from each of these balancers.
     pub fn wait_lbs_reachable(&self, lbs: &[usize]) {
         wait_for("the switch to reach the balancers", 20, || {
-            let status = self.topo.status(&self.topo.switch_pins).ok()?;
-            let all = status["switch"]["lbs"].as_array()?;
-            lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb["reachable"] == true)).then_some(())
+            let all = self.topo.switch_status().ok()?.lbs;
+            lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb.reachable)).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
     }
@@ -130,10 +129,8 @@ impl Cluster {
     /// The balancer-side session of the client, if the balancer's maps have one.
     #[must_use]
     pub fn serving_backend(&self, lb: usize) -> Option<usize> {
-        let status = self.topo.status(&self.topo.lb_pins[lb]).ok()?;
-        let sessions = status["balance"]["sessions"].as_array()?;
-        let session = sessions.iter().find(|s| s["block"].as_u64().unwrap_or(0) > 0)?;
-        usize::try_from(session["backend"].as_u64()?).ok()
+        let session = self.topo.lb_status(lb).ok()?.sessions.into_iter().find(|s| s.block > 0)?;
+        usize::try_from(session.backend).ok()
     }
 
     pub fn kill_backend(&mut self, i: usize) {
@@ -156,19 +153,17 @@ impl Cluster {
         }
     }
 
-    /// Packets that took decision `name` at balancer `lb` (from its pinned counters, which
+    /// Packets that took decision `counter` at balancer `lb` (from its pinned counters, which
     /// outlive its agent).
     #[must_use]
-    pub fn counter(&self, lb: usize, name: &str) -> u64 {
-        let status = self.topo.status(&self.topo.lb_pins[lb]).expect("status");
-        let counters = status["balance"]["counters"].as_array().expect("counters").clone();
-        counters.iter().find(|c| c["name"] == name).and_then(|c| c["packets"].as_u64()).unwrap_or(0)
+    pub fn counter(&self, lb: usize, counter: BalanceCounter) -> u64 {
+        self.topo.lb_status(lb).expect("status").counter(counter).packets
     }
 
     /// Replies both balancers delivered to clients.
     #[must_use]
     pub fn delivered(&self) -> u64 {
-        (0..2).map(|i| self.counter(i, "to_client") + self.counter(i, "relearned")).sum()
+        (0..2).map(|i| self.counter(i, BalanceCounter::ToClient) + self.counter(i, BalanceCounter::Relearned)).sum()
     }
 
     #[must_use]
@@ -240,11 +235,8 @@ impl Cluster {
     /// balancers, and the balancers at the switch. They outlive killed agents.
     #[must_use]
     pub fn recorded_verdicts(&self) -> (u64, u64) {
-        let sum = |status: &serde_json::Value, role: &str, list: &str| -> u64 {
-            status[role][list].as_array().map_or(0, |all| all.iter().filter_map(|p| p["health"]["verdicts"].as_u64()).sum())
-        };
-        let backends = (0..2).filter_map(|i| self.topo.status(&self.topo.lb_pins[i]).ok()).map(|s| sum(&s, "balance", "backends")).sum();
-        let balancers = self.topo.status(&self.topo.switch_pins).map_or(0, |s| sum(&s, "switch", "lbs"));
+        let backends = (0..2).filter_map(|i| self.topo.lb_status(i).ok()).flat_map(|s| s.backends).map(|b| b.health.verdicts).sum();
+        let balancers = self.topo.switch_status().map_or(0, |s| s.lbs.iter().map(|lb| lb.health.verdicts).sum());
         (backends, balancers)
     }
 }

@@ -17,6 +17,8 @@
 
 use std::{path::PathBuf, sync::Mutex};
 
+use xdp_lb_common::status::{BalanceStatus, Status, SwitchStatus};
+
 use crate::{ControlKey, IpBatch, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
 
 pub const VIP: &str = "10.77.9.100";
@@ -222,17 +224,15 @@ impl PairTopology {
     #[must_use]
     pub fn counters_summary(&self) -> String {
         use std::fmt::Write as _;
-        let roles = [("switch", "switch", &self.switch_pins), ("lb 0", "balance", &self.lb_pins[0]), ("lb 1", "balance", &self.lb_pins[1])];
+        let roles = [("switch", &self.switch_pins), ("lb 0", &self.lb_pins[0]), ("lb 1", &self.lb_pins[1])];
         let mut summary = String::new();
-        for (name, role, pins) in roles {
+        for (name, pins) in roles {
             let Ok(status) = self.status(pins) else { continue };
-            let counters: Vec<String> = status[role]["counters"]
-                .as_array()
-                .map(|all| all.iter().filter(|c| c["packets"] != 0).map(|c| format!("{}={}", c["name"], c["packets"])).collect())
-                .unwrap_or_default();
+            let counters = status.switch.as_ref().map(|s| &s.counters).or(status.balance.as_ref().map(|b| &b.counters));
+            let counters: Vec<String> = counters.into_iter().flatten().filter(|c| c.packets != 0).map(|c| format!("{}={}", c.name, c.packets)).collect();
             let _ = write!(summary, "\n--- {name} counters: {}", counters.join(" "));
-            if let Some(sessions) = status[role]["sessions"].as_array().filter(|s| !s.is_empty()) {
-                let _ = write!(summary, "\n--- {name} sessions: {}", serde_json::Value::Array(sessions.clone()));
+            if let Some(sessions) = status.balance.map(|b| b.sessions).filter(|s| !s.is_empty()) {
+                let _ = write!(summary, "\n--- {name} sessions: {sessions:?}");
             }
         }
         summary
@@ -240,17 +240,26 @@ impl PairTopology {
 
     /// The index of the balancer the switch calls active.
     pub fn active_lb(&self) -> Result<usize> {
-        let status = self.status(&self.switch_pins)?;
-        let lbs = status["switch"]["lbs"].as_array().cloned().unwrap_or_default();
-        lbs.iter().position(|lb| lb["role"] == "active").ok_or_else(|| crate::Error::Io {
+        let status = self.switch_status()?;
+        status.active().ok_or_else(|| crate::Error::Io {
             what: "find the active balancer in `xdp-lb status`".into(),
-            source: std::io::Error::other(format!("{status}")),
+            source: std::io::Error::other(format!("{:?}", status.lbs)),
         })
     }
 
     /// `xdp-lb status --json` with one of the pin roots.
-    pub fn status(&self, pins: &PinDir) -> Result<serde_json::Value> {
+    pub fn status(&self, pins: &PinDir) -> Result<Status> {
         crate::topology::status_at(pins)
+    }
+
+    /// What balancer `i` reports (its pinned maps outlive its agent).
+    pub fn lb_status(&self, i: usize) -> Result<BalanceStatus> {
+        crate::topology::balance_at(&self.lb_pins[i])
+    }
+
+    /// What the switch reports.
+    pub fn switch_status(&self) -> Result<SwitchStatus> {
+        crate::topology::switch_at(&self.switch_pins)
     }
 }
 

@@ -20,6 +20,8 @@
 
 use std::path::PathBuf;
 
+use xdp_lb_common::status::{BalanceStatus, Status, SwitchStatus};
+
 use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary};
 
 pub const VIP: &str = "10.77.0.100";
@@ -120,17 +122,34 @@ impl LbTopology {
     }
 
     /// `xdp-lb status --json` for this topology's balancer.
-    pub fn status(&self) -> Result<serde_json::Value> {
-        status_at(&self.pins)
+    pub fn status(&self) -> Result<BalanceStatus> {
+        balance_at(&self.pins)
     }
 }
 
-/// `xdp-lb --pin-root <pins> status --json`, parsed.
-pub fn status_at(pins: &PinDir) -> Result<serde_json::Value> {
-    let out = crate::run(
-        &binary("xdp-lb").display().to_string(),
-        &["--pin-root", &pins.path().display().to_string(), "status", "--json"],
-    )?;
+/// The balancer's part of [`status_at`] (an error when no balancer's maps are pinned there).
+pub fn balance_at(pins: &PinDir) -> Result<BalanceStatus> {
+    status_at(pins)?.balance.ok_or_else(|| missing_role(pins, "balancer"))
+}
+
+/// The switch's part of [`status_at`].
+pub fn switch_at(pins: &PinDir) -> Result<SwitchStatus> {
+    status_at(pins)?.switch.ok_or_else(|| missing_role(pins, "switch"))
+}
+
+fn missing_role(pins: &PinDir, role: &str) -> crate::Error {
+    crate::Error::Io { what: format!("`xdp-lb status` under {}", pins.path().display()), source: std::io::Error::other(format!("no {role} maps pinned")) }
+}
+
+/// `xdp-lb --pin-root <pins> status --json`, parsed into the agent's own types.
+pub fn status_at(pins: &PinDir) -> Result<Status> {
+    status_in(pins.path())
+}
+
+/// [`status_at`] for a pin root given by its path (a watcher thread holds a path, not the
+/// [`PinDir`] that removes it).
+pub fn status_in(pin_root: &std::path::Path) -> Result<Status> {
+    let out = crate::run(&binary("xdp-lb").display().to_string(), &["--pin-root", &pin_root.display().to_string(), "status", "--json"])?;
     serde_json::from_str(&out).map_err(|e| crate::Error::Io {
         what: "parse xdp-lb status --json".into(),
         source: std::io::Error::other(e),

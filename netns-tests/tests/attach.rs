@@ -4,13 +4,14 @@
 use std::{net::UdpSocket, process::Command};
 
 use netns_tests::{ControlKey, Netns, PinDir, Process, RunPrefix, binary, require_root, veth_pair, wait_for};
+use xdp_lb_common::{BalanceCounter, status::Status};
 
 const LB_ADDR: &str = "10.231.0.1";
 const VIP: &str = "10.231.0.100";
 const PEER_ADDR: &str = "10.231.0.2";
 
-/// Reads `xdp-lb status --json` and returns the `balance` counter `name` as (packets, bytes).
-fn counter(pin_root: &std::path::Path, name: &str) -> (u64, u64) {
+/// Reads `xdp-lb status --json` and returns the `balance` counter as (packets, bytes).
+fn counter(pin_root: &std::path::Path, counter: BalanceCounter) -> (u64, u64) {
     let output = Command::new(binary("xdp-lb"))
         .arg("--pin-root")
         .arg(pin_root)
@@ -18,13 +19,10 @@ fn counter(pin_root: &std::path::Path, name: &str) -> (u64, u64) {
         .output()
         .expect("run xdp-lb status");
     assert!(output.status.success(), "xdp-lb status failed: {}", String::from_utf8_lossy(&output.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
-    let counters = status["balance"]["counters"].as_array().expect("balance counters in status");
-    let found = counters
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no counter {name} in {status}"));
-    (found["packets"].as_u64().unwrap(), found["bytes"].as_u64().unwrap())
+    let status: Status = serde_json::from_slice(&output.stdout).expect("status JSON");
+    let balance = status.balance.expect("balance counters in status");
+    let found = balance.counters.iter().find(|c| c.name == counter.name()).unwrap_or_else(|| panic!("no counter {counter:?} in {:?}", balance.counters));
+    (found.packets, found.bytes)
 }
 
 /// Sends `count` UDP datagrams of `payload_len` bytes from the peer namespace to `to`:`port`.
@@ -72,22 +70,22 @@ fn balance_counts_udp_in_pinned_map_while_attached() {
     })
     .unwrap();
 
-    let (service_before, _) = counter(pins.path(), "drop_not_request");
-    let (other_before, _) = counter(pins.path(), "pass_not_service");
+    let (service_before, _) = counter(pins.path(), BalanceCounter::DropNotRequest);
+    let (other_before, _) = counter(pins.path(), BalanceCounter::PassNotService);
     // Not TFTP requests (payload 0x5a5a...): dropped at the VIP and counted.
     send_udp(&peer, VIP, 69, 50, 100);
     send_udp(&peer, LB_ADDR, 5000, 30, 10);
 
     // Poll briefly in case the peer's stack queues the frames.
     let (service, service_bytes) = wait_for("50 datagrams to VIP:69 counted", 5, || {
-        let c = counter(pins.path(), "drop_not_request");
+        let c = counter(pins.path(), BalanceCounter::DropNotRequest);
         (c.0 >= service_before + 50).then_some(c)
     })
     .unwrap();
     assert_eq!(service - service_before, 50, "every datagram to VIP:69 is counted once");
     // Ethernet 14 + IPv4 20 + UDP 8 + payload 100.
     assert!(service_bytes >= 50 * 142, "bytes counted: {service_bytes}");
-    let (other, _) = counter(pins.path(), "pass_not_service");
+    let (other, _) = counter(pins.path(), BalanceCounter::PassNotService);
     assert!(other - other_before >= 30, "datagrams to the host itself pass, counted apart");
 
     // BTF names the fields of the pinned map for bpftool.
@@ -108,5 +106,5 @@ fn balance_counts_udp_in_pinned_map_while_attached() {
     .unwrap();
     send_udp(&peer, VIP, 69, 20, 100);
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert_eq!(counter(pins.path(), "drop_not_request").0, service, "counted while detached");
+    assert_eq!(counter(pins.path(), BalanceCounter::DropNotRequest).0, service, "counted while detached");
 }

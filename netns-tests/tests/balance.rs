@@ -14,6 +14,7 @@ use netns_tests::{
     wait_for,
     watch::{Growth, stall_after, wait_for_size},
 };
+use xdp_lb_common::{BalanceCounter, status::BackendState};
 
 const TFTP_PORT: u16 = 69;
 const MIB: usize = 1024 * 1024;
@@ -40,9 +41,7 @@ impl Running {
     /// Waits until `n` backends are live (they answered a heartbeat).
     fn wait_live(&self, n: usize) {
         wait_for(&format!("{n} live backends"), 20, || {
-            let status = self.topo.status().ok()?;
-            let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-            (live >= n).then_some(())
+            (self.topo.status().ok()?.live_backends() >= n).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", self.agent.log()));
     }
@@ -63,10 +62,9 @@ impl Running {
             .expect("start client")
     }
 
-    fn counter(&self, name: &str) -> (u64, u64) {
-        let status = self.topo.status().expect("status");
-        let c = status["balance"]["counters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
-        (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap())
+    fn counter(&self, counter: BalanceCounter) -> (u64, u64) {
+        let c = self.topo.status().expect("status").counter(counter);
+        (c.packets, c.bytes)
     }
 }
 
@@ -92,8 +90,8 @@ fn stock_clients_download_through_the_vip() {
         let download = run.download(0, how, "image.bin", &local);
         finish(download, &local, &source, Duration::from_secs(60), &how.name());
     }
-    assert!(run.counter("to_client").0 > 0);
-    assert_eq!(run.counter("drop_oversize").0, 0, "the port into the LB cut every window the backends sent as one");
+    assert!(run.counter(BalanceCounter::ToClient).0 > 0);
+    assert_eq!(run.counter(BalanceCounter::DropOversize).0, 0, "the port into the LB cut every window the backends sent as one");
 }
 
 #[test]
@@ -110,9 +108,8 @@ fn concurrent_clients_spread_over_the_backends() {
     for (download, local, how) in downloads {
         finish(download, &local, &source, Duration::from_secs(120), &how.name());
     }
-    let status = run.topo.status().unwrap();
-    for backend in status["balance"]["backends"].as_array().unwrap() {
-        assert!(backend["packets_from"].as_u64().unwrap() > 100, "every backend served: {backend}");
+    for backend in run.topo.status().unwrap().backends {
+        assert!(backend.packets_from > 100, "every backend served: {backend:?}");
     }
 }
 
@@ -127,23 +124,21 @@ fn killing_the_serving_backend_mid_transfer_loses_nothing() {
     assert!(wait_for_size(&local, (size / 2) as u64, Duration::from_secs(120)), "transfer reached half:\n{}", download.log());
 
     // The serving backend is the session's backend in the LB's table.
-    let status = run.topo.status().unwrap();
-    let sessions = status["balance"]["sessions"].as_array().unwrap();
-    assert_eq!(sessions.len(), 1, "one session in flight: {status}");
-    let serving = usize::try_from(sessions[0]["backend"].as_u64().unwrap()).unwrap();
+    let sessions = run.topo.status().unwrap().sessions;
+    assert_eq!(sessions.len(), 1, "one session in flight: {sessions:?}");
+    let serving = usize::try_from(sessions[0].backend).unwrap();
     let killed_at = Instant::now();
     run.backends[serving].take().unwrap().kill_hard();
 
     finish(download, &local, &source, Duration::from_secs(180), "download across the backend failure");
     let samples = growth.stop();
     let stall = stall_after(&samples, killed_at);
-    let (packets, bytes) = run.counter("to_client");
+    let (packets, bytes) = run.counter(BalanceCounter::ToClient);
     // Each DATA reached the LB with Ethernet/IP/UDP (42), steering header (64) and TFTP (4).
     let resent = bytes.saturating_sub(packets * (42 + 64 + 4)).saturating_sub(size as u64);
     eprintln!("backend failure at 50%: stall {} ms, about {resent} bytes sent twice", stall.as_millis());
-    let status = run.topo.status().unwrap();
-    let state = &status["balance"]["backends"][serving]["state"];
-    assert_eq!(state, "dead", "the killed backend is out of the active set: {status}");
+    let backends = run.topo.status().unwrap().backends;
+    assert_eq!(backends[serving].state, BackendState::Dead, "the killed backend is out of the active set: {backends:?}");
 
     // Restarted, it answers heartbeats and takes new sessions again.
     run.backends[serving] = Some(run.topo.start_backend(serving).unwrap());
@@ -156,9 +151,8 @@ fn killing_the_serving_backend_mid_transfer_loses_nothing() {
         })
         .collect();
     wait_for("the restarted backend serves a session", 20, || {
-        let status = run.topo.status().ok()?;
-        let sessions = status["balance"]["sessions"].as_array()?.clone();
-        sessions.iter().any(|s| s["backend"].as_u64() == Some(serving as u64)).then_some(())
+        let sessions = run.topo.status().ok()?.sessions;
+        sessions.iter().any(|s| s.backend as usize == serving).then_some(())
     })
     .expect("new sessions reach the restarted backend");
     for (download, local) in downloads {
@@ -189,8 +183,8 @@ fn a_request_flood_is_paced_and_legitimate_transfers_complete() {
         })
         .expect("flood from the second client");
     finish(download, &local, &source, Duration::from_secs(60), "download during the flood");
-    let (limited, _) = run.counter("drop_rate_limited");
-    let (admitted, _) = run.counter("new_session");
+    let (limited, _) = run.counter(BalanceCounter::DropRateLimited);
+    let (admitted, _) = run.counter(BalanceCounter::NewSession);
     println!("flood: {sent} requests in 2 s, {limited} dropped by the rate limit, {admitted} sessions opened");
     // Default pace: 50 a second after a burst of 100, per address; the legitimate client adds one.
     assert!(admitted <= 100 + 2 * 50 + 20, "{admitted} sessions opened by the flood");
@@ -218,7 +212,7 @@ fn a_thousand_concurrent_downloads_through_one_backend() {
     for (i, (download, local)) in downloads.into_iter().enumerate() {
         finish(download, &local, &source, Duration::from_secs(120), &format!("download {i} of {DOWNLOADS}"));
     }
-    let (finished, _) = run.counter("session_finished");
+    let (finished, _) = run.counter(BalanceCounter::SessionFinished);
     assert_eq!(finished, DOWNLOADS as u64, "every session ended with the backend's FINISHED");
 }
 

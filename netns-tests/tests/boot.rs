@@ -40,13 +40,13 @@ fn path_hash(name: &str) -> String {
 /// not come yet, if it is the only one in the table besides finished ones.
 fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize)> {
     let active = cluster.topo.active_lb().ok()?;
-    let status = cluster.topo.status(&cluster.topo.lb_pins[active]).ok()?;
+    let sessions = cluster.topo.lb_status(active).ok()?.sessions;
     let hash = path_hash(file);
-    status["balance"]["sessions"].as_array()?.iter().find_map(|s| {
-        let sent = s["block"].as_u64()? * s["blksize"].as_u64()?;
+    sessions.iter().find_map(|s| {
+        let sent = u64::from(s.block) * u64::from(s.blksize);
         #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
         let reached = sent as f64 >= bytes as f64 * share;
-        (s["path_hash"].as_str()? == hash && reached).then(|| Some((active, usize::try_from(s["backend"].as_u64()?).ok()?)))?
+        (s.path_hash == hash && reached).then(|| Some((active, usize::try_from(s.backend).ok()?)))?
     })
 }
 

@@ -22,7 +22,10 @@ use netns_tests::{
     wait_for,
     watch::wait_for_size,
 };
-use xdp_lb_common::{ClientKey, Session, SteeringHeader};
+use xdp_lb_common::{
+    ClientKey, Session, SteeringHeader,
+    status::{BalanceStatus, ControlStatus},
+};
 
 const MIB: usize = 1024 * 1024;
 const ATTACKER: &str = "10.77.0.66";
@@ -122,23 +125,17 @@ fn attack(attacker: &Netns, victims: &[String], hows: &[Forgery], duration: Dura
         .expect("enter the attacker's namespace")
 }
 
-fn status(running: &Cluster, lb: usize) -> serde_json::Value {
-    running.topo.status(&running.topo.lb_pins[lb]).expect("status")
+fn status(running: &Cluster, lb: usize) -> BalanceStatus {
+    running.topo.lb_status(lb).expect("status")
 }
 
 fn sessions(running: &Cluster, lb: usize) -> Vec<String> {
-    status(running, lb)["balance"]["sessions"]
-        .as_array()
-        .map(|all| all.iter().filter_map(|s| s["client"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+    status(running, lb).sessions.iter().map(|s| s.client.to_string()).collect()
 }
 
-fn rejected(status: &serde_json::Value, role: &str, reason: &str) -> u64 {
-    status[role]["control"]["rejected"][reason].as_u64().unwrap_or(0)
-}
-
-fn warnings(status: &serde_json::Value, role: &str) -> Vec<String> {
-    status[role]["control"]["warnings"].as_array().map(|w| w.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+/// Whether one of the agent's status warnings says `what`.
+fn warned(control: &ControlStatus, what: &str) -> bool {
+    control.warnings.iter().any(|w| w.contains(what))
 }
 
 /// How often balancer `lb`'s agent logged that the switch made it `role`.
@@ -183,21 +180,17 @@ fn forged_role_changes_and_sync_without_the_key_change_nothing_and_are_counted()
     // Every forgery is counted by reason (the counters reach the map within a second).
     let after = wait_for("the rejections counted", 5, || {
         let after = [0, 1].map(|lb| status(&running, lb));
-        (rejected(&after[1], "balance", "bad_mac") > rejected(&before[1], "balance", "bad_mac")).then_some(after)
+        (after[1].control.rejected("bad_mac") > before[1].control.rejected("bad_mac")).then_some(after)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", running.logs()));
     for (i, status) in after.iter().enumerate() {
         for reason in ["unauthenticated", "bad_mac", "unknown_key"] {
-            let moved = rejected(status, "balance", reason) - rejected(&before[i], "balance", reason);
-            assert!(moved > 100, "balancer {i}: {moved} rejected as {reason}\n{status}");
+            let moved = status.control.rejected(reason) - before[i].control.rejected(reason);
+            assert!(moved > 100, "balancer {i}: {moved} rejected as {reason}\n{:?}", status.control);
         }
-        assert_eq!(status["balance"]["control"]["peer_auth_failed"], 0, "the forger is not at the peer's address");
-        assert!(
-            warnings(status, "balance").iter().any(|w| w.contains("failed authentication")),
-            "balancer {i}: no warning in status: {:?}",
-            warnings(status, "balance")
-        );
-        assert!(status["balance"]["control"]["accepted"].as_u64().unwrap_or(0) > 0, "the real heartbeats still count");
+        assert_eq!(status.control.peer_auth_failed, 0, "the forger is not at the peer's address");
+        assert!(warned(&status.control, "failed authentication"), "balancer {i}: no warning in status: {:?}", status.control.warnings);
+        assert!(status.control.accepted > 0, "the real heartbeats still count");
     }
     expect_download(download, &local, &source, Duration::from_secs(120), "tftp-hpa through the forgeries", || running.logs());
     assert_eq!(role_changes(lb(1), "Active"), 0);
@@ -240,24 +233,23 @@ fn a_pair_with_different_keys_says_so_in_status() {
     // switch nor its peer, and they cannot verify its notices.
     running.kill_lb(1);
     running.restart_lb_with(1, &["--control-key-file", &other.path().display().to_string()]);
-    let warned = |status: &serde_json::Value, role: &str, what: &str| warnings(status, role).iter().any(|w| w.contains(what));
     let [lb0, lb1] = wait_for("the key mismatch in both balancers' status", 15, || {
-        let both = [0, 1].map(|lb| status(&running, lb));
-        let shown = both.iter().all(|s| warned(s, "balance", "the peer balancer's messages fail authentication"));
+        let both = [0, 1].map(|lb| status(&running, lb).control);
+        let shown = both.iter().all(|c| warned(c, "the peer balancer's messages fail authentication"));
         // Balancer 0 also hears balancer 1's notices about its own messages.
-        let noticed = both[0]["balance"]["control"]["rejected_by_other"].as_u64().unwrap_or(0) > 0;
+        let noticed = both[0].rejected_by_other > 0;
         (shown && noticed).then_some(both)
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", running.logs(), status(&running, 1)));
-    assert!(lb1["balance"]["control"]["peer_auth_failed"].as_u64().unwrap() > 0, "{lb1}");
-    assert!(rejected(&lb1, "balance", "bad_mac") > 0, "the switch's heartbeats fail at balancer 1: {lb1}");
-    assert!(warned(&lb0, "balance", "another agent rejected this agent's control messages"), "{lb0}");
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{:?}", running.logs(), status(&running, 1).control));
+    assert!(lb1.peer_auth_failed > 0, "{lb1:?}");
+    assert!(lb1.rejected("bad_mac") > 0, "the switch's heartbeats fail at balancer 1: {lb1:?}");
+    assert!(warned(&lb0, "another agent rejected this agent's control messages"), "{lb0:?}");
     let switch = wait_for("the mismatch in the switch's status", 15, || {
-        let status = running.topo.status(&running.topo.switch_pins).ok()?;
-        warned(&status, "switch", "a load balancer's messages fail authentication").then_some(status)
+        let control = running.topo.switch_status().ok()?.control;
+        warned(&control, "a load balancer's messages fail authentication").then_some(control)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", running.logs()));
-    assert!(switch["switch"]["control"]["rejected_by_other"].as_u64().unwrap() > 0, "{switch}");
+    assert!(switch.rejected_by_other > 0, "{switch:?}");
     // The table form says it in words too.
     let pins = running.topo.lb_pins[1].path().display().to_string();
     let text = netns_tests::run(&netns_tests::binary("xdp-lb").display().to_string(), &["--pin-root", &pins, "status"]).expect("status");

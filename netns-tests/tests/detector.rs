@@ -16,7 +16,10 @@ use netns_tests::{
     pair_topology::{VIP, client_addr},
     storm::{Storm, StormPlan, lock_step_download, spoofed_requests},
 };
-use xdp_lb_common::ClientKey;
+use xdp_lb_common::{
+    BalanceCounter, ClientKey,
+    status::{BackendState, BackendStatus},
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -63,7 +66,7 @@ fn storms_from_one_client_fail_over_nothing() {
         assert_no_verdicts(&cluster, &format!("{storm:?}"));
     }
     assert_eq!(cluster.active_lb(), 0, "no swap");
-    assert!(cluster.counter(0, "backend_heard") >= 4000, "the backends answered the storms with HEARD");
+    assert!(cluster.counter(0, BalanceCounter::BackendHeard) >= 4000, "the backends answered the storms with HEARD");
 }
 
 /// 20 000 requests from 2 000 spoofed addresses within a second, while real downloads run:
@@ -87,7 +90,7 @@ fn a_flood_of_spoofed_requests_fails_over_nothing() {
     expect_download(hpa, &local_small, &small, Duration::from_secs(120), "tftp-hpa during the flood", || cluster.logs());
     // The backends go on retransmitting to the spoofed clients (1, 2, 4 s ...): watch that too.
     std::thread::sleep(Duration::from_secs(4));
-    let sessions = cluster.counter(0, "new_session");
+    let sessions = cluster.counter(0, BalanceCounter::NewSession);
     println!("balancer 0 opened {sessions} sessions");
     assert!(sessions >= 10_000, "the flood reached the backends ({sessions} sessions)");
     assert_no_verdicts(&cluster, "spoofed flood");
@@ -186,9 +189,8 @@ fn signal(process: &Process, signal: i32) {
 }
 
 /// Backend 0 as balancer 0's status shows it.
-fn backend_status(cluster: &Cluster) -> serde_json::Value {
-    let status = cluster.topo.status(&cluster.topo.lb_pins[0]).expect("status");
-    status["balance"]["backends"][0].clone()
+fn backend_status(cluster: &Cluster) -> BackendStatus {
+    cluster.topo.lb_status(0).expect("status").backends.swap_remove(0)
 }
 
 /// A backend that stops answering and comes back again and again (here: SIGSTOP, SIGCONT) is
@@ -199,29 +201,29 @@ fn backend_status(cluster: &Cluster) -> serde_json::Value {
 fn a_flapping_backend_is_held_out_longer_each_time() {
     let cluster = Cluster::start(1, 3);
     let backend = cluster.backends[0].as_ref().expect("backend 0");
-    let state = |cluster: &Cluster| backend_status(cluster)["state"].as_str().unwrap_or_default().to_owned();
+    let state = |cluster: &Cluster| backend_status(cluster).state;
     for flap in 1..=3u64 {
         signal(backend, libc::SIGSTOP);
-        netns_tests::wait_for("backend 0 declared dead", 10, || (state(&cluster) == "dead").then_some(())).expect("a verdict");
+        netns_tests::wait_for("backend 0 declared dead", 10, || (state(&cluster) == BackendState::Dead).then_some(())).expect("a verdict");
         signal(backend, libc::SIGCONT);
         netns_tests::wait_for("backend 0 answering again", 10, || {
-            backend_status(&cluster)["last_answer_ms_ago"].as_u64().filter(|&ms| ms < 100)
+            backend_status(&cluster).last_answer_ms_ago.filter(|&ms| ms < 100)
         })
         .expect("answers");
         let now = backend_status(&cluster);
-        println!("flap {flap}: {now}");
-        assert_eq!(now["health"]["verdicts"], flap);
-        assert_eq!(now["health"]["flaps"], flap);
+        println!("flap {flap}: {now:?}");
+        assert_eq!(now.health.verdicts, flap);
+        assert_eq!(u64::from(now.health.flaps), flap);
         if flap == 1 {
-            netns_tests::wait_for("a first death's revival", 10, || (state(&cluster) == "live").then_some(())).expect("revived");
+            netns_tests::wait_for("a first death's revival", 10, || (state(&cluster) == BackendState::Live).then_some(())).expect("revived");
             continue;
         }
-        let held = now["health"]["held_for_ms"].as_u64().unwrap_or_else(|| panic!("flap {flap}: held: {now}"));
-        assert_eq!(now["state"], "dead", "answering, but held out");
+        let held = now.health.held_for_ms.unwrap_or_else(|| panic!("flap {flap}: held: {now:?}"));
+        assert_eq!(now.state, BackendState::Dead, "answering, but held out");
         assert!(held <= 1000 << (flap - 2), "flap {flap}: the hold doubles from 1 s: {held} ms");
         assert!(held > (1000 << (flap - 2)) / 2, "flap {flap}: most of the hold is still ahead once it answers: {held} ms");
-        netns_tests::wait_for("the end of the hold", 10, || (state(&cluster) == "live").then_some(())).expect("back after the hold");
-        assert!(backend_status(&cluster)["health"]["held_for_ms"].is_null());
+        netns_tests::wait_for("the end of the hold", 10, || (state(&cluster) == BackendState::Live).then_some(())).expect("back after the hold");
+        assert!(backend_status(&cluster).health.held_for_ms.is_none());
     }
     let log = cluster.lbs[0].as_ref().expect("lb 0").log();
     assert!(log.contains("backend flapping: held out"), "the hold is logged:\n{log}");

@@ -11,6 +11,7 @@ use netns_tests::{
     pair_topology::VIP,
     storm::spoofed_requests,
 };
+use xdp_lb_common::BalanceCounter;
 
 const MIB: usize = 1024 * 1024;
 const REAL: usize = 5;
@@ -54,7 +55,7 @@ fn a_flood_from_five_thousand_spoofed_addresses_is_cut_to_the_budget() {
         expect_download(download, &local, source, Duration::from_secs(120), &format!("{} during the flood", how.name()), || cluster.logs());
     }
 
-    let (prefix, budget, admitted) = (cluster.counter(0, "drop_prefix_rate_limited"), cluster.counter(0, "drop_session_budget"), cluster.counter(0, "new_session"));
+    let (prefix, budget, admitted) = (cluster.counter(0, BalanceCounter::DropPrefixRateLimited), cluster.counter(0, BalanceCounter::DropSessionBudget), cluster.counter(0, BalanceCounter::NewSession));
     println!("{sent} spoofed requests: {prefix} dropped by the /24 pace, {budget} by the session budget, {admitted} sessions opened");
     assert!(prefix > 10_000, "the /24 pace dropped {prefix}");
     assert!(budget > 1_000, "the session budget dropped {budget}");

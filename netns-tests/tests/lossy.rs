@@ -137,15 +137,12 @@ impl Lossy {
         let n = lossy.backends.len();
         for lb in 0..2 {
             wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
-                let status = lossy.topo.status(&lossy.topo.lb_pins[lb]).ok()?;
-                let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-                (live >= n).then_some(())
+                (lossy.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
             })
             .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
         }
         wait_for("the switch to reach both balancers", 20, || {
-            let status = lossy.topo.status(&lossy.topo.switch_pins).ok()?;
-            status["switch"]["lbs"].as_array()?.iter().all(|lb| lb["reachable"] == true).then_some(())
+            lossy.topo.switch_status().ok()?.lbs.iter().all(|lb| lb.reachable).then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
         lossy

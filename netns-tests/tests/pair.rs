@@ -15,6 +15,7 @@ use netns_tests::{
     wait_for,
     watch::{Growth, stall_after, wait_for_size},
 };
+use xdp_lb_common::BalanceCounter;
 const MIB: usize = 1024 * 1024;
 /// The block size `Client::Atftp` asks for.
 const BLKSIZE: u64 = 1468;
@@ -35,8 +36,8 @@ fn downloads_through_switch_and_active_balancer() {
         finish(download, &local, &source, Duration::from_secs(30), &how.name(), || running.logs());
     }
     assert_eq!(running.active_lb(), 0, "no failure, no swap");
-    assert!(running.counter(0, "to_client") > 3 * (3 * MIB as u64 / BLKSIZE), "the active balancer carried the data");
-    assert_eq!(running.counter(1, "to_client"), 0, "the backup carried nothing");
+    assert!(running.counter(0, BalanceCounter::ToClient) > 3 * (3 * MIB as u64 / BLKSIZE), "the active balancer carried the data");
+    assert_eq!(running.counter(1, BalanceCounter::ToClient), 0, "the backup carried nothing");
 }
 
 /// A failure injected once the download reached a fraction of the file.
@@ -75,7 +76,7 @@ fn active_balancer_killed_mid_transfer() {
     assert_eq!(running.active_lb(), 0, "the first --lb starts active");
     transfer_with_failures(&mut running, 64 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
     assert_eq!(running.active_lb(), 1, "the switch swapped to the backup");
-    assert!(running.counter(1, "to_client") + running.counter(1, "relearned") > 0, "the new active balancer carried data");
+    assert!(running.counter(1, BalanceCounter::ToClient) + running.counter(1, BalanceCounter::Relearned) > 0, "the new active balancer carried data");
 }
 
 #[test]
@@ -87,7 +88,7 @@ fn serving_backend_then_active_balancer_killed_in_one_transfer() {
     };
     transfer_with_failures(&mut running, 64 * MIB, &[(0.3, &kill_serving_backend), (0.6, &|r| r.kill_lb(0))]);
     assert_eq!(running.active_lb(), 1);
-    assert!(running.counter(0, "moved") + running.counter(1, "moved") <= 1, "moves are the agents' job");
+    assert!(running.counter(0, BalanceCounter::Moved) + running.counter(1, BalanceCounter::Moved) <= 1, "moves are the agents' job");
 }
 
 #[test]
@@ -149,8 +150,8 @@ fn a_promoted_balancer_that_knows_nothing_relearns_from_the_backend() {
     let mut running = Cluster::start_mirroring(1, 2, false);
     transfer_with_failures(&mut running, 32 * MIB, &[(0.5, &|r| r.kill_lb(0))]);
     assert_eq!(running.active_lb(), 1);
-    assert!(running.counter(1, "relearned") > 0, "the session was relearned from a reply");
-    assert!(running.counter(1, "drop_no_session") > 0, "the client's packets found no session first");
+    assert!(running.counter(1, BalanceCounter::Relearned) > 0, "the session was relearned from a reply");
+    assert!(running.counter(1, BalanceCounter::DropNoSession) > 0, "the client's packets found no session first");
 }
 
 /// A transfer whose request reached the active balancer just before it died: the backup
@@ -163,7 +164,7 @@ fn session_started_moments_before_the_balancer_fails() {
     let download = running.download(0, Client::Atftp { blksize: 1468, windowsize: 16 }, "fresh.bin", &local);
     std::thread::sleep(Duration::from_millis(10));
     running.kill_lb(0);
-    assert_eq!(running.counter(0, "new_session"), 1, "the request reached the first balancer before it died");
+    assert_eq!(running.counter(0, BalanceCounter::NewSession), 1, "the request reached the first balancer before it died");
     let growth = Growth::watch(local.clone());
     let killed = Instant::now();
     finish(download, &local, &source, Duration::from_secs(60), "fresh transfer", || running.logs());
@@ -213,7 +214,7 @@ fn switch_agent_killed_and_restarted_mid_transfer() {
     };
     transfer_with_failures(&mut running, 64 * MIB, &[(0.4, &restart_switch)]);
     assert_eq!(running.active_lb(), 0, "no swap: both balancers stayed alive");
-    assert_eq!(running.counter(1, "to_client"), 0, "the backup carried nothing");
+    assert_eq!(running.counter(1, BalanceCounter::ToClient), 0, "the backup carried nothing");
     let log = running.switch.log();
     assert!(!log.contains("swapped"), "the restarted agent swapped:\n{log}");
 }

@@ -15,6 +15,7 @@ use netns_tests::{
     wait_for,
     watch::wait_for_size,
 };
+use xdp_lb_common::status::BackendState;
 
 const TFTP_PORT: u16 = 69;
 const MIB: usize = 1024 * 1024;
@@ -35,19 +36,16 @@ fn attached_program(topo: &LbTopology) -> Option<u64> {
 
 fn wait_live(topo: &LbTopology, agent: &Process, n: usize) {
     wait_for(&format!("{n} live backends"), 20, || {
-        let status = topo.status().ok()?;
-        let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-        (live >= n).then_some(())
+        (topo.status().ok()?.live_backends() >= n).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
 }
 
 /// The backend of the only session in the LB's table.
 fn session_backend(topo: &LbTopology) -> u64 {
-    let status = topo.status().expect("status");
-    let sessions = status["balance"]["sessions"].as_array().expect("sessions");
-    assert_eq!(sessions.len(), 1, "one session in flight: {status}");
-    sessions[0]["backend"].as_u64().expect("session backend")
+    let sessions = topo.status().expect("status").sessions;
+    assert_eq!(sessions.len(), 1, "one session in flight: {sessions:?}");
+    u64::from(sessions[0].backend)
 }
 
 fn size_of(path: &Path) -> u64 {
@@ -101,9 +99,9 @@ fn killed_agent_keeps_steering_and_restarted_agent_readopts_the_link() {
     assert!(status.success(), "atftp failed ({status}):\n{}\nagent:\n{}", download.log(), agent.log());
     assert_eq!(sha256(&local).expect("sha of download"), sha256(&source).expect("sha of source"), "downloaded file differs");
     let _ = std::fs::remove_file(&local);
-    let status = topo.status().expect("status");
-    let dead = status["balance"]["backends"].as_array().expect("backends").iter().filter(|b| b["state"] != "live").count();
-    assert_eq!(dead, 0, "no backend was declared dead across the restart: {status}");
+    let backends = topo.status().expect("status").backends;
+    let dead = backends.iter().filter(|b| b.state != BackendState::Live).count();
+    assert_eq!(dead, 0, "no backend was declared dead across the restart: {backends:?}");
 }
 
 #[test]

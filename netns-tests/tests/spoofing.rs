@@ -18,7 +18,7 @@ use netns_tests::{
     watch::wait_for_size,
 };
 use xdp_lb_common::{
-    SteeringHeader,
+    SteeringHeader, SwitchCounter,
     steering::{FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
 };
 
@@ -110,10 +110,9 @@ fn a_client_side_host_cannot_speak_for_a_balancer_or_the_vip() {
         .expect("enter the attacker's namespace")
         .expect("spoofed frames");
     expect_download(download, &local, &source, Duration::from_secs(120), "atftp beside the spoofer", || running.logs());
-    let status = running.topo.status(&running.topo.switch_pins).expect("switch status");
-    let counters = status["switch"]["counters"].as_array().expect("switch counters").clone();
-    let dropped = counters.iter().find(|c| c["name"] == "drop_spoofed_lb").and_then(|c| c["packets"].as_u64()).unwrap_or(0);
+    let status = running.topo.switch_status().expect("switch status");
+    let dropped = status.counter(SwitchCounter::DropSpoofedLb).packets;
     println!("{sent} spoofed frames, {dropped} dropped as drop_spoofed_lb");
-    assert_eq!(dropped, u64::from(sent), "every spoofed frame dropped and counted\n{status}");
+    assert_eq!(dropped, u64::from(sent), "every spoofed frame dropped and counted\n{:?}", status.counters);
     assert_eq!(running.active_lb(), 0, "no swap");
 }

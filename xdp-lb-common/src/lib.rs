@@ -6,7 +6,7 @@
 //! userspace can use them as map keys and values.
 #![no_std]
 
-#[cfg(test)]
+#[cfg(any(test, feature = "status"))]
 extern crate std;
 
 pub mod checksum;
@@ -14,6 +14,8 @@ pub mod counters;
 pub mod frame;
 pub mod maps;
 pub mod names;
+#[cfg(feature = "status")]
+pub mod status;
 pub mod steering;
 
 pub use counters::{BalanceCounter, Counter, SwitchCounter};

@@ -2,13 +2,13 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     path::Path,
 };
 
-use serde::Serialize;
 use xdp_lb_common::{
     BalanceCounter, Counter, Health, SwitchCounter,
+    status::{BackendState, BackendStatus, BalanceStatus, ControlStatus, HealthStatus, LbRole, LbStatus, NamedCounter, SessionStatus, Status, SwitchStatus},
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
     names::{MAP_LB_COUNTERS, MAP_SW_COUNTERS, ROLE_BALANCE, ROLE_SWITCH},
 };
@@ -34,164 +34,48 @@ pub struct Args {
     json: bool,
 }
 
-/// Everything `status` reports. A role whose maps are not pinned is `None`.
-#[derive(Serialize)]
-struct Status {
-    switch: Option<SwitchStatus>,
-    balance: Option<BalanceStatus>,
-}
-
-#[derive(Serialize)]
-struct SwitchStatus {
-    pin_dir: String,
-    vip: Ipv4Addr,
-    clients_in_flight: u64,
-    lbs: Vec<LbStatus>,
-    counters: Vec<NamedCounter>,
-    control: ControlStatus,
-}
-
-/// The agent's control messages: what it accepted and rejected (the `control_*` counters),
-/// and what that means, a sentence each (a key mismatch above all).
-#[derive(Serialize)]
-struct ControlStatus {
-    accepted: u64,
-    /// Rejected messages by reason (`bad_mac`, `unknown_key`, `replayed`, ...).
-    rejected: std::collections::BTreeMap<&'static str, u64>,
-    /// Of the authentication failures, those from the peer's address.
-    peer_auth_failed: u64,
-    /// Rejection notices another agent sent this one.
-    rejected_by_other: u64,
-    warnings: Vec<String>,
-}
-
-impl ControlStatus {
-    /// From the counters; `peer` names the known senders ("the peer balancer", "a load
-    /// balancer").
-    fn of(counters: &[NamedCounter], peer: &str, others: &str) -> Self {
-        let at = |name: &str| counters.iter().find(|c| c.name == name).map_or(0, |c| c.packets);
-        let stats = Stats::from_counters(&Stats::NAMES.map(at));
-        let rejected = Reason::ALL.iter().map(|r| (r.name(), stats.rejected[*r as usize - 1])).collect();
-        let auth_failed: u64 = Reason::ALL.iter().filter(|r| r.is_auth_failure()).map(|r| stats.rejected[*r as usize - 1]).sum();
-        let mut warnings = Vec::new();
-        if stats.peer_auth_failed > 0 {
-            warnings.push(format!(
-                "{peer}'s messages fail authentication ({} messages): its control key differs from this agent's (compare the key fingerprints both agents log at start), or someone forges its address",
-                stats.peer_auth_failed
-            ));
-        }
-        let from_others = auth_failed - stats.peer_auth_failed.min(auth_failed);
-        if from_others > 0 {
-            warnings.push(format!("{from_others} control messages from {others} failed authentication (a key mismatch there, or forgeries): dropped"));
-        }
-        if stats.rejected_by_other > 0 {
-            warnings.push(format!(
-                "another agent rejected this agent's control messages ({} notices): see this agent's log for which one and why",
-                stats.rejected_by_other
-            ));
-        }
-        for (reason, what) in [(Reason::Misaddressed, "addressed to another agent (check --lb/--peer)"), (Reason::Stale, "stale (clocks apart, or replays)"), (Reason::Replayed, "replayed")] {
-            let n = stats.rejected[reason as usize - 1];
-            if n > 0 {
-                warnings.push(format!("{n} authentic control messages dropped as {what}"));
-            }
-        }
-        Self { accepted: stats.accepted, rejected, peer_auth_failed: stats.peer_auth_failed, rejected_by_other: stats.rejected_by_other, warnings }
+/// The control report from the counters; `peer` names the known senders ("the peer
+/// balancer", "a load balancer").
+fn control_status(counters: &[NamedCounter], peer: &str, others: &str) -> ControlStatus {
+    let at = |name: &str| counters.iter().find(|c| c.name == name).map_or(0, |c| c.packets);
+    let stats = Stats::from_counters(&Stats::NAMES.map(at));
+    let rejected = Reason::ALL.iter().map(|r| (r.name().to_owned(), stats.rejected[*r as usize - 1])).collect();
+    let auth_failed: u64 = Reason::ALL.iter().filter(|r| r.is_auth_failure()).map(|r| stats.rejected[*r as usize - 1]).sum();
+    let mut warnings = Vec::new();
+    if stats.peer_auth_failed > 0 {
+        warnings.push(format!(
+            "{peer}'s messages fail authentication ({} messages): its control key differs from this agent's (compare the key fingerprints both agents log at start), or someone forges its address",
+            stats.peer_auth_failed
+        ));
     }
-}
-
-#[derive(Serialize)]
-struct LbStatus {
-    address: Ipv4Addr,
-    role: &'static str,
-    /// Its MAC has been learned from its own frames (it has answered at least once).
-    reachable: bool,
-    /// Watchdog: client packets sent to it since it last answered.
-    unanswered: u64,
-    last_answer_ms_ago: Option<u64>,
-    packets_to: u64,
-    packets_from: u64,
-    health: HealthStatus,
-}
-
-/// The agent's verdicts on a peer and its flap damping.
-#[derive(Serialize)]
-struct HealthStatus {
-    /// Death verdicts, ever (a false one is a bug: see docs/SECURITY.md).
-    verdicts: u64,
-    revivals: u64,
-    /// Deaths within the damping window of each other.
-    flaps: u32,
-    last_verdict_ms_ago: Option<u64>,
-    /// Held out of the active set for this much longer though it answers (`None`: not held).
-    held_for_ms: Option<u64>,
-}
-
-impl HealthStatus {
-    fn of(now: u64, h: &Health) -> Self {
-        Self {
-            verdicts: h.verdicts,
-            revivals: h.revivals,
-            flaps: h.flaps,
-            last_verdict_ms_ago: (h.last_verdict_ns != 0).then(|| ms_ago(now, h.last_verdict_ns)),
-            held_for_ms: (h.held_until_ns > now).then(|| (h.held_until_ns - now) / 1_000_000),
+    let from_others = auth_failed - stats.peer_auth_failed.min(auth_failed);
+    if from_others > 0 {
+        warnings.push(format!("{from_others} control messages from {others} failed authentication (a key mismatch there, or forgeries): dropped"));
+    }
+    if stats.rejected_by_other > 0 {
+        warnings.push(format!(
+            "another agent rejected this agent's control messages ({} notices): see this agent's log for which one and why",
+            stats.rejected_by_other
+        ));
+    }
+    for (reason, what) in [(Reason::Misaddressed, "addressed to another agent (check --lb/--peer)"), (Reason::Stale, "stale (clocks apart, or replays)"), (Reason::Replayed, "replayed")] {
+        let n = stats.rejected[reason as usize - 1];
+        if n > 0 {
+            warnings.push(format!("{n} authentic control messages dropped as {what}"));
         }
     }
+    ControlStatus { accepted: stats.accepted, rejected, peer_auth_failed: stats.peer_auth_failed, rejected_by_other: stats.rejected_by_other, warnings }
+}
 
-    /// "3 (held 2000 ms)" for the tables.
-    fn cell(&self) -> String {
-        match self.held_for_ms {
-            Some(ms) => format!("{} (held {ms} ms)", self.verdicts),
-            None => self.verdicts.to_string(),
-        }
+/// A peer's health record as reported.
+fn health_status(now: u64, h: &Health) -> HealthStatus {
+    HealthStatus {
+        verdicts: h.verdicts,
+        revivals: h.revivals,
+        flaps: h.flaps,
+        last_verdict_ms_ago: (h.last_verdict_ns != 0).then(|| ms_ago(now, h.last_verdict_ns)),
+        held_for_ms: (h.held_until_ns > now).then(|| (h.held_until_ns - now) / 1_000_000),
     }
-}
-
-#[derive(Serialize)]
-struct BalanceStatus {
-    pin_dir: String,
-    vip: Ipv4Addr,
-    address: SocketAddrV4,
-    backends: Vec<BackendStatus>,
-    sessions: Vec<SessionStatus>,
-    counters: Vec<NamedCounter>,
-    control: ControlStatus,
-}
-
-#[derive(Serialize)]
-struct BackendStatus {
-    id: usize,
-    address: SocketAddrV4,
-    state: &'static str,
-    sessions: u64,
-    /// Watchdog: packets sent since it last answered.
-    unanswered: u64,
-    /// Milliseconds since it last answered (`None`: never).
-    last_answer_ms_ago: Option<u64>,
-    packets_to: u64,
-    packets_from: u64,
-    health: HealthStatus,
-}
-
-#[derive(Serialize)]
-struct SessionStatus {
-    client: SocketAddrV4,
-    tid: u16,
-    backend: u32,
-    /// Highest block the backend has sent (32-bit counter).
-    block: u32,
-    last_ack: u16,
-    blksize: u16,
-    windowsize: u16,
-    path_hash: String,
-    idle_ms: u64,
-}
-
-#[derive(Serialize)]
-struct NamedCounter {
-    name: &'static str,
-    packets: u64,
-    bytes: u64,
 }
 
 pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
@@ -215,7 +99,7 @@ fn ms_ago(now: u64, then: u64) -> u64 {
 }
 
 fn named(names: impl Iterator<Item = &'static str>, counters: Vec<Counter>) -> Vec<NamedCounter> {
-    names.zip(counters).map(|(name, c)| NamedCounter { name, packets: c.packets, bytes: c.bytes }).collect()
+    names.zip(counters).map(|(name, c)| NamedCounter { name: name.to_owned(), packets: c.packets, bytes: c.bytes }).collect()
 }
 
 fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
@@ -227,13 +111,13 @@ fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
         let seen = maps.seen(slot)?;
         lbs.push(LbStatus {
             address: config.lbs[slot as usize].into(),
-            role: if slot == config.active & 1 { "active" } else { "backup" },
+            role: if slot == config.active & 1 { LbRole::Active } else { LbRole::Backup },
             reachable: seen.mac != [0; 6],
             unanswered: seen.unanswered,
             last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
             packets_to: seen.packets_to,
             packets_from: seen.packets_from,
-            health: HealthStatus::of(now, &maps.health(slot)?),
+            health: health_status(now, &maps.health(slot)?),
         });
     }
     let counters = named(SwitchCounter::ALL.iter().map(|c| c.name()), maps.counters()?);
@@ -242,7 +126,7 @@ fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
         vip: config.vip.into(),
         clients_in_flight: maps.clients_in_flight(now, CLIENT_WINDOW_NS),
         lbs,
-        control: ControlStatus::of(&counters, "a load balancer", "other addresses"),
+        control: control_status(&counters, "a load balancer", "other addresses"),
         counters,
     })
 }
@@ -262,16 +146,16 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
             id,
             address: SocketAddrV4::new(backend.ip.into(), u16::from_be_bytes(backend.port)),
             state: match backend.state {
-                BACKEND_LIVE => "live",
-                BACKEND_DEAD => "dead",
-                _ => "unused",
+                BACKEND_LIVE => BackendState::Live,
+                BACKEND_DEAD => BackendState::Dead,
+                _ => BackendState::Unused,
             },
             sessions: maps.load(id_u32)?,
             unanswered: seen.unanswered,
             last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
             packets_to: seen.packets_to,
             packets_from: seen.packets_from,
-            health: HealthStatus::of(now, &maps.health.get(&id_u32, 0)?),
+            health: health_status(now, &maps.health.get(&id_u32, 0)?),
         });
     }
     let sessions = maps
@@ -296,7 +180,7 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
         address: SocketAddrV4::new(config.steer_addr.into(), u16::from_be_bytes(config.steer_port)),
         backends,
         sessions,
-        control: ControlStatus::of(&counters, "the peer balancer", "the switch's side or other addresses"),
+        control: control_status(&counters, "the peer balancer", "the switch's side or other addresses"),
         counters,
     })
 }
@@ -368,15 +252,15 @@ mod tests {
     fn counters(values: &[(&'static str, u64)]) -> Vec<NamedCounter> {
         Stats::NAMES
             .iter()
-            .map(|name| NamedCounter { name, packets: values.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v), bytes: 0 })
+            .map(|name| NamedCounter { name: (*name).to_owned(), packets: values.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v), bytes: 0 })
             .collect()
     }
 
     #[test]
     fn a_key_mismatch_with_the_peer_is_a_sentence() {
-        let quiet = ControlStatus::of(&counters(&[("control_accepted", 100)]), "the peer balancer", "others");
+        let quiet = control_status(&counters(&[("control_accepted", 100)]), "the peer balancer", "others");
         assert!(quiet.warnings.is_empty());
-        let status = ControlStatus::of(
+        let status = control_status(
             &counters(&[("control_bad_mac", 7), ("control_unknown_key", 2), ("control_peer_auth_failed", 5), ("control_rejected_by_other", 3), ("control_stale", 1)]),
             "the peer balancer",
             "the switch's side",

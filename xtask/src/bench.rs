@@ -36,6 +36,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
+use xdp_lb_common::status::{BackendState, BalanceStatus};
 
 use crate::cargo::release_dir;
 
@@ -247,15 +248,11 @@ fn control_costs(repeat: u32, report: &mut Report) -> anyhow::Result<serde_json:
 /// measurement starts with the balancer in its steady state. Called after the agent attached
 /// (the topologies' `start_lb` waits for that); the first 100 ms are skipped, so an answer the
 /// maps still hold from a predecessor agent is too old to count.
-pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<serde_json::Value>) -> anyhow::Result<()> {
+pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<BalanceStatus>) -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(100));
     netns_tests::wait_for(what, 20, || {
         let status = status()?;
-        let fresh = status["balance"]["backends"]
-            .as_array()?
-            .iter()
-            .filter(|b| b["state"] == "live" && b["last_answer_ms_ago"].as_u64().is_some_and(|ms| ms < 100))
-            .count();
+        let fresh = status.backends.iter().filter(|b| b.state == BackendState::Live && b.last_answer_ms_ago.is_some_and(|ms| ms < 100)).count();
         (fresh >= n).then_some(())
     })?;
     Ok(())

@@ -17,6 +17,7 @@
 
 use std::{
     fmt::Write as _,
+    net::SocketAddrV4,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -31,6 +32,7 @@ use netns_tests::{
     watch::{Growth, stall_after, wait_for_size},
 };
 use serde_json::json;
+use xdp_lb_common::BalanceCounter;
 
 use super::{Report, min_median_max};
 
@@ -125,31 +127,28 @@ impl Running {
     }
 
     fn wait_backends_live(&self, lb: usize) -> anyhow::Result<()> {
-        super::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.status(&self.topo.lb_pins[lb]).ok())
+        super::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.lb_status(lb).ok())
             .with_context(|| self.logs())
     }
 
     fn wait_lbs_reachable(&self) -> anyhow::Result<()> {
         netns_tests::wait_for("the switch to reach both balancers", 20, || {
-            let status = self.topo.status(&self.topo.switch_pins).ok()?;
-            status["switch"]["lbs"].as_array()?.iter().all(|lb| lb["reachable"] == true).then_some(())
+            self.topo.switch_status().ok()?.lbs.iter().all(|lb| lb.reachable).then_some(())
         })
         .with_context(|| self.logs())
     }
 
     /// The balancer the switch calls active.
     fn active_lb(&self) -> anyhow::Result<usize> {
-        let status = self.topo.status(&self.topo.switch_pins)?;
-        status["switch"]["lbs"].as_array().and_then(|lbs| lbs.iter().position(|lb| lb["role"] == "active")).context("no active balancer")
+        self.topo.switch_status()?.active().context("no active balancer")
     }
 
     /// Replies both balancers delivered to clients (pinned counters outlive a killed agent).
     fn delivered(&self) -> anyhow::Result<u64> {
         let mut sum = 0;
-        for pins in &self.topo.lb_pins {
-            let status = self.topo.status(pins)?;
-            let counters = status["balance"]["counters"].as_array().context("no counters")?;
-            sum += counters.iter().filter(|c| c["name"] == "to_client" || c["name"] == "relearned").filter_map(|c| c["packets"].as_u64()).sum::<u64>();
+        for lb in 0..2 {
+            let status = self.topo.lb_status(lb)?;
+            sum += status.counter(BalanceCounter::ToClient).packets + status.counter(BalanceCounter::Relearned).packets;
         }
         Ok(sum)
     }
@@ -190,26 +189,15 @@ impl Running {
     }
 
     /// Sessions at balancer `lb` as (client, backend, idle ms).
-    fn sessions(&self, lb: usize) -> anyhow::Result<Vec<(serde_json::Value, Option<usize>, u64)>> {
-        let status = self.topo.status(&self.topo.lb_pins[lb])?;
-        Ok(status["balance"]["sessions"]
-            .as_array()
-            .map(|s| {
-                s.iter()
-                    .map(|s| {
-                        let backend = s["backend"].as_u64().and_then(|b| usize::try_from(b).ok());
-                        (s["client"].clone(), backend, s["idle_ms"].as_u64().unwrap_or(u64::MAX))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+    fn sessions(&self, lb: usize) -> anyhow::Result<Vec<(SocketAddrV4, Option<usize>, u64)>> {
+        Ok(self.topo.lb_status(lb)?.sessions.into_iter().map(|s| (s.client, usize::try_from(s.backend).ok(), s.idle_ms)).collect())
     }
 
     /// One download with `failure` injected at 50%, then the killed part brought back.
     fn run(&mut self, failure: Failure, run: usize) -> anyhow::Result<Outcome> {
         let before = self.delivered()?;
         let active = self.active_lb()?;
-        let clients_before: Vec<serde_json::Value> = self.sessions(active)?.into_iter().map(|s| s.0).collect();
+        let clients_before: Vec<SocketAddrV4> = self.sessions(active)?.into_iter().map(|s| s.0).collect();
         let local = self.local(&format!("failover-{}-{run}", failure.key()));
         let download = self.download(&local)?;
         let growth = Growth::watch(local.clone());

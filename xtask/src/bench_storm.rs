@@ -52,6 +52,7 @@ use netns_tests::{
     topology::{LbTopology, backend_addr},
 };
 use serde_json::json;
+use xdp_lb_common::BalanceCounter;
 
 use super::Report;
 use crate::bench_backend::{Dirs, Kind, wait_ready};
@@ -759,11 +760,8 @@ fn rate_limited(cluster: &Cluster) -> u64 {
         .topo
         .lb_pins
         .iter()
-        .filter_map(|pins| cluster.topo.status(pins).ok())
-        .filter_map(|status| {
-            let counters = status["balance"]["counters"].as_array()?.clone();
-            counters.iter().find(|c| c["name"] == "drop_rate_limited")?["packets"].as_u64()
-        })
+        .filter_map(|pins| netns_tests::topology::balance_at(pins).ok())
+        .map(|status| status.counter(BalanceCounter::DropRateLimited).packets)
         .sum()
 }
 

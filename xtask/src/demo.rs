@@ -28,8 +28,10 @@ use netns_tests::{
     clients::{Client, first_answers},
     files::make_file,
     pair_topology::{PairTopology, VIP, backend_addr, client_addr, lb_addr},
+    topology::status_in,
 };
 use serde_json::{Value, json};
+use xdp_lb_common::BalanceCounter;
 
 const MIB: u64 = 1024 * 1024;
 const BACKENDS: usize = 3;
@@ -349,15 +351,12 @@ impl Running {
         let running = Self { backends, lbs, switch, killed: Vec::new(), topo };
         for lb in 0..2 {
             running.wait(&format!("{BACKENDS} live backends at LB {}", lb_addr(lb)), || {
-                let status = status(running.topo.lb_pins[lb].path()).ok()?;
-                let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-                (live >= BACKENDS).then_some(())
+                (running.topo.lb_status(lb).ok()?.live_backends() >= BACKENDS).then_some(())
             })?;
         }
         running.wait("the switch to reach both LBs", || {
-            let status = status(running.topo.switch_pins.path()).ok()?;
-            let lbs = status["switch"]["lbs"].as_array()?;
-            (lbs.len() == 2 && lbs.iter().all(|lb| lb["reachable"] == true)).then_some(())
+            let lbs = running.topo.switch_status().ok()?.lbs;
+            (lbs.len() == 2 && lbs.iter().all(|lb| lb.reachable)).then_some(())
         })?;
         Ok(running)
     }
@@ -406,51 +405,30 @@ impl Running {
     /// which outlive a killed agent.
     fn delivered(&self) -> (u64, u64) {
         let mut total = (0, 0);
-        for pins in &self.topo.lb_pins {
-            let Ok(status) = status(pins.path()) else { continue };
-            for counter in status["balance"]["counters"].as_array().into_iter().flatten() {
-                if counter["name"] == "to_client" || counter["name"] == "relearned" {
-                    total.0 += counter["packets"].as_u64().unwrap_or(0);
-                    total.1 += counter["bytes"].as_u64().unwrap_or(0);
-                }
+        for lb in 0..2 {
+            let Ok(status) = self.topo.lb_status(lb) else { continue };
+            for counter in [BalanceCounter::ToClient, BalanceCounter::Relearned].map(|c| status.counter(c)) {
+                total.0 += counter.packets;
+                total.1 += counter.bytes;
             }
         }
         total
     }
 }
 
-/// `xdp-lb --pin-root <pins> status --json`.
-fn status(pins: &Path) -> anyhow::Result<Value> {
-    let output = std::process::Command::new(netns_tests::binary("xdp-lb"))
-        .arg("--pin-root")
-        .arg(pins)
-        .args(["status", "--json"])
-        .output()?;
-    if !output.status.success() {
-        bail!("xdp-lb status: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(serde_json::from_slice(&output.stdout)?)
-}
-
 /// The balancer the switch calls active, from the switch's pins.
 fn active_lb(switch_pins: &Path) -> Option<usize> {
-    let status = status(switch_pins).ok()?;
-    status["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active")
+    status_in(switch_pins).ok()?.switch?.active()
 }
 
 /// The backend serving client 0, from the active balancer's table (else the other one's).
 fn serving_backend(lb_pins: &[PathBuf; 2], active: usize) -> Option<usize> {
-    let prefix = format!("{}:", client_addr(0));
+    let client = client_addr(0);
     [active, 1 - active].into_iter().find_map(|lb| {
-        let status = status(&lb_pins[lb]).ok()?;
+        let sessions = status_in(&lb_pins[lb]).ok()?.balance?.sessions;
         // Its most recently active session that has data going (not a warm-up request).
-        let session = status["balance"]["sessions"]
-            .as_array()?
-            .iter()
-            .filter(|s| s["client"].as_str().is_some_and(|c| c.starts_with(&prefix)) && s["block"].as_u64() > Some(0))
-            .min_by_key(|s| s["idle_ms"].as_u64().unwrap_or(u64::MAX))?
-            .clone();
-        usize::try_from(session["backend"].as_u64()?).ok()
+        let session = sessions.iter().filter(|s| s.client.ip().to_string() == client && s.block > 0).min_by_key(|s| s.idle_ms)?;
+        usize::try_from(session.backend).ok()
     })
 }
 
@@ -525,7 +503,7 @@ fn watch_swap(switch_pins: &PinDir, killed: usize) -> mpsc::Receiver<(Instant, u
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
-            let active = status(&pins).ok().and_then(|s| s["switch"]["lbs"].as_array()?.iter().position(|lb| lb["role"] == "active"));
+            let active = active_lb(&pins);
             if let Some(active) = active.filter(|&a| a != killed) {
                 let _ = tx.send((Instant::now(), active));
                 return;
@@ -839,9 +817,7 @@ fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
         answers?.with_context(|| format!("warm-up of {file}"))?;
     }
     running.wait("every backend live after the warm-up", || {
-        let status = status(running.topo.lb_pins[0].path()).ok()?;
-        let live = status["balance"]["backends"].as_array()?.iter().filter(|b| b["state"] == "live").count();
-        (live == BACKENDS).then_some(())
+        (running.topo.lb_status(0).ok()?.live_backends() == BACKENDS).then_some(())
     })?;
     // A backend that was busy hashing when its request moved elsewhere still answers it (the
     // balancer relearns the session from that answer) until it gives up: wait for those to end
@@ -849,7 +825,7 @@ fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(12);
     while Instant::now() < deadline {
         check_interrupted()?;
-        let sessions = status(running.topo.lb_pins[0].path()).ok().and_then(|s| s["balance"]["sessions"].as_array().map(Vec::len));
+        let sessions = running.topo.lb_status(0).ok().map(|s| s.sessions.len());
         if sessions == Some(0) {
             return Ok(());
         }
