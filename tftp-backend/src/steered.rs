@@ -1,9 +1,10 @@
 //! Steered mode: one UDP socket receives packets from load balancers, each a steering header
 //! followed by a TFTP packet. Sessions are keyed by the client key in the header, and are only
 //! a cache: an ACK for a session this backend never saw is served from the header alone.
-//! One event loop, one timer queue, buffers reused for every packet. DATA leaves a batch at a
-//! time: one file read and one sendmmsg(2) for up to a window, or with `--segment-offload` one
-//! UDP_SEGMENT send (`batch.rs`).
+//! One event loop, one timer queue, buffers reused for every packet. DATA leaves a window at a
+//! time through the sender both modes share (`window.rs`), each block after its steering
+//! header: one file read and one sendmmsg(2) for up to a window, or with `--segment-offload`
+//! one UDP_SEGMENT send (`batch.rs`).
 //!
 //! Every datagram with a valid steering header gets at least one answer, because the LB's
 //! watchdog counts unanswered packets: DATA, OACK, ACK, ERROR, a header-only `FINISHED` when
@@ -11,7 +12,7 @@
 //! duplicate or stale ACK, a repeated request, a request waiting for its file's digest). So a
 //! client that repeats itself, however fast, never makes a live backend look dead.
 
-use std::{collections::HashMap, fs::File, net::SocketAddr, os::fd::AsFd as _, time::Instant};
+use std::{collections::HashMap, fs::File, io, net::SocketAddr, os::fd::AsFd as _, time::Instant};
 
 use anyhow::Context as _;
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
@@ -31,6 +32,7 @@ use crate::{
     service::{self, Config, Context},
     timer::TimerQueue,
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
+    window::{Link, WindowSender},
     wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
@@ -70,11 +72,8 @@ pub struct Steered {
     sessions: HashMap<Key, Session>,
     timers: TimerQueue<Key>,
     out: Vec<u8>,
-    /// DATA of a batch of blocks, back to back (one file read).
-    blocks: Vec<u8>,
-    /// The steering and TFTP headers of a batch, one per datagram.
-    headers: Vec<[u8; HEADER + 4]>,
-    sender: SendBatch,
+    /// Every session's windows: one buffer read as each batch is sent.
+    window: WindowSender<SteeringHeader>,
     /// `--segment-offload`: windows may leave as UDP_SEGMENT super-packets (see `send_blocks`).
     segment_offload: bool,
     /// Datagrams waiting for a digest being computed off the loop, by file.
@@ -90,6 +89,31 @@ pub struct Steered {
     allowed: AllowedBalancers,
 }
 
+/// DATA goes to the balancer that sent the session's latest packet, on the one steering
+/// socket. A datagram the kernel refuses is skipped, as a failed `send_to` would be: the
+/// transfer's retransmission repairs it.
+struct ToBalancer<'s> {
+    socket: &'s UdpSocket,
+    lb: SocketAddr,
+}
+
+impl Link for ToBalancer<'_> {
+    fn try_send<'a>(&self, batch: &mut SendBatch, _segment: usize, datagrams: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> io::Result<usize> {
+        // `send_to` takes the segment size from the first datagram. Through `try_io`, so that a
+        // full buffer clears the socket's readiness and `ready` waits for the kernel.
+        self.socket.try_io(Interest::WRITABLE, || batch.send_to(self.socket.as_fd(), self.lb, datagrams))
+    }
+
+    async fn ready(&self) -> io::Result<()> {
+        self.socket.writable().await
+    }
+
+    fn failed(&self, error: io::Error) -> io::Result<()> {
+        debug!(%error, "send failed");
+        Ok(())
+    }
+}
+
 impl Steered {
     /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`);
     /// `allowed`: who may send steering datagrams (`--lb`).
@@ -103,9 +127,7 @@ impl Steered {
             sessions: HashMap::new(),
             timers: TimerQueue::new(),
             out: vec![0; HEADER + MAX_PACKET],
-            blocks: vec![0; BATCH_BYTES.max(MAX_PACKET)],
-            headers: vec![[0; HEADER + 4]; BATCH_BLOCKS],
-            sender: SendBatch::new(BATCH_BLOCKS),
+            window: WindowSender::shared(BATCH_BYTES.max(MAX_PACKET), BATCH_BLOCKS),
             segment_offload,
             waiting: HashMap::new(),
             digested: mpsc::unbounded_channel(),
@@ -421,7 +443,7 @@ impl Steered {
             Next::Send(blocks) => {
                 let (mut first, last) = blocks.into_inner();
                 if first == 0 {
-                    if !self.send_block(key, 0).await {
+                    if !self.send_oack(key).await {
                         return;
                     }
                     first = 1;
@@ -443,31 +465,16 @@ impl Steered {
         }
     }
 
-    /// Sends block `n` (0: the OACK) of a read; false if the session is gone.
-    async fn send_block(&mut self, key: Key, n: u32) -> bool {
+    /// Sends the OACK of a read (its block 0); false if the session is gone.
+    async fn send_oack(&mut self, key: Key) -> bool {
         let Some(session) = self.sessions.get(&key) else { return false };
         let Kind::Read(transfer) = &session.kind else { return false };
         let mut header = session.header;
         header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
-        header.set_block(n);
+        header.set_block(0);
         header.rtt = transfer.rtt().to_wire();
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
-        let end = if n == 0 {
-            let options = session_oack(session);
-            service::emit_at(&Repr::Oack { options }, &mut self.out, HEADER)
-        } else {
-            match service::emit_data(transfer, n, &mut self.out, HEADER) {
-                Ok(end) => end,
-                Err(error) => {
-                    warn!(%error, "read failed");
-                    let session = self.forget(key);
-                    if let Some(s) = session {
-                        self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
-                    }
-                    return false;
-                }
-            }
-        };
+        let end = service::emit_at(&Repr::Oack { options: session_oack(session) }, &mut self.out, HEADER);
         let lb = session.lb;
         self.replies += 1;
         if let Err(error) = self.socket.send_to(&self.out[..end], lb).await {
@@ -481,58 +488,24 @@ impl Steered {
     async fn send_blocks(&mut self, key: Key, first: u32, last: u32) -> bool {
         let Some(session) = self.sessions.get(&key) else { return false };
         let Kind::Read(transfer) = &session.kind else { return false };
-        let blksize = usize::from(transfer.blksize);
-        let per_batch = u32::try_from((self.blocks.len() / blksize).clamp(1, BATCH_BLOCKS)).unwrap_or(1);
-        let (mut header, lb) = (session.header, session.lb);
-        header.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
+        let mut prefix = session.header;
+        prefix.flags = FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT;
         // The balancer keeps it with the session: a backend that takes the transfer over
         // starts from this estimate, not from the 1 s timeout.
-        header.rtt = transfer.rtt().to_wire();
+        prefix.rtt = transfer.rtt().to_wire();
         // One super-packet per window saves CPU per block, but the window's first block leaves
         // only once all are built and cut: a lone transfer, bound by its round trip rather than
-        // by CPU, lost ~15% of its goodput that way (0.84 of direct through the LB against
-        // 0.98, six runs each). So only while other transfers share this backend.
-        self.sender.segment_send_to(self.segment_offload && self.sessions.len() > 1);
+        // by CPU, loses goodput that way (ARCHITECTURE.md, "Segmentation offload toward the
+        // balancer"). So only while other transfers share this backend.
+        self.window.segment_send_to(self.segment_offload && self.sessions.len() > 1);
         self.replies += 1;
-        let mut n = first;
-        while n <= last {
-            let count = (last - n + 1).min(per_batch);
-            let read = match transfer.read_blocks(n, count, &mut self.blocks) {
-                Ok(read) => read,
-                Err(error) => {
-                    warn!(%error, "read failed");
-                    if let Some(s) = self.forget(key) {
-                        self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
-                    }
-                    return false;
-                }
-            };
-            for (slot, block) in self.headers.iter_mut().zip(n..n + count) {
-                header.set_block(block);
-                slot[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
-                slot[HEADER..HEADER + 2].copy_from_slice(&3u16.to_be_bytes());
-                slot[HEADER + 2..].copy_from_slice(&((block & 0xffff) as u16).to_be_bytes());
+        let link = ToBalancer { socket: &self.socket, lb: session.lb };
+        if let Err(error) = self.window.send(&link, transfer, &prefix, first, last).await {
+            warn!(%error, "read failed");
+            if let Some(s) = self.forget(key) {
+                self.refuse(key, &s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
             }
-            let (headers, blocks) = (&self.headers, &self.blocks);
-            let packet = |i: usize| {
-                let at = i * blksize;
-                (&headers[i][..], &blocks[at..at + read.saturating_sub(at).min(blksize)])
-            };
-            // The kernel may take fewer than all (a full send buffer): send the rest again. A
-            // datagram it refuses is skipped, as a failed send_to was.
-            let mut sent = 0;
-            while sent < count as usize {
-                let packets = (sent..count as usize).map(packet);
-                let (socket, sender) = (&self.socket, &mut self.sender);
-                match socket.async_io(Interest::WRITABLE, || sender.send_to(socket.as_fd(), lb, packets.clone())).await {
-                    Ok(taken) => sent += taken,
-                    Err(error) => {
-                        debug!(%error, "send failed");
-                        sent += 1;
-                    }
-                }
-            }
-            n += count;
+            return false;
         }
         true
     }
