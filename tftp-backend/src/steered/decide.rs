@@ -141,7 +141,7 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
         Err(error) => return Action::Malformed(error),
     };
     // A new request replaces the key's session, which then no longer counts.
-    let busy = || seen.transfers - usize::from(seen.session.is_some()) >= config.max_transfers;
+    let busy = || seen.transfers.saturating_sub(usize::from(seen.session.is_some())) >= config.max_transfers;
     match request {
         Repr::Rrq { filename, .. } if repeats(seen, filename) => Action::RepeatedRequest { filename },
         Repr::Rrq { .. } | Repr::Wrq { .. } if busy() => Action::Busy,
@@ -160,9 +160,7 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
 /// Whether an RRQ for `filename` repeats the request of the key's read, which has not
 /// progressed past its first answer.
 fn repeats(seen: &Seen, filename: &str) -> bool {
-    let Some(Known::Read { acked, path_hash: hash }) = seen.session else {
-        return false;
-    };
+    let Some(Known::Read { acked, path_hash: hash }) = seen.session else { return false };
     acked == 0 && Root::relative(filename).is_ok_and(|relative| path_hash(&relative) == hash)
 }
 

@@ -35,12 +35,8 @@ impl Digests {
     /// Sets `datagram` aside if it needs the digest of a file that is not cached, and has the
     /// digest computed (once per file however many wait); returns whether it was set aside.
     pub fn defer(&mut self, root: &mut Root, sessions: &Sessions, datagram: &[u8], from: SocketAddr) -> bool {
-        let Some(file) = file_to_digest(root, sessions, datagram) else {
-            return false;
-        };
-        let Ok(id) = files::file_id(&file) else {
-            return false;
-        };
+        let Some(file) = file_to_digest(root, sessions, datagram) else { return false };
+        let Ok(id) = files::file_id(&file) else { return false };
         let waiting = self.waiting.entry(id).or_default();
         waiting.push((datagram.to_vec(), from));
         if waiting.len() == 1 {
@@ -59,9 +55,7 @@ impl Digests {
     /// The datagrams whose file was hashed since, once one was (never while none waits).
     pub async fn ready(&mut self) -> Vec<Deferred> {
         // Never closed: `self` holds a sender.
-        let Some(id) = self.done.1.recv().await else {
-            return std::future::pending().await;
-        };
+        let Some(id) = self.done.1.recv().await else { return std::future::pending().await };
         self.waiting.remove(&id).unwrap_or_default()
     }
 }

@@ -290,9 +290,7 @@ impl Steered {
 
     /// An ACK of a download served here, now from `from`.
     async fn ack(&mut self, key: SessionKey, plan: AckPlan, from: SocketAddr) {
-        let Some(Session { kind: Kind::Read(transfer), lb, .. }) = self.sessions.get_mut(key) else {
-            return;
-        };
+        let Some(Session { kind: Kind::Read(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
         let block = plan.block(transfer);
         let next = transfer.on_ack(block, plan.nudge, Instant::now());
@@ -301,9 +299,7 @@ impl Steered {
     }
 
     async fn data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
-        let Some(Session { kind: Kind::Write(transfer), lb, .. }) = self.sessions.get_mut(key) else {
-            return;
-        };
+        let Some(Session { kind: Kind::Write(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
         match transfer.on_data(block, data, Instant::now()) {
             WriteNext::Ack(n) => {
@@ -353,12 +349,8 @@ impl Steered {
 
     /// Sends the OACK of a read (its block 0); false if the session is gone.
     async fn send_oack(&mut self, key: SessionKey) -> bool {
-        let Some(session) = self.sessions.get(key) else {
-            return false;
-        };
-        let Kind::Read(transfer) = &session.kind else {
-            return false;
-        };
+        let Some(session) = self.sessions.get(key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
         let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
         header.set_block(0);
         header.rtt = transfer.rtt().to_wire();
@@ -375,12 +367,8 @@ impl Steered {
     /// Sends DATA blocks `first..=last` of a read, a batch per file read and per system call;
     /// false if the session is gone (or its file failed, which ends it).
     async fn send_blocks(&mut self, key: SessionKey, first: u32, last: u32) -> bool {
-        let Some(session) = self.sessions.get(key) else {
-            return false;
-        };
-        let Kind::Read(transfer) = &session.kind else {
-            return false;
-        };
+        let Some(session) = self.sessions.get(key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
         let mut prefix = reply(&session.header, FLAG_HAS_CONTEXT);
         // The balancer keeps it with the session: a backend that takes the transfer over
         // starts from this estimate, not from the 1 s timeout.
@@ -405,9 +393,7 @@ impl Steered {
     async fn expire(&mut self) {
         let now = Instant::now();
         while let Some(key) = self.timers.pop_expired(now) {
-            let Some(session) = self.sessions.get_mut(key) else {
-                continue;
-            };
+            let Some(session) = self.sessions.get_mut(key) else { continue };
             if let Err(later) = self.budget.allow(now) {
                 // Over the budget: the retransmission waits, and is not counted as a retry.
                 self.timers.schedule(key, now + later);
@@ -457,9 +443,7 @@ impl Steered {
 
     /// Sends a TFTP message of a session, with its header.
     async fn send_tftp(&mut self, key: SessionKey, repr: &Repr<'_>, block: u32) {
-        let Some(session) = self.sessions.get(key) else {
-            return;
-        };
+        let Some(session) = self.sessions.get(key) else { return };
         let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
         header.set_block(block);
         let lb = session.lb;
