@@ -17,6 +17,7 @@ mod steered;
 mod tid;
 mod timer;
 mod transfer;
+mod window;
 
 // Wire format and negotiation live in the library (fuzzed there); `crate::wire` and
 // `crate::options` keep working for the binary's modules through this import.

@@ -192,16 +192,6 @@ pub fn emit_at(repr: &Repr<'_>, out: &mut [u8], at: usize) -> usize {
     out.get_mut(at..).and_then(|rest| repr.emit(rest)).map_or(0, |n| at + n)
 }
 
-/// Writes a DATA packet for block `n` of `transfer` at `out[at..]`, reading the file straight
-/// into place; returns the end offset.
-pub fn emit_data(transfer: &ReadTransfer, n: u32, out: &mut [u8], at: usize) -> std::io::Result<usize> {
-    let block = (n & 0xffff) as u16;
-    out[at..at + 2].copy_from_slice(&3u16.to_be_bytes());
-    out[at + 2..at + 4].copy_from_slice(&block.to_be_bytes());
-    let len = transfer.read_block(n, &mut out[at + 4..])?;
-    Ok(at + 4 + len)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -16,13 +16,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     alarm::Alarm,
-    batch::SendBatch,
     files::{Refusal, Root},
     rto::Budget,
     service::{self, Config},
     tid::TransferSocket,
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
-    wire::{ErrorCode, MAX_PACKET, Packet, Repr},
+    window::WindowSender,
+    wire::{DATA_HEADER_LEN, ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
 /// Buffer for everything but DATA: RFC 1350's classic packet size.
@@ -74,7 +74,7 @@ impl Drop for Active {
 }
 
 /// IPv4 and UDP headers and the TFTP DATA header: what a block adds on the wire.
-const DATA_OVERHEAD: usize = 20 + 8 + 4;
+const DATA_OVERHEAD: usize = 20 + 8 + DATA_HEADER_LEN;
 
 /// The limits with the block size lowered to what fits the path MTU toward the client (RFC
 /// 2348: a block must not make the datagram fragment), when the kernel knows it.
@@ -170,7 +170,9 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
     // The client only sends ACKs and ERRORs (a repeated request reaches the service port); a
     // longer ERROR is cut, fails to parse, and the retry limit ends the transfer.
     let mut buf = vec![0u8; SMALL_PACKET];
-    let mut window = Window::new(&transfer);
+    // Its buffer holds `BATCH_BYTES` whatever the window, so a lock-step transfer reads once per
+    // ~20 blocks, not per block, and serves a retransmission from memory.
+    let mut window = WindowSender::for_transfer(&transfer, BATCH_BYTES);
     let mut alarm = Alarm::new().context("creating a timer")?;
     let mut next = transfer.start(Instant::now());
     loop {
@@ -183,7 +185,7 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
                     first = 1;
                 }
                 if first <= last {
-                    window.send(socket, &transfer, first, last).await?;
+                    window.send(socket, &transfer, &(), first, last).await?;
                 }
             }
             Next::Finished => return Ok(()),
@@ -211,79 +213,8 @@ async fn read(socket: &TransferSocket, mut transfer: ReadTransfer, oack: crate::
     }
 }
 
-/// DATA of a read, several blocks per file read and per system call: blocks are read back to
-/// back into `buf`, their headers written to `headers`, and one system call gathers each packet
-/// from its header and its block (a UDP_SEGMENT sendmsg, else sendmmsg: `batch`). A window of
-/// 16 costs one read and one send instead of 16 of each, and nothing is copied. A file read
-/// fills `buf` (`BATCH_BYTES`) whatever the window, so a lock-step transfer reads once per ~20
-/// blocks, not per block, and serves a retransmission from memory; all of it is allocated with
-/// the transfer.
-struct Window {
-    buf: Vec<u8>,
-    /// Which blocks `buf` holds: the first, and the bytes read from it on.
-    held: Option<(u32, usize)>,
-    headers: Vec<[u8; 4]>,
-    sender: SendBatch,
-    blksize: usize,
-    /// Blocks per system call: at most a window.
-    batch: u32,
-}
-
 /// Largest DATA batch a transfer holds (for a window of 16 blocks of 1468 bytes: all of it).
 const BATCH_BYTES: usize = 32 << 10;
-
-impl Window {
-    fn new(transfer: &ReadTransfer) -> Self {
-        let blksize = usize::from(transfer.blksize);
-        let held = (BATCH_BYTES / blksize).max(1);
-        let batch = u32::try_from(held).unwrap_or(u32::MAX).min(u32::from(transfer.windowsize));
-        let blocks = batch as usize;
-        Self { buf: vec![0u8; blksize * held], held: None, headers: vec![[0u8; 4]; blocks], sender: SendBatch::new(blocks), blksize, batch }
-    }
-
-    /// Where blocks `first..first + count` start in `buf`, reading from the file at `first`
-    /// when `buf` does not hold them all; and how many bytes from there are the file's.
-    fn hold(&mut self, transfer: &ReadTransfer, first: u32, count: u32) -> std::io::Result<(usize, usize)> {
-        let blocks_held = u32::try_from(self.buf.len() / self.blksize).unwrap_or(u32::MAX);
-        if let Some((start, read)) = self.held {
-            // A read short of `buf` met the file's end: the blocks after it are empty, held too.
-            if first >= start && first.saturating_add(count) <= start.saturating_add(blocks_held) {
-                let at = (first - start) as usize * self.blksize;
-                return Ok((at, read.saturating_sub(at)));
-            }
-        }
-        let read = transfer.read_blocks(first, blocks_held, &mut self.buf)?;
-        self.held = Some((first, read));
-        Ok((0, read))
-    }
-
-    /// Sends blocks `first..=last`.
-    async fn send(&mut self, socket: &TransferSocket, transfer: &ReadTransfer, first: u32, last: u32) -> anyhow::Result<()> {
-        let mut n = first;
-        while n <= last {
-            let count = (last - n + 1).min(self.batch);
-            let (at, read) = self.hold(transfer, n, count)?;
-            for (header, block) in self.headers.iter_mut().zip(n..n + count) {
-                let block = (block & 0xffff) as u16;
-                header[..2].copy_from_slice(&3u16.to_be_bytes());
-                header[2..].copy_from_slice(&block.to_be_bytes());
-            }
-            let (buf, blksize) = (&self.buf[at..], self.blksize);
-            let packet = |i: usize| {
-                let at = i * blksize;
-                (&self.headers[i][..], &buf[at..at + read.saturating_sub(at).min(blksize)])
-            };
-            // The kernel may take fewer than all (a full send buffer): send the rest again.
-            let mut sent = 0;
-            while sent < count as usize {
-                let packets = (sent..count as usize).map(packet);
-                sent += socket.send_with(|fd| self.sender.send(fd, 4 + blksize, packets.clone())).await?;
-            }
-            n += count;
-        }
-        Ok(())
-    }
-}
 
 async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTransfer, first: &Repr<'_>, budget: &SharedBudget) -> anyhow::Result<()> {
     // One byte more than a full DATA packet, so an oversized one is seen as such, not cut.
@@ -332,59 +263,4 @@ async fn send_error(socket: &TransferSocket, out: &mut [u8], refusal: &Refusal) 
     let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, out, 0);
     socket.send(&out[..end]).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{BATCH_BYTES, Window};
-    use crate::transfer::{ReadTransfer, Source};
-
-    /// 100 blocks of 1000 bytes, the block size a transfer of it negotiated.
-    fn transfer(windowsize: u16) -> (Vec<u8>, ReadTransfer) {
-        let data: Vec<u8> = (0..100_000u32).map(|i| u8::try_from(i % 251).unwrap()).collect();
-        let transfer = ReadTransfer::new(Source::Memory(data.clone()), 1000, windowsize, false, crate::rto::Pace { floor: std::time::Duration::from_millis(2), timeout: std::time::Duration::from_secs(1), negotiated: false }).unwrap();
-        (data, transfer)
-    }
-
-    /// The bytes of block `n` (1-based) that `hold` pointed at.
-    fn block(window: &Window, (at, read): (usize, usize)) -> &[u8] {
-        &window.buf[at..at + read.min(window.blksize)]
-    }
-
-    #[test]
-    fn a_lock_step_read_holds_the_blocks_ahead_and_reads_again_only_past_them() {
-        let (data, t) = transfer(1);
-        let mut window = Window::new(&t);
-        let ahead = BATCH_BYTES / 1000;
-        assert_eq!(window.batch, 1, "lock-step: one block per send");
-        let first = window.hold(&t, 1, 1).unwrap();
-        assert_eq!(block(&window, first), &data[..1000]);
-        assert_eq!(window.held.map(|(start, _)| start), Some(1));
-        for n in [2, 17, u32::try_from(ahead).unwrap(), 1] {
-            let at = window.hold(&t, n, 1).unwrap();
-            let from = (n as usize - 1) * 1000;
-            assert_eq!(block(&window, at), &data[from..from + 1000], "block {n}");
-            assert_eq!(window.held.map(|(start, _)| start), Some(1), "block {n} came from memory");
-        }
-        let past = u32::try_from(ahead + 1).unwrap();
-        let at = window.hold(&t, past, 1).unwrap();
-        assert_eq!(block(&window, at), &data[ahead * 1000..(ahead + 1) * 1000]);
-        assert_eq!(window.held.map(|(start, _)| start), Some(past), "read again from the block asked for");
-    }
-
-    #[test]
-    fn the_end_of_the_file_is_held_with_its_empty_last_block() {
-        let (data, t) = transfer(16);
-        let mut window = Window::new(&t);
-        // Blocks 91..=100 and the empty block 101 that ends a file of whole blocks.
-        let at = window.hold(&t, 91, 11).unwrap();
-        assert_eq!(at, (0, 10_000));
-        assert_eq!(&window.buf[..10_000], &data[90_000..]);
-        let last = window.hold(&t, 101, 1).unwrap();
-        assert_eq!((last.1, window.held.map(|(start, _)| start)), (0, Some(91)), "empty, and from memory");
-        // A window starting before what is held reads again.
-        let at = window.hold(&t, 90, 2).unwrap();
-        assert_eq!(block(&window, at), &data[89_000..90_000]);
-        assert_eq!(window.held.map(|(start, _)| start), Some(90));
-    }
 }

@@ -16,6 +16,8 @@ use std::{
 
 use tokio::io::{Interest, unix::AsyncFd};
 
+use crate::{batch::SendBatch, window::Link};
+
 /// How long a send waits before trying a full send buffer again.
 const FULL_BUFFER_RETRY: Duration = Duration::from_millis(1);
 
@@ -77,6 +79,23 @@ impl TransferSocket {
                 done => return done,
             }
         }
+    }
+}
+
+/// A transfer's DATA goes to its client on its own socket; a send buffer found full is tried
+/// again shortly, and any other failure ends the transfer.
+impl Link for TransferSocket {
+    fn try_send<'a>(&self, batch: &mut SendBatch, segment: usize, datagrams: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> io::Result<usize> {
+        batch.send(self.io.as_fd(), segment, datagrams)
+    }
+
+    async fn ready(&self) -> io::Result<()> {
+        tokio::time::sleep(FULL_BUFFER_RETRY).await;
+        Ok(())
+    }
+
+    fn failed(&self, error: io::Error) -> io::Result<()> {
+        Err(error)
     }
 }
 

@@ -403,18 +403,6 @@ impl ReadTransfer {
         Next::Send(first..=last)
     }
 
-    /// Reads block `n` (1-based) into `buf`; returns its length (short for the last block).
-    pub fn read_block(&self, n: u32, buf: &mut [u8]) -> std::io::Result<usize> {
-        let offset = u64::from(n.saturating_sub(1)) * u64::from(self.blksize);
-        let len = usize::try_from(u64::from(self.blksize).min(self.size.saturating_sub(offset))).unwrap_or(0);
-        let len = len.min(buf.len());
-        let got = self.source.read_at(&mut buf[..len], offset)?;
-        if got != len {
-            return Err(std::io::Error::other("file shrank during the transfer"));
-        }
-        Ok(len)
-    }
-
     /// Reads blocks `first..first + count` (1-based) back to back into `buf` with one read;
     /// returns the bytes read (fewer than `count * blksize` only at the end of the file).
     pub fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -815,7 +803,7 @@ mod tests {
         assert_eq!(t.on_ack(1, false, now()), Next::Send(2..=2));
         assert_eq!(t.on_ack(2, false, now()), Next::Send(3..=3));
         let mut buf = [0u8; 512];
-        assert_eq!(t.read_block(3, &mut buf).unwrap(), 0, "the terminating empty block");
+        assert_eq!(t.read_blocks(3, 1, &mut buf).unwrap(), 0, "the terminating empty block");
         assert_eq!(t.on_ack(3, false, now()), Next::Finished);
     }
 
@@ -945,10 +933,10 @@ mod tests {
         let mut t = ReadTransfer::resume(Source::Memory(data.clone()), 1000, 2, 3, PACE, RttEstimate::default()).unwrap();
         assert_eq!(t.on_ack(2, true, now()), Next::Send(3..=4), "nudge: resend after the ACK now");
         let mut buf = [0u8; 1000];
-        assert_eq!(t.read_block(4, &mut buf).unwrap(), 1000);
+        assert_eq!(t.read_blocks(4, 1, &mut buf).unwrap(), 1000);
         assert_eq!(&buf[..], &data[3000..4000]);
         assert_eq!(t.on_ack(4, false, now()), Next::Send(5..=6));
-        assert_eq!(t.read_block(6, &mut buf).unwrap(), 0);
+        assert_eq!(t.read_blocks(6, 1, &mut buf).unwrap(), 0);
     }
 
     #[test]

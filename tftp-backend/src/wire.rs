@@ -10,6 +10,11 @@ use core::fmt;
 /// Largest TFTP packet we build or accept: opcode, block and the largest RFC 2348 block.
 pub const MAX_PACKET: usize = 4 + 65_464;
 
+/// Opcode and block number: the bytes before a DATA packet's block, all that
+/// `Repr::Data { block, data: &[] }` emits (a sender that gathers each block from its own
+/// buffer writes only these).
+pub const DATA_HEADER_LEN: usize = 4;
+
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {

@@ -1,0 +1,413 @@
+//! What the steered backend does with a datagram, decided from its steering header, its TFTP
+//! packet and what the session table knows of its key, without sockets, files or clocks (as
+//! quinn-proto decides apart from quinn's I/O). The event loop (`mod.rs`) carries the
+//! [`Action`] out.
+
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE, expand_block},
+};
+
+use crate::{
+    files::{Refusal, Root, path_hash},
+    service::{Config, Context},
+    transfer::ReadTransfer,
+    wire::{self, ErrorCode, Mode, Options, Repr},
+};
+
+/// What the session table knows of a datagram's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// The key's session here, if any.
+    pub session: Option<Known>,
+    /// Whether a download of the key ended here lately with the client's last ACK.
+    pub completed: bool,
+    /// Transfers this backend holds, the key's included.
+    pub transfers: usize,
+}
+
+/// A session the table holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// A download: the highest block the client acknowledged and the file's path hash.
+    Read { acked: u32, path_hash: [u8; 8] },
+    /// An upload.
+    Write,
+}
+
+/// What to do with a datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action<'a> {
+    /// Not for this backend to answer (no magic, or a backend's own reply): dropped silently.
+    Drop(&'static str),
+    /// A balancer's heartbeat: echoed.
+    Echo,
+    /// The TFTP packet does not parse: refused as an illegal operation.
+    Malformed(wire::Error),
+    /// Refused with a TFTP ERROR, and the balancer told the transfer is over.
+    Refuse(Refusal),
+    /// A new request beyond `--max-transfers`: the key's old session is forgotten, the request
+    /// refused as busy.
+    Busy,
+    /// An RRQ repeating the request of a read from the same client that has not progressed
+    /// past its first answer (a second OACK from the same TID makes clients abort).
+    RepeatedRequest { filename: &'a str },
+    /// A new download, replacing any session of the key.
+    Read { filename: &'a str, mode: Mode, options: Options },
+    /// A new upload, replacing any session of the key.
+    Write { filename: &'a str, mode: Mode, options: Options },
+    /// An ACK of a download served here.
+    Ack(AckPlan),
+    /// An ACK of a download this backend never saw, with its context in the header: resumed
+    /// at the header's block, then the ACK is acted on.
+    Resume { context: Context, ack: AckPlan },
+    /// An ACK to an upload (the client mistakes its role): nothing to send, though the
+    /// session's balancer is the sender from now on.
+    AckToUpload,
+    /// An ACK for a download that ended here (a late final ACK, or a nudge after it): the
+    /// client has every block; the balancer is told the transfer is over.
+    AlreadyFinished,
+    /// A balancer that took over nudges every backend a session may concern: this one does
+    /// not serve it, and the client is not waiting on it.
+    NudgeElsewhere,
+    /// DATA of an upload served here.
+    Data { block: u16, data: &'a [u8] },
+    /// The client sent an ERROR: the session is forgotten, the balancer told it is over.
+    ClientAborted { code: ErrorCode, message: &'a str },
+}
+
+/// Which block an ACK of a download acknowledges, in the transfer's 32-bit count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckPlan {
+    pub block: AckBlock,
+    /// The balancer asks to resend what follows now (the session just moved here).
+    pub nudge: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckBlock {
+    /// A nudge from a balancer that lacks the context knows nothing of the blocks either:
+    /// this server's own state (the highest block acknowledged) says where to resend from.
+    OwnState,
+    /// The client's 16-bit ACK, widened against what was sent. `view`: the balancer's view of
+    /// what was sent, when the header has one; it bounds the widening after a move (a transfer
+    /// that moved away and back has a stale copy here, which catches up to it first).
+    Wire { block: u16, view: Option<u32> },
+}
+
+impl AckPlan {
+    fn of(header: &SteeringHeader, block: u16) -> Self {
+        let nudge = header.has_flag(FLAG_NUDGE);
+        let context = header.has_flag(FLAG_HAS_CONTEXT);
+        let block = if nudge && !context { AckBlock::OwnState } else { AckBlock::Wire { block, view: context.then(|| header.block()) } };
+        Self { block, nudge }
+    }
+
+    /// The acknowledged block in `transfer`'s count, after catching the transfer up to the
+    /// balancer's view.
+    pub fn block(&self, transfer: &mut ReadTransfer) -> u32 {
+        match self.block {
+            AckBlock::OwnState => transfer.acked(),
+            AckBlock::Wire { block, view } => {
+                if let Some(view) = view {
+                    transfer.catch_up(view);
+                }
+                expand_block(block, transfer.sent())
+            }
+        }
+    }
+}
+
+const UNEXPECTED_OACK: Refusal = Refusal { code: ErrorCode::IllegalOperation, message: "unexpected OACK" };
+const UNKNOWN_TRANSFER: Refusal = Refusal { code: ErrorCode::UnknownTransferId, message: "unknown transfer" };
+/// Beyond what this server would have negotiated: a forged or foreign header, not a transfer
+/// to resume (it could make this server send huge windows).
+const BEYOND_LIMITS: Refusal = Refusal { code: ErrorCode::OptionRefused, message: "options beyond this server's limits" };
+
+/// What to do with a datagram of steering header `header` and TFTP packet `request`, given
+/// what the table knows of its key (`seen`) and the server's limits (`config`).
+pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error>, seen: &Seen, config: &Config) -> Action<'a> {
+    if !header.has_magic() {
+        return Action::Drop("no steering magic");
+    }
+    if header.has_flag(FLAG_FROM_BACKEND) {
+        return Action::Drop("a backend's reply");
+    }
+    if header.has_flag(FLAG_HEARTBEAT) {
+        return Action::Echo;
+    }
+    let request = match request {
+        Ok(request) => request,
+        Err(error) => return Action::Malformed(error),
+    };
+    // A new request replaces the key's session, which then no longer counts.
+    let busy = || seen.transfers.saturating_sub(usize::from(seen.session.is_some())) >= config.max_transfers;
+    match request {
+        Repr::Rrq { filename, .. } if repeats(seen, filename) => Action::RepeatedRequest { filename },
+        Repr::Rrq { .. } | Repr::Wrq { .. } if busy() => Action::Busy,
+        Repr::Rrq { filename, mode, options } => Action::Read { filename, mode, options },
+        Repr::Wrq { filename, mode, options } => Action::Write { filename, mode, options },
+        Repr::Ack { block } => ack(header, block, seen, config),
+        Repr::Data { block, data } => match seen.session {
+            Some(Known::Write) => Action::Data { block, data },
+            _ => Action::Refuse(UNKNOWN_TRANSFER),
+        },
+        Repr::Error { code, message } => Action::ClientAborted { code, message },
+        Repr::Oack { .. } => Action::Refuse(UNEXPECTED_OACK),
+    }
+}
+
+/// Whether an RRQ for `filename` repeats the request of the key's read, which has not
+/// progressed past its first answer.
+fn repeats(seen: &Seen, filename: &str) -> bool {
+    let Some(Known::Read { acked, path_hash: hash }) = seen.session else { return false };
+    acked == 0 && Root::relative(filename).is_ok_and(|relative| path_hash(&relative) == hash)
+}
+
+fn ack(header: &SteeringHeader, block: u16, seen: &Seen, config: &Config) -> Action<'static> {
+    let plan = AckPlan::of(header, block);
+    match seen.session {
+        Some(Known::Read { .. }) => Action::Ack(plan),
+        Some(Known::Write) => Action::AckToUpload,
+        None if seen.completed => Action::AlreadyFinished,
+        // Never seen here, and nothing to continue from.
+        None if !header.has_flag(FLAG_HAS_CONTEXT) => {
+            if plan.nudge {
+                Action::NudgeElsewhere
+            } else {
+                Action::Refuse(UNKNOWN_TRANSFER)
+            }
+        }
+        // Never seen here: continue from the header (the transfer moved to this backend).
+        None => {
+            let context = Context::from_header(header);
+            let limits = config.limits;
+            if context.negotiated.blksize > limits.max_blksize || context.negotiated.windowsize > limits.max_windowsize {
+                return Action::Refuse(BEYOND_LIMITS);
+            }
+            Action::Resume { context, ack: plan }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use xdp_lb_common::{
+        SteeringHeader,
+        steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+    };
+
+    use super::{AckBlock, AckPlan, Action, BEYOND_LIMITS, Known, Seen, UNKNOWN_TRANSFER, decide};
+    use crate::{
+        files::{Refusal, path_hash},
+        options::Limits,
+        rto::{Pace, RttEstimate},
+        service::{Config, Context},
+        transfer::{ReadTransfer, Source},
+        wire::{self, ErrorCode, Mode, Options, Repr},
+    };
+
+    fn config(max_transfers: usize) -> Config {
+        Config {
+            limits: Limits { max_blksize: 1468, max_windowsize: 64 },
+            allow_upload: true,
+            allow_overwrite: false,
+            timeout: Duration::from_secs(1),
+            rto_min: Duration::from_millis(2),
+            retransmit_budget: 0,
+            upload: crate::transfer::UploadLimits::default(),
+            max_transfers,
+        }
+    }
+
+    /// A balancer's header for a session, with `flags`.
+    fn header(flags: u8) -> SteeringHeader {
+        let mut header = SteeringHeader::for_client([10, 9, 8, 7], 40_000, [10, 9, 8, 1], 69);
+        header.flags = flags;
+        header
+    }
+
+    /// A header that carries a download's context and the balancer's view of what was sent.
+    fn with_context(flags: u8, blksize: u16, windowsize: u16, sent: u32) -> SteeringHeader {
+        let mut header = header(flags | FLAG_HAS_CONTEXT);
+        let negotiated = crate::options::Negotiated { blksize, windowsize, timeout: None, oack: Options::default() };
+        Context { mode: Mode::Octet, negotiated, path_hash: path_hash("f.bin"), digest: [7; 16], size: 1 << 20 }.write_into(&mut header);
+        header.set_block(sent);
+        header
+    }
+
+    const NOTHING: Seen = Seen { session: None, completed: false, transfers: 0 };
+
+    fn reading(acked: u32, file: &str) -> Seen {
+        Seen { session: Some(Known::Read { acked, path_hash: path_hash(file) }), completed: false, transfers: 1 }
+    }
+
+    const WRITING: Seen = Seen { session: Some(Known::Write), completed: false, transfers: 1 };
+
+    #[expect(clippy::unnecessary_wraps, reason = "what `decide` takes: a parsed packet")]
+    fn rrq(filename: &str) -> Result<Repr<'_>, wire::Error> {
+        Ok(Repr::Rrq { filename, mode: Mode::Octet, options: Options::default() })
+    }
+
+    #[expect(clippy::unnecessary_wraps, reason = "what `decide` takes: a parsed packet")]
+    const fn ack(block: u16) -> Result<Repr<'static>, wire::Error> {
+        Ok(Repr::Ack { block })
+    }
+
+    #[test]
+    fn a_header_without_magic_or_from_a_backend_is_dropped() {
+        let mut foreign = header(0);
+        foreign.magic = [0; 4];
+        assert!(matches!(decide(&foreign, ack(1), &NOTHING, &config(10)), Action::Drop(_)));
+        assert!(matches!(decide(&header(FLAG_FROM_BACKEND), ack(1), &NOTHING, &config(10)), Action::Drop(_)));
+    }
+
+    #[test]
+    fn a_heartbeat_is_echoed_whatever_follows() {
+        assert_eq!(decide(&header(FLAG_HEARTBEAT), Err(wire::Error::Truncated), &NOTHING, &config(10)), Action::Echo);
+    }
+
+    #[test]
+    fn a_packet_that_does_not_parse_is_malformed() {
+        assert_eq!(decide(&header(0), Err(wire::Error::Truncated), &NOTHING, &config(10)), Action::Malformed(wire::Error::Truncated));
+    }
+
+    #[test]
+    fn a_request_for_an_unknown_key_starts_a_new_session() {
+        let expected = Action::Read { filename: "f.bin", mode: Mode::Octet, options: Options::default() };
+        assert_eq!(decide(&header(0), rrq("f.bin"), &NOTHING, &config(10)), expected);
+        let wrq = Ok(Repr::Wrq { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+        assert_eq!(decide(&header(0), wrq, &NOTHING, &config(10)), Action::Write { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+    }
+
+    #[test]
+    fn a_repeated_request_before_any_progress_is_a_duplicate() {
+        assert_eq!(decide(&header(0), rrq("f.bin"), &reading(0, "f.bin"), &config(10)), Action::RepeatedRequest { filename: "f.bin" });
+        // The same name spelled another way inside the root is the same file.
+        assert_eq!(decide(&header(0), rrq("./f.bin"), &reading(0, "f.bin"), &config(10)), Action::RepeatedRequest { filename: "./f.bin" });
+    }
+
+    #[test]
+    fn a_request_after_progress_or_for_another_file_starts_again() {
+        for seen in [reading(1, "f.bin"), reading(0, "g.bin"), WRITING] {
+            assert!(matches!(decide(&header(0), rrq("f.bin"), &seen, &config(10)), Action::Read { filename: "f.bin", .. }), "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_request_beyond_max_transfers_is_busy_unless_it_replaces_its_own() {
+        let full = Seen { transfers: 2, ..NOTHING };
+        assert_eq!(decide(&header(0), rrq("f.bin"), &full, &config(2)), Action::Busy);
+        let wrq = Ok(Repr::Wrq { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+        assert_eq!(decide(&header(0), wrq, &full, &config(2)), Action::Busy);
+        let own = Seen { transfers: 2, ..reading(5, "f.bin") };
+        assert!(matches!(decide(&header(0), rrq("f.bin"), &own, &config(2)), Action::Read { .. }));
+    }
+
+    #[test]
+    fn an_ack_of_a_read_here_is_widened_against_the_balancers_view() {
+        let plan = AckPlan { block: AckBlock::Wire { block: 9, view: Some(300) }, nudge: false };
+        assert_eq!(decide(&with_context(0, 512, 16, 300), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
+        let plan = AckPlan { block: AckBlock::Wire { block: 9, view: None }, nudge: false };
+        assert_eq!(decide(&header(0), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
+    }
+
+    #[test]
+    fn a_nudge_without_context_resends_from_this_servers_own_state() {
+        let plan = AckPlan { block: AckBlock::OwnState, nudge: true };
+        assert_eq!(decide(&header(FLAG_NUDGE), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
+        let plan = AckPlan { block: AckBlock::Wire { block: 9, view: Some(30) }, nudge: true };
+        assert_eq!(decide(&with_context(FLAG_NUDGE, 512, 16, 30), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
+    }
+
+    #[test]
+    fn an_ack_with_context_for_an_unknown_key_resumes_at_the_headers_offset() {
+        let header = with_context(0, 1468, 16, 4_000);
+        let Action::Resume { context, ack: plan } = decide(&header, ack(3_990), &NOTHING, &config(10)) else { panic!("not resumed") };
+        assert_eq!(context, Context::from_header(&header));
+        assert_eq!(plan, AckPlan { block: AckBlock::Wire { block: 3_990, view: Some(4_000) }, nudge: false });
+    }
+
+    #[test]
+    fn a_header_beyond_this_servers_limits_is_not_resumed() {
+        assert_eq!(decide(&with_context(0, 9000, 16, 10), ack(5), &NOTHING, &config(10)), Action::Refuse(BEYOND_LIMITS));
+        assert_eq!(decide(&with_context(0, 1468, 65, 10), ack(5), &NOTHING, &config(10)), Action::Refuse(BEYOND_LIMITS));
+    }
+
+    #[test]
+    fn a_transfer_moving_here_is_resumed_even_when_busy() {
+        let full = Seen { transfers: 2, ..NOTHING };
+        assert!(matches!(decide(&with_context(0, 1468, 16, 10), ack(5), &full, &config(2)), Action::Resume { .. }));
+    }
+
+    #[test]
+    fn an_unknown_session_without_context_is_refused_or_left_to_others() {
+        assert_eq!(decide(&header(0), ack(5), &NOTHING, &config(10)), Action::Refuse(UNKNOWN_TRANSFER));
+        assert_eq!(decide(&header(FLAG_NUDGE), ack(5), &NOTHING, &config(10)), Action::NudgeElsewhere);
+        let data = Ok(Repr::Data { block: 1, data: b"x" });
+        assert_eq!(decide(&header(0), data, &NOTHING, &config(10)), Action::Refuse(UNKNOWN_TRANSFER));
+        assert_eq!(decide(&header(0), data, &reading(0, "f.bin"), &config(10)), Action::Refuse(UNKNOWN_TRANSFER), "DATA to a download");
+    }
+
+    #[test]
+    fn the_final_ack_of_a_download_that_ended_here_finishes_it_again() {
+        let done = Seen { completed: true, ..NOTHING };
+        for header in [header(0), header(FLAG_NUDGE), with_context(0, 512, 16, 10)] {
+            assert_eq!(decide(&header, ack(10), &done, &config(10)), Action::AlreadyFinished);
+        }
+    }
+
+    #[test]
+    fn data_and_acks_of_an_upload() {
+        let data = Ok(Repr::Data { block: 1, data: b"x" });
+        assert_eq!(decide(&header(0), data, &WRITING, &config(10)), Action::Data { block: 1, data: b"x" });
+        assert_eq!(decide(&header(0), ack(1), &WRITING, &config(10)), Action::AckToUpload);
+    }
+
+    #[test]
+    fn a_client_error_aborts_and_an_oack_is_refused() {
+        let error = Ok(Repr::Error { code: ErrorCode::DiskFull, message: "full" });
+        assert_eq!(decide(&header(0), error, &reading(3, "f.bin"), &config(10)), Action::ClientAborted { code: ErrorCode::DiskFull, message: "full" });
+        let oack = Ok(Repr::Oack { options: Options::default() });
+        assert_eq!(decide(&header(0), oack, &NOTHING, &config(10)), Action::Refuse(Refusal { code: ErrorCode::IllegalOperation, message: "unexpected OACK" }));
+    }
+
+    /// A download of `blocks` blocks of 8 bytes, resumed as if `sent` went out.
+    fn download(blocks: u32, sent: u32) -> ReadTransfer {
+        let data = vec![1u8; blocks as usize * 8];
+        let pace = Pace { floor: Duration::from_millis(2), timeout: Duration::from_secs(1), negotiated: false };
+        ReadTransfer::resume(Source::Memory(data), 8, 16, sent, pace, RttEstimate::from_wire([0; 4])).unwrap()
+    }
+
+    #[test]
+    fn a_stale_ack_is_widened_below_what_was_sent() {
+        // Blocks up to 0x1_0004 went out; the client's ACK of 0xfffe is from before the rollover.
+        let mut transfer = download(0x2_0000, 0x1_0004);
+        let plan = AckPlan { block: AckBlock::Wire { block: 0xfffe, view: None }, nudge: false };
+        assert_eq!(plan.block(&mut transfer), 0xfffe);
+        let plan = AckPlan { block: AckBlock::Wire { block: 3, view: Some(0x1_0000) }, nudge: false };
+        assert_eq!(plan.block(&mut transfer), 0x1_0003, "a view behind this server's count changes nothing");
+    }
+
+    #[test]
+    fn an_ack_ahead_of_a_lagging_copy_is_widened_against_the_balancers_view() {
+        // This server's copy stopped at 0xfff0 (the transfer moved away and back); the balancer
+        // saw 0x1_0010 go out, and the client acknowledges 0x1_0008.
+        let mut transfer = download(0x2_0000, 0xfff0);
+        let plan = AckPlan { block: AckBlock::Wire { block: 0x0008, view: Some(0x1_0010) }, nudge: false };
+        assert_eq!(plan.block(&mut transfer), 0x1_0008);
+        assert_eq!(transfer.sent(), 0x1_0010, "caught up");
+        // Without the view, the stale count would have read it as block 8.
+        let mut stale = download(0x2_0000, 0xfff0);
+        let plan = AckPlan { block: AckBlock::Wire { block: 0x0008, view: None }, nudge: false };
+        assert_eq!(plan.block(&mut stale), 0x0008);
+    }
+
+    #[test]
+    fn a_nudge_from_own_state_resends_after_the_last_ack() {
+        let mut transfer = download(100, 40);
+        assert_eq!(AckPlan { block: AckBlock::OwnState, nudge: true }.block(&mut transfer), transfer.acked());
+    }
+}

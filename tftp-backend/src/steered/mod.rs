@@ -1,0 +1,489 @@
+//! Steered mode: one UDP socket receives packets from load balancers, each a steering header
+//! followed by a TFTP packet. Sessions are keyed by the client key in the header, and are only
+//! a cache: an ACK for a session this backend never saw is served from the header alone.
+//! One event loop (here), one timer queue, buffers reused for every packet. What a datagram
+//! asks for is decided apart from the I/O (`decide.rs`, over the table of `session.rs`);
+//! requests waiting for a file's digest are set aside (`digest.rs`). DATA leaves a window at a
+//! time through the sender both modes share (`window.rs`), each block after its steering
+//! header: one file read and one sendmmsg(2) for up to a window, or with `--segment-offload`
+//! one UDP_SEGMENT send (`batch.rs`).
+//!
+//! Every datagram with a valid steering header gets at least one answer, because the LB's
+//! watchdog counts unanswered packets: DATA, OACK, ACK, ERROR, a header-only `FINISHED` when
+//! the transfer is over, or a header-only `HEARD` when the datagram asks for nothing now (a
+//! duplicate or stale ACK, a repeated request, a request waiting for its file's digest). So a
+//! client that repeats itself, however fast, never makes a live backend look dead.
+
+mod decide;
+mod digest;
+mod frame;
+mod session;
+
+use std::{io, net::SocketAddr, os::fd::AsFd as _, time::Instant};
+
+use anyhow::Context as _;
+use tokio::{io::Interest, net::UdpSocket};
+use tracing::{debug, info, warn};
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT},
+};
+
+use self::{
+    decide::{AckPlan, Action, decide},
+    digest::Digests,
+    frame::{HEADER, reply, steering_header, tftp_packet},
+    session::{Kind, Session, SessionKey, Sessions},
+};
+use crate::{
+    alarm::Alarm,
+    allowed::AllowedBalancers,
+    batch::SendBatch,
+    files::Refusal,
+    rto::{Budget, RttEstimate},
+    service::{self, Config, Context},
+    timer::TimerQueue,
+    transfer::{Next, WriteNext},
+    window::{Link, WindowSender},
+    wire::{ErrorCode, MAX_PACKET, Mode, Options, Packet, Repr},
+};
+
+/// Most bytes of DATA read and sent in one batch: a window of 16 blocks of 1468 bytes, and at
+/// least one block of the largest size.
+const BATCH_BYTES: usize = 64 << 10;
+/// Most datagrams per sendmmsg or UDP_SEGMENT send.
+const BATCH_BLOCKS: usize = 64;
+/// Most queued datagrams read before expired timers are handled.
+const QUEUED_FIRST: usize = 4096;
+
+pub struct Steered {
+    socket: UdpSocket,
+    root: crate::files::Root,
+    config: Config,
+    sessions: Sessions,
+    timers: TimerQueue<SessionKey>,
+    out: Vec<u8>,
+    /// Every session's windows: one buffer read as each batch is sent (`Reads::AsNeeded`).
+    window: WindowSender<SteeringHeader>,
+    /// `--segment-offload`: windows may leave as UDP_SEGMENT super-packets (see `send_blocks`).
+    segment_offload: bool,
+    digests: Digests,
+    /// Datagrams sent so far: a datagram whose handling sent none is answered `HEARD`.
+    replies: u64,
+    /// Timer-driven retransmissions left to this backend (`--retransmit-budget`).
+    budget: Budget,
+    /// The balancers this backend takes steering datagrams from (`--lb`).
+    allowed: AllowedBalancers,
+}
+
+/// DATA goes to the balancer that sent the session's latest packet, on the one steering
+/// socket. A datagram the kernel refuses is skipped, as a failed `send_to` would be: the
+/// transfer's retransmission repairs it.
+struct ToBalancer<'s> {
+    socket: &'s UdpSocket,
+    lb: SocketAddr,
+}
+
+impl Link for ToBalancer<'_> {
+    fn try_send<'a>(&self, batch: &mut SendBatch, _segment: usize, datagrams: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> io::Result<usize> {
+        // `send_to` takes the segment size from the first datagram. Through `try_io`, so that a
+        // full buffer clears the socket's readiness and `ready` waits for the kernel.
+        self.socket.try_io(Interest::WRITABLE, || batch.send_to(self.socket.as_fd(), self.lb, datagrams))
+    }
+
+    async fn ready(&self) -> io::Result<()> {
+        self.socket.writable().await
+    }
+
+    fn failed(&self, error: io::Error) -> io::Result<()> {
+        debug!(%error, "send failed");
+        Ok(())
+    }
+}
+
+impl Steered {
+    /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`);
+    /// `allowed`: who may send steering datagrams (`--lb`).
+    #[must_use]
+    pub fn new(socket: UdpSocket, root: crate::files::Root, config: Config, segment_offload: bool, allowed: AllowedBalancers) -> Self {
+        let budget = Budget::new(config.retransmit_budget, Instant::now());
+        Self {
+            socket,
+            root,
+            config,
+            sessions: Sessions::new(),
+            timers: TimerQueue::new(),
+            out: vec![0; HEADER + MAX_PACKET],
+            window: WindowSender::shared(BATCH_BYTES.max(MAX_PACKET), BATCH_BLOCKS),
+            segment_offload,
+            digests: Digests::new(),
+            replies: 0,
+            budget,
+            allowed,
+        }
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; HEADER + MAX_PACKET];
+        let mut alarm = Alarm::new().context("creating the retransmission timer")?;
+        loop {
+            let deadline = self.timers.next_deadline();
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => {
+                    let (len, from) = received.context("receiving from the steering socket")?;
+                    self.receive(&buf[..len], from).await;
+                }
+                ready = self.digests.ready() => {
+                    for (datagram, from) in ready {
+                        self.datagram(&datagram, from).await;
+                    }
+                }
+                rang = until(&mut alarm, deadline) => {
+                    rang.context("waiting for the retransmission timer")?;
+                    // Input already queued comes first: under load an ACK waits in the receive
+                    // queue past its transfer's timer, and a resend then repairs nothing (a
+                    // second OACK makes atftp abort). A timer that fired while the answer was
+                    // waiting is no loss.
+                    for _ in 0..QUEUED_FIRST {
+                        let Ok((len, from)) = self.socket.try_recv_from(&mut buf) else { break };
+                        self.receive(&buf[..len], from).await;
+                    }
+                    self.expire().await;
+                }
+            }
+        }
+    }
+
+    async fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+        // Before anything reads the header: a forged one could make this backend look a file
+        // up, hash it, and stream it to the sender.
+        if let Err(report) = self.allowed.check(from, Instant::now()) {
+            if let Some(r) = report {
+                warn!(from = %r.from, dropped = r.since_last, total = r.total, "dropped steering datagrams from a sender not named by --lb");
+            }
+            return;
+        }
+        if self.digests.defer(&mut self.root, &self.sessions, datagram, from) {
+            // Its real answer comes once the digest is known, perhaps seconds later (a deferred
+            // datagram has a valid header: the deferral parsed it).
+            if let Some(header) = steering_header(datagram) {
+                self.heard(&header, from).await;
+            }
+        } else {
+            self.datagram(datagram, from).await;
+        }
+    }
+
+    async fn datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        let Some(header) = steering_header(datagram) else {
+            debug!(%from, len = datagram.len(), "dropped: no steering header");
+            return;
+        };
+        let key = SessionKey::of(&header);
+        let seen = self.sessions.seen(key, Instant::now());
+        let action = decide(&header, Packet::parse(tftp_packet(datagram)), &seen, &self.config);
+        if let Action::Drop(why) = action {
+            debug!(%from, why, "dropped: bad steering header");
+            return;
+        }
+        let replies = self.replies;
+        self.act(key, header, action, from).await;
+        if self.replies == replies {
+            self.heard(&header, from).await;
+        }
+    }
+
+    /// Carries out the decision on a datagram of `key` with `header`, from the balancer `from`.
+    async fn act(&mut self, key: SessionKey, header: SteeringHeader, action: Action<'_>, from: SocketAddr) {
+        match action {
+            Action::Drop(_) => {}
+            Action::Echo => self.send_header(&reply(&header, FLAG_HEARTBEAT), from).await,
+            Action::Malformed(error) => {
+                debug!(%from, %error, "malformed TFTP packet");
+                self.refuse(&header, from, &Refusal { code: ErrorCode::IllegalOperation, message: "malformed packet" }).await;
+            }
+            Action::Refuse(refusal) => self.refuse(&header, from, &refusal).await,
+            Action::Busy => {
+                self.forget(key);
+                debug!(transfers = self.sessions.len(), "busy: request refused");
+                self.refuse(&header, from, &service::BUSY).await;
+            }
+            Action::RepeatedRequest { filename } => {
+                // Only a repeat well after the OACK (lost, then) gets it again.
+                let next = match self.sessions.get_mut(key) {
+                    Some(Session { kind: Kind::Read(transfer), .. }) => transfer.on_repeated_request(Instant::now()),
+                    _ => Next::Nothing,
+                };
+                debug!(client = %key, file = filename, ?next, "repeated request");
+                self.read_next(key, next).await;
+            }
+            Action::Read { filename, mode, options } => self.open_read(key, header, (filename, mode, &options), from).await,
+            Action::Write { filename, mode, options } => self.open_write(key, header, (filename, mode, &options), from).await,
+            Action::Ack(plan) => self.ack(key, plan, from).await,
+            Action::Resume { context, ack } => {
+                match service::resume_read(&mut self.root, &self.config, &context, header.block(), RttEstimate::from_wire(header.rtt)) {
+                    Ok(transfer) => {
+                        info!(client = %key, block = header.block(), "resuming a transfer started elsewhere");
+                        self.insert(key, header, &context, Kind::Read(transfer), from);
+                    }
+                    Err(refusal) => {
+                        warn!(client = %key, reason = refusal.message, "cannot resume");
+                        self.refuse(&header, from, &refusal).await;
+                        return;
+                    }
+                }
+                self.ack(key, ack, from).await;
+            }
+            Action::AckToUpload => {
+                if let Some(session) = self.sessions.get_mut(key) {
+                    session.lb = from;
+                }
+            }
+            Action::AlreadyFinished => {
+                // FINISHED makes the balancer forget the session.
+                debug!(client = %key, "ACK for a download that finished here");
+                self.finished(&header, from).await;
+            }
+            Action::NudgeElsewhere => debug!(client = %key, "nudge for a transfer not served here"),
+            Action::Data { block, data } => self.data(key, &header, block, data, from).await,
+            Action::ClientAborted { code, message } => {
+                debug!(client = %key, ?code, message, "client aborted");
+                self.forget(key);
+                self.finished(&header, from).await;
+            }
+        }
+    }
+
+    async fn open_read(&mut self, key: SessionKey, header: SteeringHeader, (filename, mode, options): (&str, Mode, &Options), from: SocketAddr) {
+        self.forget(key);
+        match service::open_read_with_context(&mut self.root, &self.config, filename, mode, options) {
+            Ok((mut transfer, context)) => {
+                info!(client = %key, file = filename, "read");
+                let first = transfer.start(Instant::now());
+                self.insert(key, header, &context, Kind::Read(transfer), from);
+                self.read_next(key, first).await;
+            }
+            Err(refusal) => self.refuse(&header, from, &refusal).await,
+        }
+    }
+
+    async fn open_write(&mut self, key: SessionKey, header: SteeringHeader, (filename, mode, options): (&str, Mode, &Options), from: SocketAddr) {
+        self.forget(key);
+        match service::open_write(&self.root, &self.config, filename, mode, options) {
+            Ok((transfer, negotiated)) => {
+                info!(client = %key, file = filename, "write");
+                let context = Context { mode, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
+                self.insert(key, header, &context, Kind::Write(transfer), from);
+                if negotiated.oack.is_empty() {
+                    self.send_tftp(key, &Repr::Ack { block: 0 }, 0).await;
+                } else {
+                    self.send_tftp(key, &Repr::Oack { options: negotiated.oack }, 0).await;
+                }
+                if let Some(Session { kind: Kind::Write(transfer), .. }) = self.sessions.get_mut(key) {
+                    transfer.start(Instant::now());
+                }
+                self.arm(key);
+            }
+            Err(refusal) => self.refuse(&header, from, &refusal).await,
+        }
+    }
+
+    /// An ACK of a download served here, now from `from`.
+    async fn ack(&mut self, key: SessionKey, plan: AckPlan, from: SocketAddr) {
+        let Some(Session { kind: Kind::Read(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
+        *lb = from;
+        let block = plan.block(transfer);
+        let next = transfer.on_ack(block, plan.nudge, Instant::now());
+        debug!(client = %key, block, nudge = plan.nudge, ?next, wait = ?transfer.wait(), "ack");
+        self.read_next(key, next).await;
+    }
+
+    async fn data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
+        let Some(Session { kind: Kind::Write(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
+        *lb = from;
+        match transfer.on_data(block, data, Instant::now()) {
+            WriteNext::Ack(n) => {
+                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
+                self.arm(key);
+            }
+            WriteNext::Done(n) => {
+                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
+                self.forget(key);
+                self.finished(header, from).await;
+            }
+            WriteNext::Nothing => {}
+            WriteNext::Fail(code, message) => {
+                self.forget(key);
+                self.refuse(header, from, &Refusal { code, message }).await;
+            }
+        }
+    }
+
+    /// Sends what a read transfer asks for, or ends it.
+    async fn read_next(&mut self, key: SessionKey, next: Next) {
+        match next {
+            Next::Send(blocks) => {
+                let (mut first, last) = blocks.into_inner();
+                if first == 0 {
+                    if !self.send_oack(key).await {
+                        return;
+                    }
+                    first = 1;
+                }
+                if first <= last && !self.send_blocks(key, first, last).await {
+                    return;
+                }
+                self.arm(key);
+            }
+            Next::Finished | Next::GiveUp => {
+                if matches!(next, Next::Finished) {
+                    self.sessions.completed(key, Instant::now());
+                }
+                if let Some(session) = self.forget(key) {
+                    self.finished(&session.header, session.lb).await;
+                }
+            }
+            Next::Nothing => {}
+        }
+    }
+
+    /// Sends the OACK of a read (its block 0); false if the session is gone.
+    async fn send_oack(&mut self, key: SessionKey) -> bool {
+        let Some(session) = self.sessions.get(key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
+        let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
+        header.set_block(0);
+        header.rtt = transfer.rtt().to_wire();
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+        let end = service::emit_at(&Repr::Oack { options: session.oack() }, &mut self.out, HEADER);
+        let lb = session.lb;
+        self.replies += 1;
+        if let Err(error) = self.socket.send_to(&self.out[..end], lb).await {
+            debug!(%error, "send failed");
+        }
+        true
+    }
+
+    /// Sends DATA blocks `first..=last` of a read, a batch per file read and per system call;
+    /// false if the session is gone (or its file failed, which ends it).
+    async fn send_blocks(&mut self, key: SessionKey, first: u32, last: u32) -> bool {
+        let Some(session) = self.sessions.get(key) else { return false };
+        let Kind::Read(transfer) = &session.kind else { return false };
+        let mut prefix = reply(&session.header, FLAG_HAS_CONTEXT);
+        // The balancer keeps it with the session: a backend that takes the transfer over
+        // starts from this estimate, not from the 1 s timeout.
+        prefix.rtt = transfer.rtt().to_wire();
+        // One super-packet per window saves CPU per block, but the window's first block leaves
+        // only once all are built and cut: a lone transfer, bound by its round trip rather than
+        // by CPU, loses goodput that way (ARCHITECTURE.md, "Segmentation offload toward the
+        // balancer"). So only while other transfers share this backend.
+        self.window.segment_send_to(self.segment_offload && self.sessions.len() > 1);
+        self.replies += 1;
+        let link = ToBalancer { socket: &self.socket, lb: session.lb };
+        if let Err(error) = self.window.send(&link, transfer, &prefix, first, last).await {
+            warn!(%error, "read failed");
+            if let Some(s) = self.forget(key) {
+                self.refuse(&s.header, s.lb, &Refusal { code: ErrorCode::NotDefined, message: "read error" }).await;
+            }
+            return false;
+        }
+        true
+    }
+
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(key) = self.timers.pop_expired(now) {
+            let Some(session) = self.sessions.get_mut(key) else { continue };
+            if let Err(later) = self.budget.allow(now) {
+                // Over the budget: the retransmission waits, and is not counted as a retry.
+                self.timers.schedule(key, now + later);
+                continue;
+            }
+            match &mut session.kind {
+                Kind::Read(transfer) => {
+                    let next = transfer.on_timeout(now);
+                    debug!(client = %key, ?next, wait = ?transfer.wait(), "timer expired");
+                    self.budget.charge(next.datagrams());
+                    self.read_next(key, next).await;
+                }
+                Kind::Write(transfer) => {
+                    if transfer.on_timeout() {
+                        let block = transfer.last_ack();
+                        self.budget.charge(1);
+                        self.send_tftp(key, &Repr::Ack { block }, 0).await;
+                        self.arm(key);
+                    } else if let Some(session) = self.forget(key) {
+                        self.finished(&session.header, session.lb).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, key: SessionKey, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr) {
+        let mut template = header;
+        context.write_into(&mut template);
+        self.sessions.insert(key, Session { kind, header: template, lb });
+    }
+
+    fn forget(&mut self, key: SessionKey) -> Option<Session> {
+        self.timers.cancel(&key);
+        self.sessions.remove(key)
+    }
+
+    fn arm(&mut self, key: SessionKey) {
+        if let Some(session) = self.sessions.get(key) {
+            let wait = match &session.kind {
+                Kind::Read(transfer) => transfer.wait(),
+                Kind::Write(transfer) => transfer.wait(),
+            };
+            self.timers.schedule(key, Instant::now() + wait);
+        }
+    }
+
+    /// Sends a TFTP message of a session, with its header.
+    async fn send_tftp(&mut self, key: SessionKey, repr: &Repr<'_>, block: u32) {
+        let Some(session) = self.sessions.get(key) else { return };
+        let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
+        header.set_block(block);
+        let lb = session.lb;
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+        let end = service::emit_at(repr, &mut self.out, HEADER);
+        self.replies += 1;
+        let _ = self.socket.send_to(&self.out[..end], lb).await;
+    }
+
+    /// Sends a TFTP ERROR, then tells the LB the transfer is over.
+    async fn refuse(&mut self, header: &SteeringHeader, to: SocketAddr, refusal: &Refusal) {
+        let error = reply(header, header.flags & FLAG_HAS_CONTEXT);
+        self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&error));
+        let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, &mut self.out, HEADER);
+        self.replies += 1;
+        let _ = self.socket.send_to(&self.out[..end], to).await;
+        self.finished(header, to).await;
+    }
+
+    async fn finished(&mut self, header: &SteeringHeader, to: SocketAddr) {
+        self.send_header(&reply(header, FLAG_FINISHED | (header.flags & FLAG_HAS_CONTEXT)), to).await;
+    }
+
+    /// Tells the balancer that sent a datagram with `header` it was read and needs no reply now.
+    async fn heard(&mut self, header: &SteeringHeader, from: SocketAddr) {
+        self.send_header(&reply(header, FLAG_HEARD), from).await;
+    }
+
+    async fn send_header(&mut self, header: &SteeringHeader, to: SocketAddr) {
+        self.replies += 1;
+        if let Err(error) = self.socket.send_to(bytemuck::bytes_of(header), to).await {
+            debug!(%error, %to, "send failed");
+        }
+    }
+}
+
+/// Returns at `deadline`, never without one.
+async fn until(alarm: &mut Alarm, deadline: Option<Instant>) -> std::io::Result<()> {
+    match deadline {
+        Some(at) => alarm.until(at).await,
+        None => std::future::pending().await,
+    }
+}
