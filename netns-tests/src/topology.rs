@@ -20,7 +20,7 @@
 
 use std::path::PathBuf;
 
-use xdp_lb_common::status::{BalanceStatus, Status, SwitchStatus};
+use xdp_lb_common::status::{BackendState, BalanceStatus, Status, SwitchStatus};
 
 use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary};
 
@@ -154,6 +154,21 @@ pub fn status_in(pin_root: &std::path::Path) -> Result<Status> {
         what: "parse xdp-lb status --json".into(),
         source: std::io::Error::other(e),
     })
+}
+
+/// Waits until a balancer's status (`status()`, e.g. [`balance_at`]) shows `n` live backends
+/// that answered within the last 100 ms: the agent's heartbeats reach them and come back, so a
+/// measurement starts with the balancer in its steady state. Called after the agent attached
+/// (the topologies' `start_lb` waits for that); the first 100 ms are skipped, so an answer the
+/// maps still hold from a predecessor agent is too old to count.
+pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<BalanceStatus>) -> Result<()> {
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    crate::wait_for(what, 20, || {
+        let status = status()?;
+        let fresh = status.backends.iter().filter(|b| b.state == BackendState::Live && b.last_answer_ms_ago.is_some_and(|ms| ms < 100)).count();
+        (fresh >= n).then_some(())
+    })?;
+    Ok(())
 }
 
 impl Drop for LbTopology {

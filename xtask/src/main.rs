@@ -1,6 +1,5 @@
 //! `cargo xtask <task>`: everything a developer or CI runs, in one place.
 mod bench;
-mod bench_backend;
 mod cargo;
 mod demo;
 mod plot;

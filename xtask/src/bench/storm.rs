@@ -54,8 +54,10 @@ use netns_tests::{
 use serde_json::json;
 use xdp_lb_common::BalanceCounter;
 
-use super::Report;
-use crate::bench_backend::{Dirs, Kind, wait_ready};
+use super::{
+    backend::{Dirs, Kind, wait_ready},
+    report::Report,
+};
 
 /// Client namespaces (addresses) per topology; client `i` runs in namespace `i % NAMESPACES`.
 /// 1000 clients are 50 per address, within the balancer's default per-source request burst

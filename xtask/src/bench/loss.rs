@@ -23,8 +23,10 @@ use netns_tests::{
 };
 use serde_json::json;
 
-use super::{Cell, ClientCase, Dirs, Kind, Server, bench_cpu, mb, measure};
-use crate::bench::{Report, min_median_max};
+use super::{
+    backend::{Cell, ClientCase, Dirs, Kind, Server, bench_cpu, download_limit, mb, measure},
+    report::{Report, min_median_max},
+};
 
 /// Loss rates measured, in percent of the datagrams each way.
 const LOSSES: [u8; 2] = [0, 1];
@@ -165,7 +167,7 @@ fn measure_all(path: &Link, servers: &BTreeMap<Kind, Server>, plan: &Plan, dirs:
                 let runs = row.runs.entry(kind).or_insert_with(|| Ok(Vec::new()));
                 let Ok(rates) = runs else { continue };
                 bar.set_message(format!("{} ← {} at {}% loss", kind.name(), row.case.label(), row.loss));
-                let limit = if row.loss == 0 { super::download_limit(&cell) } else { plan.limit };
+                let limit = if row.loss == 0 { download_limit(&cell) } else { plan.limit };
                 match measure(&servers[&kind], &cell, digest, &dirs.downloads, cpu, limit) {
                     Ok(rate) => rates.push(rate),
                     Err(error) => {

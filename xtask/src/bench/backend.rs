@@ -31,14 +31,10 @@ use serde_json::json;
 
 use crate::{cargo::release_dir, setup::tftpd_hpa};
 
-/// The same servers and clients over a lossy path (`--only loss`).
-#[path = "bench_loss.rs"]
-pub mod loss;
-
 const HOST: &str = "127.0.0.1";
 
 /// The servers compared, in table order; tftpd-hpa is the reference. The storm bench
-/// (`bench_storm.rs`) starts the same three the same way.
+/// (`storm.rs`) starts the same three the same way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     TftpdHpa,
@@ -47,7 +43,7 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    const ALL: [Self; 3] = [Self::TftpdHpa, Self::Atftpd, Self::Backend];
+    pub(super) const ALL: [Self; 3] = [Self::TftpdHpa, Self::Atftpd, Self::Backend];
 
     pub(crate) const fn name(self) -> &'static str {
         match self {
@@ -58,7 +54,7 @@ impl Kind {
     }
 
     /// RFC 7440. tftpd-hpa ignores the option and answers lock-step.
-    const fn has_windowsize(self) -> bool {
+    pub(super) const fn has_windowsize(self) -> bool {
         !matches!(self, Self::TftpdHpa)
     }
 
@@ -90,19 +86,19 @@ impl Kind {
 
 /// A client program with its options, as one row of the table.
 #[derive(Clone, Copy, Debug)]
-struct ClientCase {
-    client: Client,
-    program: &'static str,
-    blksize: u16,
-    windowsize: u16,
+pub(super) struct ClientCase {
+    pub(super) client: Client,
+    pub(super) program: &'static str,
+    pub(super) blksize: u16,
+    pub(super) windowsize: u16,
 }
 
 impl ClientCase {
-    const fn atftp(blksize: u16, windowsize: u16) -> Self {
+    pub(super) const fn atftp(blksize: u16, windowsize: u16) -> Self {
         Self { client: Client::Atftp { blksize, windowsize }, program: "atftp", blksize, windowsize }
     }
 
-    fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         format!("{} {}/{}", self.program, self.blksize, self.windowsize)
     }
 }
@@ -162,7 +158,7 @@ impl Plan {
 
 /// Outcome of one server in one cell.
 #[derive(Clone, Debug)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Median MB/s and every run's figure.
     Rate(f64, Vec<f64>),
     /// The server does not support the option (tftpd-hpa and windowsize).
@@ -187,12 +183,12 @@ impl Outcome {
     }
 }
 
-struct Cell {
-    file: String,
-    size: usize,
-    clients: usize,
-    case: ClientCase,
-    outcomes: BTreeMap<Kind, Outcome>,
+pub(super) struct Cell {
+    pub(super) file: String,
+    pub(super) size: usize,
+    pub(super) clients: usize,
+    pub(super) case: ClientCase,
+    pub(super) outcomes: BTreeMap<Kind, Outcome>,
 }
 
 impl Cell {
@@ -263,7 +259,7 @@ pub fn run(quick: bool, out: &Path) -> anyhow::Result<serde_json::Value> {
             let outcome = match runs.remove(&kind) {
                 None => Outcome::NotApplicable,
                 Some(Err(why)) => Outcome::Failed(why),
-                Some(Ok(rates)) => Outcome::Rate(crate::bench::min_median_max(&rates).1, rates),
+                Some(Ok(rates)) => Outcome::Rate(super::report::min_median_max(&rates).1, rates),
             };
             cell.outcomes.insert(kind, outcome);
         }
@@ -335,7 +331,7 @@ impl Drop for Dirs {
 }
 
 /// A server under test, stopped by PID on drop.
-struct Server {
+pub(super) struct Server {
     host: String,
     port: u16,
     _process: Process,
@@ -343,7 +339,7 @@ struct Server {
 
 impl Server {
     /// Starts `kind` on `host` (an address of the calling thread's network namespace).
-    fn start(kind: Kind, host: &str, root: &Path, prefix: &RunPrefix, cpu: usize) -> anyhow::Result<Self> {
+    pub(super) fn start(kind: Kind, host: &str, root: &Path, prefix: &RunPrefix, cpu: usize) -> anyhow::Result<Self> {
         let port = free_port(host)?;
         let mut command = kind.command(root, host, port)?;
         pin(&mut command, cpu);
@@ -383,7 +379,7 @@ pub(crate) fn wait_ready(host: &str, port: u16) -> anyhow::Result<()> {
 }
 
 /// The CPU everything runs on: the last one this process may use.
-fn bench_cpu() -> anyhow::Result<usize> {
+pub(super) fn bench_cpu() -> anyhow::Result<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pointer and size describe `set`.
@@ -412,7 +408,7 @@ fn pin(command: &mut Command, cpu: usize) {
 
 /// How long the downloads of a lossless cell may take: generous, 2 MB/s at the very least,
 /// plus startup.
-fn download_limit(cell: &Cell) -> Duration {
+pub(super) fn download_limit(cell: &Cell) -> Duration {
     Duration::from_secs(30 + (cell.size * cell.clients / 2_000_000) as u64)
 }
 
@@ -422,7 +418,7 @@ fn download_limit(cell: &Cell) -> Duration {
 ///
 /// Clients are plain children reaped by a blocking `wait` on a thread each, not
 /// [`Process`]es: its 10 ms polling would be a quarter of a 1 MiB lock-step download.
-fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: usize, limit: Duration) -> anyhow::Result<f64> {
+pub(super) fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: usize, limit: Duration) -> anyhow::Result<f64> {
     let total = cell.size * cell.clients;
     let locals: Vec<PathBuf> = (0..cell.clients).map(|i| downloads.join(format!("dl{i}"))).collect();
     for local in &locals {
@@ -487,7 +483,7 @@ fn measure(server: &Server, cell: &Cell, digest: &str, downloads: &Path, cpu: us
 }
 
 #[expect(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
-fn mb(bytes: usize) -> f64 {
+pub(super) fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
 }
 

@@ -24,7 +24,7 @@ use netns_tests::{
 };
 use serde_json::json;
 
-use super::{Report, min_median_max};
+use super::report::{Report, min_median_max};
 use crate::cargo::release_dir;
 
 const CLIENT: Client = Client::Atftp { blksize: 1468, windowsize: 16 };
@@ -187,7 +187,7 @@ fn one_round(topo: &LbTopology, clients: usize, size: usize, bar: &ProgressBar, 
     let through = {
         let _backend = topo.start_backend(0)?;
         let agent = topo.start_lb(&[])?;
-        super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
+        netns_tests::topology::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
         // A steered backend hashes a file at its first request (the digest travels in the
         // transfer's context) and caches the digest; a standalone one never does. Hash it
         // before the clock starts, so that both paths are timed in the steady state.

@@ -26,7 +26,7 @@ use netns_tests::{
 };
 use serde_json::json;
 
-use super::Report;
+use super::report::Report;
 
 const CLIENT: Client = Client::Atftp { blksize: 1468, windowsize: 16 };
 const SIZE: usize = 256 << 10;
@@ -128,7 +128,7 @@ pub fn run(quick: bool, png: &Path, report: &mut Report) -> anyhow::Result<serde
 fn level(topo: &LbTopology, transfers: usize, digest: &str, bar: &ProgressBar) -> anyhow::Result<Level> {
     let backend = topo.start_backend(0)?;
     let agent = topo.start_lb(&["--requests-per-sec", "0"])?;
-    super::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
+    netns_tests::topology::wait_answering("the backend live", 1, || topo.status().ok()).with_context(|| agent.log())?;
     let pids = [agent.pid(), backend.pid()];
     // The processes start as `nsenter`, which execs the program: measure the program.
     for (pid, name) in pids.iter().zip(["xdp-lb", "tftp-backend"]) {

@@ -8,9 +8,9 @@
 //! - `lb`: goodput of 1 and 20 clients direct from a backend, through the kernel path a user
 //!   would build today (nftables DNAT + the TFTP conntrack helper) and through xdp-lb
 //!   ([`goodput`]);
-//! - `backend`: tftp-backend against tftpd-hpa and atftpd on loopback (`bench_backend.rs`);
+//! - `backend`: tftp-backend against tftpd-hpa and atftpd on loopback ([`backend`]);
 //! - `loss`: the same servers and clients with 1% of the datagrams lost each way
-//!   (`bench_loss.rs`);
+//!   ([`loss`]);
 //! - `failover`: the active LB, then the serving backend, killed at 50% of a download through
 //!   the full pair topology, stall and DATA sent twice over many runs ([`failover`]);
 //! - `scaling`: 1 to 1000 concurrent small transfers through the LB, aggregate goodput and the
@@ -23,22 +23,21 @@
 //!
 //! Speed targets appear only here, as ratios from one run; tests never time anything.
 
-#[path = "bench_failover.rs"]
+mod backend;
 mod failover;
-#[path = "bench_goodput.rs"]
 mod goodput;
-#[path = "bench_scaling.rs"]
+mod loss;
+mod report;
 mod scaling;
-#[path = "bench_storm.rs"]
 mod storm;
 
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-use xdp_lb_common::status::{BackendState, BalanceStatus};
 
 use crate::cargo::release_dir;
+use report::Report;
 
 #[derive(clap::Args)]
 #[command(after_help = "\
@@ -91,22 +90,6 @@ pub enum Section {
     Storm,
 }
 
-/// The markdown of a run: every table is printed and kept for `bench-<time>.md`.
-#[derive(Default)]
-pub struct Report {
-    markdown: String,
-}
-
-impl Report {
-    /// Prints a line and keeps it.
-    pub fn line(&mut self, text: impl AsRef<str>) {
-        let text = text.as_ref();
-        println!("{text}");
-        self.markdown.push_str(text);
-        self.markdown.push('\n');
-    }
-}
-
 pub fn run(args: &Args) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; the harness reads it when it locates binaries.
     unsafe { std::env::set_var("XDP_LB_BIN_DIR", release_dir()?) };
@@ -141,7 +124,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let control = run_section(Section::Control, &mut report, &mut |report| control_costs(if args.quick { 20_000 } else { 200_000 }, report));
     let goodput = run_section(Section::Lb, &mut report, &mut |report| goodput::run(args.quick, report));
     let backend = run_section(Section::Backend, &mut report, &mut |report| {
-        let backend = crate::bench_backend::run(args.quick, &args.out)?;
+        let backend = backend::run(args.quick, &args.out)?;
         report.line("\n### TFTP servers on loopback\n");
         report.line(format!(
             "Table on stdout (not repeated here); figures in backend-{}.json, chart {}.",
@@ -150,7 +133,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ));
         Ok(backend)
     });
-    let loss = run_section(Section::Loss, &mut report, &mut |report| crate::bench_backend::loss::run(args.quick, &args.out, report));
+    let loss = run_section(Section::Loss, &mut report, &mut |report| loss::run(args.quick, &args.out, report));
     let failover = run_section(Section::Failover, &mut report, &mut |report| failover::run(args.quick, report));
     let scaling = run_section(Section::Scaling, &mut report, &mut |report| {
         scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
@@ -241,28 +224,4 @@ fn control_costs(repeat: u32, report: &mut Report) -> anyhow::Result<serde_json:
         ));
     }
     Ok(json!(rows))
-}
-
-/// Waits until a balancer's status (`status()`, `xdp-lb status --json`) shows `n` live backends
-/// that answered within the last 100 ms: the agent's heartbeats reach them and come back, so a
-/// measurement starts with the balancer in its steady state. Called after the agent attached
-/// (the topologies' `start_lb` waits for that); the first 100 ms are skipped, so an answer the
-/// maps still hold from a predecessor agent is too old to count.
-pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<BalanceStatus>) -> anyhow::Result<()> {
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    netns_tests::wait_for(what, 20, || {
-        let status = status()?;
-        let fresh = status.backends.iter().filter(|b| b.state == BackendState::Live && b.last_answer_ms_ago.is_some_and(|ms| ms < 100)).count();
-        (fresh >= n).then_some(())
-    })?;
-    Ok(())
-}
-
-/// Min, median and max of a non-empty list.
-pub fn min_median_max(values: &[f64]) -> (f64, f64, f64) {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let median = if n % 2 == 1 { sorted[n / 2] } else { f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]) };
-    (sorted[0], median, sorted[n - 1])
 }

@@ -34,7 +34,7 @@ use netns_tests::{
 use serde_json::json;
 use xdp_lb_common::BalanceCounter;
 
-use super::{Report, min_median_max};
+use super::report::{Report, min_median_max};
 
 /// The stall target of a failover (issue 4): the client sees no gap longer than this.
 const TARGET_MS: f64 = 250.0;
@@ -127,7 +127,7 @@ impl Running {
     }
 
     fn wait_backends_live(&self, lb: usize) -> anyhow::Result<()> {
-        super::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.lb_status(lb).ok())
+        netns_tests::topology::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.lb_status(lb).ok())
             .with_context(|| self.logs())
     }
 
