@@ -10,11 +10,29 @@ use crate::{
     Process,
     clients::Client,
     files::make_file,
+    Error, Result,
     pair_topology::{PairTopology, VIP},
     require_root, wait_for,
 };
 
 const TFTP_PORT: u16 = 69;
+
+/// How a cluster's agents run, beyond the topology's defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct Agents<'a> {
+    /// The balancers sync sessions (false: a promoted one knows nothing).
+    pub mirror: bool,
+    /// More arguments for both balancers (a later flag wins over the topology's).
+    pub lb_args: &'a [&'a str],
+    /// More arguments for the switch.
+    pub switch_args: &'a [&'a str],
+}
+
+impl Default for Agents<'_> {
+    fn default() -> Self {
+        Self { mirror: true, lb_args: &[], switch_args: &[] }
+    }
+}
 
 /// The topology with the switch, both balancers and every backend running.
 pub struct Cluster {
@@ -62,16 +80,27 @@ impl Cluster {
     }
 
     fn run_on(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, mirror: bool, lb_args: &[&str]) -> Self {
+        Self::run_with(topo, turn, &Agents { mirror, lb_args, switch_args: &[] }).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Cluster::start_on`] for a caller that is not a test (the demo, the benches): an error
+    /// instead of a panic, with the agents' logs when they did not come up.
+    pub fn try_start_on(topo: PairTopology, agents: &Agents<'_>) -> Result<Self> {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::run_with(topo, turn, agents)
+    }
+
+    fn run_with(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, agents: &Agents<'_>) -> Result<Self> {
         let backends = topo.backends.len();
-        let backend_processes = (0..backends).map(|i| Some(topo.start_backend(i).expect("backend"))).collect();
-        let lbs = [0, 1].map(|i| Some(topo.start_lb_with(i, mirror, lb_args).expect("lb")));
-        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
+        let backend_processes = (0..backends).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_>>()?;
+        let lbs = [topo.start_lb_with(0, agents.mirror, agents.lb_args)?, topo.start_lb_with(1, agents.mirror, agents.lb_args)?].map(Some);
+        let switch = topo.start_switch(agents.switch_args)?;
         let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
-            running.wait_backends_live(lb, backends);
+            running.await_backends_live(lb, backends)?;
         }
-        running.wait_lbs_reachable(&[0, 1]);
-        running
+        running.await_lbs_reachable(&[0, 1])?;
+        Ok(running)
     }
 
     /// Agent logs and the non-zero counters of every role, for failure messages.
@@ -88,19 +117,33 @@ impl Cluster {
     }
 
     pub fn wait_backends_live(&self, lb: usize, n: usize) {
-        wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
-            (self.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
+        self.await_backends_live(lb, n).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Waits until the switch has heard from each of these balancers.
     pub fn wait_lbs_reachable(&self, lbs: &[usize]) {
-        wait_for("the switch to reach the balancers", 20, || {
+        self.await_lbs_reachable(lbs).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn await_backends_live(&self, lb: usize, n: usize) -> Result<()> {
+        self.logged(wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
+            (self.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
+        }))
+    }
+
+    fn await_lbs_reachable(&self, lbs: &[usize]) -> Result<()> {
+        self.logged(wait_for("the switch to reach the balancers", 20, || {
             let all = self.topo.switch_status().ok()?.lbs;
             lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb.reachable)).then_some(())
+        }))
+    }
+
+    /// A wait that timed out, with every agent's log.
+    fn logged(&self, waited: Result<()>) -> Result<()> {
+        waited.map_err(|e| match e {
+            Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}; logs:\n{}", self.logs()), seconds },
+            other => other,
         })
-        .unwrap_or_else(|e| panic!("{e}; logs:\n{}", self.logs()));
     }
 
     #[must_use]
@@ -163,7 +206,22 @@ impl Cluster {
     /// Replies both balancers delivered to clients.
     #[must_use]
     pub fn delivered(&self) -> u64 {
-        (0..2).map(|i| self.counter(i, BalanceCounter::ToClient) + self.counter(i, BalanceCounter::Relearned)).sum()
+        self.delivered_bytes().0
+    }
+
+    /// Replies both balancers delivered to clients, (packets, bytes) (from their pinned
+    /// counters, which outlive a killed agent; a balancer whose status cannot be read adds
+    /// nothing).
+    #[must_use]
+    pub fn delivered_bytes(&self) -> (u64, u64) {
+        let mut total = (0, 0);
+        for status in (0..2).filter_map(|lb| self.topo.lb_status(lb).ok()) {
+            for counter in [BalanceCounter::ToClient, BalanceCounter::Relearned].map(|c| status.counter(c)) {
+                total.0 += counter.packets;
+                total.1 += counter.bytes;
+            }
+        }
+        total
     }
 
     #[must_use]

@@ -27,7 +27,7 @@ pub mod watch;
 pub use control_key::ControlKey;
 pub use netns::{IpBatch, Netns, VethEnd, veth_pair};
 pub use paths::{PinDir, binary, ensure_bpffs};
-pub use process::Process;
+pub use process::{Process, raise_thread_priority};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

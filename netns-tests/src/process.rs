@@ -148,3 +148,13 @@ impl Drop for Process {
 pub fn backend_log_filter() -> String {
     std::env::var("NETNS_TESTS_BACKEND_LOG").unwrap_or_else(|_| "info".into())
 }
+
+/// Sets the calling thread's nice value (negative: ahead of the clients and servers it
+/// watches); reports and goes on when it cannot.
+pub fn raise_thread_priority(nice: libc::c_int) {
+    // SAFETY: gettid and setpriority on this thread's own id have no memory effects.
+    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid().cast_unsigned(), nice) } == 0;
+    if !done {
+        eprintln!("(cannot set a watcher's priority to {nice}: {})", std::io::Error::last_os_error());
+    }
+}

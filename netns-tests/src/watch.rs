@@ -3,49 +3,68 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-/// Polls a file's size every 2 ms on a thread until dropped or stopped.
+/// The (time, size) samples at which a file grew.
+type Samples = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+/// Polls a file's size every 2 ms on a thread until dropped or stopped; the samples so far can
+/// be read while it runs.
 pub struct Growth {
+    samples: Samples,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(Instant, u64)>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Growth {
     #[must_use]
     pub fn watch(path: PathBuf) -> Self {
+        let samples: Samples = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let (out, flag) = (Arc::clone(&samples), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
-            let mut samples: Vec<(Instant, u64)> = Vec::new();
+            // The clients, servers and agents keep every CPU busy: at normal priority the
+            // watcher was late by more than a failure's whole stall.
+            crate::process::raise_thread_priority(-10);
+            let mut last = None;
             while !flag.load(Ordering::Relaxed) {
                 // Growth only: a file removed (size 0) after the download is no new data.
                 let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                if samples.last().is_none_or(|&(_, last)| size > last) {
-                    samples.push((Instant::now(), size));
+                if last.is_none_or(|last| size > last) {
+                    last = Some(size);
+                    out.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((Instant::now(), size));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }
-            samples
         });
-        Self { stop, thread: Some(thread) }
+        Self { samples, stop, thread: Some(thread) }
+    }
+
+    /// The samples so far.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<(Instant, u64)> {
+        self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The size last seen (0 before the first look).
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).last().map_or(0, |s| s.1)
     }
 
     /// Stops watching and returns the (time, size) samples at which the file grew.
     #[must_use]
     pub fn stop(mut self) -> Vec<(Instant, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+        self.halt();
+        self.snapshot()
     }
-}
 
-impl Drop for Growth {
-    fn drop(&mut self) {
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -53,15 +72,37 @@ impl Drop for Growth {
     }
 }
 
+impl Drop for Growth {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// The longest time the file did not grow after `since` (and before its last growth): the stall
 /// a failure at `since` caused.
 #[must_use]
 pub fn stall_after(samples: &[(Instant, u64)], since: Instant) -> Duration {
+    let last = samples.last().map_or(since, |s| s.0);
+    stall_until(samples, since, last).0
+}
+
+/// The longest time without growth from `since` until `end` (the next failure, or now), and
+/// when data came back after it (`None`: not before `end`).
+#[must_use]
+pub fn stall_until(samples: &[(Instant, u64)], since: Instant, end: Instant) -> (Duration, Option<Instant>) {
     let mut previous = since;
-    let mut longest = Duration::ZERO;
+    let mut longest = (Duration::ZERO, None);
     for &(at, _) in samples.iter().filter(|(at, _)| *at > since) {
-        longest = longest.max(at - previous);
+        if at >= end {
+            break;
+        }
+        if at - previous > longest.0 {
+            longest = (at - previous, Some(at));
+        }
         previous = at;
+    }
+    if end.saturating_duration_since(previous) > longest.0 {
+        longest = (end.saturating_duration_since(previous), None);
     }
     longest
 }

@@ -24,14 +24,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use netns_tests::{
-    PinDir, Process,
+    PinDir, Process, raise_thread_priority,
     clients::{Client, first_answers},
+    cluster::{Agents, Cluster},
     files::make_file,
+    watch::Growth,
     pair_topology::{PairTopology, VIP, backend_addr, client_addr, lb_addr},
     topology::status_in,
 };
 use serde_json::{Value, json};
-use xdp_lb_common::BalanceCounter;
 
 const MIB: u64 = 1024 * 1024;
 const BACKENDS: usize = 3;
@@ -161,56 +162,6 @@ impl Spec {
     }
 }
 
-/// Size samples of a growing file, taken every 2 ms on a thread, readable while it runs.
-struct Sampler {
-    samples: Arc<Mutex<Vec<(Instant, u64)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Sampler {
-    fn watch(path: PathBuf) -> Self {
-        let samples = Arc::new(Mutex::new(vec![(Instant::now(), 0)]));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (out, flag) = (Arc::clone(&samples), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            observe_promptly(-10);
-            let mut last = 0;
-            while !flag.load(Ordering::Relaxed) {
-                let size = file_len(&path).unwrap_or(0);
-                if size != last {
-                    last = size;
-                    out.lock().expect("sampler lock").push((Instant::now(), size));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Self { samples, stop, thread: Some(thread) }
-    }
-
-    fn snapshot(&self) -> Vec<(Instant, u64)> {
-        self.samples.lock().expect("sampler lock").clone()
-    }
-
-    fn last(&self) -> (Instant, u64) {
-        *self.samples.lock().expect("sampler lock").last().expect("one sample at least")
-    }
-
-    fn stop(&mut self) -> Vec<(Instant, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        self.snapshot()
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// The size of a file being downloaded (`None` before the client created it).
 fn file_len(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
@@ -228,7 +179,7 @@ struct Transfer {
     local: PathBuf,
     process: Process,
     bar: ProgressBar,
-    sampler: Sampler,
+    sampler: Growth,
     started: Instant,
     exited: Option<Instant>,
 }
@@ -332,87 +283,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The topology with every process of a run; dropping it stops them and removes everything.
-struct Running {
-    // Processes first: they stop before their namespaces go.
-    backends: Vec<Option<Process>>,
-    lbs: [Option<Process>; 2],
-    switch: Process,
-    killed: Vec<Process>,
-    topo: PairTopology,
-}
-
-impl Running {
-    fn start(clients: usize) -> anyhow::Result<Self> {
-        let topo = PairTopology::new(clients, BACKENDS).context("creating namespaces (are you root?)")?;
-        let backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_, _>>()?;
-        let lbs = [Some(topo.start_lb(0, &[])?), Some(topo.start_lb(1, &[])?)];
-        let switch = topo.start_switch(&[])?;
-        let running = Self { backends, lbs, switch, killed: Vec::new(), topo };
-        for lb in 0..2 {
-            running.wait(&format!("{BACKENDS} live backends at LB {}", lb_addr(lb)), || {
-                (running.topo.lb_status(lb).ok()?.live_backends() >= BACKENDS).then_some(())
-            })?;
-        }
-        running.wait("the switch to reach both LBs", || {
-            let lbs = running.topo.switch_status().ok()?.lbs;
-            (lbs.len() == 2 && lbs.iter().all(|lb| lb.reachable)).then_some(())
-        })?;
-        Ok(running)
-    }
-
-    /// Polls `check` every 20 ms for up to 20 s; fails with the agents' logs.
-    fn wait<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            check_interrupted()?;
-            if let Some(value) = check() {
-                return Ok(value);
-            }
-            if Instant::now() > deadline {
-                bail!("timed out waiting for {what}\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn logs(&self) -> String {
-        let mut all = format!("--- switch log\n{}", self.switch.log());
-        for (i, lb) in self.lbs.iter().enumerate() {
-            if let Some(lb) = lb {
-                let _ = write!(all, "\n--- LB {} log\n{}", lb_addr(i), lb.log());
-            }
-        }
-        for (i, backend) in self.backends.iter().enumerate() {
-            if let Some(backend) = backend {
-                let _ = write!(all, "\n--- backend {} log\n{}", backend_addr(i), backend.log());
-            }
-        }
-        all + &self.topo.counters_summary()
-    }
-
-    /// The balancer the switch calls active.
-    fn active_lb(&self) -> Option<usize> {
-        active_lb(self.topo.switch_pins.path())
-    }
-
-    /// The backend serving client 0, from the active balancer's table (else the other one's).
-    fn serving_backend(&self, active: usize) -> Option<usize> {
-        serving_backend(&[self.topo.lb_pins[0].path().to_path_buf(), self.topo.lb_pins[1].path().to_path_buf()], active)
-    }
-
-    /// Replies both balancers delivered to clients (packets, bytes), from their pinned counters,
-    /// which outlive a killed agent.
-    fn delivered(&self) -> (u64, u64) {
-        let mut total = (0, 0);
-        for lb in 0..2 {
-            let Ok(status) = self.topo.lb_status(lb) else { continue };
-            for counter in [BalanceCounter::ToClient, BalanceCounter::Relearned].map(|c| status.counter(c)) {
-                total.0 += counter.packets;
-                total.1 += counter.bytes;
-            }
-        }
-        total
+/// Polls `check` every 20 ms for up to 20 s (stopped by Ctrl-C); fails with the agents' logs.
+fn wait<T>(cluster: &Cluster, what: &str, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let waited = netns_tests::wait_for(what, 20, || if INTERRUPTED.load(Ordering::Relaxed) { Some(None) } else { check().map(Some) });
+    match waited {
+        Ok(Some(value)) => Ok(value),
+        Ok(None) => check_interrupted().and_then(|()| bail!("interrupted")),
+        Err(error) => bail!("{error}\n{}", cluster.logs()),
     }
 }
 
@@ -449,7 +326,7 @@ impl Targets {
         let stop = Arc::new(AtomicBool::new(false));
         let (out, flag) = (Arc::clone(&view), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
-            observe_promptly(-10);
+            raise_thread_priority(-10);
             while !flag.load(Ordering::Relaxed) && !INTERRUPTED.load(Ordering::Relaxed) {
                 let active = active_lb(&switch_pins);
                 let serving = active.and_then(|a| serving_backend(&lb_pins, a));
@@ -539,7 +416,8 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     };
     println!("\n=== run {title}: {} clients, switch, 2 LBs, {BACKENDS} backends; {plan}", specs.len());
     let setup = Instant::now();
-    let mut running = Running::start(specs.len())?;
+    let topo = PairTopology::new(specs.len(), BACKENDS).context("creating namespaces (are you root?)")?;
+    let mut running = Cluster::try_start_on(topo, &Agents::default())?;
     let root = running.topo.root.clone();
     make_file(&root.join("boot.img"), usize::try_from(args.size_mib * MIB)?, 42)?;
     make_file(&root.join("small.img"), usize::try_from(args.small_mib * MIB)?, 43)?;
@@ -554,7 +432,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     check_interrupted()?;
     let warm = Instant::now();
     warm_up(&running, &["boot.img", "small.img"])?;
-    let (warm_packets, warm_bytes) = running.delivered();
+    let (warm_packets, warm_bytes) = running.delivered_bytes();
     println!("    warm-up done in {:.1} s (every backend hashed every file; {warm_packets} replies)", warm.elapsed().as_secs_f64());
     for client in &running.topo.clients[..specs.len()] {
         arrivals::count_data(client)?;
@@ -578,7 +456,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
             let process = Process::spawn(running.topo.prefix.name(&format!("demo-client{i}")), command)?;
             let label = spec.label(i);
             let bar = bars.add(ProgressBar::new(spec.size).with_style(style.clone()).with_prefix(label.clone()));
-            Ok(Transfer { spec: spec.clone(), label, sampler: Sampler::watch(local.clone()), local, process, bar, started: Instant::now(), exited: None })
+            Ok(Transfer { spec: spec.clone(), label, sampler: Growth::watch(local.clone()), local, process, bar, started: Instant::now(), exited: None })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -598,15 +476,15 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
     let deadline = started + Duration::from_secs(args.timeout_secs);
     // The clients, servers and agents keep both CPUs busy: watched at normal priority, the
     // first transfer was seen at 30% only when it was done, and no failure hit it.
-    observe_promptly(-10);
+    raise_thread_priority(-10);
     loop {
         check_interrupted()?;
         let now = Instant::now();
         for t in &mut transfers {
-            t.bar.set_position(t.sampler.last().1);
+            t.bar.set_position(t.sampler.bytes());
             if t.exited.is_none() && !t.process.is_running() {
                 t.exited = Some(now);
-                t.bar.set_position(t.sampler.last().1);
+                t.bar.set_position(t.sampler.bytes());
                 if t.process.wait(Duration::ZERO).is_some_and(|s| s.success()) {
                     t.bar.finish_with_message("done");
                 } else {
@@ -616,7 +494,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         }
         // Inject the next failure once the first transfer is far enough (and not done: a client
         // lingers a moment after its last block).
-        let first_got = transfers[0].sampler.last().1;
+        let first_got = transfers[0].sampler.bytes();
         if let Some(&(fail, at)) = pending.last()
             && trigger::due(first_got, transfers[0].spec.size, at)
         {
@@ -628,9 +506,9 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
             let (cached_active, cached_serving) = targets.get();
             let active = match cached_active {
                 Some(active) => active,
-                None => running.active_lb().context("no active LB at the switch")?,
+                None => running.topo.active_lb().context("no active LB at the switch")?,
             };
-            let serving = cached_serving.or_else(|| running.serving_backend(active));
+            let serving = cached_serving.or_else(|| serving_backend(&[running.topo.lb_pins[0].path().to_path_buf(), running.topo.lb_pins[1].path().to_path_buf()], active));
             // Where the first transfer stands as the kill begins: where it landed.
             let kill_started = Instant::now();
             let bytes = file_len(&transfers[0].local).unwrap_or(first_got);
@@ -733,7 +611,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         // A fast transfer moves ~1% per 6 ms: look often while a failure is still to come.
         std::thread::sleep(Duration::from_millis(if pending.is_empty() { 10 } else { 2 }));
     }
-    observe_promptly(0);
+    raise_thread_priority(0);
     drop(targets);
     drop(bars);
 
@@ -772,7 +650,7 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
         });
         let _ = std::fs::remove_file(&t.local);
     }
-    let (delivered, delivered_bytes) = running.delivered();
+    let (delivered, delivered_bytes) = running.delivered_bytes();
     let (delivered, delivered_bytes) = (delivered.saturating_sub(warm_packets), delivered_bytes.saturating_sub(warm_bytes));
     let needed: u64 = specs.iter().map(|s| s.needed).sum();
     let needed_bytes: u64 = specs.iter().map(|s| s.size + s.needed * REPLY_OVERHEAD).sum();
@@ -810,13 +688,13 @@ fn run_once(title: &'static str, specs: &[Spec], failures: &[(Fail, u8)], args: 
 /// transfers, every file is requested once per backend (three requests at once: the balancer
 /// spreads them by load) and each request is ended with a TFTP ERROR at its first answer,
 /// so every backend has every digest cached and no session is left behind.
-fn warm_up(running: &Running, files: &[&str]) -> anyhow::Result<()> {
+fn warm_up(running: &Cluster, files: &[&str]) -> anyhow::Result<()> {
     for file in files {
         // One request per backend at once: least-loaded spreads them, each hashes the file.
         let answers = running.topo.clients[0].enter(|| first_answers(VIP, TFTP_PORT, file, &[("blksize", "1468")], BACKENDS, Duration::from_secs(15)));
         answers?.with_context(|| format!("warm-up of {file}"))?;
     }
-    running.wait("every backend live after the warm-up", || {
+    wait(running, "every backend live after the warm-up", || {
         (running.topo.lb_status(0).ok()?.live_backends() == BACKENDS).then_some(())
     })?;
     // A backend that was busy hashing when its request moved elsewhere still answers it (the
@@ -923,16 +801,6 @@ the packets the files need."
 /// A transfer's DATA received twice, for the table.
 fn twice_text(twice: Option<(u64, u64)>) -> String {
     twice.map_or_else(|| "?".to_owned(), |(packets, bytes)| format!("{packets} pkts, {} KiB", bytes / 1024))
-}
-
-/// Sets the calling thread's nice value (root may go below 0): the demo's watchers run ahead
-/// of the transfers they watch. Without the privilege it says so and carries on.
-fn observe_promptly(nice: libc::c_int) {
-    // SAFETY: gettid and setpriority on this thread's own id have no memory effects.
-    let done = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid().cast_unsigned(), nice) } == 0;
-    if !done {
-        eprintln!("(cannot set the demo's priority to {nice}: {})", std::io::Error::last_os_error());
-    }
 }
 
 /// Writes `demo.json` and `demo-timeline.png` under `--out`.

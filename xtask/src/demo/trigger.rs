@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use netns_tests::watch::stall_until;
+
 /// A gap shorter than this after a failure is no stall (the sampler polls every 2 ms, and
 /// windows arrive in bursts).
 pub const NO_STALL: Duration = Duration::from_millis(20);
@@ -24,27 +26,6 @@ pub fn percent(received: u64, size: u64) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "a percentage for people")]
     let share = received as f64 * 100.0 / size.max(1) as f64;
     share
-}
-
-/// The stall a failure at `since` caused: the longest time without growth from `since` until
-/// `end` (the next failure, or now), and when data came back after it (`None`: not before `end`).
-#[must_use]
-pub fn stall(samples: &[(Instant, u64)], since: Instant, end: Instant) -> (Duration, Option<Instant>) {
-    let mut previous = since;
-    let mut longest = (Duration::ZERO, None);
-    for &(at, _) in samples.iter().filter(|(at, _)| *at > since) {
-        if at >= end {
-            break;
-        }
-        if at - previous > longest.0 {
-            longest = (at - previous, Some(at));
-        }
-        previous = at;
-    }
-    if end.saturating_duration_since(previous) > longest.0 {
-        longest = (end.saturating_duration_since(previous), None);
-    }
-    longest
 }
 
 /// What followed a failure in one transfer, once it is known.
@@ -78,7 +59,7 @@ impl Aftermath {
 pub fn settle(samples: &[(Instant, u64)], since: Instant, next: Option<Instant>, ended: bool, now: Instant) -> Option<Aftermath> {
     let last = samples.last().map_or(now, |s| s.0);
     let end = next.unwrap_or(if ended { last } else { now });
-    let (gap, resumed) = stall(samples, since, end);
+    let (gap, resumed) = stall_until(samples, since, end);
     let flowing = resumed.is_some_and(|r| now.saturating_duration_since(r) >= FLOWING_AGAIN);
     if let Some(next) = next {
         // Data that had not come back by the next failure, or came back only just before it,
