@@ -18,8 +18,9 @@ use xdp_lb_common::{
 };
 
 use crate::{
+    clock::monotonic_ns,
     control::{self, BackendView, Detector, Outcome},
-    loader,
+    ifaces, loader,
     maps::{self, LbMaps},
     pair::{self, Pair},
     pins,
@@ -129,14 +130,14 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
 async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) -> anyhow::Result<()> {
     let address = match args.address {
         Some(address) => address,
-        None => interface_address(&args.interfaces[0], args.vip)?,
+        None => ifaces::interface_address(&args.interfaces[0], args.vip)?,
     };
     let pin_dir = pins::prepare_role_dir(pin_root, ROLE_BALANCE)?;
     let mut ebpf = loader::load_pinned(&pin_dir, maps::ALL)?;
     let mut lb_maps = LbMaps::take(&mut ebpf)?;
     let events = pair::watch_events(maps::events(&mut ebpf)?)?;
     let mut own_macs = maps::own_macs(&mut ebpf)?;
-    for (ifindex, mac) in interface_macs(&args.interfaces)? {
+    for (ifindex, mac) in ifaces::interface_macs(&args.interfaces)? {
         own_macs.insert(ifindex, mac, 0).context("writing LB_OWN_MACS")?;
     }
     configure(&mut lb_maps, args, address)?;
@@ -144,7 +145,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) ->
     let backend_side = if args.backend_interfaces.is_empty() { &args.interfaces } else { &args.backend_interfaces };
     let mut backend_ifaces = maps::backend_ifaces(&mut ebpf)?;
     for iface in backend_side {
-        backend_ifaces.insert(loader::interface_index(iface)?, BACKEND_FACING, 0).context("writing LB_BACKEND_IFACES")?;
+        backend_ifaces.insert(ifaces::interface_index(iface)?, BACKEND_FACING, 0).context("writing LB_BACKEND_IFACES")?;
     }
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
@@ -525,83 +526,4 @@ impl Agent {
         }
         Ok(())
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// The index and MAC address of each interface, from the link-layer entries of getifaddrs (in
-/// this network namespace, unlike /sys/class/net under `nsenter --net`).
-fn interface_macs(interfaces: &[String]) -> anyhow::Result<Vec<(u32, [u8; 6])>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list that we free below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut found = Vec::new();
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned.
-        let entry = unsafe { &*cursor };
-        cursor = entry.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }.to_string_lossy();
-        // SAFETY: ifa_addr, when set, points to a sockaddr.
-        if entry.ifa_addr.is_null() || i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_PACKET {
-            continue;
-        }
-        if !interfaces.iter().any(|i| *i == name) {
-            continue;
-        }
-        // SAFETY: AF_PACKET addresses are sockaddr_ll; read unaligned to be safe.
-        let ll = unsafe { entry.ifa_addr.cast::<libc::sockaddr_ll>().read_unaligned() };
-        if ll.sll_halen == 6 {
-            let mut mac = [0u8; 6];
-            mac.copy_from_slice(&ll.sll_addr[..6]);
-            found.push((u32::try_from(ll.sll_ifindex)?, mac));
-        }
-    }
-    // SAFETY: frees the list from getifaddrs once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(found)
-}
-
-/// The first IPv4 address of `iface` other than `exclude`.
-fn interface_address(iface: &str, exclude: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list that we free below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut found = None;
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned.
-        let entry = unsafe { &*cursor };
-        cursor = entry.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, a sockaddr.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
-        if name.to_bytes() != iface.as_bytes() || entry.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: as above.
-        if i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: AF_INET addresses are sockaddr_in; read unaligned to be safe.
-        let sin = unsafe { entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned() };
-        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        if addr != exclude {
-            found = Some(addr);
-            break;
-        }
-    }
-    // SAFETY: frees the list from getifaddrs once.
-    unsafe { libc::freeifaddrs(list) };
-    found.with_context(|| format!("{iface} has no IPv4 address besides the VIP; pass --address"))
 }

@@ -19,8 +19,7 @@ const CLIENT: [u8; 4] = [10, 77, 0, 50];
 const RRQ: &[u8] = b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00";
 
 fn fixture(backends: u32) -> Fixture {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
+    assert!(nix::unistd::geteuid().is_root(), "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
     Fixture::new(backends).expect("load balance")
 }
 

@@ -1,11 +1,13 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
 mod batch;
+mod clock;
 mod config;
 mod control;
 mod control_auth;
 #[cfg(test)]
 mod hostile_tests;
+mod ifaces;
 #[cfg(test)]
 mod kernel_tests;
 mod loader;

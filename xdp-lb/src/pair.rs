@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use xdp_lb_common::{ClientKey, Session, SessionEvent, maps::BACKEND_UNUSED};
 
 use crate::{
-    balance::monotonic_ns,
+    clock::monotonic_ns,
     control_auth::{AuthArgs, Control, Received, Stats},
     maps::{self, LbMaps},
     pair_wire::{Keyring, Message, Sender},

@@ -18,10 +18,10 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    balance::monotonic_ns,
+    clock::monotonic_ns,
     control::{self, BackendView, Detector, Outcome},
     control_auth::{AuthArgs, Control, Stats},
-    loader,
+    ifaces, loader,
     maps::{self, SWITCH_ALL, SwitchMaps},
     pair_wire::{Keyring, Message, Sender},
     pins,
@@ -105,7 +105,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
     // Before attaching: the new program drops balancers' frames from any other interface.
     let mut lb_ifaces = maps::lb_ifaces(&mut ebpf)?;
     for iface in &args.lb_interfaces {
-        lb_ifaces.insert(loader::interface_index(iface)?, LB_FACING, 0).context("writing SW_LB_IFACES")?;
+        lb_ifaces.insert(ifaces::interface_index(iface)?, LB_FACING, 0).context("writing SW_LB_IFACES")?;
     }
     // Pinned links: a killed agent leaves the switch steering; the next one re-adopts them.
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode, &pin_dir)?;
