@@ -22,7 +22,7 @@ use crate::{
     control::{self, BackendView, Detector, Outcome},
     ifaces, loader,
     maps::{self, LbMaps},
-    pair::{self, Pair},
+    pair::{self, Pair, PairEvent},
     pins,
     planner::{self, Occasion},
 };
@@ -280,9 +280,9 @@ impl Agent {
                     self.pair.announce(&changed, &self.maps).await;
                     self.seek(args.vip, unknown.iter().map(|e| e.key)).await;
                 }
-                received = self.pair.socket.recv_from(&mut control) => {
+                received = self.pair.recv(&mut control) => {
                     let Ok((len, from)) = received else { continue };
-                    if self.pair.on_datagram(&control[..len], from, &mut self.maps).await {
+                    if self.pair.on_datagram(&control[..len], from, &mut self.maps).await == PairEvent::Promoted {
                         self.take_over().await?;
                     }
                 }
@@ -417,7 +417,7 @@ impl Agent {
     /// rules: recent clients first; a backup only rewrites, it nudges when it takes over).
     /// Returns (moved, nudged, left for the next tick).
     async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize, usize)> {
-        let nudging = self.pair.role != pair::Role::Backup;
+        let nudging = self.pair.role() != pair::Role::Backup;
         let plan = planner::plan(Occasion::BackendDied(u32::try_from(dead)?), views, self.maps.sessions(), monotonic_ns(), nudging, MOVE_BATCH);
         if plan.stranded > 0 {
             warn!(stranded = plan.stranded, "no live backend to move sessions to");
