@@ -32,21 +32,28 @@ use crate::{
 /// sessions of a request flood must not stall the agent's loop.
 const MOVE_BATCH: usize = 2048;
 
-#[derive(clap::Args)]
+/// The options of `xdp-lb balance`, from the command line or a `--config` file (serde names are
+/// the long option names).
+#[derive(clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Args {
     /// Interface to attach the `balance` XDP program to; repeat for several (client side and
     /// backend side).
     #[arg(long = "iface", value_name = "IFACE", required = true)]
+    #[serde(rename = "iface")]
     interfaces: Vec<String>,
 
     /// The service address (VIP) clients send TFTP requests to. It must be configured on this
     /// host so it answers ARP for it.
-    #[arg(long, value_name = "IPV4")]
+    // Required on the command line unless a --config file gives it; the hidden default only
+    // lets the command line parse without it before the file's value replaces it (config.rs).
+    #[arg(long, value_name = "IPV4", required = true, default_value_t = Ipv4Addr::UNSPECIFIED, hide_default_value = true)]
     vip: Ipv4Addr,
 
     /// A backend's steered-mode address (`tftp-backend --steered --listen ADDR:PORT`); repeat
     /// for each, up to 16.
     #[arg(long = "backend", value_name = "ADDR:PORT", required = true)]
+    #[serde(rename = "backend")]
     backends: Vec<SocketAddrV4>,
 
     /// This balancer's own address toward the backends (source of steered packets; backends
@@ -59,6 +66,7 @@ pub struct Args {
     steer_port: u16,
 
     #[command(flatten)]
+    #[serde(flatten)]
     watchdog: control::WatchdogArgs,
 
     /// Sessions whose client has been quiet this long are forgotten (seconds).
@@ -76,6 +84,7 @@ pub struct Args {
     /// `drop_backend_wrong_side`. Default: every --iface (one interface for clients and
     /// backends); give it where the backends have their own network.
     #[arg(long = "backend-iface", value_name = "IFACE")]
+    #[serde(rename = "backend-iface")]
     backend_interfaces: Vec<String>,
 
     /// Requests (RRQ/WRQ) admitted per second from one client address, on average; more are
@@ -111,6 +120,7 @@ pub struct Args {
     new_session_burst: u32,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pair: pair::PairArgs,
 }
 

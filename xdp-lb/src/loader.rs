@@ -20,7 +20,8 @@ use crate::{ifaces, pins};
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb"));
 
 /// How to attach XDP programs (`--xdp-mode`).
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode when the driver supports it, generic otherwise: the kernel decides.
     #[default]

@@ -30,7 +30,8 @@ use crate::{
     pair_wire::{Keyring, Message, Sender},
 };
 
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PairArgs {
     /// The other load balancer of the pair: the ADDR:PORT of its --control-port. While this
     /// balancer is active it mirrors its sessions there. Both must list the same --backend
@@ -47,6 +48,7 @@ pub struct PairArgs {
     pub sync_ms: u64,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub auth: AuthArgs,
 }
 
