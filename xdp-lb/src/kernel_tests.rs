@@ -412,13 +412,11 @@ fn a_backend_reply_from_the_clients_side_is_dropped_and_teaches_nothing() {
 /// Keeps the calling thread on CPU 0: `LB_SESSION_BUDGET` is per CPU, and BPF_PROG_TEST_RUN
 /// runs the program on the CPU of its caller.
 fn on_cpu_zero() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity on the
-    // calling thread (pid 0) with the set's true size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set), 0, "pin to CPU 0");
-    }
+    use nix::{sched::CpuSet, unistd::Pid};
+    let mut set = CpuSet::new();
+    set.set(0).expect("CPU 0 fits in a CPU set");
+    // Pid 0: the calling thread.
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("pin to CPU 0");
 }
 
 /// The new-session budget caps requests from every address together (each of its own /24,
