@@ -60,17 +60,20 @@ where
     C: CommandFactory + FromArgMatches + Serialize + DeserializeOwned,
 {
     let mut strict = with_config_flag(C::command());
-    let lenient = relax_required(strict.clone());
-    // A command line the lenient parse rejects is rejected by the strict one too: its message.
-    let Ok(matches) = lenient.try_get_matches_from(&args) else {
-        return Ok(C::from_arg_matches(&strict.try_get_matches_from(args)?)?);
+    // Without a file: clap alone, with its own checks and messages (also for a command line the
+    // lenient parse below rejects: the strict one rejects it too).
+    let clap_alone = |mut strict: Command, args: Vec<OsString>| -> anyhow::Result<C> {
+        let matches = strict.try_get_matches_from_mut(args)?;
+        Ok(C::from_arg_matches(&matches).map_err(|error| error.format(&mut strict))?)
+    };
+    let Ok(matches) = relax_required(strict.clone()).try_get_matches_from(&args) else {
+        return clap_alone(strict, args);
     };
     let Some((name, sub_matches)) = matches.subcommand().filter(|(name, _)| SUBCOMMANDS.contains(name)) else {
-        return Ok(C::from_arg_matches(&strict.try_get_matches_from(args)?)?);
+        return clap_alone(strict, args);
     };
     let Some(path) = sub_matches.get_one::<PathBuf>(FLAG) else {
-        // No file: clap alone, with its own checks and messages.
-        return Ok(C::from_arg_matches(&strict.try_get_matches_from(args)?)?);
+        return clap_alone(strict, args);
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the configuration file {}", path.display()))?;
     let from_command_line = C::from_arg_matches(&matches).map_err(|error| error.format(&mut strict))?;
