@@ -18,10 +18,11 @@ use xdp_lb_common::{
 };
 
 use crate::{
+    clock::monotonic_ns,
     control::{self, BackendView, Detector, Outcome},
-    loader,
+    ifaces, loader,
     maps::{self, LbMaps},
-    pair::{self, Pair},
+    pair::{self, Pair, PairEvent},
     pins,
     planner::{self, Occasion},
 };
@@ -31,21 +32,28 @@ use crate::{
 /// sessions of a request flood must not stall the agent's loop.
 const MOVE_BATCH: usize = 2048;
 
-#[derive(clap::Args)]
+/// The options of `xdp-lb balance`, from the command line or a `--config` file (serde names are
+/// the long option names).
+#[derive(clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Args {
     /// Interface to attach the `balance` XDP program to; repeat for several (client side and
     /// backend side).
     #[arg(long = "iface", value_name = "IFACE", required = true)]
+    #[serde(rename = "iface")]
     interfaces: Vec<String>,
 
     /// The service address (VIP) clients send TFTP requests to. It must be configured on this
     /// host so it answers ARP for it.
-    #[arg(long, value_name = "IPV4")]
+    // Required on the command line unless a --config file gives it; the hidden default only
+    // lets the command line parse without it before the file's value replaces it (config.rs).
+    #[arg(long, value_name = "IPV4", required = true, default_value_t = Ipv4Addr::UNSPECIFIED, hide_default_value = true)]
     vip: Ipv4Addr,
 
     /// A backend's steered-mode address (`tftp-backend --steered --listen ADDR:PORT`); repeat
     /// for each, up to 16.
     #[arg(long = "backend", value_name = "ADDR:PORT", required = true)]
+    #[serde(rename = "backend")]
     backends: Vec<SocketAddrV4>,
 
     /// This balancer's own address toward the backends (source of steered packets; backends
@@ -58,6 +66,7 @@ pub struct Args {
     steer_port: u16,
 
     #[command(flatten)]
+    #[serde(flatten)]
     watchdog: control::WatchdogArgs,
 
     /// Sessions whose client has been quiet this long are forgotten (seconds).
@@ -75,6 +84,7 @@ pub struct Args {
     /// `drop_backend_wrong_side`. Default: every --iface (one interface for clients and
     /// backends); give it where the backends have their own network.
     #[arg(long = "backend-iface", value_name = "IFACE")]
+    #[serde(rename = "backend-iface")]
     backend_interfaces: Vec<String>,
 
     /// Requests (RRQ/WRQ) admitted per second from one client address, on average; more are
@@ -110,6 +120,7 @@ pub struct Args {
     new_session_burst: u32,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pair: pair::PairArgs,
 }
 
@@ -129,14 +140,14 @@ pub fn run(pin_root: &Path, args: &Args) -> anyhow::Result<()> {
 async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) -> anyhow::Result<()> {
     let address = match args.address {
         Some(address) => address,
-        None => interface_address(&args.interfaces[0], args.vip)?,
+        None => ifaces::interface_address(&args.interfaces[0], args.vip)?,
     };
     let pin_dir = pins::prepare_role_dir(pin_root, ROLE_BALANCE)?;
     let mut ebpf = loader::load_pinned(&pin_dir, maps::ALL)?;
     let mut lb_maps = LbMaps::take(&mut ebpf)?;
     let events = pair::watch_events(maps::events(&mut ebpf)?)?;
     let mut own_macs = maps::own_macs(&mut ebpf)?;
-    for (ifindex, mac) in interface_macs(&args.interfaces)? {
+    for (ifindex, mac) in ifaces::interface_macs(&args.interfaces)? {
         own_macs.insert(ifindex, mac, 0).context("writing LB_OWN_MACS")?;
     }
     configure(&mut lb_maps, args, address)?;
@@ -144,7 +155,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: crate::pair_wire::Keyring) ->
     let backend_side = if args.backend_interfaces.is_empty() { &args.interfaces } else { &args.backend_interfaces };
     let mut backend_ifaces = maps::backend_ifaces(&mut ebpf)?;
     for iface in backend_side {
-        backend_ifaces.insert(loader::interface_index(iface)?, BACKEND_FACING, 0).context("writing LB_BACKEND_IFACES")?;
+        backend_ifaces.insert(ifaces::interface_index(iface)?, BACKEND_FACING, 0).context("writing LB_BACKEND_IFACES")?;
     }
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_BALANCE, &args.interfaces, args.xdp_mode, &pin_dir)?;
     let socket = UdpSocket::bind(SocketAddrV4::new(address, args.steer_port))
@@ -279,9 +290,9 @@ impl Agent {
                     self.pair.announce(&changed, &self.maps).await;
                     self.seek(args.vip, unknown.iter().map(|e| e.key)).await;
                 }
-                received = self.pair.socket.recv_from(&mut control) => {
+                received = self.pair.recv(&mut control) => {
                     let Ok((len, from)) = received else { continue };
-                    if self.pair.on_datagram(&control[..len], from, &mut self.maps).await {
+                    if self.pair.on_datagram(&control[..len], from, &mut self.maps).await == PairEvent::Promoted {
                         self.take_over().await?;
                     }
                 }
@@ -416,7 +427,7 @@ impl Agent {
     /// rules: recent clients first; a backup only rewrites, it nudges when it takes over).
     /// Returns (moved, nudged, left for the next tick).
     async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize, usize)> {
-        let nudging = self.pair.role != pair::Role::Backup;
+        let nudging = self.pair.role() != pair::Role::Backup;
         let plan = planner::plan(Occasion::BackendDied(u32::try_from(dead)?), views, self.maps.sessions(), monotonic_ns(), nudging, MOVE_BATCH);
         if plan.stranded > 0 {
             warn!(stranded = plan.stranded, "no live backend to move sessions to");
@@ -525,83 +536,4 @@ impl Agent {
         }
         Ok(())
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// The index and MAC address of each interface, from the link-layer entries of getifaddrs (in
-/// this network namespace, unlike /sys/class/net under `nsenter --net`).
-fn interface_macs(interfaces: &[String]) -> anyhow::Result<Vec<(u32, [u8; 6])>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list that we free below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut found = Vec::new();
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned.
-        let entry = unsafe { &*cursor };
-        cursor = entry.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }.to_string_lossy();
-        // SAFETY: ifa_addr, when set, points to a sockaddr.
-        if entry.ifa_addr.is_null() || i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_PACKET {
-            continue;
-        }
-        if !interfaces.iter().any(|i| *i == name) {
-            continue;
-        }
-        // SAFETY: AF_PACKET addresses are sockaddr_ll; read unaligned to be safe.
-        let ll = unsafe { entry.ifa_addr.cast::<libc::sockaddr_ll>().read_unaligned() };
-        if ll.sll_halen == 6 {
-            let mut mac = [0u8; 6];
-            mac.copy_from_slice(&ll.sll_addr[..6]);
-            found.push((u32::try_from(ll.sll_ifindex)?, mac));
-        }
-    }
-    // SAFETY: frees the list from getifaddrs once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(found)
-}
-
-/// The first IPv4 address of `iface` other than `exclude`.
-fn interface_address(iface: &str, exclude: Ipv4Addr) -> anyhow::Result<Ipv4Addr> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs allocates a list that we free below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("getifaddrs");
-    }
-    let mut found = None;
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: cursor walks the list getifaddrs returned.
-        let entry = unsafe { &*cursor };
-        cursor = entry.ifa_next;
-        // SAFETY: ifa_name is a NUL-terminated string; ifa_addr, when set, a sockaddr.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
-        if name.to_bytes() != iface.as_bytes() || entry.ifa_addr.is_null() {
-            continue;
-        }
-        // SAFETY: as above.
-        if i32::from(unsafe { (*entry.ifa_addr).sa_family }) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: AF_INET addresses are sockaddr_in; read unaligned to be safe.
-        let sin = unsafe { entry.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned() };
-        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        if addr != exclude {
-            found = Some(addr);
-            break;
-        }
-    }
-    // SAFETY: frees the list from getifaddrs once.
-    unsafe { libc::freeifaddrs(list) };
-    found.with_context(|| format!("{iface} has no IPv4 address besides the VIP; pass --address"))
 }

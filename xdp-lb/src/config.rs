@@ -1,5 +1,5 @@
-//! `xdp-lb balance --config FILE`: a TOML file whose keys are the subcommand's long flag names,
-//! expanded into command-line arguments before clap parses them.
+//! `xdp-lb balance --config FILE` (and `switch`): a TOML file whose keys are the subcommand's
+//! long option names, read into the same typed options as the command line.
 //!
 //! ```toml
 //! vip = "10.0.0.100"
@@ -8,27 +8,30 @@
 //! dead-after-ms = 100
 //! ```
 //!
-//! Every key becomes `--key value` (an array: one `--key value` per element; `true` for a flag
-//! without value: `--key`, `false`: nothing), inserted right after the subcommand, so clap
-//! checks and converts the values exactly as it does on the command line. A key the command
-//! line also gives is left out: the command line wins, for lists too (its `--backend`s replace
-//! the file's instead of adding to them). Unknown keys are an error naming the key.
+//! The options structs are clap's and serde's at once, their serde names the long option names.
+//! clap parses the command line (with the subcommand's required options relaxed, the file may
+//! give them); the result is serialized, every file key the command line did not give (long,
+//! `--key=value` or short form: clap's own record of where a value came from) replaces its
+//! value, and serde reads the result back. So the command line wins, for lists too (its
+//! `--backend`s replace the file's instead of adding to them), the file's values are typed by
+//! serde (a string where a number belongs is an error naming the key), and an unknown key is
+//! an error naming the key. A required option given neither way is an error as without a file.
 
-use std::ffi::OsString;
+use std::{ffi::OsString, path::PathBuf};
 
 use anyhow::{Context as _, bail};
-use clap::{Arg, Command};
+use clap::{Arg, ArgMatches, Command, CommandFactory, FromArgMatches, parser::ValueSource};
+use serde::{Serialize, de::DeserializeOwned};
 
 /// The flag that names the file.
 const FLAG: &str = "config";
 
 /// Subcommands that accept `--config`.
-pub const SUBCOMMANDS: &[&str] = &["balance", "switch"];
+const SUBCOMMANDS: &[&str] = &["balance", "switch"];
 
-/// Adds `--config FILE` to the subcommands that read a configuration file, for `--help` and so
-/// that clap accepts it after the expansion.
+/// Adds `--config FILE` to the subcommands that read a configuration file.
 #[must_use]
-pub fn with_config_flag(mut command: Command) -> Command {
+fn with_config_flag(mut command: Command) -> Command {
     for &name in SUBCOMMANDS {
         if command.find_subcommand(name).is_none() {
             continue;
@@ -38,7 +41,7 @@ pub fn with_config_flag(mut command: Command) -> Command {
                 Arg::new(FLAG)
                     .long(FLAG)
                     .value_name("FILE")
-                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .value_parser(clap::value_parser!(PathBuf))
                     .help("Read options from a TOML file: keys are the long option names (`vip = \"10.0.0.1\"`, `backend = [\"10.0.0.2:7000\"]`, `dead-after-ms = 100`); options given on the command line win"),
             )
         });
@@ -46,111 +49,100 @@ pub fn with_config_flag(mut command: Command) -> Command {
     command
 }
 
-/// Expands `--config FILE` in `args` (the whole command line, program name first) into the
-/// file's options, placed after the subcommand and before the command line's own. The
-/// arguments are returned unchanged when there is no `--config`.
-pub fn expand(args: Vec<OsString>, command: &Command) -> anyhow::Result<Vec<OsString>> {
-    let Some((path, subcommand_at)) = find_config(&args)? else {
-        return Ok(args);
+/// The command line `args` (program name first) as `C`, with the options of the file named by
+/// `--config` where the command line does not give them. Clap's errors (and `--help`) come back
+/// as a [`clap::Error`] inside the `anyhow::Error`, to be printed by `clap::Error::exit`.
+///
+/// `C` serializes as a table of its global options with one key per subcommand, the table of
+/// that subcommand's options (serde's `flatten` of an externally tagged subcommand enum).
+pub fn parse<C>(args: Vec<OsString>) -> anyhow::Result<C>
+where
+    C: CommandFactory + FromArgMatches + Serialize + DeserializeOwned,
+{
+    let mut strict = with_config_flag(C::command());
+    // Without a file: clap alone, with its own checks and messages (also for a command line the
+    // lenient parse below rejects: the strict one rejects it too).
+    let clap_alone = |mut strict: Command, args: Vec<OsString>| -> anyhow::Result<C> {
+        let matches = strict.try_get_matches_from_mut(args)?;
+        Ok(C::from_arg_matches(&matches).map_err(|error| error.format(&mut strict))?)
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the configuration file {}", path.display()))?;
-    let subcommand_name = args[subcommand_at].to_string_lossy().into_owned();
-    let subcommand = command
-        .find_subcommand(&subcommand_name)
-        .with_context(|| format!("--config is not supported by `{subcommand_name}`"))?;
-    let given = given_flags(&args[subcommand_at + 1..]);
-    let from_file = file_arguments(&text, command, subcommand, &given)
-        .with_context(|| format!("in the configuration file {}", path.display()))?;
-    let mut expanded = args;
-    expanded.splice((subcommand_at + 1)..=subcommand_at, from_file);
-    Ok(expanded)
+    let Ok(matches) = relax_required(strict.clone()).try_get_matches_from(&args) else {
+        return clap_alone(strict, args);
+    };
+    let Some((name, sub_matches)) = matches.subcommand().filter(|(name, _)| SUBCOMMANDS.contains(name)) else {
+        return clap_alone(strict, args);
+    };
+    let Some(path) = sub_matches.get_one::<PathBuf>(FLAG) else {
+        return clap_alone(strict, args);
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the configuration file {}", path.display()))?;
+    let from_command_line = C::from_arg_matches(&matches).map_err(|error| error.format(&mut strict))?;
+    let subcommand = strict.find_subcommand(name).context("the subcommand parsed is one of the command's")?;
+    merge(&text, &from_command_line, &strict, subcommand, [&matches, sub_matches])
+        .with_context(|| format!("in the configuration file {}", path.display()))
 }
 
-/// The path after `--config` and the index of the subcommand it follows, if any.
-fn find_config(args: &[OsString]) -> anyhow::Result<Option<(std::path::PathBuf, usize)>> {
-    let mut found = None;
-    let mut subcommand_at = None;
-    let mut i = 1;
-    while i < args.len() {
-        let arg = args[i].to_string_lossy();
-        if arg == "--" {
-            break;
+/// The subcommands that take `--config` without `required`: the file may give those options.
+fn relax_required(mut command: Command) -> Command {
+    for &name in SUBCOMMANDS {
+        if command.find_subcommand(name).is_some() {
+            command = command.mut_subcommand(name, |sub| sub.mut_args(|arg| arg.required(false)));
         }
-        if subcommand_at.is_none() && SUBCOMMANDS.contains(&arg.as_ref()) {
-            subcommand_at = Some(i);
-        }
-        let value = if arg == "--config" {
-            i += 1;
-            Some(args.get(i).context("--config needs a FILE")?.into())
-        } else {
-            arg.strip_prefix("--config=").map(std::path::PathBuf::from)
-        };
-        if let Some(path) = value {
-            let at = subcommand_at.with_context(|| format!("--config goes after the subcommand ({})", SUBCOMMANDS.join(", ")))?;
-            if found.is_some() {
-                bail!("--config given more than once");
-            }
-            found = Some((path, at));
-        }
-        i += 1;
     }
-    Ok(found)
+    command
 }
 
-/// Long flags present in `args` (`--name` or `--name=value`).
-fn given_flags(args: &[OsString]) -> Vec<String> {
-    args.iter()
-        .map(|arg| arg.to_string_lossy())
-        .take_while(|arg| arg != "--")
-        .filter_map(|arg| Some(arg.strip_prefix("--")?.split('=').next()?.to_owned()))
-        .collect()
-}
-
-/// The arguments for the file's keys, skipping keys in `given`.
-fn file_arguments(text: &str, root: &Command, subcommand: &Command, given: &[String]) -> anyhow::Result<Vec<OsString>> {
-    let table: toml::Table = text.parse().context("not valid TOML")?;
-    let mut out = Vec::new();
-    for (key, value) in &table {
-        let arg = find_arg(root, subcommand, key)?;
-        if given.iter().any(|g| g == key) {
+/// `from_command_line` with the file's values for the options the command line did not give.
+fn merge<C: Serialize + DeserializeOwned>(
+    text: &str,
+    from_command_line: &C,
+    root: &Command,
+    subcommand: &Command,
+    matches: [&ArgMatches; 2],
+) -> anyhow::Result<C> {
+    let file: toml::Table = text.parse().context("not valid TOML")?;
+    let given = |arg: &Arg| matches.iter().any(|m| m.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine));
+    let mut tree = toml::Table::try_from(from_command_line).context("the options as a table")?;
+    for (key, value) in file.clone() {
+        let (arg, global) = find_arg(root, subcommand, &key)?;
+        if given(arg) {
             continue;
         }
-        let flag = OsString::from(format!("--{key}"));
-        let takes_value = arg.get_action().takes_values();
-        let items: Vec<&toml::Value> = match value {
-            toml::Value::Array(items) => items.iter().collect(),
-            single => vec![single],
+        let table = if global {
+            &mut tree
+        } else {
+            tree.entry(subcommand.get_name())
+                .or_insert_with(|| toml::Table::new().into())
+                .as_table_mut()
+                .context("the subcommand's options are a table")?
         };
-        for item in items {
-            match (item, takes_value) {
-                (toml::Value::Boolean(true), false) => out.push(flag.clone()),
-                (toml::Value::Boolean(false), false) => {}
-                (_, false) => bail!("`{key}` is a switch: set it to true or false"),
-                (toml::Value::Array(_) | toml::Value::Table(_), true) => {
-                    bail!("`{key}`: expected a value or an array of values, found a nested array or table")
-                }
-                (toml::Value::String(s), true) => out.extend([flag.clone(), s.into()]),
-                (toml::Value::Integer(n), true) => out.extend([flag.clone(), n.to_string().into()]),
-                (toml::Value::Float(x), true) => out.extend([flag.clone(), x.to_string().into()]),
-                (toml::Value::Boolean(b), true) => out.extend([flag.clone(), b.to_string().into()]),
-                (toml::Value::Datetime(d), true) => out.extend([flag.clone(), d.to_string().into()]),
-            }
-        }
+        table.insert(key.clone(), value);
+        // One key at a time, so that a value of the wrong type is reported with its key.
+        tree.clone().try_into::<C>().map_err(|error| anyhow::anyhow!("`{key}`: {}", error.message()))?;
     }
-    Ok(out)
+    if let Some(missing) = subcommand
+        .get_arguments()
+        .filter(|arg| arg.is_required_set() && !given(arg))
+        .find_map(|arg| arg.get_long().filter(|long| !file.contains_key(*long)))
+    {
+        bail!("the required option --{missing} was given neither on the command line nor as `{missing}` in the file");
+    }
+    Ok(tree.try_into()?)
 }
 
-/// The argument a key names: a long flag of the subcommand or a global one of the root.
-fn find_arg<'a>(root: &'a Command, subcommand: &'a Command, key: &str) -> anyhow::Result<&'a Arg> {
+/// The argument a key names (and whether it is a global one of the root): a long option of the
+/// subcommand or a global one of the root.
+fn find_arg<'a>(root: &'a Command, subcommand: &'a Command, key: &str) -> anyhow::Result<(&'a Arg, bool)> {
     let long = |arg: &&Arg| arg.get_long() == Some(key) && key != FLAG;
+    let globals = || root.get_arguments().filter(|a| a.is_global_set());
     subcommand
         .get_arguments()
         .find(long)
-        .or_else(|| root.get_arguments().filter(|a| a.is_global_set()).find(long))
+        .map(|arg| (arg, false))
+        .or_else(|| globals().find(long).map(|arg| (arg, true)))
         .with_context(|| {
-            let globals = root.get_arguments().filter(|a| a.is_global_set());
             let mut known: Vec<&str> =
-                subcommand.get_arguments().chain(globals).filter_map(Arg::get_long).filter(|l| *l != FLAG && *l != "help").collect();
+                subcommand.get_arguments().chain(globals()).filter_map(Arg::get_long).filter(|l| *l != FLAG && *l != "help").collect();
             known.sort_unstable();
             format!("unknown key `{key}` (keys are the long options of `{}`: {})", subcommand.get_name(), known.join(", "))
         })
@@ -160,44 +152,59 @@ fn find_arg<'a>(root: &'a Command, subcommand: &'a Command, key: &str) -> anyhow
 mod tests {
     use std::path::{Path, PathBuf};
 
-    use clap::{CommandFactory as _, FromArgMatches as _, Parser};
+    use clap::Parser;
+    use serde::Deserialize;
 
     use super::*;
 
     /// A stand-in for the real CLI, same shape: a global option and a subcommand with scalars,
-    /// lists and a switch.
-    #[derive(Parser, Debug)]
+    /// lists, a switch and a short flag.
+    #[derive(Parser, Debug, Serialize, Deserialize)]
     #[command(args_override_self = true)]
+    #[serde(rename_all = "kebab-case")]
     struct Cli {
         #[arg(long, global = true, default_value = "/sys/fs/bpf/xdp-lb")]
         pin_root: String,
         #[command(subcommand)]
+        #[serde(flatten)]
         command: Sub,
     }
 
-    #[derive(clap::Subcommand, Debug)]
+    #[derive(clap::Subcommand, Debug, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
     enum Sub {
-        Balance {
-            #[arg(long = "iface", required = true)]
-            interfaces: Vec<String>,
-            #[arg(long)]
-            vip: std::net::Ipv4Addr,
-            #[arg(long = "backend", required = true)]
-            backends: Vec<std::net::SocketAddrV4>,
-            #[arg(long, default_value_t = 100)]
-            dead_after_ms: u64,
-            #[arg(long)]
-            verbose: bool,
-        },
+        Balance(Balance),
+        #[serde(skip)]
         Status,
     }
 
+    #[derive(clap::Args, Debug, Serialize, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Balance {
+        #[arg(long = "iface", required = true)]
+        #[serde(rename = "iface")]
+        interfaces: Vec<String>,
+        #[arg(long, required = true, default_value_t = std::net::Ipv4Addr::UNSPECIFIED, hide_default_value = true)]
+        vip: std::net::Ipv4Addr,
+        #[arg(long = "backend", required = true)]
+        #[serde(rename = "backend")]
+        backends: Vec<std::net::SocketAddrV4>,
+        #[arg(short = 'd', long, default_value_t = 100)]
+        dead_after_ms: u64,
+        #[arg(long)]
+        verbose: bool,
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
+    }
+
+    #[derive(Debug)]
     struct Parsed {
         interfaces: Vec<String>,
         vip: String,
         backends: Vec<String>,
         dead_after_ms: u64,
         verbose: bool,
+        address: Option<std::net::Ipv4Addr>,
         pin_root: String,
     }
 
@@ -224,25 +231,33 @@ mod tests {
         ConfigFile(path)
     }
 
-    fn expand_with(file: &ConfigFile, args: &[&str]) -> anyhow::Result<Vec<OsString>> {
+    fn command_line(file: &ConfigFile, args: &[&str]) -> Vec<OsString> {
         let mut full: Vec<OsString> = vec!["xdp-lb".into()];
         full.extend(args.iter().map(|a| OsString::from(a.replace("FILE", &file.path().display().to_string()))));
-        expand(full, &with_config_flag(Cli::command()))
+        full
     }
 
-    fn parse(file: &ConfigFile, args: &[&str]) -> anyhow::Result<Parsed> {
-        let expanded = expand_with(file, args)?;
-        let matches = with_config_flag(Cli::command()).try_get_matches_from(expanded)?;
-        let cli = Cli::from_arg_matches(&matches)?;
-        let Sub::Balance { interfaces, vip, backends, dead_after_ms, verbose } = cli.command else { panic!("not balance") };
+    fn parse_as<C: CommandFactory + FromArgMatches + Serialize + DeserializeOwned>(file: &ConfigFile, args: &[&str]) -> anyhow::Result<C> {
+        parse(command_line(file, args))
+    }
+
+    fn parse_balance(file: &ConfigFile, args: &[&str]) -> anyhow::Result<Parsed> {
+        let cli: Cli = parse_as(file, args)?;
+        let Sub::Balance(b) = cli.command else { panic!("not balance") };
         Ok(Parsed {
-            interfaces,
-            vip: vip.to_string(),
-            backends: backends.iter().map(ToString::to_string).collect(),
-            dead_after_ms,
-            verbose,
+            interfaces: b.interfaces,
+            vip: b.vip.to_string(),
+            backends: b.backends.iter().map(ToString::to_string).collect(),
+            dead_after_ms: b.dead_after_ms,
+            verbose: b.verbose,
+            address: b.address,
             pin_root: cli.pin_root,
         })
+    }
+
+    /// The error's whole chain, as the agent prints it.
+    fn error_of<T: std::fmt::Debug>(result: anyhow::Result<T>) -> String {
+        format!("{:#}", result.unwrap_err())
     }
 
     const FULL: &str = r#"
@@ -251,115 +266,182 @@ mod tests {
         iface = ["eth0", "eth1"]
         dead-after-ms = 250
         verbose = true
+        address = "10.0.0.9"
         pin-root = "/sys/fs/bpf/other"
     "#;
 
     #[test]
-    fn file_values_reach_the_parser() {
+    fn file_values_reach_the_options() {
         let file = config_file(FULL);
-        let p = parse(&file, &["balance", "--config", "FILE"]).unwrap();
+        let p = parse_balance(&file, &["balance", "--config", "FILE"]).unwrap();
         assert_eq!(p.vip, "10.0.0.1");
         assert_eq!(p.backends, ["10.0.0.2:7000", "10.0.0.3:7000"]);
         assert_eq!(p.interfaces, ["eth0", "eth1"]);
         assert_eq!(p.dead_after_ms, 250);
         assert!(p.verbose);
+        assert_eq!(p.address, Some(std::net::Ipv4Addr::new(10, 0, 0, 9)));
         assert_eq!(p.pin_root, "/sys/fs/bpf/other");
     }
 
     #[test]
-    fn expansion_goes_after_the_subcommand_before_the_command_line() {
+    fn file_and_command_line_options_combine_with_globals_before_the_subcommand() {
         let file = config_file("vip = \"10.0.0.1\"\nbackend = [\"10.0.0.2:7000\", \"10.0.0.3:7000\"]\n");
-        let args = expand_with(&file, &["--pin-root", "/x", "balance", "--iface", "eth0", "--config=FILE"]).unwrap();
-        let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(&args[..4], ["xdp-lb", "--pin-root", "/x", "balance"]);
-        assert_eq!(&args[4..10], ["--backend", "10.0.0.2:7000", "--backend", "10.0.0.3:7000", "--vip", "10.0.0.1"]);
-        assert_eq!(&args[10..12], ["--iface", "eth0"]);
+        let p = parse_balance(&file, &["--pin-root", "/x", "balance", "--iface", "eth0", "--config=FILE"]).unwrap();
+        assert_eq!(p.pin_root, "/x");
+        assert_eq!(p.backends, ["10.0.0.2:7000", "10.0.0.3:7000"]);
+        assert_eq!(p.vip, "10.0.0.1");
+        assert_eq!(p.interfaces, ["eth0"]);
+        assert_eq!(p.dead_after_ms, 100, "neither gives it: clap's default");
+        assert!(!p.verbose);
+        assert_eq!(p.address, None);
     }
 
     #[test]
     fn the_command_line_overrides_the_file() {
         let file = config_file(FULL);
-        let p = parse(
+        let p = parse_balance(
             &file,
-            &["balance", "--dead-after-ms", "40", "--config", "FILE", "--backend", "10.9.9.9:69", "--vip=10.0.0.7"],
+            &["balance", "--dead-after-ms", "40", "--config", "FILE", "--backend", "10.9.9.9:69", "--vip=10.0.0.7", "--pin-root", "/y"],
         )
         .unwrap();
         assert_eq!(p.dead_after_ms, 40, "scalar from the command line");
         assert_eq!(p.vip, "10.0.0.7", "--key=value form counts too");
         assert_eq!(p.backends, ["10.9.9.9:69"], "a list on the command line replaces the file's");
         assert_eq!(p.interfaces, ["eth0", "eth1"], "keys the command line does not give come from the file");
+        assert_eq!(p.pin_root, "/y", "a global option after the subcommand counts too");
+        assert!(p.verbose);
+    }
+
+    #[test]
+    fn a_short_flag_on_the_command_line_wins_over_the_file() {
+        let file = config_file(FULL);
+        let p = parse_balance(&file, &["balance", "-d", "7", "--config", "FILE"]).unwrap();
+        assert_eq!(p.dead_after_ms, 7);
+        let p = parse_balance(&file, &["balance", "--config", "FILE", "-d7"]).unwrap();
+        assert_eq!(p.dead_after_ms, 7, "attached value");
+    }
+
+    #[test]
+    fn lists_come_whole_from_one_side() {
+        let file = config_file("vip = \"10.0.0.1\"\nbackend = [\"10.0.0.2:7000\"]\niface = [\"eth0\", \"eth1\", \"eth2\"]\n");
+        let p = parse_balance(&file, &["balance", "--config", "FILE"]).unwrap();
+        assert_eq!(p.interfaces, ["eth0", "eth1", "eth2"]);
+        assert_eq!(p.backends, ["10.0.0.2:7000"]);
+        let p = parse_balance(&file, &["balance", "--config", "FILE", "--iface", "a", "--iface", "b"]).unwrap();
+        assert_eq!(p.interfaces, ["a", "b"], "not added to the file's");
+        let single = config_file("vip = \"10.0.0.1\"\nbackend = \"10.0.0.2:7000\"\niface = [\"eth0\"]\n");
+        assert!(error_of(parse_balance(&single, &["balance", "--config", "FILE"])).contains("`backend`"), "a list needs an array");
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let file = config_file("vip = \"10.0.0.1\"\nbackends = [\"10.0.0.2:7000\"]\n");
-        let error = format!("{:#}", expand_with(&file, &["balance", "--config", "FILE"]).unwrap_err());
+        let error = error_of(parse_balance(&file, &["balance", "--config", "FILE"]));
         assert!(error.contains("unknown key `backends`"), "{error}");
         assert!(error.contains("backend, "), "lists the known keys: {error}");
         assert!(error.contains(&file.path().display().to_string()), "names the file: {error}");
         // `config` itself is not a key.
         let file = config_file("config = \"other.toml\"\n");
-        assert!(expand_with(&file, &["balance", "--config", "FILE"]).is_err());
+        assert!(parse_balance(&file, &["balance", "--config", "FILE", "--iface", "e", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7"]).is_err());
     }
 
     #[test]
     fn bad_values_and_files_are_errors() {
-        let nested = config_file("backend = [[\"10.0.0.2:7000\"]]\n");
-        assert!(format!("{:#}", expand_with(&nested, &["balance", "--config", "FILE"]).unwrap_err()).contains("nested"));
+        let nested = config_file("backend = [[\"10.0.0.2:7000\"]]\nvip = \"10.0.0.1\"\niface = [\"eth0\"]\n");
+        assert!(error_of(parse_balance(&nested, &["balance", "--config", "FILE"])).contains("`backend`"));
         let switch = config_file("verbose = \"yes\"\n");
-        assert!(format!("{:#}", expand_with(&switch, &["balance", "--config", "FILE"]).unwrap_err()).contains("switch"));
+        assert!(error_of(parse_balance(&switch, &["balance", "--config", "FILE"])).contains("`verbose`"));
+        let number = config_file("dead-after-ms = \"soon\"\n");
+        assert!(error_of(parse_balance(&number, &["balance", "--config", "FILE"])).contains("`dead-after-ms`"));
         let broken = config_file("vip = \n");
-        assert!(format!("{:#}", expand_with(&broken, &["balance", "--config", "FILE"]).unwrap_err()).contains("TOML"));
-        // A value clap rejects is rejected as on the command line.
+        assert!(error_of(parse_balance(&broken, &["balance", "--config", "FILE"])).contains("TOML"));
+        // A value the options' type rejects is rejected as on the command line.
         let bad_ip = config_file("vip = \"not-an-ip\"\niface = [\"eth0\"]\nbackend = [\"10.0.0.2:7000\"]\n");
-        assert!(parse(&bad_ip, &["balance", "--config", "FILE"]).is_err());
-        let missing = expand(
-            vec!["xdp-lb".into(), "balance".into(), "--config".into(), "/nonexistent/xdp-lb.toml".into()],
-            &with_config_flag(Cli::command()),
-        );
-        assert!(format!("{:#}", missing.unwrap_err()).contains("cannot read the configuration file"));
+        assert!(error_of(parse_balance(&bad_ip, &["balance", "--config", "FILE"])).contains("`vip`"));
+        let missing: anyhow::Result<Cli> = parse(["xdp-lb", "balance", "--config", "/nonexistent/xdp-lb.toml"].map(OsString::from).to_vec());
+        assert!(error_of(missing).contains("cannot read the configuration file"));
     }
 
     #[test]
-    fn without_config_nothing_changes() {
-        let args: Vec<OsString> = ["xdp-lb", "status", "--json"].iter().map(OsString::from).collect();
-        assert_eq!(expand(args.clone(), &with_config_flag(Cli::command())).unwrap(), args);
-        let before: Vec<OsString> = ["xdp-lb", "--config", "x"].iter().map(OsString::from).collect();
-        assert!(expand(before, &with_config_flag(Cli::command())).is_err(), "--config before the subcommand");
+    fn required_options_come_from_either_side() {
+        let no_vip = config_file("iface = [\"eth0\"]\nbackend = [\"10.0.0.2:7000\"]\n");
+        let error = error_of(parse_balance(&no_vip, &["balance", "--config", "FILE"]));
+        assert!(error.contains("--vip"), "{error}");
+        assert_eq!(parse_balance(&no_vip, &["balance", "--config", "FILE", "--vip", "10.0.0.5"]).unwrap().vip, "10.0.0.5");
+        let no_list = config_file("vip = \"10.0.0.1\"\n");
+        assert!(error_of(parse_balance(&no_list, &["balance", "--config", "FILE", "--iface", "eth0"])).contains("--backend"));
+    }
+
+    #[test]
+    fn without_config_clap_alone_parses() {
+        let cli: Cli = parse(["xdp-lb", "status"].map(OsString::from).to_vec()).unwrap();
+        assert!(matches!(cli.command, Sub::Status));
+        let no_vip: anyhow::Result<Cli> = parse(["xdp-lb", "balance", "--iface", "e", "--backend", "10.0.0.2:7"].map(OsString::from).to_vec());
+        let error = no_vip.unwrap_err().downcast::<clap::Error>().expect("clap's own error");
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument, "required without a file, the placeholder default notwithstanding");
+        let before: anyhow::Result<Cli> = parse(["xdp-lb", "--config", "x", "balance"].map(OsString::from).to_vec());
+        assert!(before.unwrap_err().downcast::<clap::Error>().is_ok(), "--config before the subcommand");
+    }
+
+    /// The real CLI's options as the table `merge` works on.
+    fn real_tree(args: &[&str], file: &ConfigFile) -> toml::Table {
+        toml::Table::try_from(parse_as::<crate::Cli>(file, args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_long_option_of_the_agents_is_a_key_of_their_options() {
+        // serde's names are the long option names: what the command line can give, the file
+        // can too. (Options without a value, here given by the file, serialize to nothing.)
+        let root = crate::Cli::command();
+        for (args, text) in [
+            (
+                &["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"][..],
+                "control-key-file = \"/k\"\naddress = \"10.0.0.9\"\npeer = \"10.0.0.3:6970\"\n",
+            ),
+            (
+                &["switch", "--iface", "eth0", "--lb-iface", "eth0", "--vip", "10.0.0.1", "--lb", "10.0.0.2:6970", "--lb", "10.0.0.3:6970", "--config", "FILE"],
+                "control-key-file = \"/k\"\naddress = \"10.0.0.9\"\n",
+            ),
+        ] {
+            let tree = real_tree(args, &config_file(text));
+            let mut keys: Vec<&str> = tree[args[0]].as_table().unwrap().keys().map(String::as_str).collect();
+            let mut longs: Vec<&str> = root.find_subcommand(args[0]).unwrap().get_arguments().filter_map(Arg::get_long).filter(|l| *l != "help").collect();
+            keys.sort_unstable();
+            longs.sort_unstable();
+            assert_eq!(keys, longs, "{}", args[0]);
+            assert!(tree.contains_key("pin-root"));
+        }
     }
 
     #[test]
     fn the_control_key_options_come_from_the_file_for_both_agents() {
         let file = config_file("control-key-file = \"/etc/xdp-lb/control.key\"\ncontrol-max-skew-ms = 5000\n");
-        let command = with_config_flag(crate::Cli::command());
-        let expand_with = |file: &ConfigFile, args: &[&str]| {
-            let mut full: Vec<OsString> = vec!["xdp-lb".into()];
-            full.extend(args.iter().map(|a| OsString::from(a.replace("FILE", &file.path().display().to_string()))));
-            expand(full, &command)
-        };
         for args in [
             &["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"][..],
             &["switch", "--iface", "eth0", "--lb-iface", "eth0", "--vip", "10.0.0.1", "--lb", "10.0.0.2:6970", "--lb", "10.0.0.3:6970", "--config", "FILE"],
         ] {
-            let matches = command.clone().try_get_matches_from(expand_with(&file, args).unwrap()).unwrap();
-            let sub = matches.subcommand_matches(args[0]).unwrap();
-            assert_eq!(sub.get_one::<PathBuf>("control_key_file").unwrap(), Path::new("/etc/xdp-lb/control.key"), "{}", args[0]);
-            assert_eq!(sub.get_one::<u64>("control_max_skew_ms"), Some(&5000));
-            assert!(!sub.get_flag("insecure_control"));
+            let tree = real_tree(args, &file);
+            let options = tree[args[0]].as_table().unwrap();
+            assert_eq!(options["control-key-file"].as_str(), Some("/etc/xdp-lb/control.key"), "{}", args[0]);
+            assert_eq!(options["control-max-skew-ms"].as_integer(), Some(5000));
+            assert_eq!(options["insecure-control"].as_bool(), Some(false));
         }
         let insecure = config_file("insecure-control = true\n");
         let args = ["balance", "--iface", "eth0", "--vip", "10.0.0.1", "--backend", "10.0.0.2:7000", "--config", "FILE"];
-        let matches = command.clone().try_get_matches_from(expand_with(&insecure, &args).unwrap()).unwrap();
-        assert!(matches.subcommand_matches("balance").unwrap().get_flag("insecure_control"));
+        assert_eq!(real_tree(&args, &insecure)["balance"]["insecure-control"].as_bool(), Some(true));
     }
 
     #[test]
     fn the_example_file_is_valid_for_the_real_cli() {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/xdp-lb.example.toml");
-        let args: Vec<OsString> = ["xdp-lb", "balance", "--config", example].iter().map(OsString::from).collect();
-        let command = with_config_flag(crate::Cli::command());
-        let expanded = expand(args, &command).unwrap();
-        let matches = command.try_get_matches_from(expanded).unwrap();
-        crate::Cli::from_arg_matches(&matches).unwrap();
+        let cli: crate::Cli = parse(["xdp-lb", "balance", "--config", example].map(OsString::from).to_vec()).unwrap();
+        let tree = toml::Table::try_from(cli).unwrap();
+        let example: toml::Table = std::fs::read_to_string(example).unwrap().parse().unwrap();
+        // Every key of the example arrives with its value.
+        for (key, value) in &example {
+            let got = if key == "pin-root" { &tree[key] } else { &tree["balance"][key] };
+            assert_eq!(got, value, "{key}");
+        }
+        assert_eq!(tree["balance"]["backend"].as_array().map(Vec::len), Some(3));
     }
 }

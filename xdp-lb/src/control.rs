@@ -39,7 +39,8 @@ pub struct Policy {
 
 /// Watchdog settings, the same for the switch (judging load balancers) and a load balancer
 /// (judging backends).
-#[derive(clap::Args, Clone, Copy, Debug)]
+#[derive(clap::Args, Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct WatchdogArgs {
     /// How often the watchdog reads the kernel's counters (ms).
     #[arg(long, default_value_t = 25)]

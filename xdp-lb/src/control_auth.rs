@@ -38,7 +38,8 @@ const NOTICE_TABLE: usize = 256;
 /// Shortest and longest secret.
 const SECRET_BYTES: std::ops::RangeInclusive<usize> = 32..=64;
 
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct AuthArgs {
     /// File with this deployment's control keys, shared by the switch and both balancers: one
     /// key a line, `<id> <hex secret>` (id 1-255, 32-64 bytes; e.g. `echo "1 $(openssl rand

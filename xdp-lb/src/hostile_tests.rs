@@ -408,8 +408,7 @@ fn cases(own: u32, other: u32) -> Vec<Case> {
 }
 
 fn fixture() -> Fixture {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
+    assert!(nix::unistd::geteuid().is_root(), "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
     Fixture::new(2).expect("load balance")
 }
 

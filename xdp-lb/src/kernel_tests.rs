@@ -19,8 +19,7 @@ const CLIENT: [u8; 4] = [10, 77, 0, 50];
 const RRQ: &[u8] = b"\x00\x01boot/kernel.img\x00octet\x00blksize\x001468\x00";
 
 fn fixture(backends: u32) -> Fixture {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
+    assert!(nix::unistd::geteuid().is_root(), "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
     Fixture::new(backends).expect("load balance")
 }
 
@@ -413,13 +412,11 @@ fn a_backend_reply_from_the_clients_side_is_dropped_and_teaches_nothing() {
 /// Keeps the calling thread on CPU 0: `LB_SESSION_BUDGET` is per CPU, and BPF_PROG_TEST_RUN
 /// runs the program on the CPU of its caller.
 fn on_cpu_zero() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity on the
-    // calling thread (pid 0) with the set's true size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set), 0, "pin to CPU 0");
-    }
+    use nix::{sched::CpuSet, unistd::Pid};
+    let mut set = CpuSet::new();
+    set.set(0).expect("CPU 0 fits in a CPU set");
+    // Pid 0: the calling thread.
+    nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("pin to CPU 0");
 }
 
 /// The new-session budget caps requests from every address together (each of its own /24,

@@ -1,9 +1,6 @@
 //! Loading the embedded kernel object and attaching its programs.
 
-use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -14,15 +11,17 @@ use aya::{
         xdp::XdpLink,
     },
 };
+use netlink_packet_route::link::XdpAttached;
 use tracing::{debug, info, warn};
 
-use crate::pins;
+use crate::{ifaces, pins};
 
 /// The kernel programs, built by build.rs from xdp-lb-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-lb"));
 
 /// How to attach XDP programs (`--xdp-mode`).
-#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode when the driver supports it, generic otherwise: the kernel decides.
     #[default]
@@ -160,7 +159,7 @@ fn attach_one(
     mode: AttachMode,
     path: &Path,
 ) -> anyhow::Result<Option<(FdLink, bool)>> {
-    let ifindex = interface_index(iface)?;
+    let ifindex = ifaces::interface_index(iface)?;
     if path.exists()
         && let Some(link) = readopt(program, name, iface, ifindex, mode, path)?
     {
@@ -209,7 +208,7 @@ fn readopt(
             "the link pinned at {pin} is attached to interface index {linked_to}, not to {iface} (index {ifindex}); was the interface renamed? Stop the agent that owns it, or remove the pin (`rm {pin}`, which detaches that program)"
         );
     }
-    let attached = attached_mode(ifindex).with_context(|| format!("cannot read the XDP mode of {iface}"))?;
+    let attached = ifaces::xdp_attached(ifindex).with_context(|| format!("cannot read the XDP mode of {iface}"))?;
     if !mode.accepts(attached) {
         bail!(
             "the program left running on {iface} by the previous agent (link pinned at {pin}) is attached in {} mode, but --xdp-mode {} was asked. Changing the mode needs a detach: restart with --xdp-mode {} to re-adopt it without a gap, or stop the running agent cleanly (SIGTERM) or remove the pin (`rm {pin}`) and start again",
@@ -237,39 +236,24 @@ impl AttachMode {
         }
     }
 
-    /// Whether a program attached in kernel mode `attached` (`XDP_ATTACHED_*`) satisfies this.
-    fn accepts(self, attached: u8) -> bool {
+    /// Whether a program attached in kernel mode `attached` satisfies this.
+    fn accepts(self, attached: XdpAttached) -> bool {
         match self {
             Self::Auto => true,
-            Self::Native => attached == XDP_ATTACHED_DRV,
-            Self::Skb => attached == XDP_ATTACHED_SKB,
+            Self::Native => attached == XdpAttached::Driver,
+            Self::Skb => attached == XdpAttached::SocketBuffer,
         }
     }
 }
 
-const XDP_ATTACHED_NONE: u8 = 0;
-const XDP_ATTACHED_DRV: u8 = 1;
-const XDP_ATTACHED_SKB: u8 = 2;
-const XDP_ATTACHED_HW: u8 = 3;
-
-fn mode_name(attached: u8) -> &'static str {
+fn mode_name(attached: XdpAttached) -> &'static str {
     match attached {
-        XDP_ATTACHED_NONE => "no",
-        XDP_ATTACHED_DRV => "native",
-        XDP_ATTACHED_SKB => "skb",
-        XDP_ATTACHED_HW => "offload",
+        XdpAttached::None => "no",
+        XdpAttached::Driver => "native",
+        XdpAttached::SocketBuffer => "skb",
+        XdpAttached::Hardware => "offload",
         _ => "multiple",
     }
-}
-
-pub fn interface_index(iface: &str) -> anyhow::Result<u32> {
-    let c_name = std::ffi::CString::new(iface).with_context(|| format!("interface name {iface:?} contains a NUL byte"))?;
-    // SAFETY: if_nametoindex reads the NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 {
-        bail!("no interface {iface} in this network namespace");
-    }
-    Ok(index)
 }
 
 /// The interface index an XDP link is attached to (0 once the interface is gone), from the
@@ -290,66 +274,6 @@ fn link_ifindex(link: &FdLink) -> anyhow::Result<u32> {
             .context("parse the link's ifindex");
     }
     bail!("no open fd of the link found in /proc/self/fdinfo")
-}
-
-/// The mode of the XDP program attached to interface `ifindex` (`XDP_ATTACHED_*` from the
-/// kernel's `IFLA_XDP` / `IFLA_XDP_ATTACHED`), by an `RTM_GETLINK` netlink request.
-fn attached_mode(ifindex: u32) -> anyhow::Result<u8> {
-    const IFLA_XDP_ATTACHED: u16 = 2;
-    const RTM_NEWLINK: u16 = 16;
-    // SAFETY: socket has no memory preconditions; the fd is owned below.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("netlink socket");
-    }
-    // SAFETY: `raw` is a fresh fd that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    // nlmsghdr (16 bytes) + ifinfomsg (16 bytes), native endian.
-    let mut request = [0u8; 32];
-    request[0..4].copy_from_slice(&32u32.to_ne_bytes());
-    request[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-    request[6..8].copy_from_slice(&u16::try_from(libc::NLM_F_REQUEST)?.to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    request[20..24].copy_from_slice(&i32::try_from(ifindex)?.to_ne_bytes());
-    // SAFETY: sends the initialised buffer; an unbound netlink socket sends to the kernel.
-    let sent = unsafe { libc::send(socket.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error()).context("netlink send");
-    }
-    let mut reply = vec![0u8; 64 * 1024];
-    // SAFETY: receives into the buffer we own, at most its length.
-    let got = unsafe { libc::recv(socket.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
-    let got = usize::try_from(got).map_err(|_| std::io::Error::last_os_error()).context("netlink recv")?;
-    let reply = &reply[..got];
-    let u16_at = |at: usize| reply.get(at..at + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
-    let message_type = u16_at(4).context("short netlink answer")?;
-    if message_type == u16::try_from(libc::NLMSG_ERROR)? {
-        let errno = reply.get(16..20).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-        return Err(std::io::Error::from_raw_os_error(-errno)).context("RTM_GETLINK");
-    }
-    if message_type != RTM_NEWLINK {
-        bail!("unexpected netlink answer type {message_type}");
-    }
-    // Attributes after nlmsghdr + ifinfomsg; find IFLA_XDP, then IFLA_XDP_ATTACHED inside it.
-    let attribute = |from: usize, to: usize, wanted: u16| -> Option<(usize, usize)> {
-        let mut at = from;
-        while at + 4 <= to {
-            let len = usize::from(u16_at(at)?);
-            let kind = u16_at(at + 2)? & 0x3fff;
-            if len < 4 || at + len > to {
-                return None;
-            }
-            if kind == wanted {
-                return Some((at + 4, at + len));
-            }
-            at += len.next_multiple_of(4);
-        }
-        None
-    };
-    let Some((start, end)) = attribute(32, reply.len(), libc::IFLA_XDP) else {
-        return Ok(XDP_ATTACHED_NONE);
-    };
-    Ok(attribute(start, end, IFLA_XDP_ATTACHED).and_then(|(at, _)| reply.get(at).copied()).unwrap_or(XDP_ATTACHED_NONE))
 }
 
 /// Forwards aya-log records from the kernel programs to tracing (through the `log` bridge).
@@ -380,12 +304,8 @@ fn start_kernel_log(ebpf: &mut Ebpf) {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so loads do not fail there.
 fn raise_memlock_limit() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    if setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_err() {
         debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
     }
 }

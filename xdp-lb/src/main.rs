@@ -1,11 +1,13 @@
 //! `xdp-lb`: the agents and the CLI of xdp-lb, highly available TFTP steered in XDP.
 mod balance;
 mod batch;
+mod clock;
 mod config;
 mod control;
 mod control_auth;
 #[cfg(test)]
 mod hostile_tests;
+mod ifaces;
 #[cfg(test)]
 mod kernel_tests;
 mod loader;
@@ -25,12 +27,15 @@ mod testrun;
 
 use std::path::PathBuf;
 
-use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use xdp_lb_common::names::DEFAULT_PIN_ROOT;
 
 /// Highly available TFTP: XDP load balancers that steer every transfer to a live backend.
-#[derive(Parser)]
+/// Serde writes and reads it for `--config` (config.rs): the global options, and the options of
+/// the subcommand under its name.
+#[derive(Parser, serde::Serialize, serde::Deserialize)]
 #[command(name = "xdp-lb", version, about, long_about = None, args_override_self = true)]
+#[serde(rename_all = "kebab-case")]
 struct Cli {
     /// bpffs directory under which each role pins its maps (`<pin-root>/<role>/<MAP>`). Use a
     /// separate directory per instance when several run on one host.
@@ -38,10 +43,12 @@ struct Cli {
     pin_root: PathBuf,
 
     #[command(subcommand)]
+    #[serde(flatten)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 enum Command {
     /// Run the load balancer agent: load the `balance` XDP program, attach it to the given
     /// interfaces, pin its maps, and run until SIGINT or SIGTERM.
@@ -51,10 +58,12 @@ enum Command {
     /// one fails.
     Switch(switch::Args),
     /// Show the state kept in the pinned maps (works whether or not an agent runs).
+    #[serde(skip)]
     Status(status::Args),
     /// Measure the per-packet cost of each path through `balance` with BPF_PROG_TEST_RUN
     /// (used by `cargo xtask bench`; needs root, attaches nothing).
     #[command(hide = true)]
+    #[serde(skip)]
     BenchXdp {
         /// Runs per path; the mean is reported.
         #[arg(long, default_value_t = 1_000_000)]
@@ -63,6 +72,7 @@ enum Command {
     /// Measure the cost of sealing and opening control messages with and without the MAC
     /// (used by `cargo xtask bench`; needs no root).
     #[command(hide = true)]
+    #[serde(skip)]
     BenchControl {
         /// Runs per message and mode; the mean is reported.
         #[arg(long, default_value_t = 200_000)]
@@ -90,10 +100,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // `balance --config FILE`: the file's options go before the command line's (config.rs).
-    let command = config::with_config_flag(Cli::command());
-    let args = config::expand(std::env::args_os().collect(), &command)?;
-    let cli = Cli::from_arg_matches(&command.get_matches_from(args)).unwrap_or_else(|error| error.exit());
+    // `balance --config FILE`: the file's options where the command line gives none (config.rs).
+    let cli: Cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(error) => match error.downcast::<clap::Error>() {
+            Ok(error) => error.exit(),
+            Err(error) => return Err(error),
+        },
+    };
     match cli.command {
         Command::Balance(args) => balance::run(&cli.pin_root, &args),
         Command::Switch(args) => switch::run(&cli.pin_root, &args),

@@ -24,13 +24,14 @@ use tracing::{debug, info, warn};
 use xdp_lb_common::{ClientKey, Session, SessionEvent, maps::BACKEND_UNUSED};
 
 use crate::{
-    balance::monotonic_ns,
+    clock::monotonic_ns,
     control_auth::{AuthArgs, Control, Received, Stats},
     maps::{self, LbMaps},
     pair_wire::{Keyring, Message, Sender},
 };
 
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PairArgs {
     /// The other load balancer of the pair: the ADDR:PORT of its --control-port. While this
     /// balancer is active it mirrors its sessions there. Both must list the same --backend
@@ -47,6 +48,7 @@ pub struct PairArgs {
     pub sync_ms: u64,
 
     #[command(flatten)]
+    #[serde(flatten)]
     pub auth: AuthArgs,
 }
 
@@ -57,6 +59,39 @@ pub enum Role {
     Alone,
     Active,
     Backup,
+}
+
+/// What a control datagram did, for the agent to act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairEvent {
+    /// The switch just made this balancer active: it takes over the transfers the peer served.
+    Promoted,
+    /// The switch just made this balancer the backup.
+    Demoted,
+    /// A heartbeat that left the role as it was (answered).
+    Heartbeat,
+    /// Sessions from the active peer, written into this balancer's table.
+    Synced,
+    /// Sessions the active peer no longer has, removed here too.
+    Forgotten,
+    /// Sync from the peer, ignored because this balancer is the active one.
+    SyncIgnored,
+    /// The peer's periodic `Hello`: its keys agree with ours.
+    PeerHello,
+    /// A datagram that failed the checks, or the other side's notice that ours did.
+    Dropped,
+}
+
+/// The role a heartbeat gives and the event it is: `Promoted` or `Demoted` when it changes the
+/// role, else `Heartbeat`.
+fn role_change(current: Role, active: bool) -> (Role, PairEvent) {
+    let role = if active { Role::Active } else { Role::Backup };
+    let event = match (current == role, role) {
+        (true, _) => PairEvent::Heartbeat,
+        (false, Role::Active) => PairEvent::Promoted,
+        (false, _) => PairEvent::Demoted,
+    };
+    (role, event)
 }
 
 /// What was last sent to the peer about a session, to send only changes.
@@ -83,10 +118,10 @@ const HELLO_EVERY: Duration = Duration::from_secs(1);
 const FULL_SYNC: Duration = Duration::from_secs(1);
 
 pub struct Pair {
-    pub role: Role,
+    role: Role,
     peer: Option<SocketAddrV4>,
     /// Bound to the control port: heartbeats in and out, sync in and out.
-    pub socket: UdpSocket,
+    socket: UdpSocket,
     sent: HashMap<ClientKey, Sent>,
     last_full: Instant,
     /// When the last periodic sync started and how long it took: a large table (a request
@@ -149,8 +184,20 @@ impl Pair {
         }
     }
 
-    /// Handles a control datagram. Returns true when the switch just made this balancer active.
-    pub async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, maps: &mut LbMaps) -> bool {
+    /// What the switch last said about this balancer.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The next datagram on the control port (for [`Pair::on_datagram`]).
+    pub async fn recv(&self, buffer: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        self.socket.recv_from(buffer).await
+    }
+
+    /// Handles a control datagram: answers heartbeats, applies the peer's sync while this
+    /// balancer is not the active one, and says what happened.
+    pub async fn on_datagram(&mut self, datagram: &[u8], from: SocketAddr, maps: &mut LbMaps) -> PairEvent {
         let message = match self.control.receive(datagram, from) {
             Received::Accepted(message) => message,
             Received::Dropped { reason, notice } => {
@@ -160,7 +207,7 @@ impl Pair {
                 {
                     debug!(%error, %from, "rejection notice not sent");
                 }
-                return false;
+                return PairEvent::Dropped;
             }
         };
         match message {
@@ -168,14 +215,13 @@ impl Pair {
                 if let Err(error) = self.socket.send_to(datagram, from).await {
                     debug!(%error, %from, "heartbeat answer not sent");
                 }
-                let role = if active { Role::Active } else { Role::Backup };
-                let promoted = role == Role::Active && self.role != Role::Active;
+                let (role, event) = role_change(self.role, active);
                 if role != self.role {
                     info!(?role, switch = %from, "the switch changed this balancer's role");
                     self.role = role;
                     self.sent.clear();
                 }
-                promoted
+                event
             }
             // The active balancer's table is the truth; a backup mirrors it.
             Message::Upsert(sessions) if self.role != Role::Active => {
@@ -188,27 +234,27 @@ impl Pair {
                     }
                 }
                 debug!(applied, %from, "sessions mirrored from the peer");
-                false
+                PairEvent::Synced
             }
             Message::Forget(keys) if self.role != Role::Active => {
                 for key in keys {
                     let _ = maps.sessions.remove(&key);
                 }
-                false
+                PairEvent::Forgotten
             }
             Message::Upsert(_) | Message::Forget(_) => {
                 debug!(%from, "sync from the peer ignored: this balancer is active");
-                false
+                PairEvent::SyncIgnored
             }
             Message::Hello => {
                 if !self.peer_heard {
                     self.peer_heard = true;
                     info!(%from, "the peer balancer's control messages authenticate");
                 }
-                false
+                PairEvent::PeerHello
             }
             // Handled (counted, logged) by `Control`.
-            Message::Rejected { .. } => false,
+            Message::Rejected { .. } => PairEvent::Dropped,
         }
     }
 
@@ -353,6 +399,16 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn only_a_heartbeat_that_changes_the_role_is_a_promotion_or_demotion() {
+        assert_eq!(role_change(Role::Alone, true), (Role::Active, PairEvent::Promoted));
+        assert_eq!(role_change(Role::Backup, true), (Role::Active, PairEvent::Promoted));
+        assert_eq!(role_change(Role::Active, true), (Role::Active, PairEvent::Heartbeat), "already active: no second takeover");
+        assert_eq!(role_change(Role::Active, false), (Role::Backup, PairEvent::Demoted));
+        assert_eq!(role_change(Role::Alone, false), (Role::Backup, PairEvent::Demoted));
+        assert_eq!(role_change(Role::Backup, false), (Role::Backup, PairEvent::Heartbeat));
+    }
 
     #[test]
     fn a_session_keeps_its_age_across_clocks() {

@@ -1,15 +1,8 @@
 //! Where maps are pinned, and checks that the pin directory is usable.
 
-use std::{
-    ffi::CString,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-
-/// `statfs` magic of the BPF filesystem (`BPF_FS_MAGIC` in linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Directory of one role's pinned maps.
 pub fn role_dir(pin_root: &Path, role: &str) -> PathBuf {
@@ -55,15 +48,6 @@ pub fn prepare_role_dir(pin_root: &Path, role: &str) -> anyhow::Result<PathBuf> 
 }
 
 fn is_bpffs(path: &Path) -> anyhow::Result<bool> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("path {} contains a NUL byte", path.display()))?;
-    // SAFETY: statfs only writes into the zeroed struct we pass; the path is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    Ok(stat.f_type == BPF_FS_MAGIC)
+    let stat = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(stat.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }

@@ -14,7 +14,7 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    balance::monotonic_ns,
+    clock::monotonic_ns,
     control_auth::Stats,
     maps::{LbMaps, SwitchMaps},
     pair_wire::Reason,

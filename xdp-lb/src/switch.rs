@@ -18,10 +18,10 @@ use xdp_lb_common::{
 };
 
 use crate::{
-    balance::monotonic_ns,
+    clock::monotonic_ns,
     control::{self, BackendView, Detector, Outcome},
     control_auth::{AuthArgs, Control, Stats},
-    loader,
+    ifaces, loader,
     maps::{self, SWITCH_ALL, SwitchMaps},
     pair_wire::{Keyring, Message, Sender},
     pins,
@@ -37,11 +37,15 @@ const COUNTERS_EVERY_NS: u64 = 500_000_000;
 /// made active instead.
 const STARTUP_GRACE_NS: u64 = 2_000_000_000;
 
-#[derive(clap::Args)]
+/// The options of `xdp-lb switch`, from the command line or a `--config` file (serde names are
+/// the long option names).
+#[derive(clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Args {
     /// Interface to attach the `switch` XDP program to; repeat for several (the client side
     /// and the load balancer side).
     #[arg(long = "iface", value_name = "IFACE", required = true)]
+    #[serde(rename = "iface")]
     interfaces: Vec<String>,
 
     /// An --iface that faces the load balancers (repeat for several). Only frames arriving on
@@ -50,15 +54,19 @@ pub struct Args {
     /// interface (the clients' side) are dropped and counted as `drop_spoofed_lb`: one spoofed
     /// frame there would otherwise send the VIP's traffic to its sender.
     #[arg(long = "lb-iface", value_name = "IFACE", required = true)]
+    #[serde(rename = "lb-iface")]
     lb_interfaces: Vec<String>,
 
     /// The service address (VIP) whose traffic goes to the active load balancer.
-    #[arg(long, value_name = "IPV4")]
+    // Required on the command line unless a --config file gives it; the hidden default only
+    // lets the command line parse without it before the file's value replaces it (config.rs).
+    #[arg(long, value_name = "IPV4", required = true, default_value_t = Ipv4Addr::UNSPECIFIED, hide_default_value = true)]
     vip: Ipv4Addr,
 
     /// A load balancer: its own address and its --control-port. Give exactly two; the first
     /// starts active.
     #[arg(long = "lb", value_name = "ADDR:PORT", required = true)]
+    #[serde(rename = "lb")]
     lbs: Vec<SocketAddrV4>,
 
     /// Local address the heartbeats leave from (default: chosen by the routing table).
@@ -66,6 +74,7 @@ pub struct Args {
     address: Option<Ipv4Addr>,
 
     #[command(flatten)]
+    #[serde(flatten)]
     watchdog: control::WatchdogArgs,
 
     /// A client counts as in flight while its last packet is younger than this (ms).
@@ -78,6 +87,7 @@ pub struct Args {
     xdp_mode: loader::AttachMode,
 
     #[command(flatten)]
+    #[serde(flatten)]
     auth: AuthArgs,
 }
 
@@ -105,7 +115,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
     // Before attaching: the new program drops balancers' frames from any other interface.
     let mut lb_ifaces = maps::lb_ifaces(&mut ebpf)?;
     for iface in &args.lb_interfaces {
-        lb_ifaces.insert(loader::interface_index(iface)?, LB_FACING, 0).context("writing SW_LB_IFACES")?;
+        lb_ifaces.insert(ifaces::interface_index(iface)?, LB_FACING, 0).context("writing SW_LB_IFACES")?;
     }
     // Pinned links: a killed agent leaves the switch steering; the next one re-adopts them.
     let links = loader::attach_pinned(&mut ebpf, PROGRAM_SWITCH, &args.interfaces, args.xdp_mode, &pin_dir)?;

@@ -27,8 +27,7 @@ pub(crate) struct Switch {
 impl Switch {
     /// A loaded `switch` with balancer 0 active; `known` says which balancers' MACs it learned.
     pub(crate) fn new(known: [bool; 2]) -> Self {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
+        assert!(nix::unistd::geteuid().is_root(), "BPF_PROG_TEST_RUN tests need root: run them as root (cargo xtask test)");
         let mut ebpf = EbpfLoader::new().load(crate::loader::OBJECT).expect("loading the object");
         let program: &mut Xdp = ebpf.program_mut(PROGRAM_SWITCH).expect("switch program").try_into().expect("an XDP program");
         program.load().expect("the verifier accepts switch");
