@@ -181,7 +181,7 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &mut FrameHeaders)
         return (BalanceCounter::DropBadHeader, DROP);
     }
     if let Some(seen) = LB_SEEN.get_ptr_mut(id) {
-        let link = Link { mac: frame.eth_src, our_mac: frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 };
+        let link = Link { mac: &frame.eth_src, our_mac: &frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 };
         // SAFETY: map value pointer from a successful lookup.
         watchdog::answered_by(unsafe { &mut *seen }, Some(link));
     }

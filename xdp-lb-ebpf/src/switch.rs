@@ -90,7 +90,7 @@ pub fn switch(ctx: &XdpContext) -> Verdict {
     // VIP) are recognised by the MAC learned that way.
     if frame.ip_src == config.lbs[0] || frame.ip_src == config.lbs[1] {
         let slot = u32::from(frame.ip_src == config.lbs[1]);
-        answered_by(slot, Some(Link { mac: frame.eth_src, our_mac: frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 }));
+        answered_by(slot, Some(Link { mac: &frame.eth_src, our_mac: &frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 }));
         return (SwitchCounter::FromLb, PASS);
     }
     if frame.ip_src == config.vip {
@@ -155,7 +155,7 @@ fn lb_by_mac(mac: [u8; 6]) -> Option<u32> {
 
 /// Records a frame from load balancer `slot`, and where it came from when it was its own.
 #[inline(always)]
-fn answered_by(slot: u32, learned: Option<Link>) {
+fn answered_by(slot: u32, learned: Option<Link<'_>>) {
     if let Some(seen) = SW_SEEN.get_ptr_mut(slot) {
         // SAFETY: map value pointer from a successful lookup.
         watchdog::answered_by(unsafe { &mut *seen }, learned);

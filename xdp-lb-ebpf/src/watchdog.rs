@@ -10,9 +10,11 @@ use xdp_lb_common::BackendSeen;
 use crate::maps::{atomic_add, now_ns};
 
 /// Where a peer's own frame came from: its MAC (or its router's), ours on that link, the link.
-pub struct Link {
-    pub mac: [u8; 6],
-    pub our_mac: [u8; 6],
+/// The MACs by reference, read where the frame holds them (a copy would be staged byte by byte
+/// on the BPF stack).
+pub struct Link<'a> {
+    pub mac: &'a [u8; 6],
+    pub our_mac: &'a [u8; 6],
     pub ifindex: u32,
 }
 
@@ -31,7 +33,7 @@ pub fn sent_to(seen: &mut BackendSeen) {
 /// Records a packet from the peer: it is alive, and when the frame is its own (`learned`),
 /// it shows how to reach the peer.
 #[inline(always)]
-pub fn answered_by(seen: &mut BackendSeen, learned: Option<Link>) {
+pub fn answered_by(seen: &mut BackendSeen, learned: Option<Link<'_>>) {
     seen.unanswered = 0;
     seen.last_answer_ns = now_ns();
     atomic_add(&raw mut seen.packets_from, 1);
@@ -41,14 +43,14 @@ pub fn answered_by(seen: &mut BackendSeen, learned: Option<Link>) {
         && is_unicast(link.mac)
         && is_unicast(link.our_mac)
     {
-        seen.mac = link.mac;
-        seen.lb_mac = link.our_mac;
+        seen.mac = *link.mac;
+        seen.lb_mac = *link.our_mac;
         seen.ifindex = link.ifindex;
     }
 }
 
 /// A MAC a single host can have: not all zeros, group bit clear.
 #[inline(always)]
-fn is_unicast(mac: [u8; 6]) -> bool {
-    mac[0] & 1 == 0 && mac != [0; 6]
+fn is_unicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && *mac != [0; 6]
 }
