@@ -12,6 +12,18 @@ pub const ETHERTYPE_IPV4: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
 /// Version 4, header length 5 words: no IP options.
 pub const IPV4_VIHL_NO_OPTIONS: u8 = 0x45;
+/// The IPv4 flags-and-fragment-offset bits that make a packet a fragment (more fragments,
+/// offset): a fragment cannot be steered by port.
+pub const IPV4_FRAGMENT_BITS: u16 = 0x3fff;
+/// TTL of the packets the kernel programs rewrite (as a host sends them).
+pub const IPV4_TTL: u8 = 64;
+
+/// Length of an Ethernet header (no VLAN tag).
+pub const ETH_HEADER_LEN: usize = 14;
+/// Length of an IPv4 header without options.
+pub const IPV4_HEADER_LEN: usize = 20;
+/// Length of a UDP header.
+pub const UDP_HEADER_LEN: usize = 8;
 
 /// Ethernet + IPv4 (no options) + UDP headers; every multi-byte field in network byte order.
 #[repr(C)]
@@ -37,7 +49,11 @@ pub struct FrameHeaders {
 }
 
 impl FrameHeaders {
-    pub const LEN: usize = 42;
+    pub const LEN: usize = Self::UDP_OFFSET + UDP_HEADER_LEN;
+    /// Offset of the IPv4 header.
+    pub const IP_OFFSET: usize = ETH_HEADER_LEN;
+    /// Offset of the UDP header.
+    pub const UDP_OFFSET: usize = Self::IP_OFFSET + IPV4_HEADER_LEN;
     /// Offset of the UDP payload.
     pub const PAYLOAD_OFFSET: usize = Self::LEN;
 
@@ -65,7 +81,7 @@ impl FrameHeaders {
     #[must_use]
     pub fn is_plain_ipv4_udp(&self) -> bool {
         // More-fragments flag or a fragment offset: a fragment cannot be steered by port.
-        let fragmented = u16::from_be_bytes(self.ip_frag) & 0x3fff != 0;
+        let fragmented = u16::from_be_bytes(self.ip_frag) & IPV4_FRAGMENT_BITS != 0;
         self.eth_type == ETHERTYPE_IPV4.to_be_bytes()
             && self.ip_vihl == IPV4_VIHL_NO_OPTIONS
             && self.ip_proto == IPPROTO_UDP
@@ -110,7 +126,7 @@ impl FrameHeaders {
         self.udp_dst = udp_dst;
         self.ip_len = self.ip_len().wrapping_add_signed(payload_delta).to_be_bytes();
         self.udp_len = self.udp_len().wrapping_add_signed(payload_delta).to_be_bytes();
-        self.ip_ttl = 64;
+        self.ip_ttl = IPV4_TTL;
         let after = self.udp_rewritten_sum() + payload_added;
         let udp_check = u16::from_be_bytes(self.udp_check);
         self.udp_check = checksum::update_udp(udp_check, before, after).to_be_bytes();
@@ -133,6 +149,8 @@ impl FrameHeaders {
     }
 }
 
+const _: () = assert!(size_of::<FrameHeaders>() == FrameHeaders::LEN);
+
 #[inline(always)]
 fn word(high: u8, low: u8) -> u32 {
     u32::from(u16::from_be_bytes([high, low]))
@@ -143,7 +161,7 @@ fn word(high: u8, low: u8) -> u32 {
 /// tools, not for the kernel's per-packet path.
 #[must_use]
 pub fn checksums_valid(frame: &[u8]) -> bool {
-    let ip_ok = frame.get(14..34).is_some_and(|ip| fold_slice(ip, 0) == 0xffff);
+    let ip_ok = frame.get(FrameHeaders::IP_OFFSET..FrameHeaders::UDP_OFFSET).is_some_and(|ip| fold_slice(ip, 0) == 0xffff);
     let udp_check = frame.get(40..42);
     ip_ok && (udp_check == Some(&[0, 0]) || udp_checksum(frame) == udp_check.map(|c| u16::from_be_bytes([c[0], c[1]])))
 }
@@ -155,7 +173,7 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
 pub fn udp_checksum(frame: &[u8]) -> Option<u16> {
     let headers = bytemuck::try_from_bytes::<FrameHeaders>(frame.get(..FrameHeaders::LEN)?).ok()?;
     let udp_len = usize::from(headers.udp_len());
-    let udp = frame.get(34..34 + udp_len)?;
+    let udp = frame.get(FrameHeaders::UDP_OFFSET..FrameHeaders::UDP_OFFSET + udp_len)?;
     let (src, dst) = (headers.ip_src, headers.ip_dst);
     let pseudo = word(src[0], src[1]) + word(src[2], src[3]) + word(dst[0], dst[1]) + word(dst[2], dst[3])
         + u32::from(IPPROTO_UDP)

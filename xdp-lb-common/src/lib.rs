@@ -17,14 +17,13 @@ pub mod names;
 #[cfg(feature = "status")]
 pub mod status;
 pub mod steering;
+pub mod tftp;
 
 pub use counters::{BalanceCounter, Counter, SwitchCounter};
 pub use frame::FrameHeaders;
 pub use maps::{Backend, BackendSeen, ClientKey, Health, LbConfig, LbSeen, Session, SessionEvent, SwitchConfig};
 pub use steering::SteeringHeader;
-
-/// The well-known TFTP service port (RFC 1350).
-pub const TFTP_PORT: u16 = 69;
+pub use tftp::TFTP_PORT;
 
 /// Implements `aya::Pod` for types that are already bytemuck `Pod`.
 #[cfg(feature = "user")]

@@ -250,6 +250,10 @@ pub const EVENT_CHANGED: u32 = 1;
 /// A client packet arrived for a session this balancer does not have: ask the backends.
 pub const EVENT_UNKNOWN: u32 = 2;
 
+/// Load balancers one switch steers to: the active one and its backup (slots of
+/// `SwitchConfig::lbs`, `SW_SEEN` and `SW_HEALTH`).
+pub const LB_SLOTS: usize = 2;
+
 /// The switch's settings, entry 0 of `SW_CONFIG`. Written by the switch agent only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -258,7 +262,7 @@ pub struct SwitchConfig {
     pub vip: [u8; 4],
     /// The two load balancers' own addresses (not the VIP): frames from them teach the switch
     /// their MACs, and their replies mark them alive.
-    pub lbs: [[u8; 4]; 2],
+    pub lbs: [[u8; 4]; LB_SLOTS],
     /// Index into `lbs` of the active load balancer; the other is the backup.
     pub active: u32,
 }

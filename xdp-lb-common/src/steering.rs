@@ -45,6 +45,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::tftp::{DATA_HEADER_LEN, DEFAULT_BLKSIZE};
+
 /// First four bytes of every steering header: "XLB" and the format version.
 pub const STEERING_MAGIC: [u8; 4] = *b"XLB\x01";
 
@@ -173,7 +175,7 @@ impl SteeringHeader {
     /// block size (512 before any is negotiated; OACK and ERROR packets are shorter).
     #[must_use]
     pub fn longest_reply(&self) -> usize {
-        4 + usize::from(self.blksize()).max(512)
+        DATA_HEADER_LEN + usize::from(self.blksize().max(DEFAULT_BLKSIZE))
     }
 
     #[must_use]

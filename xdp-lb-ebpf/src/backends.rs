@@ -1,12 +1,9 @@
-//! Backend choice and bookkeeping: which backends are usable, the least loaded one, the session
-//! counts per backend, and the watchdog.
+//! Backend choice and bookkeeping: which backends are usable, the least loaded one, and the
+//! session counts per backend. (Their watchdog records are `watchdog`'s.)
 
-use xdp_lb_common::{
-    BackendSeen,
-    maps::{BACKEND_LIVE, MAX_BACKENDS},
-};
+use xdp_lb_common::maps::{BACKEND_LIVE, MAX_BACKENDS};
 
-use crate::maps::{LB_BACKENDS, LB_LOAD, LB_SEEN, atomic_add, now_ns};
+use crate::maps::{LB_BACKENDS, LB_LOAD, LB_SEEN, atomic_add};
 
 /// A backend takes sessions when the agent calls it live and its MAC has been learned (from a
 /// heartbeat answer), so frames can be addressed to it.
@@ -63,39 +60,5 @@ pub fn remove_session(id: u32) {
         if unsafe { *load } > 0 {
             atomic_add(load, u64::MAX);
         }
-    }
-}
-
-/// Records a packet steered to `id`: the watchdog counts it until the backend answers.
-#[inline(always)]
-pub fn sent_to(id: u32) -> Option<*mut BackendSeen> {
-    let seen = LB_SEEN.get_ptr_mut(id)?;
-    // SAFETY: map value pointer from a successful lookup; fields are racy counters by design.
-    unsafe {
-        let now = now_ns();
-        if (*seen).unanswered == 0 {
-            (*seen).unanswered_since_ns = now;
-        }
-        (*seen).last_sent_ns = now;
-        atomic_add(&raw mut (*seen).unanswered, 1);
-        atomic_add(&raw mut (*seen).packets_to, 1);
-    }
-    Some(seen)
-}
-
-/// Records a packet from `id`: it is alive, and its frames teach us how to reach it.
-#[inline(always)]
-pub fn answered_by(id: u32, mac: [u8; 6], lb_mac: [u8; 6], ifindex: u32) {
-    let Some(seen) = LB_SEEN.get_ptr_mut(id) else {
-        return;
-    };
-    // SAFETY: as above.
-    unsafe {
-        (*seen).unanswered = 0;
-        (*seen).last_answer_ns = now_ns();
-        (*seen).mac = mac;
-        (*seen).lb_mac = lb_mac;
-        (*seen).ifindex = ifindex;
-        atomic_add(&raw mut (*seen).packets_from, 1);
     }
 }

@@ -9,11 +9,14 @@
 #![expect(internal_features, reason = "core_intrinsics: see above")]
 
 mod backends;
+mod encap;
 mod maps;
 mod parse;
 mod route;
+mod session;
 mod steer;
 mod switch;
+mod watchdog;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use xdp_lb_common::{BalanceCounter, SwitchCounter};

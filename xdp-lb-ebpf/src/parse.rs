@@ -8,9 +8,10 @@ use network_types::{
     ip::{IpProto, Ipv4Hdr},
     udp::UdpHdr,
 };
+use xdp_lb_common::frame::{ETHERTYPE_IPV4, IPV4_FRAGMENT_BITS};
 
 /// EtherType of IPv4 in network byte order as it sits in the header.
-const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+const ETH_P_IP_BE: u16 = ETHERTYPE_IPV4.to_be();
 
 /// How far down the stack the packet goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -94,6 +95,6 @@ pub fn describe(ctx: &XdpContext) -> PacketDescription {
         // SAFETY: as above.
         dst_port: unsafe { (*udp).dst_port() },
         // More-fragments flag or an offset: a fragment cannot be steered by port.
-        plain: ip_len == Ipv4Hdr::LEN && frags & 0x3fff == 0,
+        plain: ip_len == Ipv4Hdr::LEN && frags & IPV4_FRAGMENT_BITS == 0,
     }
 }

@@ -10,9 +10,9 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
+use xdp_lb_common::frame::IPPROTO_UDP;
 
 const AF_INET: u8 = 2;
-const IPPROTO_UDP: u8 = 17;
 /// `BPF_FIB_LKUP_RET_SUCCESS`: route found and neighbour resolved.
 const FOUND: i64 = 0;
 

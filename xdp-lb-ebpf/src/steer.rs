@@ -1,29 +1,27 @@
-//! Steering decisions: client packets to their backend with the steering header inserted,
-//! backend replies to their client with it removed.
-//!
-//! Headers are rewritten in place in the packet and copied between packet and map memory
-//! directly: the BPF stack is 512 bytes, and these structs are large.
-
-use core::ptr::copy_nonoverlapping;
+//! Steering decisions, the tree docs/ARCHITECTURE.md draws for `balance`: client packets to
+//! their backend with the steering header pushed, backend replies to their client with it
+//! popped. The mechanics are elsewhere: `encap` pushes and pops the header, `session` keeps
+//! the sessions, `watchdog` records what each backend was sent and answered, `backends`
+//! chooses and counts load.
 
 use aya_log_ebpf::{info, warn};
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use xdp_lb_common::{
     BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, TFTP_PORT,
-    checksum::fold,
+    frame::{IPV4_HEADER_LEN, UDP_HEADER_LEN},
     steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
+    tftp::{BLOCK_LEN, DATA_HEADER_LEN, OPCODE_ACK, OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
 };
 
 use crate::{
     backends,
-    maps::{LB_BACKENDS, LB_CONFIG, LB_SCRATCH, LB_SEEN, LB_SESSIONS, Refused, addressed_to_us, admit_request, announce, faces_backends, now_ns, report_unknown},
+    encap::{self, Addresses, Failed},
+    maps::{LB_BACKENDS, LB_CONFIG, LB_SEEN, LB_SESSIONS, Refused, addressed_to_us, admit_request, faces_backends, report_unknown},
     parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
+    session,
+    watchdog::{self, Link},
 };
 
 /// An outcome: the counter to increment and the XDP action.
@@ -31,13 +29,8 @@ type Verdict = (BalanceCounter, u32);
 
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
-const HEADER_LEN: usize = SteeringHeader::LEN;
-/// Signed form for length arithmetic (64 always fits).
-const HEADER_DELTA: i16 = 64;
-
-const OPCODE_RRQ: u16 = 1;
-const OPCODE_WRQ: u16 = 2;
-const OPCODE_ACK: u16 = 4;
+/// The UDP length of a backend's datagram that holds a whole steering header.
+const STEERED_UDP_LEN: usize = UDP_HEADER_LEN + SteeringHeader::LEN;
 
 #[inline(always)]
 pub fn balance(ctx: &XdpContext) -> Verdict {
@@ -68,13 +61,13 @@ pub fn balance(ctx: &XdpContext) -> Verdict {
         return (BalanceCounter::DropTruncated, DROP);
     };
     // SAFETY: bounds-checked by ptr_at; alignment 1.
-    let frame = unsafe { &*frame };
+    let frame = unsafe { &mut *frame };
 
     // The lengths the rewrite adjusts must agree with each other and with the frame.
     let udp_len = usize::from(frame.udp_len());
-    if udp_len < 8
-        || frame.ip_len() != frame.udp_len() + 20
-        || ctx.data() + 34 + udp_len > ctx.data_end()
+    if udp_len < UDP_HEADER_LEN
+        || usize::from(frame.ip_len()) != udp_len + IPV4_HEADER_LEN
+        || ctx.data() + FrameHeaders::UDP_OFFSET + udp_len > ctx.data_end()
     {
         return (BalanceCounter::DropTruncated, DROP);
     }
@@ -91,9 +84,9 @@ pub fn balance(ctx: &XdpContext) -> Verdict {
 fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> Verdict {
     let key = ClientKey::new(frame.ip_src, frame.udp_src);
     // Read only inside the datagram: Ethernet padding after a short one is not TFTP.
-    let payload_len = frame.udp_len().saturating_sub(8);
-    let opcode = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET)
-        .filter(|_| payload_len >= 2)
+    let payload_len = usize::from(frame.udp_len()).saturating_sub(UDP_HEADER_LEN);
+    let opcode = read_at::<[u8; OPCODE_LEN]>(ctx, FrameHeaders::PAYLOAD_OFFSET)
+        .filter(|_| payload_len >= OPCODE_LEN)
         .map(u16::from_be_bytes);
     let port = frame.udp_dst_port();
     if port == TFTP_PORT {
@@ -106,10 +99,10 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
             Err(Refused::Prefix) => return (BalanceCounter::DropPrefixRateLimited, DROP),
             Err(Refused::Budget) => return (BalanceCounter::DropSessionBudget, DROP),
         }
-        let Some(session) = open_session(ctx, config, &key, frame) else {
+        let Some(session) = session::open(ctx, config, &key, frame) else {
             return (BalanceCounter::DropNoBackend, DROP);
         };
-        return forward_to_backend(ctx, config, session, BalanceCounter::NewSession);
+        return to_backend(ctx, config, session, BalanceCounter::NewSession);
     }
     if port != key.tid() {
         return (BalanceCounter::PassNotService, PASS);
@@ -120,63 +113,20 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
     };
     // SAFETY: map value pointer from a successful lookup.
     let session = unsafe { &mut *session };
-    // Replies go back the way the client's packets come: a session learned from the peer LB
-    // or from a backend gets its route here, and follows the client if its path changes.
-    session.client_mac = frame.eth_src;
-    session.lb_mac = frame.eth_dst;
-    session.ifindex = ctx.ingress_ifindex() as u32;
-    session.last_client_ns = now_ns();
+    session::follow_client(ctx, session, frame);
     if opcode == Some(OPCODE_ACK)
-        && payload_len >= 4
-        && let Some(block) = read_at::<[u8; 2]>(ctx, FrameHeaders::PAYLOAD_OFFSET + 2)
+        && payload_len >= DATA_HEADER_LEN
+        && let Some(block) = read_at::<[u8; BLOCK_LEN]>(ctx, FrameHeaders::PAYLOAD_OFFSET + OPCODE_LEN)
     {
         session.last_ack = block;
     }
-    forward_to_backend(ctx, config, session, BalanceCounter::ToBackend)
+    to_backend(ctx, config, session, BalanceCounter::ToBackend)
 }
 
-/// Creates the client's session, or restarts it when the client sends a new request from the
-/// same port (it then keeps its backend, unless that one is gone).
+/// Sends a client packet to its session's backend with the steering header pushed. A session
+/// whose backend is no longer usable moves to the least loaded one first, with a nudge.
 #[inline(always)]
-fn open_session<'a>(
-    ctx: &XdpContext,
-    config: &LbConfig,
-    key: &ClientKey,
-    frame: &FrameHeaders,
-) -> Option<&'a mut Session> {
-    let session = match LB_SESSIONS.get_ptr_mut(key) {
-        Some(session) => session,
-        None => {
-            let backend = backends::least_loaded()?;
-            // SAFETY: per-CPU slot, ours for the duration of the program.
-            let fresh = unsafe { &mut *LB_SCRATCH.get_ptr_mut(0)? };
-            fresh.backend = backend;
-            fresh.last_ack = [0; 2];
-            LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
-            backends::add_session(backend);
-            announce(key);
-            LB_SESSIONS.get_ptr_mut(key)?
-        }
-    };
-    // SAFETY: map value pointer from a successful lookup.
-    let session = unsafe { &mut *session };
-    session.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
-    session.client_mac = frame.eth_src;
-    session.lb_mac = frame.eth_dst;
-    session.ifindex = ctx.ingress_ifindex() as u32;
-    session.last_client_ns = now_ns();
-    Some(session)
-}
-
-/// Inserts the session's steering header and sends the packet to its backend. A session whose
-/// backend is no longer usable moves to the least loaded one first, with a nudge.
-#[inline(always)]
-fn forward_to_backend(
-    ctx: &XdpContext,
-    config: &LbConfig,
-    session: &mut Session,
-    counter: BalanceCounter,
-) -> Verdict {
+fn to_backend(ctx: &XdpContext, config: &LbConfig, session: &mut Session, counter: BalanceCounter) -> Verdict {
     let mut counter = counter;
     let mut nudge = 0;
     if !backends::usable(session.backend) {
@@ -186,48 +136,34 @@ fn forward_to_backend(
         };
         // Rare (the agent normally moves sessions first), so worth a line in the agent's log.
         info!(ctx, "session moved in the kernel from backend {} to {}", session.backend, id);
-        backends::remove_session(session.backend);
-        backends::add_session(id);
-        session.backend = id;
+        session::move_to(session, id);
         nudge = FLAG_NUDGE;
         counter = BalanceCounter::Moved;
-        announce(&ClientKey::new(session.header.client_ip, session.header.client_port));
     }
-    let (Some(backend), Some(seen)) = (LB_BACKENDS.get(session.backend), LB_SEEN.get(session.backend)) else {
+    let (Some(backend), Some(seen)) = (LB_BACKENDS.get(session.backend), LB_SEEN.get_ptr_mut(session.backend)) else {
         return (BalanceCounter::DropNoBackend, DROP);
     };
-    // SAFETY: helper on our own context; every packet pointer is re-derived afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(HEADER_LEN as i32)) } != 0 {
+    // SAFETY: map value pointer from a successful lookup.
+    let seen = unsafe { &mut *seen };
+    let to = Addresses {
+        eth_dst: &seen.mac,
+        eth_src: &seen.lb_mac,
+        ip_src: &config.steer_addr,
+        ip_dst: &backend.ip,
+        udp_src: &config.steer_port,
+        udp_dst: &backend.port,
+    };
+    let flags = (session.header.flags & FLAG_HAS_CONTEXT) | nudge;
+    if encap::push(ctx, &session.header, flags, &to).is_err() {
         return (BalanceCounter::DropAdjustHead, DROP);
     }
-    let (Some(frame), Some(old), Some(header)) = (
-        ptr_at::<FrameHeaders>(ctx, 0),
-        ptr_at::<FrameHeaders>(ctx, HEADER_LEN),
-        ptr_at::<SteeringHeader>(ctx, FrameHeaders::PAYLOAD_OFFSET),
-    ) else {
-        return (BalanceCounter::DropAdjustHead, DROP);
-    };
-    // SAFETY: all three ranges were bounds-checked just above; the types have alignment 1; the
-    // old headers (64..106) and their new place (0..42) do not overlap, and the steering header
-    // (42..106) is written only after the old headers were copied out of its place.
-    let (frame, header) = unsafe {
-        copy_nonoverlapping(old, frame, 1);
-        copy_nonoverlapping(&raw const session.header, header, 1);
-        (&mut *frame, &mut *header)
-    };
-    header.flags = (session.header.flags & FLAG_HAS_CONTEXT) | nudge;
-    let header_sum = header_sum(header);
-    frame.eth_dst = seen.mac;
-    frame.eth_src = seen.lb_mac;
-    frame.rewrite(config.steer_addr, backend.ip, config.steer_port, backend.port, HEADER_DELTA, 0, header_sum);
-    let ifindex = seen.ifindex;
-    backends::sent_to(session.backend);
-    (counter, egress(ctx, ifindex))
+    watchdog::sent_to(seen);
+    (counter, egress(ctx, seen.ifindex))
 }
 
 /// A packet to the steering port: only registered backends may send there.
 #[inline(always)]
-fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> Verdict {
+fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &mut FrameHeaders) -> Verdict {
     let Some(id) = backends::find(frame.ip_src, frame.udp_src) else {
         return (BalanceCounter::DropUnknownSource, DROP);
     };
@@ -241,13 +177,14 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
     };
     // SAFETY: bounds-checked by ptr_at; alignment 1. Valid until the packet is resized.
     let header = unsafe { &*header };
-    if !header.has_magic()
-        || !header.has_flag(FLAG_FROM_BACKEND)
-        || usize::from(frame.udp_len()) < 8 + HEADER_LEN
-    {
+    if !header.has_magic() || !header.has_flag(FLAG_FROM_BACKEND) || usize::from(frame.udp_len()) < STEERED_UDP_LEN {
         return (BalanceCounter::DropBadHeader, DROP);
     }
-    backends::answered_by(id, frame.eth_src, frame.eth_dst, ctx.ingress_ifindex() as u32);
+    if let Some(seen) = LB_SEEN.get_ptr_mut(id) {
+        let link = Link { mac: &frame.eth_src, our_mac: &frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 };
+        // SAFETY: map value pointer from a successful lookup.
+        watchdog::answered_by(unsafe { &mut *seen }, Some(link));
+    }
     if header.has_flag(FLAG_HEARTBEAT) {
         // The agent's probe socket wants it too.
         return (BalanceCounter::Heartbeat, PASS);
@@ -257,14 +194,14 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         // nothing for the client.
         return (BalanceCounter::BackendHeard, DROP);
     }
-    if usize::from(frame.udp_len()) > 8 + HEADER_LEN + header.longest_reply() {
+    if usize::from(frame.udp_len()) > STEERED_UDP_LEN + header.longest_reply() {
         return (BalanceCounter::DropOversize, DROP);
     }
     let key = ClientKey::new(header.client_ip, header.client_port);
     let (session, counter) = match LB_SESSIONS.get_ptr_mut(key) {
         Some(session) => (session, BalanceCounter::ToClient),
         None if header.has_flag(FLAG_FINISHED) => return (BalanceCounter::SessionFinished, DROP),
-        None => match relearn(config, &key, id) {
+        None => match session::relearn(config, &key, id) {
             Some(session) => (session, BalanceCounter::Relearned),
             None => return (BalanceCounter::DropNoSession, DROP),
         },
@@ -275,110 +212,43 @@ fn backend_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> 
         return (BalanceCounter::DropStaleBackend, DROP);
     }
     if header.has_flag(FLAG_FINISHED) {
-        let _ = LB_SESSIONS.remove(key);
-        backends::remove_session(id);
+        session::finish(&key, id);
         return (BalanceCounter::SessionFinished, DROP);
     }
-    let first_context = session.header.flags & FLAG_HAS_CONTEXT == 0;
-    learn_context(&mut session.header, header);
-    if first_context {
-        // The file, digest and options are what a backup needs to carry the transfer on: it
-        // gets them now, not at the next periodic sync (the block may lag, not the context).
-        announce(&key);
-    }
-    forward_to_client(ctx, config, frame, session, header, counter)
+    session::learn_context(&key, session, header);
+    to_client(ctx, config, frame, session, header, counter)
 }
 
-/// A registered backend answers for a client this LB has no session for: it took over from
-/// its peer, or the LRU evicted the entry. The backend's header names the client; the way to
-/// the client comes from the routing table until the client's next packet shows it.
+/// Sends a backend's reply to the client from VIP:TID with the steering header popped.
 #[inline(always)]
-fn relearn(config: &LbConfig, key: &ClientKey, backend: u32) -> Option<*mut Session> {
-    // SAFETY: per-CPU slot, ours for the duration of the program.
-    let fresh = unsafe { &mut *LB_SCRATCH.get_ptr_mut(0)? };
-    fresh.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
-    fresh.backend = backend;
-    fresh.ifindex = 0;
-    fresh.client_mac = [0; 6];
-    fresh.lb_mac = [0; 6];
-    fresh.last_ack = [0; 2];
-    fresh.last_client_ns = now_ns();
-    LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
-    backends::add_session(backend);
-    announce(key);
-    LB_SESSIONS.get_ptr_mut(key)
-}
-
-/// Keeps the transfer context the backend reports, so another backend can resume from it.
-#[inline(always)]
-fn learn_context(ours: &mut SteeringHeader, theirs: &SteeringHeader) {
-    let highest = ours.block().max(theirs.block());
-    ours.flags |= FLAG_HAS_CONTEXT;
-    ours.mode = theirs.mode;
-    ours.options = theirs.options;
-    ours.timeout = theirs.timeout;
-    ours.blksize = theirs.blksize;
-    ours.windowsize = theirs.windowsize;
-    ours.path_hash = theirs.path_hash;
-    ours.digest = theirs.digest;
-    ours.file_size = theirs.file_size;
-    ours.rtt = theirs.rtt;
-    ours.set_block(highest);
-}
-
-/// Removes the steering header and sends the reply to the client from VIP:TID.
-#[inline(always)]
-fn forward_to_client(
+fn to_client(
     ctx: &XdpContext,
     config: &LbConfig,
-    frame: &FrameHeaders,
+    frame: &mut FrameHeaders,
     session: &mut Session,
     header: &SteeringHeader,
     counter: BalanceCounter,
 ) -> Verdict {
-    // Everything needed from the steering header is read before the new Ethernet/IP/UDP
-    // headers overwrite its tail.
-    let header_sum = header_sum(header);
-    let (client_ip, client_port) = (header.client_ip, header.client_port);
     if session.ifindex == 0 {
-        let ip_len = frame.ip_len().saturating_sub(HEADER_LEN as u16);
-        let Some(hop) = route::toward(ctx, config.vip, client_ip, ip_len) else {
+        let ip_len = frame.ip_len().saturating_sub(SteeringHeader::LEN as u16);
+        let Some(hop) = route::toward(ctx, config.vip, header.client_ip, ip_len) else {
             return (BalanceCounter::DropNoRoute, DROP);
         };
         session.ifindex = hop.ifindex;
         session.client_mac = hop.dst_mac;
         session.lb_mac = hop.src_mac;
     }
-    let Some(moved) = ptr_at::<FrameHeaders>(ctx, HEADER_LEN) else {
-        return (BalanceCounter::DropBadHeader, DROP);
+    let to = Addresses {
+        eth_dst: &session.client_mac,
+        eth_src: &session.lb_mac,
+        ip_src: &config.vip,
+        ip_dst: &header.client_ip,
+        udp_src: &session.header.vip_port,
+        udp_dst: &header.client_port,
     };
-    // SAFETY: bounds-checked just above; 0..42 and 64..106 do not overlap; alignment 1.
-    let moved = unsafe {
-        copy_nonoverlapping(frame, moved, 1);
-        &mut *moved
-    };
-    moved.eth_dst = session.client_mac;
-    moved.eth_src = session.lb_mac;
-    moved.rewrite(config.vip, client_ip, session.header.vip_port, client_port, -HEADER_DELTA, header_sum, 0);
-    // SAFETY: helper on our own context; no packet pointer is used afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, HEADER_LEN as i32) } != 0 {
-        return (BalanceCounter::DropAdjustHead, DROP);
+    match encap::pop(ctx, frame, header, &to) {
+        Ok(()) => (counter, egress(ctx, session.ifindex)),
+        Err(Failed::Short) => (BalanceCounter::DropBadHeader, DROP),
+        Err(Failed::AdjustHead) => (BalanceCounter::DropAdjustHead, DROP),
     }
-    (counter, egress(ctx, session.ifindex))
-}
-
-/// Word sum of a steering header (in packet or map memory) for the incremental UDP checksum.
-/// The kernel's `bpf_csum_diff` sums it: an unrolled sum of 64 unaligned bytes would not fit
-/// the BPF registers and spill past the 512-byte stack.
-#[inline(always)]
-fn header_sum(header: &SteeringHeader) -> u32 {
-    let to = core::ptr::from_ref(header).cast::<u32>().cast_mut();
-    // SAFETY: reads HEADER_LEN bytes of a live header; the verifier checks the range. (The
-    // helper subtracts `from` and adds `to`: the header goes in `to`.)
-    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, to, HEADER_LEN as u32, 0) };
-    // The helper sums native-endian (little-endian) words; a ones' complement sum of byte-swapped
-    // words is the byte-swapped sum (RFC 1071), so fold and swap back to network order.
-    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a 32-bit partial sum")]
-    let sum = sum as u32;
-    u32::from(fold(sum).swap_bytes())
 }

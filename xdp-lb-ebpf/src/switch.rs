@@ -10,13 +10,13 @@ use aya_ebpf::{
 };
 use xdp_lb_common::{
     ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter,
-    maps::{LB_FACING, MAX_LB_IFACES},
+    maps::{LB_FACING, LB_SLOTS, MAX_LB_IFACES},
 };
 
 use crate::{
-    maps::{atomic_add, now_ns},
     parse::{self, Layer, ptr_at},
     route::{self, egress},
+    watchdog::{self, Link},
 };
 
 /// Most clients the switch remembers as in flight (least recently seen evicted first).
@@ -29,11 +29,11 @@ pub static SW_COUNTERS: PerCpuArray<Counter, { SwitchCounter::COUNT }> = PerCpuA
 pub static SW_CONFIG: Array<SwitchConfig, 1> = Array::new();
 
 #[btf_map]
-pub static SW_SEEN: Array<LbSeen, 2> = Array::new();
+pub static SW_SEEN: Array<LbSeen, LB_SLOTS> = Array::new();
 
 /// The switch agent's verdicts and flap damping per load balancer (agent-only, see LB_HEALTH).
 #[btf_map]
-pub static SW_HEALTH: Array<Health, 2> = Array::new();
+pub static SW_HEALTH: Array<Health, LB_SLOTS> = Array::new();
 
 /// The interfaces that face the load balancers (ifindex -> `LB_FACING`), written by the agent
 /// from `--lb-iface`. Not pinned: each agent writes it at start.
@@ -90,7 +90,7 @@ pub fn switch(ctx: &XdpContext) -> Verdict {
     // VIP) are recognised by the MAC learned that way.
     if frame.ip_src == config.lbs[0] || frame.ip_src == config.lbs[1] {
         let slot = u32::from(frame.ip_src == config.lbs[1]);
-        answered_by(slot, Some((frame.eth_src, frame.eth_dst, ctx.ingress_ifindex() as u32)));
+        answered_by(slot, Some(Link { mac: &frame.eth_src, our_mac: &frame.eth_dst, ifindex: ctx.ingress_ifindex() as u32 }));
         return (SwitchCounter::FromLb, PASS);
     }
     if frame.ip_src == config.vip {
@@ -122,15 +122,9 @@ fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeader
     if seen.mac == [0; 6] {
         return (SwitchCounter::DropNoLb, DROP);
     }
-    let now = now_ns();
-    if seen.unanswered == 0 {
-        seen.unanswered_since_ns = now;
-    }
-    seen.last_sent_ns = now;
-    atomic_add(&raw mut seen.unanswered, 1);
-    atomic_add(&raw mut seen.packets_to, 1);
+    watchdog::sent_to(seen);
     let key = ClientKey::new(frame.ip_src, frame.udp_src);
-    let _ = SW_CLIENTS.insert(&key, &now, 0);
+    let _ = SW_CLIENTS.insert(&key, &seen.last_sent_ns, 0);
     frame.eth_dst = seen.mac;
     frame.eth_src = seen.lb_mac;
     (SwitchCounter::ToLb, egress(ctx, seen.ifindex))
@@ -151,7 +145,7 @@ fn to_client(ctx: &XdpContext, frame: &mut FrameHeaders) -> Verdict {
 /// The slot of the load balancer whose MAC sent a frame.
 #[inline(always)]
 fn lb_by_mac(mac: [u8; 6]) -> Option<u32> {
-    for slot in 0..2 {
+    for slot in 0..LB_SLOTS as u32 {
         if SW_SEEN.get(slot).is_some_and(|seen| seen.mac == mac && mac != [0; 6]) {
             return Some(slot);
         }
@@ -159,31 +153,11 @@ fn lb_by_mac(mac: [u8; 6]) -> Option<u32> {
     None
 }
 
-/// A MAC a single host can have: not all zeros, group bit clear.
-#[inline(always)]
-fn is_unicast(mac: [u8; 6]) -> bool {
-    mac[0] & 1 == 0 && mac != [0; 6]
-}
-
 /// Records a frame from load balancer `slot`, and where it came from when it was its own.
 #[inline(always)]
-fn answered_by(slot: u32, learned: Option<([u8; 6], [u8; 6], u32)>) {
-    let Some(seen) = SW_SEEN.get_ptr_mut(slot) else {
-        return;
-    };
-    // SAFETY: map value pointer from a successful lookup.
-    let seen = unsafe { &mut *seen };
-    seen.unanswered = 0;
-    seen.last_answer_ns = now_ns();
-    atomic_add(&raw mut seen.packets_from, 1);
-    // Only unicast addresses are learned: a balancer's multicast (or a forged zero or group
-    // address) would black-hole or flood every client packet.
-    if let Some((mac, our_mac, ifindex)) = learned
-        && is_unicast(mac)
-        && is_unicast(our_mac)
-    {
-        seen.mac = mac;
-        seen.lb_mac = our_mac;
-        seen.ifindex = ifindex;
+fn answered_by(slot: u32, learned: Option<Link<'_>>) {
+    if let Some(seen) = SW_SEEN.get_ptr_mut(slot) {
+        // SAFETY: map value pointer from a successful lookup.
+        watchdog::answered_by(unsafe { &mut *seen }, learned);
     }
 }

@@ -168,6 +168,36 @@ fn heartbeat_answer_teaches_the_backend_mac_and_passes() {
     assert_eq!(f.counter(C::Heartbeat).unwrap(), 1);
 }
 
+/// A backend's answer from a group (multicast, broadcast) or all-zero source MAC, or to an
+/// all-zero destination, still counts for the watchdog, but teaches no MAC: steering a
+/// session's frames to such an address would flood or black-hole them. The same rule as the
+/// switch's for a balancer's frames (`switch_hostile_tests`).
+#[test]
+fn a_backend_answer_from_a_group_mac_is_counted_but_teaches_nothing() {
+    let mut f = fixture(1);
+    let mut beat = SteeringHeader::for_client([0; 4], 0, [0; 4], 0);
+    beat.flags = FLAG_FROM_BACKEND | FLAG_HEARTBEAT;
+    let broadcast = [0xff; 6];
+    let multicast = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    let sources = [(broadcast, LB_MAC), (multicast, LB_MAC), ([0; 6], LB_MAC), (backend_mac(0), [0; 6])];
+    for (n, (src, dst)) in sources.into_iter().enumerate() {
+        let mut seen = f.maps.seen(0).unwrap();
+        seen.unanswered = 5;
+        f.maps.seen.set(0, seen, 0).unwrap();
+        let mut frame = from_backend(0, &beat, b"");
+        frame[..6].copy_from_slice(&dst);
+        frame[6..12].copy_from_slice(&src);
+        assert_eq!(f.run(&frame).unwrap().0, XDP_PASS, "{src:02x?} -> {dst:02x?}");
+        let seen = f.maps.seen(0).unwrap();
+        assert_eq!(seen.unanswered, 0, "{src:02x?} -> {dst:02x?}: counted as the backend's answer");
+        assert_eq!((seen.mac, seen.lb_mac), (backend_mac(0), LB_MAC), "{src:02x?} -> {dst:02x?}: nothing learned");
+        assert_eq!(f.counter(C::Heartbeat).unwrap(), n as u64 + 1);
+    }
+    let (action, out) = f.run(&from_client(CLIENT, 40_300, TFTP_PORT, RRQ)).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(headers(&out).eth_dst, backend_mac(0), "sessions still go to the backend's own MAC");
+}
+
 /// A client that repeats itself (duplicate or stale ACKs) makes the backend answer `HEARD`
 /// instead of DATA: the kernel takes that as the backend's answer (the watchdog's unanswered
 /// count goes back to zero) and forwards nothing to the client.

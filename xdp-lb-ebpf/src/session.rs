@@ -1,0 +1,109 @@
+//! Sessions in `LB_SESSIONS`: opened by a request, relearned from a backend's reply, kept on
+//! the client's path, given the transfer context the backend reports, moved to another backend,
+//! finished. Each change the peer balancer must hear about is announced here. Which of these
+//! happens to a packet is `steer`'s decision.
+
+use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, steering::FLAG_HAS_CONTEXT};
+
+use aya_ebpf::programs::XdpContext;
+
+use crate::{
+    backends,
+    maps::{LB_SCRATCH, LB_SESSIONS, announce, now_ns},
+};
+
+/// Creates the client's session on the least loaded usable backend, or restarts it when the
+/// client sends a new request from the same port (it then keeps its backend; `steer` moves it
+/// if that one is gone). `None` when no backend is usable or the table refuses the entry.
+#[inline(always)]
+pub fn open<'a>(ctx: &XdpContext, config: &LbConfig, key: &ClientKey, frame: &FrameHeaders) -> Option<&'a mut Session> {
+    let session = match LB_SESSIONS.get_ptr_mut(key) {
+        Some(session) => session,
+        None => {
+            let backend = backends::least_loaded()?;
+            // SAFETY: per-CPU slot, ours for the duration of the program.
+            let fresh = unsafe { &mut *LB_SCRATCH.get_ptr_mut(0)? };
+            fresh.backend = backend;
+            fresh.last_ack = [0; 2];
+            LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
+            backends::add_session(backend);
+            announce(key);
+            LB_SESSIONS.get_ptr_mut(key)?
+        }
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let session = unsafe { &mut *session };
+    session.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
+    follow_client(ctx, session, frame);
+    Some(session)
+}
+
+/// Replies go back the way the client's packets come: a session learned from the peer LB or
+/// from a backend gets its route here, and follows the client if its path changes.
+#[inline(always)]
+pub fn follow_client(ctx: &XdpContext, session: &mut Session, frame: &FrameHeaders) {
+    session.client_mac = frame.eth_src;
+    session.lb_mac = frame.eth_dst;
+    session.ifindex = ctx.ingress_ifindex() as u32;
+    session.last_client_ns = now_ns();
+}
+
+/// A registered backend answers for a client this LB has no session for: it took over from
+/// its peer, or the LRU evicted the entry. The backend's header names the client; the way to
+/// the client comes from the routing table until the client's next packet shows it.
+#[inline(always)]
+pub fn relearn(config: &LbConfig, key: &ClientKey, backend: u32) -> Option<*mut Session> {
+    // SAFETY: per-CPU slot, ours for the duration of the program.
+    let fresh = unsafe { &mut *LB_SCRATCH.get_ptr_mut(0)? };
+    fresh.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
+    fresh.backend = backend;
+    fresh.ifindex = 0;
+    fresh.client_mac = [0; 6];
+    fresh.lb_mac = [0; 6];
+    fresh.last_ack = [0; 2];
+    fresh.last_client_ns = now_ns();
+    LB_SESSIONS.insert(key, &*fresh, 0).ok()?;
+    backends::add_session(backend);
+    announce(key);
+    LB_SESSIONS.get_ptr_mut(key)
+}
+
+/// Keeps the transfer context the backend reports, so another backend can resume from it. The
+/// first context is announced at once: the file, digest and options are what a backup needs to
+/// carry the transfer on (the block may lag until the next periodic sync, not the context).
+#[inline(always)]
+pub fn learn_context(key: &ClientKey, session: &mut Session, theirs: &SteeringHeader) {
+    let ours = &mut session.header;
+    let first_context = ours.flags & FLAG_HAS_CONTEXT == 0;
+    let highest = ours.block().max(theirs.block());
+    ours.flags |= FLAG_HAS_CONTEXT;
+    ours.mode = theirs.mode;
+    ours.options = theirs.options;
+    ours.timeout = theirs.timeout;
+    ours.blksize = theirs.blksize;
+    ours.windowsize = theirs.windowsize;
+    ours.path_hash = theirs.path_hash;
+    ours.digest = theirs.digest;
+    ours.file_size = theirs.file_size;
+    ours.rtt = theirs.rtt;
+    ours.set_block(highest);
+    if first_context {
+        announce(key);
+    }
+}
+
+/// Moves the session to backend `id` (the load follows; the peer hears of it).
+#[inline(always)]
+pub fn move_to(session: &mut Session, id: u32) {
+    backends::remove_session(session.backend);
+    backends::add_session(id);
+    session.backend = id;
+    announce(&ClientKey::new(session.header.client_ip, session.header.client_port));
+}
+
+/// Forgets the finished session of `key` on backend `id`.
+#[inline(always)]
+pub fn finish(key: &ClientKey, id: u32) {
+    let _ = LB_SESSIONS.remove(key);
+    backends::remove_session(id);
+}
