@@ -125,13 +125,15 @@ impl Cluster {
         self.await_lbs_reachable(lbs).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    fn await_backends_live(&self, lb: usize, n: usize) -> Result<()> {
+    /// [`Cluster::wait_backends_live`] as a `Result` (for the demo and the benches).
+    pub fn await_backends_live(&self, lb: usize, n: usize) -> Result<()> {
         self.logged(wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
             (self.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
         }))
     }
 
-    fn await_lbs_reachable(&self, lbs: &[usize]) -> Result<()> {
+    /// [`Cluster::wait_lbs_reachable`] as a `Result`.
+    pub fn await_lbs_reachable(&self, lbs: &[usize]) -> Result<()> {
         self.logged(wait_for("the switch to reach the balancers", 20, || {
             let all = self.topo.switch_status().ok()?.lbs;
             lbs.iter().all(|&i| all.get(i).is_some_and(|lb| lb.reachable)).then_some(())

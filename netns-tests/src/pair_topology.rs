@@ -25,7 +25,7 @@ pub const VIP: &str = "10.77.9.100";
 pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
 pub const SWITCH_LB_SIDE: &str = "10.77.0.1";
 pub const CONTROL_PORT: u16 = 6970;
-pub const BACKEND_PORT: u16 = 7000;
+pub use crate::topology::BACKEND_PORT;
 const MTU: &str = "1600";
 
 #[must_use]
@@ -174,12 +174,8 @@ impl PairTopology {
 
     /// Starts backend `i` in steered mode on the shared root.
     pub fn start_backend(&self, i: usize) -> Result<Process> {
-        let mut command = self.backends[i].command(binary("tftp-backend"));
-        command.arg("--root").arg(&self.root);
-        command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
-        command.args(["--lb", &lb_addr(0), "--lb", &lb_addr(1)]);
-        command.env("RUST_LOG", crate::process::backend_log_filter());
-        Process::spawn(self.prefix.name(&format!("backend{i}")), command)
+        let name = self.prefix.name(&format!("backend{i}"));
+        crate::topology::start_steered_backend(&self.backends[i], &name, &self.root, &backend_addr(i), &[&lb_addr(0), &lb_addr(1)])
     }
 
     /// Takes balancer `i` off the network (its link down): with its agent killed, nothing of

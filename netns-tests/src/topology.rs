@@ -105,12 +105,7 @@ impl LbTopology {
 
     /// Starts backend `i` in steered mode on the shared root.
     pub fn start_backend(&self, i: usize) -> Result<Process> {
-        let mut command = self.backends[i].command(binary("tftp-backend"));
-        command.arg("--root").arg(&self.root);
-        command.args(["--steered", "--segment-offload", "--listen", &format!("{}:{BACKEND_PORT}", backend_addr(i))]);
-        command.args(["--lb", LB_ADDR]);
-        command.env("RUST_LOG", crate::process::backend_log_filter());
-        Process::spawn(self.prefix.name(&format!("backend{i}")), command)
+        start_steered_backend(&self.backends[i], &self.prefix.name(&format!("backend{i}")), &self.root, &backend_addr(i), &[LB_ADDR])
     }
 
     /// The namespace holding the bridge, where benches and tests can impair traffic (see
@@ -125,6 +120,19 @@ impl LbTopology {
     pub fn status(&self) -> Result<BalanceStatus> {
         balance_at(&self.pins)
     }
+}
+
+/// Starts `tftp-backend --steered` in `host`, serving `root` on `address`:[`BACKEND_PORT`] to
+/// the balancers at `lbs` (both topologies' backends).
+pub(crate) fn start_steered_backend(host: &Netns, name: &str, root: &std::path::Path, address: &str, lbs: &[&str]) -> Result<Process> {
+    let mut command = host.command(binary("tftp-backend"));
+    command.arg("--root").arg(root);
+    command.args(["--steered", "--segment-offload", "--listen", &format!("{address}:{BACKEND_PORT}")]);
+    for lb in lbs {
+        command.args(["--lb", lb]);
+    }
+    command.env("RUST_LOG", crate::process::backend_log_filter());
+    Process::spawn(name, command)
 }
 
 /// The balancer's part of [`status_at`] (an error when no balancer's maps are pinned there).

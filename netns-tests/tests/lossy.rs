@@ -21,7 +21,7 @@ use std::{
 use netns_tests::{
     Process,
     clients::expect_download,
-    files::make_file,
+    cluster::Cluster,
     impair::{Impairment, Loss, Relay, RelayStats, install_loss, loss_dropped},
     pair_topology::{PairTopology, VIP},
     require_root, wait_for,
@@ -98,18 +98,10 @@ impl Client {
 /// The topology with the switch, both balancers and the backends running, and each client's
 /// link impaired.
 struct Lossy {
-    backends: Vec<Process>,
-    lbs: [Option<Process>; 2],
-    switch: Process,
-    killed: Vec<Process>,
+    // First: the relays go before the cluster's namespaces.
     relays: Vec<Relay>,
-    topo: PairTopology,
-    // Last: released after everything above is gone.
-    _turn: std::sync::MutexGuard<'static, ()>,
+    cluster: Cluster,
 }
-
-/// One topology at a time: the timings mean little on an overloaded machine.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Lossy {
     /// Loss on the clients' bridge (`everywhere`: on both bridges, so also between the
@@ -120,7 +112,6 @@ impl Lossy {
 
     fn start_with(clients: usize, backends: usize, everywhere: bool, impairment: Impairment, loss: u8) -> Self {
         require_root();
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
         let relays = (0..clients)
             .map(|i| {
@@ -130,84 +121,45 @@ impl Lossy {
             .collect();
         let bridge = if everywhere { None } else { Some("br0") };
         install_loss(topo.bridges(), &Loss { percent: loss, bridge, spare_tftp_setup: true }).expect("loss");
-        let backends = (0..backends).map(|i| topo.start_backend(i).expect("backend")).collect();
-        let lbs = [0, 1].map(|i| Some(topo.start_lb(i, &[]).expect("lb")));
-        let switch = topo.start_switch(&[]).expect("xdp-lb switch");
-        let lossy = Self { backends, lbs, switch, killed: Vec::new(), relays, topo, _turn: turn };
-        let n = lossy.backends.len();
-        for lb in 0..2 {
-            wait_for(&format!("{n} live backends at balancer {lb}"), 20, || {
-                (lossy.topo.lb_status(lb).ok()?.live_backends() >= n).then_some(())
-            })
-            .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
-        }
-        wait_for("the switch to reach both balancers", 20, || {
-            lossy.topo.switch_status().ok()?.lbs.iter().all(|lb| lb.reachable).then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
-        lossy
+        Self { relays, cluster: Cluster::start_on(topo) }
     }
 
     fn logs(&self) -> String {
-        use std::fmt::Write as _;
-        let mut all = format!("--- switch\n{}", self.switch.log());
-        for (i, lb) in self.lbs.iter().enumerate() {
-            if let Some(lb) = lb {
-                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
-            }
-        }
-        for (i, backend) in self.backends.iter().enumerate() {
-            let _ = write!(all, "\n--- backend {i}\n{}", backend.log());
-        }
-        all + &self.topo.counters_summary()
+        self.cluster.logs()
     }
 
     fn active_lb(&self) -> usize {
-        self.topo.active_lb().expect("the switch's status")
+        self.cluster.active_lb()
     }
 
     /// Kills balancer `i`: SIGKILL of its agent and its link down (`PairTopology::fail_lb`).
     fn kill_lb(&mut self, i: usize) {
-        let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
-        self.killed.extend(killed);
+        self.cluster.kill_lb(i);
     }
 
-    /// Lines of the agents' logs saying something was declared dead, swapped or taken over.
-    fn verdicts(&self) -> Vec<String> {
-        self.lbs
-            .iter()
-            .flatten()
-            .chain(&self.killed)
-            .chain(std::iter::once(&self.switch))
-            .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
-            .filter(|l| ["dead", "swapped", "backends nudged"].iter().any(|w| l.contains(w)))
-            .collect()
-    }
-
+    /// The agents' verdicts (deaths, swaps) and their warnings so far.
     fn print_verdicts(&self, when: &str) {
-        let verdicts = self.verdicts();
-        println!("watchdog verdicts {when}: {}", verdicts.len());
-        for verdict in verdicts {
-            println!("  {verdict}");
+        let verdicts = self.cluster.verdicts();
+        println!("watchdog verdicts {when}: {} backend, {} balancer, {} swaps", verdicts.backends, verdicts.balancers, verdicts.swaps);
+        for line in verdicts.lines {
+            println!("  {line}");
         }
     }
 
     fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
-        let path = self.topo.root.join(name);
-        make_file(&path, size, seed).expect("test file");
-        path
+        self.cluster.file(name, size, seed)
     }
 
     fn download(&self, client: usize, how: Client, remote: &str) -> Transfer {
-        let local = std::env::temp_dir().join(self.topo.prefix.name(&format!("{remote}-{client}")));
-        let command = how.command(&self.topo, client, remote, &local);
-        let process = Process::spawn(self.topo.prefix.name(&format!("dl{client}-{remote}")), command).expect("start client");
+        let local = std::env::temp_dir().join(self.cluster.topo.prefix.name(&format!("{remote}-{client}")));
+        let command = how.command(&self.cluster.topo, client, remote, &local);
+        let process = Process::spawn(self.cluster.topo.prefix.name(&format!("dl{client}-{remote}")), command).expect("start client");
         Transfer { how, process, growth: Growth::watch(local.clone()), local, started: Instant::now() }
     }
 
     /// What the impairment did so far: frames nftables dropped and the relays' sums.
     fn impairment_report(&self) -> (u64, RelayStats) {
-        let dropped = loss_dropped(self.topo.bridges()).expect("nft counter");
+        let dropped = loss_dropped(self.cluster.topo.bridges()).expect("nft counter");
         let stats = self.relays.iter().map(Relay::stats).fold(RelayStats::default(), |a, b| RelayStats {
             received: a.received + b.received,
             sent: a.sent + b.sent,
@@ -338,7 +290,7 @@ fn lock_step_clients_at_one_and_three_percent_loss() {
     let hpa_file = lossy.file("hpa.bin", 256 * KIB + 11, 41);
     let curl_file = lossy.file("curl.bin", 1024 * KIB + 13, 42);
     for percent in [1, 3] {
-        install_loss(lossy.topo.bridges(), &Loss { percent, bridge: Some("br0"), spare_tftp_setup: true }).expect("loss");
+        install_loss(lossy.cluster.topo.bridges(), &Loss { percent, bridge: Some("br0"), spare_tftp_setup: true }).expect("loss");
         println!("--- {percent}% loss each way");
         let hpa = lossy.download(0, Client::TftpHpa, "hpa.bin");
         let curl = lossy.download(1, Client::Curl, "curl.bin");

@@ -7,13 +7,15 @@
 
 use core::fmt;
 
+use xdp_lb_common::tftp;
+
 /// Largest TFTP packet we build or accept: opcode, block and the largest RFC 2348 block.
-pub const MAX_PACKET: usize = 4 + 65_464;
+pub const MAX_PACKET: usize = DATA_HEADER_LEN + 65_464;
 
 /// Opcode and block number: the bytes before a DATA packet's block, all that
 /// `Repr::Data { block, data: &[] }` emits (a sender that gathers each block from its own
-/// buffer writes only these).
-pub const DATA_HEADER_LEN: usize = 4;
+/// buffer writes only these). The numbers the balancer also reads come from `xdp_lb_common`.
+pub const DATA_HEADER_LEN: usize = tftp::DATA_HEADER_LEN;
 
 /// Why a packet could not be parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,23 +58,23 @@ pub type Result<T> = core::result::Result<T, Error>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum Opcode {
-    Rrq = 1,
-    Wrq = 2,
-    Data = 3,
-    Ack = 4,
-    Error = 5,
-    Oack = 6,
+    Rrq = tftp::OPCODE_RRQ,
+    Wrq = tftp::OPCODE_WRQ,
+    Data = tftp::OPCODE_DATA,
+    Ack = tftp::OPCODE_ACK,
+    Error = tftp::OPCODE_ERROR,
+    Oack = tftp::OPCODE_OACK,
 }
 
 impl Opcode {
     fn from_u16(value: u16) -> Result<Self> {
         Ok(match value {
-            1 => Self::Rrq,
-            2 => Self::Wrq,
-            3 => Self::Data,
-            4 => Self::Ack,
-            5 => Self::Error,
-            6 => Self::Oack,
+            tftp::OPCODE_RRQ => Self::Rrq,
+            tftp::OPCODE_WRQ => Self::Wrq,
+            tftp::OPCODE_DATA => Self::Data,
+            tftp::OPCODE_ACK => Self::Ack,
+            tftp::OPCODE_ERROR => Self::Error,
+            tftp::OPCODE_OACK => Self::Oack,
             other => return Err(Error::UnknownOpcode(other)),
         })
     }

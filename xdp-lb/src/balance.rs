@@ -22,7 +22,7 @@ use crate::{
     control::{self, BackendView, Detector, Outcome},
     ifaces, loader,
     maps::{self, LbMaps},
-    pair::{self, Pair, PairEvent},
+    pair::{self, Pair, PairEvent, Role},
     pins,
     planner::{self, Occasion},
 };
@@ -427,8 +427,7 @@ impl Agent {
     /// rules: recent clients first; a backup only rewrites, it nudges when it takes over).
     /// Returns (moved, nudged, left for the next tick).
     async fn move_sessions(&mut self, dead: usize, views: &[BackendView]) -> anyhow::Result<(usize, usize, usize)> {
-        let nudging = self.pair.role() != pair::Role::Backup;
-        let plan = planner::plan(Occasion::BackendDied(u32::try_from(dead)?), views, self.maps.sessions(), monotonic_ns(), nudging, MOVE_BATCH);
+        let plan = planner::plan(Occasion::BackendDied(u32::try_from(dead)?), views, self.maps.sessions(), monotonic_ns(), self.pair.role(), MOVE_BATCH);
         if plan.stranded > 0 {
             warn!(stranded = plan.stranded, "no live backend to move sessions to");
         }
@@ -466,7 +465,7 @@ impl Agent {
         let started = Instant::now();
         self.maintain()?;
         let views = self.views()?;
-        let plan = planner::plan(Occasion::TakeOver, &views, self.maps.sessions(), monotonic_ns(), true, usize::MAX);
+        let plan = planner::plan(Occasion::TakeOver, &views, self.maps.sessions(), monotonic_ns(), Role::Active, usize::MAX);
         let (moved, nudged) = self.carry_out(&plan).await;
         if nudged + moved > 0 {
             warn!(nudged, moved, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");

@@ -5,7 +5,10 @@
 
 use xdp_lb_common::{ClientKey, Session, maps::BACKEND_LIVE};
 
-use crate::control::{self, BackendView};
+use crate::{
+    control::{self, BackendView},
+    pair::Role,
+};
 
 /// Why sessions are being looked at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,12 +38,13 @@ fn usable(view: Option<&BackendView>) -> bool {
     view.is_some_and(|v| v.state == BACKEND_LIVE && v.mac_known)
 }
 
-/// The plan for `occasion`. `nudging`: whether this balancer may nudge at all (a backup may
-/// not: its nudge would turn the backend's replies toward it, while the clients send to the
+/// The plan for `occasion`, made by a balancer in `role`: a backup moves sessions but never
+/// nudges (its nudge would turn the backend's replies toward it, while the clients send to the
 /// active one). At most `limit` sessions move per plan, those whose client was heard most
 /// recently first; the kernel moves any other on its client's next packet in any case.
 #[must_use]
-pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(ClientKey, Session)>, now_ns: u64, nudging: bool, limit: usize) -> Plan {
+pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(ClientKey, Session)>, now_ns: u64, role: Role, limit: usize) -> Plan {
+    let nudging = role != Role::Backup;
     let mut loads: Vec<u64> = views.iter().map(|v| v.sessions).collect();
     let mut plan = Plan::default();
     if let Occasion::BackendDied(dead) = occasion {
@@ -107,7 +111,7 @@ mod tests {
     fn a_dead_backends_sessions_move_to_the_least_loaded_and_recent_ones_are_nudged() {
         let views = [dead(3), live(5), live(0)];
         let sessions = vec![session(1, 0, 100), session(2, 0, 99), session(3, 0, 90), session(4, 1, 100)];
-        let plan = plan(Occasion::BackendDied(0), &views, sessions, 100 * S, true, 100);
+        let plan = plan(Occasion::BackendDied(0), &views, sessions, 100 * S, Role::Active, 100);
         assert_eq!(ports(&plan.moves), [1, 2, 3], "only the dead backend's sessions, most recent first");
         assert!(plan.moves.iter().all(|(_, s)| s.backend == 2), "to the least loaded live backend");
         assert_eq!(plan.nudges.len(), 2, "not the client quiet for 10 s (it waits on its own timer, or left)");
@@ -119,7 +123,7 @@ mod tests {
     #[test]
     fn a_backup_moves_but_never_nudges() {
         let views = [dead(1), live(0)];
-        let plan = plan(Occasion::BackendDied(0), &views, vec![session(1, 0, 100)], 100 * S, false, 100);
+        let plan = plan(Occasion::BackendDied(0), &views, vec![session(1, 0, 100)], 100 * S, Role::Backup, 100);
         assert_eq!(plan.moves.len(), 1);
         assert!(plan.nudges.is_empty());
     }
@@ -128,7 +132,7 @@ mod tests {
     fn at_most_a_batch_moves_per_tick_the_recent_clients_first() {
         let views = [dead(5), live(0), live(0)];
         let sessions = (0..5).map(|i| session(i, 0, 100 - u64::from(i))).collect();
-        let plan = plan(Occasion::BackendDied(0), &views, sessions, 100 * S, true, 2);
+        let plan = plan(Occasion::BackendDied(0), &views, sessions, 100 * S, Role::Active, 2);
         assert_eq!(ports(&plan.moves), [0, 1]);
         assert_eq!(plan.left, 3);
         assert_eq!(plan.loads, [3, 1, 1], "spread over the live backends; the rest still counted on the dead one");
@@ -137,7 +141,7 @@ mod tests {
     #[test]
     fn with_no_live_backend_sessions_are_stranded_not_lost() {
         let views = [dead(2), dead(0)];
-        let plan = plan(Occasion::BackendDied(0), &views, vec![session(1, 0, 100), session(2, 0, 100)], 100 * S, true, 100);
+        let plan = plan(Occasion::BackendDied(0), &views, vec![session(1, 0, 100), session(2, 0, 100)], 100 * S, Role::Active, 100);
         assert!(plan.moves.is_empty() && plan.nudges.is_empty());
         assert_eq!(plan.stranded, 2);
     }
@@ -146,7 +150,7 @@ mod tests {
     fn a_takeover_nudges_every_recent_session_and_moves_those_on_dead_backends() {
         let views = [live(2), dead(1), live(0)];
         let sessions = vec![session(1, 0, 100), session(2, 1, 100), session(3, 0, 50), session(4, 7, 100)];
-        let plan = plan(Occasion::TakeOver, &views, sessions, 100 * S, true, usize::MAX);
+        let plan = plan(Occasion::TakeOver, &views, sessions, 100 * S, Role::Active, usize::MAX);
         assert_eq!(ports(&plan.moves), [2, 4], "off the dead backend, and off a slot that is not a backend");
         assert!(plan.moves.iter().all(|(_, s)| s.backend == 2));
         let nudged: Vec<u32> = plan.nudges.iter().map(|s| s.backend).collect();

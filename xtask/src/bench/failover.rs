@@ -16,7 +16,6 @@
 //! of the file: a stall then measures the failover, not a cold cache.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddrV4,
     path::PathBuf,
     time::{Duration, Instant},
@@ -27,12 +26,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use netns_tests::{
     Process,
     clients::Client,
+    cluster::{Agents, Cluster},
     files::{make_file, sha256},
     pair_topology::{PairTopology, VIP},
     watch::{Growth, stall_after, wait_for_size},
 };
 use serde_json::json;
-use xdp_lb_common::BalanceCounter;
 
 use super::report::{Report, min_median_max};
 
@@ -75,12 +74,9 @@ struct Outcome {
     twice_packets: u64,
 }
 
-/// The topology with the switch, both balancers and every backend running.
+/// The cluster, with the file the runs download.
 struct Running {
-    topo: PairTopology,
-    backends: Vec<Option<Process>>,
-    lbs: [Option<Process>; 2],
-    switch: Process,
+    cluster: Cluster,
     size: usize,
     digest: String,
 }
@@ -91,26 +87,17 @@ impl Running {
         let source = topo.root.join(FILE);
         make_file(&source, size, 9)?;
         let digest = sha256(&source)?;
-        let backends = (0..BACKENDS).map(|i| topo.start_backend(i).map(Some)).collect::<Result<Vec<_>, _>>()?;
-        let lbs = [topo.start_lb(0, NO_DAMPING)?, topo.start_lb(1, NO_DAMPING)?].map(Some);
-        let switch = topo.start_switch(NO_DAMPING)?;
-        let running = Self { topo, backends, lbs, switch, size, digest };
+        let cluster = Cluster::try_start_on(topo, &Agents { lb_args: NO_DAMPING, switch_args: NO_DAMPING, ..Agents::default() })?;
+        let running = Self { cluster, size, digest };
         for lb in 0..2 {
             running.wait_backends_live(lb)?;
         }
-        running.wait_lbs_reachable()?;
         Ok(running)
     }
 
     /// Agent logs, for failure messages.
     fn logs(&self) -> String {
-        let mut all = format!("--- switch\n{}", self.switch.log());
-        for (i, lb) in self.lbs.iter().enumerate() {
-            if let Some(lb) = lb {
-                let _ = write!(all, "\n--- lb {i}\n{}", lb.log());
-            }
-        }
-        all
+        self.cluster.logs()
     }
 
     /// For a stall over the target: when the file stood still (ms after the kill), and the
@@ -127,39 +114,26 @@ impl Running {
     }
 
     fn wait_backends_live(&self, lb: usize) -> anyhow::Result<()> {
-        netns_tests::topology::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.topo.lb_status(lb).ok())
+        netns_tests::topology::wait_answering(&format!("{BACKENDS} live backends at balancer {lb}"), BACKENDS, || self.cluster.topo.lb_status(lb).ok())
             .with_context(|| self.logs())
     }
 
     fn wait_lbs_reachable(&self) -> anyhow::Result<()> {
-        netns_tests::wait_for("the switch to reach both balancers", 20, || {
-            self.topo.switch_status().ok()?.lbs.iter().all(|lb| lb.reachable).then_some(())
-        })
-        .with_context(|| self.logs())
+        Ok(self.cluster.await_lbs_reachable(&[0, 1])?)
     }
 
     /// The balancer the switch calls active.
     fn active_lb(&self) -> anyhow::Result<usize> {
-        self.topo.switch_status()?.active().context("no active balancer")
-    }
-
-    /// Replies both balancers delivered to clients (pinned counters outlive a killed agent).
-    fn delivered(&self) -> anyhow::Result<u64> {
-        let mut sum = 0;
-        for lb in 0..2 {
-            let status = self.topo.lb_status(lb)?;
-            sum += status.counter(BalanceCounter::ToClient).packets + status.counter(BalanceCounter::Relearned).packets;
-        }
-        Ok(sum)
+        self.cluster.topo.switch_status()?.active().context("no active balancer")
     }
 
     fn local(&self, name: &str) -> PathBuf {
-        std::env::temp_dir().join(self.topo.prefix.name(name))
+        std::env::temp_dir().join(self.cluster.topo.prefix.name(name))
     }
 
     fn download(&self, local: &std::path::Path) -> anyhow::Result<Process> {
-        let name = self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap_or_default().to_string_lossy()));
-        Ok(Process::spawn(name, CLIENT.download(&self.topo.clients[0], VIP, 69, FILE, local))?)
+        let name = self.cluster.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap_or_default().to_string_lossy()));
+        Ok(Process::spawn(name, CLIENT.download(&self.cluster.topo.clients[0], VIP, 69, FILE, local))?)
     }
 
     /// Waits for a download and checks its content; removes the file.
@@ -190,12 +164,12 @@ impl Running {
 
     /// Sessions at balancer `lb` as (client, backend, idle ms).
     fn sessions(&self, lb: usize) -> anyhow::Result<Vec<(SocketAddrV4, Option<usize>, u64)>> {
-        Ok(self.topo.lb_status(lb)?.sessions.into_iter().map(|s| (s.client, usize::try_from(s.backend).ok(), s.idle_ms)).collect())
+        Ok(self.cluster.topo.lb_status(lb)?.sessions.into_iter().map(|s| (s.client, usize::try_from(s.backend).ok(), s.idle_ms)).collect())
     }
 
     /// One download with `failure` injected at 50%, then the killed part brought back.
     fn run(&mut self, failure: Failure, run: usize) -> anyhow::Result<Outcome> {
-        let before = self.delivered()?;
+        let before = self.cluster.delivered();
         let active = self.active_lb()?;
         let clients_before: Vec<SocketAddrV4> = self.sessions(active)?.into_iter().map(|s| s.0).collect();
         let local = self.local(&format!("failover-{}-{run}", failure.key()));
@@ -207,7 +181,7 @@ impl Running {
         // What was killed: the balancer or the backend at this index.
         let killed = match failure {
             Failure::Lb => {
-                self.topo.fail_lb(active, self.lbs[active].take())?;
+                self.cluster.topo.fail_lb(active, self.cluster.lbs[active].take())?;
                 active
             }
             Failure::Backend => {
@@ -218,7 +192,7 @@ impl Running {
                     .min_by_key(|s| s.2)
                     .and_then(|s| s.1)
                     .with_context(|| format!("run {run}: no session in flight at balancer {active}"))?;
-                if let Some(mut backend) = self.backends[serving].take() {
+                if let Some(mut backend) = self.cluster.backends[serving].take() {
                     backend.kill_hard();
                 }
                 serving
@@ -227,19 +201,19 @@ impl Running {
         let killed_at = Instant::now();
         self.finish(download, &local, &format!("run {run}"))?;
         let samples = growth.stop();
-        let outcome = self.outcome(&samples, killed_at, before)?;
+        let outcome = self.outcome(&samples, killed_at, before);
         if outcome.stall_ms > TARGET_MS {
             eprintln!("run {run} ({}): stall {:.0} ms over the target\n{}", failure.label(), outcome.stall_ms, self.explain(&samples, killed_at));
         }
         match failure {
             Failure::Lb => {
-                self.topo.plug_lb(killed)?;
-                self.lbs[killed] = Some(self.topo.start_lb(killed, NO_DAMPING)?);
+                self.cluster.topo.plug_lb(killed)?;
+                self.cluster.lbs[killed] = Some(self.cluster.topo.start_lb(killed, NO_DAMPING)?);
                 self.wait_backends_live(killed)?;
                 self.wait_lbs_reachable()?;
             }
             Failure::Backend => {
-                self.backends[killed] = Some(self.topo.start_backend(killed)?);
+                self.cluster.backends[killed] = Some(self.cluster.topo.start_backend(killed)?);
                 for lb in 0..2 {
                     self.wait_backends_live(lb)?;
                 }
@@ -249,11 +223,11 @@ impl Running {
         Ok(outcome)
     }
 
-    fn outcome(&self, samples: &[(Instant, u64)], killed_at: Instant, before: u64) -> anyhow::Result<Outcome> {
+    fn outcome(&self, samples: &[(Instant, u64)], killed_at: Instant, before: u64) -> Outcome {
         // One OACK and size / blksize + 1 DATA are needed; every further reply was a resend.
         let needed = self.size as u64 / u64::from(BLKSIZE) + 2;
-        let delivered = self.delivered()? - before;
-        Ok(Outcome { stall_ms: stall_after(samples, killed_at).as_secs_f64() * 1e3, twice_packets: delivered.saturating_sub(needed) })
+        let delivered = self.cluster.delivered() - before;
+        Outcome { stall_ms: stall_after(samples, killed_at).as_secs_f64() * 1e3, twice_packets: delivered.saturating_sub(needed) }
     }
 }
 
@@ -336,7 +310,6 @@ pub fn false_positives(quick: bool, report: &mut Report) -> anyhow::Result<serde
 
 fn measure_false_positives(quick: bool) -> anyhow::Result<Vec<Quiet>> {
     use netns_tests::{
-        cluster::Cluster,
         storm::{Storm, StormPlan, lock_step_download, spoofed_requests},
     };
     let cluster = Cluster::start(3, BACKENDS);

@@ -45,10 +45,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use netns_tests::{
     Netns, Process, RunPrefix,
     clients::{Client, first_answers},
-    cluster::Cluster,
+    cluster::{Agents, Cluster},
     files::{make_file, sha256},
     impair::{Loss, clear_loss, install_loss, loss_dropped},
-    pair_topology::VIP,
+    pair_topology::{PairTopology, VIP},
     topology::{LbTopology, backend_addr},
 };
 use serde_json::json;
@@ -318,9 +318,8 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     for (i, server) in Server::DIRECT.into_iter().enumerate() {
         servers.push(start_direct(server, &direct, i, &dirs.root, &prefix.name(&format!("-storm-{}", server.name())), groups[i].as_ref())?);
     }
-    // The cluster harness asserts like a test; a failure there is this section's error.
-    let cluster = std::panic::catch_unwind(|| Cluster::start(NAMESPACES, BACKENDS))
-        .map_err(|panic| anyhow::anyhow!("starting the cluster failed: {}", panic.downcast_ref::<String>().map_or("(panic)", String::as_str)))?;
+    let topo = PairTopology::new(NAMESPACES, BACKENDS).context("creating namespaces (root?)")?;
+    let cluster = Cluster::try_start_on(topo, &Agents::default()).context("starting the cluster")?;
     let pids: Vec<u32> = cluster.backends.iter().chain(&cluster.lbs).flatten().chain([&cluster.switch]).map(Process::pid).collect();
     pids.iter().try_for_each(|&pid| prioritize(pid))?;
     if let Some(group) = &groups[Server::DIRECT.len()] {
