@@ -295,8 +295,8 @@ impl Cluster {
     /// balancers, and the balancers at the switch. They outlive killed agents.
     #[must_use]
     pub fn recorded_verdicts(&self) -> (u64, u64) {
-        let backends = (0..2).filter_map(|i| self.topo.lb_status(i).ok()).flat_map(|s| s.backends).map(|b| b.health.verdicts).sum();
-        let balancers = self.topo.switch_status().map_or(0, |s| s.lbs.iter().map(|lb| lb.health.verdicts).sum());
+        let backends = (0..2).filter_map(|i| self.topo.lb_status(i).ok()).flat_map(|s| s.backends).map(|b| b.watch.health.verdicts).sum();
+        let balancers = self.topo.switch_status().map_or(0, |s| s.lbs.iter().map(|lb| lb.watch.health.verdicts).sum());
         (backends, balancers)
     }
 }

@@ -173,7 +173,7 @@ pub fn wait_answering(what: &str, n: usize, status: impl Fn() -> Option<BalanceS
     std::thread::sleep(std::time::Duration::from_millis(100));
     crate::wait_for(what, 20, || {
         let status = status()?;
-        let fresh = status.backends.iter().filter(|b| b.state == BackendState::Live && b.last_answer_ms_ago.is_some_and(|ms| ms < 100)).count();
+        let fresh = status.backends.iter().filter(|b| b.state == BackendState::Live && b.watch.last_answer_ms_ago.is_some_and(|ms| ms < 100)).count();
         (fresh >= n).then_some(())
     })?;
     Ok(())

@@ -109,7 +109,7 @@ fn concurrent_clients_spread_over_the_backends() {
         finish(download, &local, &source, Duration::from_secs(120), &how.name());
     }
     for backend in run.topo.status().unwrap().backends {
-        assert!(backend.packets_from > 100, "every backend served: {backend:?}");
+        assert!(backend.watch.packets_from > 100, "every backend served: {backend:?}");
     }
 }
 

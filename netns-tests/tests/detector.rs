@@ -207,23 +207,23 @@ fn a_flapping_backend_is_held_out_longer_each_time() {
         netns_tests::wait_for("backend 0 declared dead", 10, || (state(&cluster) == BackendState::Dead).then_some(())).expect("a verdict");
         signal(backend, libc::SIGCONT);
         netns_tests::wait_for("backend 0 answering again", 10, || {
-            backend_status(&cluster).last_answer_ms_ago.filter(|&ms| ms < 100)
+            backend_status(&cluster).watch.last_answer_ms_ago.filter(|&ms| ms < 100)
         })
         .expect("answers");
         let now = backend_status(&cluster);
         println!("flap {flap}: {now:?}");
-        assert_eq!(now.health.verdicts, flap);
-        assert_eq!(u64::from(now.health.flaps), flap);
+        assert_eq!(now.watch.health.verdicts, flap);
+        assert_eq!(u64::from(now.watch.health.flaps), flap);
         if flap == 1 {
             netns_tests::wait_for("a first death's revival", 10, || (state(&cluster) == BackendState::Live).then_some(())).expect("revived");
             continue;
         }
-        let held = now.health.held_for_ms.unwrap_or_else(|| panic!("flap {flap}: held: {now:?}"));
+        let held = now.watch.health.held_for_ms.unwrap_or_else(|| panic!("flap {flap}: held: {now:?}"));
         assert_eq!(now.state, BackendState::Dead, "answering, but held out");
         assert!(held <= 1000 << (flap - 2), "flap {flap}: the hold doubles from 1 s: {held} ms");
         assert!(held > (1000 << (flap - 2)) / 2, "flap {flap}: most of the hold is still ahead once it answers: {held} ms");
         netns_tests::wait_for("the end of the hold", 10, || (state(&cluster) == BackendState::Live).then_some(())).expect("back after the hold");
-        assert!(backend_status(&cluster).health.held_for_ms.is_none());
+        assert!(backend_status(&cluster).watch.health.held_for_ms.is_none());
     }
     let log = cluster.lbs[0].as_ref().expect("lb 0").log();
     assert!(log.contains("backend flapping: held out"), "the hold is logged:\n{log}");

@@ -90,8 +90,17 @@ pub struct LbStatus {
     pub role: LbRole,
     /// Its MAC has been learned from its own frames (it has answered at least once).
     pub reachable: bool,
-    /// Watchdog: client packets sent to it since it last answered.
+    #[serde(flatten)]
+    pub watch: PeerWatch,
+}
+
+/// What the watchdog knows of a peer (a balancer at the switch, a backend at a balancer), and
+/// the agent's verdicts on it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerWatch {
+    /// Packets sent to it since it last answered.
     pub unanswered: u64,
+    /// Milliseconds since it last answered (`None`: never).
     pub last_answer_ms_ago: Option<u64>,
     pub packets_to: u64,
     pub packets_from: u64,
@@ -172,13 +181,8 @@ pub struct BackendStatus {
     pub address: SocketAddrV4,
     pub state: BackendState,
     pub sessions: u64,
-    /// Watchdog: packets sent since it last answered.
-    pub unanswered: u64,
-    /// Milliseconds since it last answered (`None`: never).
-    pub last_answer_ms_ago: Option<u64>,
-    pub packets_to: u64,
-    pub packets_from: u64,
-    pub health: HealthStatus,
+    #[serde(flatten)]
+    pub watch: PeerWatch,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -216,6 +220,17 @@ mod tests {
         assert_eq!(serde_json::to_string(&LbRole::Active).unwrap(), "\"active\"");
         assert_eq!(serde_json::from_str::<BackendState>("\"dead\"").unwrap(), BackendState::Dead);
         assert_eq!(std::format!("{:<7}|", LbRole::Backup), "backup |");
+    }
+
+    #[test]
+    fn the_watchdogs_fields_stay_at_the_top_of_a_peers_json() {
+        let health = HealthStatus { verdicts: 1, revivals: 0, flaps: 0, last_verdict_ms_ago: None, held_for_ms: None };
+        let watch = PeerWatch { unanswered: 2, last_answer_ms_ago: Some(3), packets_to: 4, packets_from: 5, health };
+        let backend = BackendStatus { id: 0, address: "10.0.0.1:7000".parse().unwrap(), state: BackendState::Live, sessions: 0, watch };
+        let json = serde_json::to_value(&backend).unwrap();
+        assert_eq!((json["unanswered"].as_u64(), json["health"]["verdicts"].as_u64()), (Some(2), Some(1)), "{json}");
+        let back: BackendStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.watch.packets_from, 5);
     }
 
     #[test]

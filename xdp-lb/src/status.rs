@@ -7,8 +7,8 @@ use std::{
 };
 
 use xdp_lb_common::{
-    BalanceCounter, Counter, Health, SwitchCounter,
-    status::{BackendState, BackendStatus, BalanceStatus, ControlStatus, HealthStatus, LbRole, LbStatus, NamedCounter, SessionStatus, Status, SwitchStatus},
+    BackendSeen, BalanceCounter, Counter, Health, SwitchCounter,
+    status::{BackendState, BackendStatus, BalanceStatus, ControlStatus, HealthStatus, LbRole, LbStatus, NamedCounter, PeerWatch, SessionStatus, Status, SwitchStatus},
     maps::{BACKEND_DEAD, BACKEND_LIVE, BACKEND_UNUSED, MAX_BACKENDS},
     names::{MAP_LB_COUNTERS, MAP_SW_COUNTERS, ROLE_BALANCE, ROLE_SWITCH},
 };
@@ -67,14 +67,20 @@ fn control_status(counters: &[NamedCounter], peer: &str, others: &str) -> Contro
     ControlStatus { accepted: stats.accepted, rejected, peer_auth_failed: stats.peer_auth_failed, rejected_by_other: stats.rejected_by_other, warnings }
 }
 
-/// A peer's health record as reported.
-fn health_status(now: u64, h: &Health) -> HealthStatus {
-    HealthStatus {
-        verdicts: h.verdicts,
-        revivals: h.revivals,
-        flaps: h.flaps,
-        last_verdict_ms_ago: (h.last_verdict_ns != 0).then(|| ms_ago(now, h.last_verdict_ns)),
-        held_for_ms: (h.held_until_ns > now).then(|| (h.held_until_ns - now) / 1_000_000),
+/// What the watchdog saw of a peer and the agent's health record of it, as reported.
+fn peer_watch(now: u64, seen: &BackendSeen, h: &Health) -> PeerWatch {
+    PeerWatch {
+        unanswered: seen.unanswered,
+        last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
+        packets_to: seen.packets_to,
+        packets_from: seen.packets_from,
+        health: HealthStatus {
+            verdicts: h.verdicts,
+            revivals: h.revivals,
+            flaps: h.flaps,
+            last_verdict_ms_ago: (h.last_verdict_ns != 0).then(|| ms_ago(now, h.last_verdict_ns)),
+            held_for_ms: (h.held_until_ns > now).then(|| (h.held_until_ns - now) / 1_000_000),
+        },
     }
 }
 
@@ -113,11 +119,7 @@ fn read_switch(dir: &Path) -> anyhow::Result<SwitchStatus> {
             address: config.lbs[slot as usize].into(),
             role: if slot == config.active & 1 { LbRole::Active } else { LbRole::Backup },
             reachable: seen.mac != [0; 6],
-            unanswered: seen.unanswered,
-            last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
-            packets_to: seen.packets_to,
-            packets_from: seen.packets_from,
-            health: health_status(now, &maps.health(slot)?),
+            watch: peer_watch(now, &seen, &maps.health(slot)?),
         });
     }
     let counters = named(SwitchCounter::ALL.iter().map(|c| c.name()), maps.counters()?);
@@ -151,11 +153,7 @@ fn read_balance(dir: &Path) -> anyhow::Result<BalanceStatus> {
                 _ => BackendState::Unused,
             },
             sessions: maps.load(id_u32)?,
-            unanswered: seen.unanswered,
-            last_answer_ms_ago: (seen.last_answer_ns != 0).then(|| ms_ago(now, seen.last_answer_ns)),
-            packets_to: seen.packets_to,
-            packets_from: seen.packets_from,
-            health: health_status(now, &maps.health.get(&id_u32, 0)?),
+            watch: peer_watch(now, &seen, &maps.health.get(&id_u32, 0)?),
         });
     }
     let sessions = maps
@@ -197,8 +195,8 @@ fn print_tables(out: &mut impl std::io::Write, dir: &Path, status: &Status) -> a
     writeln!(out, "\nbackends")?;
     writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  verdicts", "id", "address", "state", "sessions", "unanswered", "last answer", "packets to", "packets from")?;
     for be in &b.backends {
-        let last = be.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
-        writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", be.id, be.address, be.state, be.sessions, be.unanswered, last, be.packets_to, be.packets_from, be.health.cell())?;
+        let last = be.watch.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
+        writeln!(out, "  {:>2}  {:<21} {:<5} {:>8} {:>10} {:>12} {:>12} {:>12}  {}", be.id, be.address, be.state, be.sessions, be.watch.unanswered, last, be.watch.packets_to, be.watch.packets_from, be.watch.health.cell())?;
     }
     writeln!(out, "\nsessions ({})", b.sessions.len())?;
     writeln!(out, "  {:<21} {:>5} {:>7} {:>10} {:>8} {:>7} {:>6} {:<16} {:>9}", "client", "tid", "backend", "block", "last ack", "blksize", "window", "file", "idle")?;
@@ -226,9 +224,9 @@ fn print_switch(out: &mut impl std::io::Write, s: &SwitchStatus) -> anyhow::Resu
     writeln!(out, "\nload balancers")?;
     writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  verdicts", "address", "role", "reachable", "unanswered", "last answer", "packets to", "packets from")?;
     for lb in &s.lbs {
-        let last = lb.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
+        let last = lb.watch.last_answer_ms_ago.map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
         let reachable = if lb.reachable { "yes" } else { "no" };
-        writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", lb.address, lb.role, reachable, lb.unanswered, last, lb.packets_to, lb.packets_from, lb.health.cell())?;
+        writeln!(out, "  {:<16} {:<7} {:<9} {:>10} {:>12} {:>12} {:>12}  {}", lb.address, lb.role, reachable, lb.watch.unanswered, last, lb.watch.packets_to, lb.watch.packets_from, lb.watch.health.cell())?;
     }
     print_control(out, &s.control)?;
     print_counters(out, &s.counters)?;
