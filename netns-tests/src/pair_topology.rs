@@ -19,14 +19,16 @@ use std::{path::PathBuf, sync::Mutex};
 
 use xdp_lb_common::status::{BalanceStatus, Status, SwitchStatus};
 
-use crate::{ControlKey, IpBatch, Netns, PinDir, Process, Result, RunPrefix, binary, veth_pair};
+use crate::{
+    ControlKey, IpBatch, Netns, PinDir, Process, Result, RunPrefix, binary,
+    netns::{LINK_MTU, attach, bridge_without_ip_hooks},
+};
 
 pub const VIP: &str = "10.77.9.100";
 pub const SWITCH_CLIENT_SIDE: &str = "10.78.0.1";
 pub const SWITCH_LB_SIDE: &str = "10.77.0.1";
 pub const CONTROL_PORT: u16 = 6970;
 pub use crate::topology::BACKEND_PORT;
-const MTU: &str = "1600";
 
 #[must_use]
 pub fn lb_addr(i: usize) -> String {
@@ -69,7 +71,7 @@ impl PairTopology {
         let prefix = RunPrefix::new();
         let net = Netns::new(prefix.name("net"))?;
         for bridge in ["br0", "br1"] {
-            net.ip(&["link", "add", bridge, "mtu", MTU, "type", "bridge"])?;
+            net.ip(&["link", "add", bridge, "mtu", LINK_MTU, "type", "bridge"])?;
             net.ip(&["link", "set", bridge, "up"])?;
         }
         bridge_without_ip_hooks(&net);
@@ -265,26 +267,7 @@ impl Drop for PairTopology {
     }
 }
 
-/// Bridged frames skip the IP firewall hooks (`br_netfilter`) in the bridges' namespace: no
-/// test filters there with iptables, and the hooks cost about a quarter of a steered packet's
-/// CPU on this path. (nftables `bridge` tables, which the impairment helpers use, still apply.)
-pub(crate) fn bridge_without_ip_hooks(net: &Netns) {
-    for key in ["net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0", "net.bridge.bridge-nf-call-arptables=0"] {
-        // Absent when br_netfilter is not loaded: nothing to switch off then.
-        let _ = net.exec("sysctl", &["-q", "-w", key]);
-    }
-}
-
 fn forwarding(ns: &Netns) -> Result<()> {
     ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]).map(drop)
 }
 
-/// Connects `host` to `bridge`: `iface` in the host, `port` on the bridge, with an address.
-pub(crate) fn attach(net: &Netns, bridge: &str, host: &Netns, iface: &str, port: &str, address: &str) -> Result<()> {
-    veth_pair(host, iface, net, port)?;
-    for (ns, name) in [(host, iface), (net, port)] {
-        ns.ip(&["link", "set", name, "mtu", MTU])?;
-    }
-    net.ip(&["link", "set", port, "master", bridge])?;
-    host.add_address(iface, address)
-}

@@ -22,13 +22,15 @@ use std::path::PathBuf;
 
 use xdp_lb_common::status::{BackendState, BalanceStatus, Status, SwitchStatus};
 
-use crate::{ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary};
+use crate::{
+    ControlKey, Netns, PinDir, Process, Result, RunPrefix, binary,
+    netns::{LINK_MTU, attach, bridge_without_ip_hooks},
+};
 
 pub const VIP: &str = "10.77.0.100";
 pub const LB_ADDR: &str = "10.77.0.2";
 pub const STEER_PORT: u16 = 6969;
 pub const BACKEND_PORT: u16 = 7000;
-const MTU: &str = "1600";
 
 #[must_use]
 pub fn backend_addr(i: usize) -> String {
@@ -60,9 +62,9 @@ impl LbTopology {
     pub fn new(clients: usize, backends: usize) -> Result<Self> {
         let prefix = RunPrefix::new();
         let net = Netns::new(prefix.name("net"))?;
-        net.ip(&["link", "add", "br0", "mtu", MTU, "type", "bridge"])?;
+        net.ip(&["link", "add", "br0", "mtu", LINK_MTU, "type", "bridge"])?;
         net.ip(&["link", "set", "br0", "up"])?;
-        crate::pair_topology::bridge_without_ip_hooks(&net);
+        bridge_without_ip_hooks(&net);
         let pins = PinDir::new(&prefix.name("lb"))?;
         let root = std::env::temp_dir().join(prefix.name("root"));
         std::fs::create_dir_all(&root).map_err(crate::io_error(format!("create {}", root.display())))?;
@@ -187,7 +189,7 @@ impl Drop for LbTopology {
 
 /// Connects `host` to the bridge: `eth0` in the host, `port` on the bridge, with addresses.
 fn attach_host(net: &Netns, host: &Netns, port: &str, addresses: &[&str]) -> Result<()> {
-    crate::pair_topology::attach(net, "br0", host, "eth0", port, addresses[0])?;
+    attach(net, "br0", host, "eth0", port, addresses[0])?;
     for address in &addresses[1..] {
         host.add_address("eth0", address)?;
     }
