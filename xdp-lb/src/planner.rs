@@ -30,6 +30,10 @@ pub struct Plan {
     pub left: usize,
     /// Sessions that found no live backend.
     pub stranded: usize,
+    /// Sessions looked at whose client has been quiet too long to nudge for (see
+    /// `control::NUDGE_WITHIN`), and every session looked at.
+    pub quiet: usize,
+    pub looked_at: usize,
     /// Sessions per backend once the moves are written.
     pub loads: Vec<u64>,
 }
@@ -53,6 +57,7 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
         plan.left = sessions.len().saturating_sub(limit);
         sessions.truncate(limit);
     }
+    plan.looked_at = sessions.len();
     for (key, mut session) in sessions {
         if !usable(views.get(session.backend as usize)) {
             let Some(target) = control::least_loaded(views, &loads) else {
@@ -66,7 +71,9 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
             loads[target as usize] += 1;
             plan.moves.push((key, session));
         }
-        if nudging && control::worth_nudging(now_ns, &session) {
+        if !control::worth_nudging(now_ns, &session) {
+            plan.quiet += 1;
+        } else if nudging {
             plan.nudges.push(session);
         }
     }
