@@ -118,9 +118,20 @@ struct Cli {
     #[arg(long, requires = "allow_upload")]
     allow_overwrite: bool,
 
-    /// Largest block size granted (RFC 2348). Keep DATA within the path MTU: 1468 for 1500.
+    /// Largest block size granted (RFC 2348). Keep DATA within the path MTU: 1468 for 1500
+    /// (standalone lowers it to the path MTU toward each client by itself, steered to
+    /// --path-mtu).
     #[arg(long, default_value_t = 1468, value_parser = clap::value_parser!(u16).range(8..=65464))]
     max_blksize: u16,
+
+    /// Steered: the MTU of the path toward the load balancers, in bytes. There every DATA
+    /// datagram carries the 64-byte steering header, and a balancer cannot steer IP fragments
+    /// (it drops them), so the block size granted is lowered to fit: this MTU less 96 bytes
+    /// (IPv4 20, UDP 8, steering header 64, TFTP 4), 1404 for 1500; never raised above
+    /// --max-blksize. Default: the smallest MTU of the routes toward the --lb addresses, or
+    /// 1500 where the kernel has no route yet.
+    #[arg(long, value_name = "BYTES", requires = "steered", value_parser = clap::value_parser!(u16).range(576..))]
+    path_mtu: Option<u16>,
 
     /// Largest window granted (RFC 7440).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
@@ -200,6 +211,14 @@ fn main() -> anyhow::Result<()> {
         upload: transfer::UploadLimits { max_bytes: cli.max_upload_bytes, min_free: cli.min_free_mib.saturating_mul(1 << 20) },
         max_transfers: usize::try_from(cli.max_transfers).unwrap_or(usize::MAX),
     };
+    let config = if cli.steered {
+        let mtu = cli.path_mtu.map_or_else(|| route_mtu(&cli.lbs).unwrap_or(FALLBACK_MTU), usize::from);
+        let limits = steered::fit_path_mtu(config.limits, mtu);
+        info!(path_mtu = mtu, max_blksize = limits.max_blksize, "block size fits the path toward the balancers");
+        service::Config { limits, ..config }
+    } else {
+        config
+    };
     raise_open_file_limit(cli.max_transfers);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -212,6 +231,22 @@ fn main() -> anyhow::Result<()> {
             standalone::run(socket, root, config).await
         }
     })
+}
+
+/// The path MTU assumed toward the balancers when the kernel has no route to them yet: Ethernet's.
+const FALLBACK_MTU: usize = 1500;
+
+/// The smallest MTU of the routes toward `lbs` (a UDP socket connected to each, which sends
+/// nothing; steering is IPv4), if the kernel has a route to any of them.
+fn route_mtu(lbs: &[IpAddr]) -> Option<usize> {
+    use std::os::fd::AsFd as _;
+    lbs.iter()
+        .filter_map(|&lb| {
+            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+            socket.connect((lb, 9)).ok()?;
+            tid::path_mtu(socket.as_fd())
+        })
+        .min()
 }
 
 /// Each transfer holds a file (and standalone, a socket): the usual soft limit of 1024 open

@@ -1,5 +1,33 @@
 //! What both modes share: the configuration, opening a read or a write from a request, and
 //! building packets into reused buffers.
+//!
+//! # The ERRORs this server sends
+//!
+//! U-Boot answers any ERROR but 1 (file not found) and 2 (access violation) by starting its
+//! whole download again, and stops for good on those two; EDK2, GRUB and PXELINUX give the
+//! file up on any. So an ERROR goes out only where the transfer cannot go on, and a refusal
+//! that another server could get past says 0, never 1 or 2:
+//! - to a request, before any transfer: 0 "server busy" beyond `--max-transfers` ([`BUSY`]);
+//!   4 to a request that does not parse (steered: any packet that does not parse, of a key
+//!   with no transfer here); what opening the file says (1 not found, 2 outside the root, not
+//!   a regular file or unreadable, 0 more blocks than 32 bits count, 2 too large for
+//!   netascii); for uploads 2 when disabled, 6 when the name exists, 3 when the announced
+//!   tsize exceeds `--max-upload-bytes`;
+//! - during an upload (never resumed): 3 beyond the size limit or the free-space floor, 6 when
+//!   the name appeared meanwhile, 0 or 2 when the file cannot be written or moved in place;
+//! - steered, during a download: 0 "read error" when the file can no longer be read here;
+//!   when a transfer moved here cannot be resumed ([`resume_read`]: file missing, another
+//!   version, unreadable), always 0, so that U-Boot requests the file again and the balancer
+//!   may place it where it can be served; 8 when the header's options exceed this server's
+//!   limits (forged, or a backend configured otherwise);
+//! - steered, to a key with no transfer here: 5 for an ACK without context that is no nudge,
+//!   or DATA for no upload (nothing to resume from), 4 for an OACK.
+//!
+//! Never: on a retransmission timeout (the transfer is dropped silently), in answer to a
+//! client's ERROR (EDK2's size probe ends with ERROR 8 after the OACK: the transfer is freed at
+//! once and nothing is logged above debug), to a duplicate, stale or beyond-the-end ACK, to a
+//! nudge for a transfer held elsewhere, or to a packet that does not parse or has no place in a
+//! live transfer (standalone ignores it, steered answers the balancer `HEARD`).
 
 use std::time::Duration;
 
@@ -133,8 +161,14 @@ fn start_read(file: std::fs::File, config: &Config, mode: Mode, options: &Option
 }
 
 /// Reopens a read from its context alone, checking the file is the same version; `rtt` is the
-/// round trip the previous server measured (carried in the steering header).
+/// round trip the previous server measured (carried in the steering header). Refused with
+/// ERROR 0 whatever the cause: U-Boot starts again on it (through the balancer, which may
+/// place the new request on a server that has the file), where 1 or 2 would stop it for good.
 pub fn resume_read(root: &mut Root, config: &Config, context: &Context, sent: u32, rtt: RttEstimate) -> Result<ReadTransfer, Refusal> {
+    reopen(root, config, context, sent, rtt).map_err(|refused| refusal(ErrorCode::NotDefined, refused.message))
+}
+
+fn reopen(root: &mut Root, config: &Config, context: &Context, sent: u32, rtt: RttEstimate) -> Result<ReadTransfer, Refusal> {
     let relative = root.find_by_hash(context.path_hash).ok_or(refusal(ErrorCode::FileNotFound, "file not found on this server"))?;
     let (file, _) = root.open_read(&relative)?;
     let digest = root.digest(&file).map_err(|_| refusal(ErrorCode::AccessViolation, "cannot read file"))?;
@@ -196,14 +230,42 @@ pub fn emit_at(repr: &Repr<'_>, out: &mut [u8], at: usize) -> usize {
 mod tests {
     use std::time::Duration;
 
-    use super::{Config, open_read, open_read_with_context};
-    use crate::{files::Root, options::Limits, wire::{Mode, Options}};
+    use super::{Config, open_read, open_read_with_context, resume_read};
+    use crate::{
+        files::{Root, path_hash},
+        options::Limits,
+        rto::RttEstimate,
+        wire::{ErrorCode, Mode, Options},
+    };
+
+    fn config() -> Config {
+        Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0, upload: crate::transfer::UploadLimits::default(), max_transfers: 10 }
+    }
+
+    /// A transfer moved to a server that cannot resume it (the file is missing there, or is
+    /// another version) is refused with ERROR 0, never 1 or 2: U-Boot then requests the file
+    /// again, where 1 or 2 would stop its boot for good.
+    #[test]
+    fn uboot_is_refused_a_resume_with_error_0_so_that_it_asks_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f.bin"), vec![7u8; 10_000]).unwrap();
+        let mut root = Root::new(dir.path()).unwrap();
+        let (_, mut context) = open_read_with_context(&mut root, &config(), "f.bin", Mode::Octet, &Options::default()).unwrap();
+        assert!(resume_read(&mut root, &config(), &context, 3, RttEstimate::default()).is_ok());
+        let mut other_version = context;
+        other_version.digest[0] ^= 1;
+        context.path_hash = path_hash("missing.bin");
+        for refused in [context, other_version] {
+            let refusal = resume_read(&mut root, &config(), &refused, 3, RttEstimate::default()).err().expect("refused");
+            assert_eq!(refusal.code, ErrorCode::NotDefined, "{}", refusal.message);
+        }
+    }
 
     #[test]
     fn only_a_read_whose_context_travels_hashes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f.bin"), vec![7u8; 100_000]).unwrap();
-        let config = Config { limits: Limits::default(), allow_upload: false, allow_overwrite: false, timeout: Duration::from_secs(1), rto_min: Duration::from_millis(2), retransmit_budget: 0, upload: crate::transfer::UploadLimits::default(), max_transfers: 10 };
+        let config = config();
         let mut root = Root::new(dir.path()).unwrap();
         let file = std::fs::File::open(dir.path().join("f.bin")).unwrap();
         let (transfer, _) = open_read(&mut root, &config, "f.bin", Mode::Octet, &Options::default()).unwrap();

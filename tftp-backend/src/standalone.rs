@@ -22,7 +22,7 @@ use crate::{
     tid::TransferSocket,
     transfer::{Next, ReadTransfer, WriteNext, WriteTransfer},
     window::WindowSender,
-    wire::{DATA_HEADER_LEN, ErrorCode, MAX_PACKET, Packet, Repr},
+    wire::{ErrorCode, MAX_PACKET, Packet, Repr},
 };
 
 /// Buffer for everything but DATA: RFC 1350's classic packet size.
@@ -73,17 +73,12 @@ impl Drop for Active {
     }
 }
 
-/// IPv4 and UDP headers and the TFTP DATA header: what a block adds on the wire.
-const DATA_OVERHEAD: usize = 20 + 8 + DATA_HEADER_LEN;
-
 /// The limits with the block size lowered to what fits the path MTU toward the client (RFC
 /// 2348: a block must not make the datagram fragment), when the kernel knows it.
 fn clamped_to_path_mtu(config: &Config, socket: &TransferSocket) -> Config {
     let mut config = config.clone();
-    if let Some(fits) = socket.path_mtu().and_then(|mtu| mtu.checked_sub(DATA_OVERHEAD)) {
-        let smallest = u16::try_from(crate::options::BLKSIZE_MIN).unwrap_or(8);
-        let fits = u16::try_from(fits).unwrap_or(u16::MAX).max(smallest);
-        config.limits.max_blksize = config.limits.max_blksize.min(fits);
+    if let Some(mtu) = socket.path_mtu() {
+        config.limits = config.limits.fit_path_mtu(mtu, 0);
     }
     config
 }

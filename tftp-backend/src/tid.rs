@@ -21,6 +21,17 @@ use crate::{batch::SendBatch, window::Link};
 /// How long a send waits before trying a full send buffer again.
 const FULL_BUFFER_RETRY: Duration = Duration::from_millis(1);
 
+/// The path MTU (`IP_MTU`) toward the peer a UDP socket is connected to, if the kernel has
+/// one: the route's MTU, or less once the path told otherwise.
+pub fn path_mtu(socket: BorrowedFd<'_>) -> Option<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut mtu: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
+    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+    (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
+}
+
 pub struct TransferSocket {
     io: AsyncFd<std::net::UdpSocket>,
 }
@@ -39,12 +50,7 @@ impl TransferSocket {
 
     /// The path MTU toward the client (`IP_MTU`), if the kernel has one.
     pub fn path_mtu(&self) -> Option<usize> {
-        use std::os::fd::AsRawFd as _;
-        let mut mtu: libc::c_int = 0;
-        let mut len = libc::socklen_t::try_from(size_of::<libc::c_int>()).ok()?;
-        // SAFETY: getsockopt writes at most `len` bytes into `mtu`, an int, and updates `len`.
-        let rc = unsafe { libc::getsockopt(self.io.as_raw_fd(), libc::IPPROTO_IP, libc::IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
-        (rc == 0).then(|| usize::try_from(mtu).ok()).flatten()
+        path_mtu(self.io.get_ref().as_fd())
     }
 
     /// The next datagram from the client (cut to `buf`'s length).

@@ -242,10 +242,14 @@ impl<'a> Repr<'a> {
             Opcode::Ack => Self::Ack { block: packet.block()? },
             Opcode::Error => {
                 let code = ErrorCode::from_u16(packet.block()?);
-                // Some clients omit the NUL after the message; accept it.
+                // Some clients omit the NUL after the message; accept it. A message that is not
+                // UTF-8 (another charset) is kept up to its first invalid byte: an ERROR ends the
+                // transfer whatever it says, and read as malformed it would leave the server
+                // retransmitting to a client that has gone.
                 let text = body.get(2..).unwrap_or_default();
                 let text = text.split(|&b| b == 0).next().unwrap_or_default();
-                Self::Error { code, message: core::str::from_utf8(text).map_err(|_| Error::NotUtf8)? }
+                let valid = core::str::from_utf8(text).map_or_else(|e| text.get(..e.valid_up_to()).unwrap_or_default(), str::as_bytes);
+                Self::Error { code, message: core::str::from_utf8(valid).unwrap_or_default() }
             }
             Opcode::Oack => Self::Oack { options: Options::parse(body)? },
         })
@@ -448,6 +452,12 @@ mod tests {
             assert_eq!(Packet::parse(bytes), Err(error), "{bytes:?}");
         }
         assert_eq!(Packet::parse(&vec![0u8; MAX_PACKET + 1]), Err(Error::TooLong));
+    }
+
+    #[test]
+    fn an_error_in_another_charset_is_still_an_error() {
+        let latin1 = b"\x00\x05\x00\x08Abbruch durch Benutzer: \xfcbertragung\x00";
+        assert_eq!(Packet::parse(latin1), Ok(Repr::Error { code: ErrorCode::OptionRefused, message: "Abbruch durch Benutzer: " }));
     }
 
     /// Found by fuzzing (fuzz/corpus replay): an ERROR of MAX_PACKET bytes without its NUL

@@ -195,6 +195,46 @@ fn oack_answers_tsize_and_clamps_blksize() {
     assert_eq!(pairs(&answer), pairs(&expected));
 }
 
+/// EDK2's size probe: an RRQ with tsize, the OACK, the client's ERROR 8 to the transfer's
+/// port. That is a normal end: the transfer is gone at once (its port sends nothing more),
+/// nothing is logged as a warning, and the read that follows, from the same port or another,
+/// is a transfer of its own with its own options.
+#[test]
+fn edk2s_size_probe_ends_quietly_and_its_read_is_served_fresh() {
+    let s = server(&[]);
+    std::fs::write(s.root.path().join("grubx64.efi"), vec![5u8; 5000]).unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    let mut buf = [0u8; 2048];
+    let probe = b"\x00\x01grubx64.efi\x00octet\x00tsize\x000\x00blksize\x001468\x00windowsize\x004\x00";
+    let read = b"\x00\x01grubx64.efi\x00octet\x00blksize\x001468\x00windowsize\x004\x00";
+    for (round, socket) in [(0, &client), (1, &client), (2, &UdpSocket::bind("127.0.0.1:0").unwrap())] {
+        socket.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        socket.send_to(probe, ("127.0.0.1", s.port)).unwrap();
+        let (n, probed) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"\x00\x06blksize\x001468\x00tsize\x005000\x00windowsize\x004\x00", "round {round}: the probe's OACK");
+        socket.send_to(b"\x00\x05\x00\x08User aborted the transfer\x00", probed).unwrap();
+        socket.send_to(read, ("127.0.0.1", s.port)).unwrap();
+        let (n, reading) = socket.recv_from(&mut buf).unwrap();
+        assert_ne!(reading, probed, "round {round}: a new transfer");
+        assert_eq!(&buf[..n], b"\x00\x06blksize\x001468\x00windowsize\x004\x00", "round {round}: the read's own OACK");
+        socket.send_to(b"\x00\x04\x00\x00", reading).unwrap();
+        for block in 1..=4u8 {
+            let (n, from) = socket.recv_from(&mut buf).unwrap();
+            assert_eq!((from, &buf[..4]), (reading, &[0, 3, 0, block][..]), "round {round}: DATA {block}");
+            assert_eq!(n, 4 + if block < 4 { 1468 } else { 5000 - 3 * 1468 });
+        }
+        socket.send_to(b"\x00\x04\x00\x04", reading).unwrap();
+    }
+    // Nothing came from the aborted probes' ports meanwhile (no retransmitted OACK), and nothing
+    // comes now.
+    client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(client.recv_from(&mut buf).is_err(), "an aborted probe sends nothing more");
+    let log = s.process.log();
+    let serving = log.split_once(" serving ").map_or("", |(_, after)| after);
+    assert!(!serving.contains("WARN"), "no warning for a probe's abort: {log}");
+}
+
 /// A server killed (SIGKILL) in the middle of an upload leaves nothing under the target name:
 /// the data went to a temporary file that is renamed only when the upload is complete.
 #[test]

@@ -495,3 +495,56 @@ fn new_requests_beyond_max_transfers_are_refused_but_moved_transfers_are_taken()
     });
     assert!(served, "a new request is served once transfers ended");
 }
+
+/// EDK2's size probe through a balancer: its ERROR 8 after the OACK ends the session at once
+/// (`FINISHED`, so the balancer forgets it too), and the read that follows from the same port
+/// gets an OACK of its own options. Should the abort be lost, the read, having other options
+/// than the probe, is still a new request, not a copy of the probe.
+#[test]
+fn edk2s_size_probe_is_finished_at_once_and_its_read_served_fresh() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("grubx64.efi"), 5000, 33).unwrap();
+    let a = backend(root.path());
+    let lb = Lb::new();
+    let probe = b"\x00\x01grubx64.efi\x00octet\x00tsize\x000\x00blksize\x001468\x00windowsize\x004\x00";
+    let read = b"\x00\x01grubx64.efi\x00octet\x00blksize\x001468\x00windowsize\x004\x00";
+    lb.send(&a, &client_header(), probe);
+    let (_, oack) = lb.recv().expect("the probe's OACK");
+    assert_eq!(oack, b"\x00\x06blksize\x001468\x00tsize\x005000\x00windowsize\x004\x00");
+    lb.send(&a, &client_header(), b"\x00\x05\x00\x08User aborted the transfer\x00");
+    assert!(lb.recv().expect("the end of the session").0.has_flag(FLAG_FINISHED));
+    lb.send(&a, &client_header(), read);
+    let (_, oack) = lb.recv().expect("the read's OACK");
+    assert_eq!(oack, b"\x00\x06blksize\x001468\x00windowsize\x004\x00");
+    // The probe again, its abort lost this time.
+    let other_port = SteeringHeader::for_client(CLIENT, 40_002, VIP, 31_337);
+    lb.send(&a, &other_port, probe);
+    assert_eq!(&lb.recv().expect("the probe's OACK").1[..2], b"\x00\x06");
+    lb.send(&a, &other_port, read);
+    let (_, oack) = lb.recv().expect("the read's OACK, not HEARD");
+    assert_eq!(oack, b"\x00\x06blksize\x001468\x00windowsize\x004\x00");
+    lb.send(&a, &other_port, &ack(0));
+    let (_, data) = lb.recv().expect("DATA 1");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01");
+    let log = a.process.log();
+    let serving = log.split_once(" serving ").map_or("", |(_, after)| after);
+    assert!(!serving.contains("WARN"), "no warning for a probe's abort: {log}");
+}
+
+/// The balancer cannot steer IP fragments: with `--path-mtu 1500` toward it, U-Boot's
+/// blksize 1468 is lowered to 1404, and each DATA with its steering header is one 1500-byte
+/// IPv4 datagram.
+#[test]
+fn uboots_blocks_fit_the_path_mtu_toward_the_balancer() {
+    let root = tempfile::tempdir().unwrap();
+    make_file(&root.path().join("u-boot.itb"), 100_000, 34).unwrap();
+    let a = backend_with(root.path(), &["--path-mtu", "1500"]);
+    let lb = Lb::new();
+    lb.send(&a, &client_header(), b"\x00\x01u-boot.itb\x00octet\x00timeout\x005\x00blksize\x001468\x00");
+    let (_, oack) = lb.recv().expect("an OACK");
+    assert_eq!(oack, b"\x00\x06blksize\x001404\x00timeout\x005\x00", "lowered blksize, the timeout as asked");
+    lb.send(&a, &client_header(), &ack(0));
+    let (_, data) = lb.recv().expect("DATA 1");
+    assert_eq!(&data[..4], b"\x00\x03\x00\x01");
+    assert_eq!(20 + 8 + 64 + data.len(), 1500, "one full datagram, not fragmented");
+}

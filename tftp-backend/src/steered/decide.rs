@@ -29,8 +29,9 @@ pub struct Seen {
 /// A session the table holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Known {
-    /// A download: the highest block the client acknowledged and the file's path hash.
-    Read { acked: u32, path_hash: [u8; 8] },
+    /// A download: the highest block the client acknowledged, the file's path hash, and the
+    /// options of the request that opened it here (None: resumed from a header).
+    Read { acked: u32, path_hash: [u8; 8], requested: Option<Options> },
     /// An upload.
     Write,
 }
@@ -42,8 +43,14 @@ pub enum Action<'a> {
     Drop(&'static str),
     /// A balancer's heartbeat: echoed.
     Echo,
-    /// The TFTP packet does not parse: refused as an illegal operation.
+    /// The TFTP packet does not parse, and its key has no transfer here: refused as an illegal
+    /// operation.
     Malformed(wire::Error),
+    /// A packet that has no place in the key's live transfer (one that does not parse, an
+    /// OACK from the client): dropped, answered only with `HEARD`. An ERROR would end a
+    /// transfer that can go on, and U-Boot answers any ERROR but 1 and 2 by starting its
+    /// whole download again.
+    Ignored(&'static str),
     /// Refused with a TFTP ERROR, and the balancer told the transfer is over.
     Refuse(Refusal),
     /// A new request beyond `--max-transfers`: the key's old session is forgotten, the request
@@ -136,14 +143,16 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
     if header.has_flag(FLAG_HEARTBEAT) {
         return Action::Echo;
     }
+    let live = seen.session.is_some();
     let request = match request {
         Ok(request) => request,
+        Err(_) if live => return Action::Ignored("malformed packet in a live transfer"),
         Err(error) => return Action::Malformed(error),
     };
     // A new request replaces the key's session, which then no longer counts.
     let busy = || seen.transfers.saturating_sub(usize::from(seen.session.is_some())) >= config.max_transfers;
     match request {
-        Repr::Rrq { filename, .. } if repeats(seen, filename) => Action::RepeatedRequest { filename },
+        Repr::Rrq { filename, options, .. } if repeats(seen, filename, &options) => Action::RepeatedRequest { filename },
         Repr::Rrq { .. } | Repr::Wrq { .. } if busy() => Action::Busy,
         Repr::Rrq { filename, mode, options } => Action::Read { filename, mode, options },
         Repr::Wrq { filename, mode, options } => Action::Write { filename, mode, options },
@@ -153,15 +162,19 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
             _ => Action::Refuse(UNKNOWN_TRANSFER),
         },
         Repr::Error { code, message } => Action::ClientAborted { code, message },
+        Repr::Oack { .. } if live => Action::Ignored("OACK from a client"),
         Repr::Oack { .. } => Action::Refuse(UNEXPECTED_OACK),
     }
 }
 
-/// Whether an RRQ for `filename` repeats the request of the key's read, which has not
-/// progressed past its first answer.
-fn repeats(seen: &Seen, filename: &str) -> bool {
-    let Some(Known::Read { acked, path_hash: hash }) = seen.session else { return false };
-    acked == 0 && Root::relative(filename).is_ok_and(|relative| path_hash(&relative) == hash)
+/// Whether an RRQ for `filename` with `options` repeats the request of the key's read, which
+/// has not progressed past its first answer. The same file with other options is a new
+/// request: EDK2 probes a file's size (tsize, blksize, windowsize), aborts after the OACK, then
+/// reads it without tsize, possibly from the same port; should its abort be lost, the read
+/// must still get an OACK of its own options, not the probe's.
+fn repeats(seen: &Seen, filename: &str, options: &Options) -> bool {
+    let Some(Known::Read { acked, path_hash: hash, requested }) = seen.session else { return false };
+    acked == 0 && requested.is_none_or(|requested| requested == *options) && Root::relative(filename).is_ok_and(|relative| path_hash(&relative) == hash)
 }
 
 fn ack(header: &SteeringHeader, block: u16, seen: &Seen, config: &Config) -> Action<'static> {
@@ -241,7 +254,7 @@ mod tests {
     const NOTHING: Seen = Seen { session: None, completed: false, transfers: 0 };
 
     fn reading(acked: u32, file: &str) -> Seen {
-        Seen { session: Some(Known::Read { acked, path_hash: path_hash(file) }), completed: false, transfers: 1 }
+        Seen { session: Some(Known::Read { acked, path_hash: path_hash(file), requested: Some(Options::default()) }), completed: false, transfers: 1 }
     }
 
     const WRITING: Seen = Seen { session: Some(Known::Write), completed: false, transfers: 1 };
@@ -372,6 +385,40 @@ mod tests {
         assert_eq!(decide(&header(0), error, &reading(3, "f.bin"), &config(10)), Action::ClientAborted { code: ErrorCode::DiskFull, message: "full" });
         let oack = Ok(Repr::Oack { options: Options::default() });
         assert_eq!(decide(&header(0), oack, &NOTHING, &config(10)), Action::Refuse(Refusal { code: ErrorCode::IllegalOperation, message: "unexpected OACK" }));
+    }
+
+    /// EDK2 asks each file twice: a size probe it aborts with ERROR 8 once the OACK came, then
+    /// the read. The abort frees the session (nothing logged above debug), so the read, from
+    /// the same port or another, opens a transfer of its own; and should the abort be lost,
+    /// the read still does, having other options than the probe. Only an exact copy of the
+    /// request is a duplicate.
+    #[test]
+    fn edk2s_size_probe_is_freed_on_its_abort_and_its_read_served_fresh() {
+        let probe = Options { tsize: Some(0), blksize: Some(1468), windowsize: Some(4), ..Options::default() };
+        let read = Options { blksize: Some(1468), windowsize: Some(4), ..Options::default() };
+        let probing = Seen { session: Some(Known::Read { acked: 0, path_hash: path_hash("grubx64.efi"), requested: Some(probe) }), completed: false, transfers: 1 };
+        let abort = Ok(Repr::Error { code: ErrorCode::OptionRefused, message: "User aborted the transfer" });
+        assert_eq!(decide(&header(0), abort, &probing, &config(10)), Action::ClientAborted { code: ErrorCode::OptionRefused, message: "User aborted the transfer" });
+        let rrq = |options| Ok(Repr::Rrq { filename: "grubx64.efi", mode: Mode::Octet, options });
+        assert_eq!(decide(&header(0), rrq(read), &NOTHING, &config(10)), Action::Read { filename: "grubx64.efi", mode: Mode::Octet, options: read }, "after the abort");
+        assert_eq!(decide(&header(0), rrq(read), &probing, &config(10)), Action::Read { filename: "grubx64.efi", mode: Mode::Octet, options: read }, "the abort lost");
+        assert_eq!(decide(&header(0), rrq(probe), &probing, &config(10)), Action::RepeatedRequest { filename: "grubx64.efi" }, "a copy of the probe");
+        // A session resumed from a header does not know its request: any repeat is a copy.
+        let resumed = Seen { session: Some(Known::Read { acked: 0, path_hash: path_hash("grubx64.efi"), requested: None }), completed: false, transfers: 1 };
+        assert_eq!(decide(&header(0), rrq(read), &resumed, &config(10)), Action::RepeatedRequest { filename: "grubx64.efi" });
+    }
+
+    /// U-Boot starts its whole download again on any ERROR but 1 and 2: a packet that has no
+    /// place in a live transfer (one that does not parse, a client's OACK) is dropped, and the
+    /// transfer goes on. Only a key without a transfer here gets an ERROR for it.
+    #[test]
+    fn uboot_gets_no_error_for_a_stray_packet_in_a_live_transfer() {
+        for seen in [reading(0, "u-boot.itb"), reading(300, "u-boot.itb"), WRITING] {
+            assert!(matches!(decide(&header(0), Err(wire::Error::Truncated), &seen, &config(10)), Action::Ignored(_)), "{seen:?}");
+            let oack = Ok(Repr::Oack { options: Options::default() });
+            assert!(matches!(decide(&header(0), oack, &seen, &config(10)), Action::Ignored(_)), "{seen:?}");
+        }
+        assert_eq!(decide(&header(0), Err(wire::Error::Truncated), &NOTHING, &config(10)), Action::Malformed(wire::Error::Truncated));
     }
 
     /// A download of `blocks` blocks of 8 bytes, resumed as if `sent` went out.

@@ -56,6 +56,14 @@ const BATCH_BLOCKS: usize = 64;
 /// Most queued datagrams read before expired timers are handled.
 const QUEUED_FIRST: usize = 4096;
 
+/// The limits with the block size lowered so that DATA, after its steering header, fits a
+/// path MTU of `mtu` bytes toward the balancers (`--path-mtu`): a balancer cannot steer IP
+/// fragments.
+#[must_use]
+pub fn fit_path_mtu(limits: crate::options::Limits, mtu: usize) -> crate::options::Limits {
+    limits.fit_path_mtu(mtu, HEADER)
+}
+
 pub struct Steered {
     socket: UdpSocket,
     root: crate::files::Root,
@@ -202,6 +210,7 @@ impl Steered {
                 debug!(%from, %error, "malformed TFTP packet");
                 self.refuse(&header, from, &Refusal { code: ErrorCode::IllegalOperation, message: "malformed packet" }).await;
             }
+            Action::Ignored(why) => debug!(client = %key, why, "ignored"),
             Action::Refuse(refusal) => self.refuse(&header, from, &refusal).await,
             Action::Busy => {
                 self.forget(key);
@@ -224,7 +233,7 @@ impl Steered {
                 match service::resume_read(&mut self.root, &self.config, &context, header.block(), RttEstimate::from_wire(header.rtt)) {
                     Ok(transfer) => {
                         info!(client = %key, block = header.block(), "resuming a transfer started elsewhere");
-                        self.insert(key, header, &context, Kind::Read(transfer), from);
+                        self.insert(key, header, &context, Kind::Read(transfer), from, None);
                     }
                     Err(refusal) => {
                         warn!(client = %key, reason = refusal.message, "cannot resume");
@@ -260,7 +269,7 @@ impl Steered {
             Ok((mut transfer, context)) => {
                 info!(client = %key, file = filename, "read");
                 let first = transfer.start(Instant::now());
-                self.insert(key, header, &context, Kind::Read(transfer), from);
+                self.insert(key, header, &context, Kind::Read(transfer), from, Some(*options));
                 self.read_next(key, first).await;
             }
             Err(refusal) => self.refuse(&header, from, &refusal).await,
@@ -273,7 +282,7 @@ impl Steered {
             Ok((transfer, negotiated)) => {
                 info!(client = %key, file = filename, "write");
                 let context = Context { mode, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
-                self.insert(key, header, &context, Kind::Write(transfer), from);
+                self.insert(key, header, &context, Kind::Write(transfer), from, None);
                 if negotiated.oack.is_empty() {
                     self.send_tftp(key, &Repr::Ack { block: 0 }, 0).await;
                 } else {
@@ -420,10 +429,10 @@ impl Steered {
         }
     }
 
-    fn insert(&mut self, key: SessionKey, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr) {
+    fn insert(&mut self, key: SessionKey, header: SteeringHeader, context: &Context, kind: Kind, lb: SocketAddr, requested: Option<Options>) {
         let mut template = header;
         context.write_into(&mut template);
-        self.sessions.insert(key, Session { kind, header: template, lb });
+        self.sessions.insert(key, Session { kind, header: template, lb, requested });
     }
 
     fn forget(&mut self, key: SessionKey) -> Option<Session> {
@@ -485,5 +494,21 @@ async fn until(alarm: &mut Alarm, deadline: Option<Instant>) -> std::io::Result<
     match deadline {
         Some(at) => alarm.until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HEADER, fit_path_mtu};
+    use crate::options::{DATA_OVERHEAD, Limits};
+
+    /// iPXE asks blksize 1432, U-Boot 1468: on a 1500-byte path toward the balancer both get
+    /// 1404, so that each DATA with its steering header is exactly one unfragmented datagram.
+    #[test]
+    fn ipxe_and_uboot_blocks_fit_a_1500_byte_path_with_the_steering_header() {
+        let limits = fit_path_mtu(Limits::default(), 1500);
+        assert_eq!(limits.max_blksize, 1404);
+        assert_eq!(usize::from(limits.max_blksize) + HEADER + DATA_OVERHEAD, 1500);
+        assert_eq!(fit_path_mtu(Limits::default(), 1600).max_blksize, 1468, "the test topology's links: --max-blksize stands");
     }
 }

@@ -49,6 +49,9 @@ pub struct Session {
     pub header: SteeringHeader,
     /// Where replies go: the LB that sent the latest packet of this session.
     pub lb: SocketAddr,
+    /// The options of the request that opened a download here (None: resumed from a header,
+    /// or an upload), to tell a copy of that request from a new one.
+    pub requested: Option<Options>,
 }
 
 impl Session {
@@ -82,7 +85,7 @@ impl Sessions {
     /// What the table knows of `key` at `now`, for the decision on its datagram.
     pub fn seen(&self, key: SessionKey, now: Instant) -> Seen {
         let session = self.sessions.get(&key).map(|session| match &session.kind {
-            Kind::Read(transfer) => Known::Read { acked: transfer.acked(), path_hash: session.header.path_hash },
+            Kind::Read(transfer) => Known::Read { acked: transfer.acked(), path_hash: session.header.path_hash, requested: session.requested },
             Kind::Write(_) => Known::Write,
         });
         Seen { session, completed: session.is_none() && self.completed.contains(&key, now), transfers: self.sessions.len() }
