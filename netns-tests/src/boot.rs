@@ -24,6 +24,15 @@ const IPXE_E1000: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 /// GRUB's EFI modules (`grub-efi-amd64-bin`), for a network boot image made with grub-mkimage.
 const GRUB_EFI_MODULES: &str = "/usr/lib/grub/x86_64-efi";
+/// PXELINUX for BIOS PXE (`pxelinux`): the build on the PXE stack's UDP API with syslinux's own
+/// TFTP client (`lpxelinux.0` would bring lwIP and HTTP instead).
+const PXELINUX: &str = "/usr/lib/PXELINUX/pxelinux.0";
+/// Its second stage (`syslinux-common`), which reads the configuration and loads the kernel.
+const LDLINUX: &str = "/usr/lib/syslinux/modules/bios/ldlinux.c32";
+
+/// The kernel command line every loader passes: the console on the serial port (the test
+/// reads it), early output so that a damaged kernel shows its decompressor's verdict.
+const KERNEL_ARGS: &str = "console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init";
 
 /// The line `/init` prints once it ran, and the one before it with the payload's digest.
 pub const BOOTED: &str = "XDPLB-BOOTED";
@@ -38,10 +47,10 @@ pub struct BootFiles {
     pub payload_sha256: String,
 }
 
-/// Puts the kernel, an initramfs with a `payload_bytes` payload, and the iPXE script
-/// `boot.ipxe` into `root`.
+/// Puts the kernel, an initramfs with a `payload_bytes` payload, and each firmware's loader
+/// and configuration (the iPXE script `boot.ipxe`, GRUB, PXELINUX) into `root`.
 pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<BootFiles> {
-    for needed in [KERNEL, BUSYBOX, IPXE_E1000, OVMF, GRUB_EFI_MODULES] {
+    for needed in [KERNEL, BUSYBOX, IPXE_E1000, OVMF, GRUB_EFI_MODULES, PXELINUX, LDLINUX] {
         if !Path::new(needed).exists() {
             return Err(io_error(format!("{needed} is missing: run `cargo xtask setup` (the boot suite needs it)"))(std::io::Error::from(
                 std::io::ErrorKind::NotFound,
@@ -55,10 +64,11 @@ pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<B
     let _ = std::fs::remove_dir_all(&tree);
     let payload_sha256 = result?;
     let script = format!(
-        "#!ipxe\nkernel tftp://{VIP}/vmlinuz console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init\ninitrd tftp://{VIP}/initrd.img\nboot\n"
+        "#!ipxe\nkernel tftp://{VIP}/vmlinuz {KERNEL_ARGS}\ninitrd tftp://{VIP}/initrd.img\nboot\n"
     );
     std::fs::write(root.join("boot.ipxe"), script).map_err(io_error("write boot.ipxe"))?;
     grub_image(root)?;
+    pxelinux(root)?;
     Ok(BootFiles { kernel, initrd: root.join("initrd.img"), payload_sha256 })
 }
 
@@ -75,10 +85,26 @@ fn grub_image(root: &Path) -> Result<()> {
     args.extend(modules);
     run("grub-mkimage", &args)?;
     let config = format!(
-        "set timeout=0\necho loading the kernel\nlinux (tftp,{VIP})/vmlinuz console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init\n\
+        "set timeout=0\necho loading the kernel\nlinux (tftp,{VIP})/vmlinuz {KERNEL_ARGS}\n\
          echo loading the initramfs\ninitrd (tftp,{VIP})/initrd.img\nboot\n"
     );
     std::fs::write(root.join("grub.cfg"), config).map_err(io_error("write grub.cfg"))
+}
+
+/// PXELINUX: `pxelinux.0` (what the PXE ROM fetches and starts), its second stage
+/// `ldlinux.c32`, and `pxelinux.cfg/default`, which boots the kernel and the initramfs at once
+/// (no prompt, no menu module) and shows PXELINUX's own lines on the serial console too. The paths are relative: PXELINUX reads them from the
+/// next-server with its own TFTP client through the ROM's PXE UDP API.
+fn pxelinux(root: &Path) -> Result<()> {
+    std::fs::copy(PXELINUX, root.join("pxelinux.0")).map_err(io_error(format!("copy {PXELINUX}")))?;
+    std::fs::copy(LDLINUX, root.join("ldlinux.c32")).map_err(io_error(format!("copy {LDLINUX}")))?;
+    std::fs::create_dir_all(root.join("pxelinux.cfg")).map_err(io_error("pxelinux.cfg"))?;
+    std::fs::write(root.join("pxelinux.cfg/default"), pxelinux_config()).map_err(io_error("write pxelinux.cfg/default"))
+}
+
+/// `pxelinux.cfg/default`: one label, booted at once, its lines also on the serial console.
+fn pxelinux_config() -> String {
+    format!("SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {KERNEL_ARGS}\n")
 }
 
 /// Builds an uncompressed newc cpio initramfs at `out` from a tree made in `tree`; returns the
@@ -123,6 +149,11 @@ pub enum Firmware {
     /// OVMF (EDK2): its UEFI PXE fetches `grubx64.efi` with EDK2's TFTP (a tsize probe it
     /// aborts, then the read), and GRUB fetches the kernel and the initramfs with its own.
     UefiGrub,
+    /// SeaBIOS and iPXE as for [`Firmware::Ipxe`], but iPXE fetches and starts `pxelinux.0`;
+    /// PXELINUX fetches `ldlinux.c32`, its configuration, the kernel and the initramfs with
+    /// syslinux's own TFTP client (tsize and blksize 1408 asked; any other option in the OACK
+    /// aborts it) over iPXE's PXE UDP API.
+    Pxelinux,
 }
 
 impl Firmware {
@@ -132,6 +163,28 @@ impl Firmware {
         match self {
             Self::Ipxe => "boot.ipxe",
             Self::UefiGrub => "grubx64.efi",
+            Self::Pxelinux => "pxelinux.0",
+        }
+    }
+
+    /// Every file it fetches from the backends' root, the boot file first.
+    #[must_use]
+    pub fn files(self) -> &'static [&'static str] {
+        match self {
+            Self::Ipxe => &["boot.ipxe", "vmlinuz", "initrd.img"],
+            Self::UefiGrub => &["grubx64.efi", "grub.cfg", "vmlinuz", "initrd.img"],
+            Self::Pxelinux => &["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "vmlinuz", "initrd.img"],
+        }
+    }
+
+    /// The block size the client that fetches the kernel asks for: the balancer's session
+    /// shows it, and so which TFTP client did the work.
+    #[must_use]
+    pub fn kernel_blksize(self) -> u16 {
+        match self {
+            Self::Ipxe => 1432,
+            Self::UefiGrub => 1024,
+            Self::Pxelinux => 1408,
         }
     }
 }
@@ -157,7 +210,7 @@ impl Machine {
         command.args(["-no-reboot", "-boot", "n"]);
         command.args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")]);
         match firmware {
-            Firmware::Ipxe => command.args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile={IPXE_E1000}")]),
+            Firmware::Ipxe | Firmware::Pxelinux => command.args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile={IPXE_E1000}")]),
             // OVMF's own virtio-net driver and network stack (no option ROM: iPXE's EFI build
             // would take the boot over), so EDK2's PXE and TFTP fetch the boot file.
             Firmware::UefiGrub => command.args(["-bios", OVMF, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
@@ -201,5 +254,24 @@ mod tests {
         let console = "iPXE 1.0\n[ 1.2] Run /init\nXDPLB-PAYLOAD 1c34ab  /payload\r\nXDPLB-BOOTED\r\n[ 2.3] reboot: Power down\n";
         assert_eq!(booted(console), (true, Some("1c34ab".to_owned())));
         assert_eq!(booted("Kernel panic - not syncing"), (false, None));
+    }
+
+    #[test]
+    fn each_firmware_fetches_its_boot_file_first_and_ends_with_kernel_and_initramfs() {
+        for firmware in [Firmware::Ipxe, Firmware::UefiGrub, Firmware::Pxelinux] {
+            let files = firmware.files();
+            assert_eq!(files[0], firmware.boot_file(), "{firmware:?}");
+            assert!(files.ends_with(&["vmlinuz", "initrd.img"]), "{firmware:?}: {files:?}");
+        }
+        assert_eq!(Firmware::Pxelinux.kernel_blksize(), 1408, "syslinux core/fs/pxe/tftp.c asks blksize 1408");
+    }
+
+    #[test]
+    fn pxelinux_boots_the_kernel_with_the_initramfs_and_the_common_command_line_at_once() {
+        let config = pxelinux_config();
+        for line in ["DEFAULT linux", "PROMPT 0", "KERNEL vmlinuz", "INITRD initrd.img", &format!("APPEND {KERNEL_ARGS}")] {
+            assert!(config.lines().any(|l| l.trim() == line), "{line:?} missing from:\n{config}");
+        }
+        assert!(KERNEL_ARGS.contains("console=ttyS0"), "the test reads the serial console");
     }
 }

@@ -2,7 +2,8 @@
 //! the full topology (switch, balancer pair, three steered backends), with no failure, with the
 //! active balancer killed in the middle of the kernel, and with the backend serving it killed
 //! there. The machine must boot (its `/init` runs and prints the payload's digest) every time.
-//! Firmware so far: iPXE (SeaBIOS + the e1000 option ROM from `ipxe-qemu`).
+//! Firmware so far: iPXE (SeaBIOS + the e1000 option ROM from `ipxe-qemu`), UEFI PXE (OVMF)
+//! with GRUB, and PXELINUX started by iPXE.
 
 use std::time::{Duration, Instant};
 
@@ -35,10 +36,10 @@ fn path_hash(name: &str) -> String {
 }
 
 /// The active balancer's session of `file`'s download (`bytes` long) once the balancer has seen
-/// `share` of it sent: (active balancer, serving backend). `None` until then. With `share` 0
-/// any session counts, also one whose first answer (which teaches the balancer the file) has
-/// not come yet, if it is the only one in the table besides finished ones.
-fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize)> {
+/// `share` of it sent: (active balancer, serving backend, block size). `None` until then. With
+/// `share` 0 any session counts, also one whose first answer (which teaches the balancer the
+/// file) has not come yet, if it is the only one in the table besides finished ones.
+fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize, u16)> {
     let active = cluster.topo.active_lb().ok()?;
     let sessions = cluster.topo.lb_status(active).ok()?.sessions;
     let hash = path_hash(file);
@@ -46,7 +47,7 @@ fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(us
         let sent = u64::from(s.block) * u64::from(s.blksize);
         #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
         let reached = sent as f64 >= bytes as f64 * share;
-        (s.path_hash == hash && reached).then(|| Some((active, usize::try_from(s.backend).ok()?)))?
+        (s.path_hash == hash && reached).then(|| Some((active, usize::try_from(s.backend).ok()?, s.blksize)))?
     })
 }
 
@@ -69,7 +70,7 @@ fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duratio
 /// The firmware's milestones on a console (escape sequences and carriage returns aside).
 fn print_milestones(console: &str) {
     let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
-    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "iPXE", "tftp://", "XDPLB", "crc error", "halted"].iter().any(|m| l.contains(m))).take(12) {
+    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "XDPLB", "crc error", "halted"].iter().any(|m| l.contains(m))).take(12) {
         println!("    console: {}", line.trim());
     }
 }
@@ -85,15 +86,20 @@ fn boot(firmware: Firmware, failure: Failure) {
         .expect("dnsmasq");
     let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01").expect("qemu");
     let (mut injected, mut stall) = (None, None);
-    if let Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } = failure {
-        let (deadline, bytes) = (Instant::now() + BOOT_TIMEOUT, size(file));
-        let (active, serving) = loop {
-            if let Some(found) = progress(&cluster, file, bytes, share) {
-                break found;
-            }
-            assert!(Instant::now() < deadline && machine.qemu.is_running(), "{file} never reached {share}\n{}\n{}", machine.qemu.log(), cluster.logs());
-            std::thread::sleep(Duration::from_millis(2));
-        };
+    // Without a failure the kernel's download is watched all the same, for its block size.
+    let (file, share) = match failure {
+        Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } => (file, share),
+        Failure::None => MID_KERNEL,
+    };
+    let (deadline, bytes) = (Instant::now() + BOOT_TIMEOUT, size(file));
+    let (active, serving, blksize) = loop {
+        if let Some(found) = progress(&cluster, file, bytes, share) {
+            break found;
+        }
+        assert!(Instant::now() < deadline && machine.qemu.is_running(), "{file} never reached {share}\n{}\n{}", machine.qemu.log(), cluster.logs());
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    if failure != Failure::None {
         let killed = Instant::now();
         match failure {
             Failure::ActiveBalancer { .. } => cluster.kill_lb(active),
@@ -102,6 +108,11 @@ fn boot(firmware: Firmware, failure: Failure) {
         }
         injected = Some(machine.started.elapsed());
         stall = Some(longest_pause(&cluster, killed, Duration::from_secs(3)));
+    }
+    // The block size tells which TFTP client fetched the kernel: the loader's own (GRUB's,
+    // PXELINUX's), not the firmware's that started it.
+    if file == "vmlinuz" {
+        assert_eq!(blksize, firmware.kernel_blksize(), "{firmware:?}: the kernel was not fetched by the client expected to");
     }
     let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
     let took = machine.started.elapsed();
@@ -112,7 +123,7 @@ fn boot(firmware: Firmware, failure: Failure) {
     assert_eq!(digest.as_deref(), Some(files.payload_sha256.as_str()), "{firmware:?}, {failure:?}: the initramfs arrived damaged");
     // What went twice: every reply the balancers delivered, against the blocks the files need
     // (counted at GRUB's 1024 bytes, the smallest block any of these clients asks).
-    let needed: u64 = [firmware.boot_file(), "grub.cfg", "vmlinuz", "initrd.img"].iter().map(|f| size(f) / 1024 + 2).sum();
+    let needed: u64 = firmware.files().iter().map(|f| size(f) / 1024 + 2).sum();
     let delivered = cluster.delivered();
     println!("    replies delivered {delivered}, blocks needed at most {needed}");
     assert!(delivered <= needed + 500, "{firmware:?}, {failure:?}: {delivered} replies for {needed} blocks: DATA sent over and over");
@@ -175,6 +186,26 @@ fn uefi_pxe_boots_while_the_active_balancer_dies_at_the_boot_files_request() {
 #[test]
 fn grub_boots_while_the_active_balancer_dies_at_the_kernels_request() {
     boot(Firmware::UefiGrub, Failure::ActiveBalancer { file: "vmlinuz", share: 0.0 });
+}
+
+/// PXELINUX (`pxelinux.0`, started by iPXE) fetches everything after itself with syslinux's own
+/// TFTP client: tsize and blksize 1408, lock-step, ACKs resent from 110 ms on, and any option
+/// in the OACK it did not ask for aborts the file.
+#[test]
+fn pxelinux_boots_linux_through_the_vip() {
+    boot(Firmware::Pxelinux, Failure::None);
+}
+
+#[test]
+fn pxelinux_boots_while_the_active_balancer_dies_mid_kernel() {
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::Pxelinux, Failure::ActiveBalancer { file, share });
+}
+
+#[test]
+fn pxelinux_boots_while_the_serving_backend_dies_mid_kernel() {
+    let (file, share) = MID_KERNEL;
+    boot(Firmware::Pxelinux, Failure::ServingBackend { file, share });
 }
 
 /// The suite's checks can fail: an initramfs whose payload lost a byte on its way prints another

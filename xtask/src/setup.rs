@@ -18,13 +18,13 @@ pub const TOOLS_DIR: &str = "/opt/xdp-lb-tools";
 /// Debian packages: BPF and network tooling, the stock TFTP clients of the integration tests,
 /// atftpd (tftpd-hpa conflicts with it and is unpacked beside it instead), stress-ng (the
 /// failure detector's overload tests), the boot suite's firmware and machine (QEMU with
-/// SeaBIOS and iPXE, OVMF, GRUB's EFI modules, dnsmasq for DHCP), busybox (the static build: the tests' `busybox tftp`
+/// SeaBIOS and iPXE, OVMF, GRUB's EFI modules, PXELINUX and its `ldlinux.c32`, dnsmasq for DHCP), busybox (the static build: the tests' `busybox tftp`
 /// client, and the boot suite's initramfs; it replaces the dynamic one), and a font for the
 /// bench's PNG charts.
 const PACKAGES: &[&str] = &[
     "bpftool", "iproute2", "ethtool", "util-linux", "nftables", "tftp-hpa", "atftp", "atftpd",
     "curl", "busybox-static", "stress-ng", "qemu-system-x86", "seabios", "ipxe-qemu", "ovmf",
-    "grub-efi-amd64-bin", "dnsmasq-base", "fonts-dejavu-core",
+    "grub-efi-amd64-bin", "pxelinux", "syslinux-common", "dnsmasq-base", "fonts-dejavu-core",
 ];
 
 #[derive(clap::Args)]
