@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Error, Netns, Process, Result, RunPrefix, io_error, pair_topology::VIP, run};
+use sha2::{Digest as _, Sha256};
+
+use crate::{Error, Netns, Process, Result, RunPrefix, cluster::Cluster, io_error, pair_topology::VIP, run};
 
 /// Where `cargo xtask setup` unpacks Debian's kernel image.
 pub const KERNEL: &str = "/opt/xdp-lb-tools/kernel/vmlinuz";
@@ -234,6 +236,72 @@ impl Drop for Machine {
         self.qemu.stop();
         let _ = run("nsenter", &[&format!("--net={}", self.net_path.display()), "--", "ip", "link", "del", &self.tap]);
     }
+}
+
+/// The `path_hash` `xdp-lb status` shows for a file at the backends' root.
+#[must_use]
+pub fn path_hash(name: &str) -> String {
+    let prefix = u64::from_be_bytes(Sha256::digest(name.as_bytes())[..8].try_into().expect("8 bytes"));
+    format!("{prefix:016x}")
+}
+
+/// The active balancer's session of `file`'s download (`bytes` long) once the balancer has seen
+/// `share` of it sent: (active balancer, serving backend, block size). `None` until then. With
+/// `share` 0 any session counts, also one whose first answer (which teaches the balancer the
+/// file) has not come yet, if it is the only one in the table besides finished ones.
+pub fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize, u16)> {
+    let active = cluster.topo.active_lb().ok()?;
+    let sessions = cluster.topo.lb_status(active).ok()?.sessions;
+    let hash = path_hash(file);
+    sessions.iter().find_map(|s| {
+        let sent = u64::from(s.block) * u64::from(s.blksize);
+        #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
+        let reached = sent as f64 >= bytes as f64 * share;
+        (s.path_hash == hash && reached).then(|| Some((active, usize::try_from(s.backend).ok()?, s.blksize)))?
+    })
+}
+
+/// The longest time in `window` after `since` during which the balancers delivered no reply
+/// to a client (sampled as fast as `xdp-lb status` answers, ~10 ms): the data stall a failure
+/// at `since` caused.
+pub fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duration {
+    let (mut last, mut last_change, mut longest) = (cluster.delivered(), since, Duration::ZERO);
+    while since.elapsed() < window {
+        let now = cluster.delivered();
+        if now != last {
+            longest = longest.max(last_change.elapsed());
+            (last, last_change) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    longest
+}
+
+/// How long after `since` the balancers delivered their next reply to a client (`None`: not
+/// within `patience`): the stall a failure at `since` caused, known as soon as it is over.
+#[must_use]
+pub fn next_reply_after(cluster: &Cluster, since: Instant, patience: Duration) -> Option<Duration> {
+    let before = cluster.delivered();
+    while since.elapsed() < patience {
+        if cluster.delivered() != before {
+            return Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// The firmware's milestones on a console, at most twelve lines (escape sequences and carriage
+/// returns aside).
+#[must_use]
+pub fn milestones(console: &str) -> Vec<String> {
+    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
+    plain
+        .lines()
+        .filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "Linux version", "XDPLB", "crc error", "halted", "Power down"].iter().any(|m| l.contains(m)))
+        .take(12)
+        .map(|l| l.trim().to_owned())
+        .collect()
 }
 
 /// What a console says about a boot: whether `/init` ran, and the payload digest it printed.

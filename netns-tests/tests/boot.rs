@@ -8,11 +8,10 @@
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    boot::{BootFiles, Firmware, Machine, booted, make_boot_files, start_dhcp},
+    boot::{BootFiles, Firmware, Machine, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp},
     cluster::Cluster,
     pair_topology::SWITCH_CLIENT_SIDE,
 };
-use sha2::{Digest as _, Sha256};
 
 /// TCG emulates the whole machine: firmware, TFTP of ~11 MB and the kernel's boot take tens
 /// of seconds on this machine kind.
@@ -28,52 +27,6 @@ enum Failure {
 }
 
 const MID_KERNEL: (&str, f64) = ("vmlinuz", 0.5);
-
-/// The `path_hash` `xdp-lb status` shows for a file at the backends' root.
-fn path_hash(name: &str) -> String {
-    let prefix = u64::from_be_bytes(Sha256::digest(name.as_bytes())[..8].try_into().expect("8 bytes"));
-    format!("{prefix:016x}")
-}
-
-/// The active balancer's session of `file`'s download (`bytes` long) once the balancer has seen
-/// `share` of it sent: (active balancer, serving backend, block size). `None` until then. With
-/// `share` 0 any session counts, also one whose first answer (which teaches the balancer the
-/// file) has not come yet, if it is the only one in the table besides finished ones.
-fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option<(usize, usize, u16)> {
-    let active = cluster.topo.active_lb().ok()?;
-    let sessions = cluster.topo.lb_status(active).ok()?.sessions;
-    let hash = path_hash(file);
-    sessions.iter().find_map(|s| {
-        let sent = u64::from(s.block) * u64::from(s.blksize);
-        #[expect(clippy::cast_precision_loss, reason = "a share of the file")]
-        let reached = sent as f64 >= bytes as f64 * share;
-        (s.path_hash == hash && reached).then(|| Some((active, usize::try_from(s.backend).ok()?, s.blksize)))?
-    })
-}
-
-/// The longest time in `window` after `since` during which the balancers delivered no reply
-/// to a client (sampled as fast as `xdp-lb status` answers, ~10 ms): the data stall a failure
-/// at `since` caused.
-fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duration {
-    let (mut last, mut last_change, mut longest) = (cluster.delivered(), since, Duration::ZERO);
-    while since.elapsed() < window {
-        let now = cluster.delivered();
-        if now != last {
-            longest = longest.max(last_change.elapsed());
-            (last, last_change) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    longest
-}
-
-/// The firmware's milestones on a console (escape sequences and carriage returns aside).
-fn print_milestones(console: &str) {
-    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
-    for line in plain.lines().filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "XDPLB", "crc error", "halted"].iter().any(|m| l.contains(m))).take(12) {
-        println!("    console: {}", line.trim());
-    }
-}
 
 /// Boots one machine with `firmware` through a fresh topology and injects `failure` when half
 /// of the kernel has been sent; checks that it booted with the right payload.
@@ -116,7 +69,9 @@ fn boot(firmware: Firmware, failure: Failure) {
     }
     let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
     let took = machine.started.elapsed();
-    print_milestones(&console);
+    for line in milestones(&console) {
+        println!("    console: {line}");
+    }
     let (ran, digest) = booted(&console);
     println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
     assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
@@ -243,7 +198,9 @@ fn a_damaged_payload_prints_another_digest_and_a_damaged_kernel_does_not_boot() 
         std::thread::sleep(Duration::from_millis(200));
     }
     let console = machine.qemu.log();
-    print_milestones(&console);
+    for line in milestones(&console) {
+        println!("    console: {line}");
+    }
     assert!(!booted(&console).0, "a damaged kernel must not boot:\n{console}");
     assert!(console.contains("crc error") || console.contains("halted"), "the kernel's own check stopped it:\n{console}");
 }

@@ -5,6 +5,7 @@
 //! and failure events, then a side-by-side table, JSON and a PNG timeline under `results/`.
 
 mod arrivals;
+mod pxe;
 mod timeline;
 mod trigger;
 
@@ -74,6 +75,14 @@ pub struct Args {
     /// Give up on a run whose transfers are not all done after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Instead of the downloads: a QEMU machine network-boots Linux through the VIP (DHCP from
+    /// dnsmasq, the firmware's own TFTP) while the failures of --fail hit its kernel's
+    /// download at --lb-at and --backend-at percent; shows the console and a timeline.
+    #[arg(long)]
+    pxe: bool,
+    /// The machine's firmware for --pxe.
+    #[arg(long, value_enum, default_value = "ipxe", requires = "pxe")]
+    firmware: pxe::BootFirmware,
 }
 
 /// What `--fail` can inject.
@@ -262,6 +271,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.fail.contains(&Fail::None) && !failures.is_empty() {
         bail!("--fail none cannot be combined with other failures");
     }
+    if args.pxe {
+        let kills: Vec<(pxe::Kill, u8)> = failures
+            .iter()
+            .map(|&(f, at)| (if f == Fail::Lb { pxe::Kill::ActiveLb } else { pxe::Kill::ServingBackend }, at))
+            .collect();
+        return pxe::run(args.firmware, &kills, &INTERRUPTED);
+    }
+
     let specs: Vec<Spec> = (0..usize::try_from(args.clients)?).map(|i| Spec::new(i, args.size_mib * MIB, args.small_mib * MIB)).collect();
     let mut runs = Vec::new();
     if !failures.is_empty() {
