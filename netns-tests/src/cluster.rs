@@ -68,7 +68,7 @@ impl Cluster {
         require_root();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
-        Self::run_on(topo, turn, mirror, lb_args)
+        Self::run_with(topo, turn, &Agents { mirror, lb_args, switch_args: &[] }).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts everything on a topology the test prepared (e.g. without control keys).
@@ -76,11 +76,7 @@ impl Cluster {
     pub fn start_on(topo: PairTopology) -> Self {
         require_root();
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self::run_on(topo, turn, true, &[])
-    }
-
-    fn run_on(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, mirror: bool, lb_args: &[&str]) -> Self {
-        Self::run_with(topo, turn, &Agents { mirror, lb_args, switch_args: &[] }).unwrap_or_else(|e| panic!("{e}"))
+        Self::run_with(topo, turn, &Agents::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Cluster::start_on`] for a caller that is not a test (the demo, the benches): an error

@@ -124,19 +124,6 @@ impl Lossy {
         Self { relays, cluster: Cluster::start_on(topo) }
     }
 
-    fn logs(&self) -> String {
-        self.cluster.logs()
-    }
-
-    fn active_lb(&self) -> usize {
-        self.cluster.active_lb()
-    }
-
-    /// Kills balancer `i`: SIGKILL of its agent and its link down (`PairTopology::fail_lb`).
-    fn kill_lb(&mut self, i: usize) {
-        self.cluster.kill_lb(i);
-    }
-
     /// The agents' verdicts (deaths, swaps) and their warnings so far.
     fn print_verdicts(&self, when: &str) {
         let verdicts = self.cluster.verdicts();
@@ -144,10 +131,6 @@ impl Lossy {
         for line in verdicts.lines {
             println!("  {line}");
         }
-    }
-
-    fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
-        self.cluster.file(name, size, seed)
     }
 
     fn download(&self, client: usize, how: Client, remote: &str) -> Transfer {
@@ -190,7 +173,7 @@ impl Transfer {
     fn finish(self, source: &Path, failure: Option<Instant>, lossy: &Lossy) {
         let Self { how, process, growth, local, started } = self;
         let what = how.name();
-        expect_download(process, &local, source, Duration::from_secs(50), what, || lossy.logs());
+        expect_download(process, &local, source, Duration::from_secs(50), what, || lossy.cluster.logs());
         let samples = growth.stop();
         // Until the file was complete (another transfer may have been waited for first).
         let elapsed = samples.last().map_or_else(|| started.elapsed(), |&(at, _)| at - started);
@@ -219,8 +202,8 @@ const TFTP_HPA_SIZE: usize = 48 * KIB + 77;
 #[test]
 fn stock_clients_over_an_impaired_network() {
     let lossy = Lossy::start(2, 2, false);
-    let big = lossy.file("big.bin", ATFTP_SIZE, 11);
-    let small = lossy.file("small.bin", TFTP_HPA_SIZE, 12);
+    let big = lossy.cluster.file("big.bin", ATFTP_SIZE, 11);
+    let small = lossy.cluster.file("small.bin", TFTP_HPA_SIZE, 12);
     let atftp = lossy.download(0, Client::Atftp, "big.bin");
     let hpa = lossy.download(1, Client::TftpHpa, "small.bin");
     atftp.finish(&big, None, &lossy);
@@ -240,8 +223,8 @@ fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
     // atftp's file is larger here: with gaps resent at once, 384 KiB at windowsize 16 was nearly
     // done (336–376 KiB) by the time tftp-hpa had a fifth of its file.
     let big_size = 1024 * KIB + 333;
-    let big = lossy.file("big.bin", big_size, 21);
-    let small = lossy.file("small.bin", TFTP_HPA_SIZE, 22);
+    let big = lossy.cluster.file("big.bin", big_size, 21);
+    let small = lossy.cluster.file("small.bin", TFTP_HPA_SIZE, 22);
     let atftp = lossy.download(0, Client::Atftp, "big.bin");
     let hpa = lossy.download(1, Client::TftpHpa, "small.bin");
     // atftp a fifth done and tftp-hpa receiving, which cannot finish before long (97 blocks of
@@ -251,9 +234,9 @@ fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
     wait_for("atftp a fifth done, tftp-hpa receiving", 30, || {
         (size(&atftp.local) >= big_size as u64 / 5 && size(&hpa.local) > 0).then_some(())
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", lossy.logs()));
+    .unwrap_or_else(|e| panic!("{e}\n{}", lossy.cluster.logs()));
     let at_kill = (size(&atftp.local), size(&hpa.local));
-    lossy.kill_lb(0);
+    lossy.cluster.kill_lb(0);
     let killed = Instant::now();
     println!("balancer 0 killed; atftp had {} KiB, tftp-hpa {} KiB", at_kill.0 / 1024, at_kill.1 / 1024);
     assert!(at_kill.0 < big_size as u64 && at_kill.1 < TFTP_HPA_SIZE as u64, "both transfers were in flight at the kill");
@@ -261,7 +244,7 @@ fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
     hpa.finish(&small, Some(killed), &lossy);
     lossy.impairment_report();
     lossy.print_verdicts("with the active balancer killed");
-    assert_eq!(lossy.active_lb(), 1, "the switch swapped to the backup");
+    assert_eq!(lossy.cluster.active_lb(), 1, "the switch swapped to the backup");
 }
 
 /// Loss on both bridges: also between the switch and the balancers and between the balancers
@@ -270,7 +253,7 @@ fn active_balancer_killed_mid_transfer_over_an_impaired_network() {
 #[test]
 fn loss_on_the_backend_side_too() {
     let lossy = Lossy::start(1, 2, true);
-    let big = lossy.file("big.bin", ATFTP_SIZE / 4, 31);
+    let big = lossy.cluster.file("big.bin", ATFTP_SIZE / 4, 31);
     let atftp = lossy.download(0, Client::Atftp, "big.bin");
     atftp.finish(&big, None, &lossy);
     let (lost, _) = lossy.impairment_report();
@@ -287,8 +270,8 @@ fn loss_on_the_backend_side_too() {
 #[test]
 fn lock_step_clients_at_one_and_three_percent_loss() {
     let lossy = Lossy::start_with(2, 2, false, Impairment::NONE, 1);
-    let hpa_file = lossy.file("hpa.bin", 256 * KIB + 11, 41);
-    let curl_file = lossy.file("curl.bin", 1024 * KIB + 13, 42);
+    let hpa_file = lossy.cluster.file("hpa.bin", 256 * KIB + 11, 41);
+    let curl_file = lossy.cluster.file("curl.bin", 1024 * KIB + 13, 42);
     for percent in [1, 3] {
         install_loss(lossy.cluster.topo.bridges(), &Loss { percent, bridge: Some("br0"), spare_tftp_setup: true }).expect("loss");
         println!("--- {percent}% loss each way");

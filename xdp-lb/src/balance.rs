@@ -465,10 +465,12 @@ impl Agent {
         let started = Instant::now();
         self.maintain()?;
         let views = self.views()?;
-        let plan = planner::plan(Occasion::TakeOver, &views, self.maps.sessions(), monotonic_ns(), Role::Active, usize::MAX);
+        let sessions = self.maps.sessions();
+        let known = sessions.len();
+        let plan = planner::plan(Occasion::TakeOver, &views, sessions, monotonic_ns(), Role::Active, usize::MAX);
         let (moved, nudged) = self.carry_out(&plan).await;
         if nudged + moved > 0 {
-            warn!(nudged, moved, known = plan.looked_at, quiet = plan.quiet, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
+            warn!(nudged, moved, known, quiet = plan.quiet, took_us = started.elapsed().as_micros(), "now the active balancer: backends nudged");
             self.awaiting_data = Some((started, self.replies_delivered()?));
         } else {
             info!("now the active balancer");

@@ -31,9 +31,8 @@ pub struct Plan {
     /// Sessions that found no live backend.
     pub stranded: usize,
     /// Sessions looked at whose client has been quiet too long to nudge for (see
-    /// `control::NUDGE_WITHIN`), and every session looked at.
+    /// `control::NUDGE_WITHIN`).
     pub quiet: usize,
-    pub looked_at: usize,
     /// Sessions per backend once the moves are written.
     pub loads: Vec<u64>,
 }
@@ -57,7 +56,6 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
         plan.left = sessions.len().saturating_sub(limit);
         sessions.truncate(limit);
     }
-    plan.looked_at = sessions.len();
     for (key, mut session) in sessions {
         if !usable(views.get(session.backend as usize)) {
             let Some(target) = control::least_loaded(views, &loads) else {
