@@ -42,6 +42,12 @@
 //! `path_hash` is the first 8 bytes of SHA-256 over the file's path relative to the backend root
 //! (UTF-8, `/`-separated, no leading `/`); `digest` the first 16 bytes of SHA-256 over the file's
 //! content. A backend whose copy has another digest answers a TFTP error instead of data.
+//!
+//! An upload (`FLAG_UPLOAD`) has no digest yet: its `digest` field names the upload's replica,
+//! the backend that holds a second copy of every block the client has been acknowledged
+//! (IPv4 address, then steering port, then zeros; all zero while there is none). The balancers
+//! keep it with the session, so whichever of them is active moves the upload to the replica
+//! when its serving backend dies.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -70,6 +76,15 @@ pub const FLAG_FINISHED: u8 = 0x10;
 /// live backend reads gets a reply, so the watchdog's unanswered count is exact whatever the
 /// client sends.
 pub const FLAG_HEARD: u8 = 0x20;
+
+/// Context, kept by the balancers with the session: the transfer is an upload, and `digest`
+/// names its replica ([`SteeringHeader::replica`]).
+pub const FLAG_UPLOAD: u8 = 0x40;
+/// Backend <-> backend, never through a balancer: a datagram of an upload's replication (the
+/// upload's request, its DATA and the replica's ACKs and ERRORs).
+pub const FLAG_REPLICA: u8 = 0x80;
+/// The flags that describe the session rather than one datagram: the balancers keep them.
+pub const CONTEXT_FLAGS: u8 = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
 
 /// Transfer mode of the session (`mode` field).
 pub const MODE_UNKNOWN: u8 = 0;
@@ -192,6 +207,25 @@ impl SteeringHeader {
     pub fn file_size(&self) -> u64 {
         u64::from_be_bytes(self.file_size)
     }
+
+    /// An upload's replica: its IPv4 address and steering port (network byte order), if the
+    /// header is an upload's and names one.
+    #[must_use]
+    pub fn replica(&self) -> Option<([u8; 4], [u8; 2])> {
+        let d = &self.digest;
+        let (ip, port) = ([d[0], d[1], d[2], d[3]], [d[4], d[5]]);
+        (self.has_flag(FLAG_UPLOAD) && ip != [0; 4] && port != [0; 2]).then_some((ip, port))
+    }
+
+    /// Marks the header an upload's, with `replica` (None: no replica now).
+    pub fn set_upload_replica(&mut self, replica: Option<([u8; 4], [u8; 2])>) {
+        self.flags |= FLAG_UPLOAD;
+        self.digest = [0; 16];
+        if let Some((ip, port)) = replica {
+            self.digest[..4].copy_from_slice(&ip);
+            self.digest[4..6].copy_from_slice(&port);
+        }
+    }
 }
 
 /// Widens a 16-bit TFTP block number to the 32-bit counter, given the highest 32-bit block sent
@@ -230,6 +264,19 @@ mod tests {
         assert_eq!(h.longest_reply(), 1472);
         h.blksize = 65_464u16.to_be_bytes();
         assert_eq!(h.longest_reply(), 65_468);
+    }
+
+    #[test]
+    fn an_upload_names_its_replica_in_the_digest_field_and_a_download_names_none() {
+        let mut h = SteeringHeader::for_client([10, 0, 0, 1], 1000, [10, 0, 0, 100], 2000);
+        h.digest = [9; 16];
+        assert_eq!(h.replica(), None, "a download's digest is no replica");
+        h.set_upload_replica(Some(([10, 77, 0, 12], 6969u16.to_be_bytes())));
+        assert_eq!(h.replica(), Some(([10, 77, 0, 12], 6969u16.to_be_bytes())));
+        assert_eq!(&h.digest[6..], &[0; 10]);
+        h.set_upload_replica(None);
+        assert_eq!(h.replica(), None);
+        assert!(h.has_flag(super::FLAG_UPLOAD));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use xdp_lb_common::{
     BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, TFTP_PORT,
     frame::{IPV4_HEADER_LEN, UDP_HEADER_LEN},
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{CONTEXT_FLAGS, FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
     tftp::{BLOCK_LEN, DATA_HEADER_LEN, OPCODE_ACK, OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
 };
 
@@ -124,13 +124,14 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
 }
 
 /// Sends a client packet to its session's backend with the steering header pushed. A session
-/// whose backend is no longer usable moves to the least loaded one first, with a nudge.
+/// whose backend is no longer usable moves first, with a nudge: an upload to its replica (the
+/// one backend that holds its blocks), anything else to the least loaded backend.
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, config: &LbConfig, session: &mut Session, counter: BalanceCounter) -> Verdict {
     let mut counter = counter;
     let mut nudge = 0;
     if !backends::usable(session.backend) {
-        let Some(id) = backends::least_loaded() else {
+        let Some(id) = upload_replica(&session.header).or_else(backends::least_loaded) else {
             warn!(ctx, "no live backend for a session whose backend {} is gone", session.backend);
             return (BalanceCounter::DropNoBackend, DROP);
         };
@@ -153,12 +154,20 @@ fn to_backend(ctx: &XdpContext, config: &LbConfig, session: &mut Session, counte
         udp_src: &config.steer_port,
         udp_dst: &backend.port,
     };
-    let flags = (session.header.flags & FLAG_HAS_CONTEXT) | nudge;
+    let flags = (session.header.flags & CONTEXT_FLAGS) | nudge;
     if encap::push(ctx, &session.header, flags, &to).is_err() {
         return (BalanceCounter::DropAdjustHead, DROP);
     }
     watchdog::sent_to(seen);
     (counter, egress(ctx, seen.ifindex))
+}
+
+/// The usable backend an upload's header names as its replica.
+#[inline(always)]
+fn upload_replica(header: &SteeringHeader) -> Option<u32> {
+    let (ip, port) = header.replica()?;
+    let id = backends::find(ip, port)?;
+    backends::usable(id).then_some(id)
 }
 
 /// A packet to the steering port: only registered backends may send there.

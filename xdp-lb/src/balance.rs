@@ -316,6 +316,7 @@ impl Agent {
                     mac_known: seen.mac != [0; 6],
                     sessions: self.maps.load(id_u32)?,
                     dead_since_ns: self.dead_since_ns[id],
+                    address: (backend.ip, backend.port),
                     ..BackendView::default()
                 })
             })

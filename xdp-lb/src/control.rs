@@ -18,7 +18,7 @@ use std::time::Duration;
 use xdp_lb_common::{
     ClientKey, Health, Session, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, MAX_BACKENDS},
-    steering::{FLAG_HAS_CONTEXT, FLAG_NUDGE},
+    steering::{CONTEXT_FLAGS, FLAG_NUDGE},
 };
 
 /// When to declare a backend dead.
@@ -143,6 +143,8 @@ pub struct BackendView {
     pub probe_waiting_ns: u64,
     /// The silence it lately came back from, doubled (`Patience::allowance`; 0: none).
     pub patience_ns: u64,
+    /// Its IPv4 address and steering port, as steering headers name a replica.
+    pub address: ([u8; 4], [u8; 2]),
 }
 
 /// How long a peer was silent and then answered again, lately: the longest such silence,
@@ -495,7 +497,7 @@ pub fn count_sessions(sessions: &[(ClientKey, Session)]) -> [u64; MAX_BACKENDS] 
 #[must_use]
 pub fn nudge(session: &Session) -> Vec<u8> {
     let mut header: SteeringHeader = session.header;
-    header.flags = (session.header.flags & FLAG_HAS_CONTEXT) | FLAG_NUDGE;
+    header.flags = (session.header.flags & CONTEXT_FLAGS) | FLAG_NUDGE;
     let mut datagram = bytemuck::bytes_of(&header).to_vec();
     datagram.extend_from_slice(&[0, 4, session.last_ack[0], session.last_ack[1]]);
     datagram
@@ -781,6 +783,8 @@ mod tests {
 
     #[test]
     fn nudge_carries_the_last_ack_and_the_context_when_known() {
+        use xdp_lb_common::steering::{FLAG_HAS_CONTEXT, FLAG_UPLOAD};
+
         let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
         let mut session: Session = bytemuck::Zeroable::zeroed();
         session.header = SteeringHeader::for_client(key.ip, 4000, [10, 0, 0, 1], key.tid());
@@ -794,6 +798,10 @@ mod tests {
         assert_eq!(header.flags, FLAG_HAS_CONTEXT | FLAG_NUDGE);
         assert_eq!(header.block(), 70_000);
         assert_eq!(&datagram[64..], &[0, 4, 0x11, 0x6c]);
+        session.header.set_upload_replica(Some(([10, 77, 0, 12], 6969u16.to_be_bytes())));
+        let upload: SteeringHeader = *bytemuck::from_bytes(&nudge(&session)[..64]);
+        assert_eq!(upload.flags, FLAG_HAS_CONTEXT | FLAG_UPLOAD | FLAG_NUDGE, "an upload stays one, so its replica can take it");
+        assert_eq!(upload.replica(), session.header.replica());
     }
 
     #[test]

@@ -5,8 +5,8 @@ use aya::maps::IterableMap as _;
 use xdp_lb_common::{
     BalanceCounter as C, ClientKey, FrameHeaders, SteeringHeader, TFTP_PORT,
     frame::checksums_valid,
-    maps::BACKEND_DEAD,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, STEERING_MAGIC},
+    maps::{BACKEND_DEAD, BACKEND_LIVE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, FLAG_UPLOAD, STEERING_MAGIC},
 };
 
 use crate::testrun::{
@@ -137,6 +137,36 @@ fn a_session_on_a_dead_backend_moves_with_a_nudge() {
     assert_ne!(steering(&out).flags & FLAG_NUDGE, 0, "the new backend is told to resend now");
     assert_eq!(f.counter(C::Moved).unwrap(), 1);
     assert_eq!((f.maps.load(dead).unwrap(), f.maps.load(1 - dead).unwrap()), (0, 1));
+}
+
+#[test]
+fn an_upload_on_a_dead_backend_moves_to_its_replica_and_stays_an_upload() {
+    const WRQ: &[u8] = b"\x00\x02cfg/router.conf\x00octet\x00";
+    let mut f = fixture(3);
+    let (_, out) = f.run(&from_client(CLIENT, 40_010, TFTP_PORT, WRQ)).unwrap();
+    let serving = (0..3).find(|&i| headers(&out).ip_dst == backend_ip(i)).unwrap();
+    // The replica is busier than the third backend (which takes no session meanwhile): only
+    // the replica holds the upload's blocks.
+    let (replica, third) = ((serving + 1) % 3, (serving + 2) % 3);
+    f.set_backend_state(third, BACKEND_DEAD).unwrap();
+    for port in 0..2 {
+        open(&mut f, 41_100 + port);
+    }
+    f.set_backend_state(third, BACKEND_LIVE).unwrap();
+    assert!(f.maps.load(replica).unwrap() > f.maps.load(third).unwrap());
+    let mut reply = reply_header(40_010, 3, FLAG_UPLOAD);
+    reply.set_upload_replica(Some((backend_ip(replica), BACKEND_PORT.to_be_bytes())));
+    let (action, _) = f.run(&from_backend(serving, &reply, b"\x00\x04\x00\x03")).unwrap();
+    assert_eq!(action, XDP_TX);
+    f.set_backend_state(serving, BACKEND_DEAD).unwrap();
+    let tid = ClientKey::new(CLIENT, 40_010u16.to_be_bytes()).tid();
+    let (action, out) = f.run(&from_client(CLIENT, 40_010, tid, b"\x00\x03\x00\x04block four")).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(headers(&out).ip_dst, backend_ip(replica), "to the replica, not to the least loaded backend");
+    let s = steering(&out);
+    assert_eq!(s.flags, FLAG_HAS_CONTEXT | FLAG_UPLOAD | FLAG_NUDGE, "the replica learns the upload is its own now");
+    assert_eq!(s.replica(), Some((backend_ip(replica), BACKEND_PORT.to_be_bytes())));
+    assert_eq!(f.counter(C::Moved).unwrap(), 1);
 }
 
 #[test]

@@ -41,6 +41,14 @@ fn usable(view: Option<&BackendView>) -> bool {
     view.is_some_and(|v| v.state == BACKEND_LIVE && v.mac_known)
 }
 
+/// The usable backend an upload's header names as its replica: the one backend that holds
+/// every block the client was acknowledged, so the upload can only carry on there.
+fn replica_of(session: &Session, views: &[BackendView]) -> Option<u32> {
+    let replica = session.header.replica()?;
+    let id = views.iter().position(|v| v.address == replica && usable(Some(v)))?;
+    u32::try_from(id).ok()
+}
+
 /// The plan for `occasion`, made by a balancer in `role`: a backup moves sessions but never
 /// nudges (its nudge would turn the backend's replies toward it, while the clients send to the
 /// active one). At most `limit` sessions move per plan, those whose client was heard most
@@ -58,7 +66,7 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
     }
     for (key, mut session) in sessions {
         if !usable(views.get(session.backend as usize)) {
-            let Some(target) = control::least_loaded(views, &loads) else {
+            let Some(target) = replica_of(&session, views).or_else(|| control::least_loaded(views, &loads)) else {
                 plan.stranded += 1;
                 continue;
             };
@@ -123,6 +131,22 @@ mod tests {
         assert!(plan.nudges.iter().all(|s| s.backend == 2), "the new backend is nudged");
         assert_eq!(plan.loads, [0, 5, 3]);
         assert_eq!((plan.left, plan.stranded), (0, 0));
+    }
+
+    #[test]
+    fn an_upload_moves_to_its_replica_not_to_the_least_loaded() {
+        let address = |i: u8| ([10, 77, 0, 11 + i], 6969u16.to_be_bytes());
+        let views: Vec<BackendView> = [dead(1), live(9), live(0)].into_iter().enumerate().map(|(i, v)| BackendView { address: address(i as u8), ..v }).collect();
+        let (key, mut upload) = session(1, 0, 100);
+        upload.header.set_upload_replica(Some(address(1)));
+        let (other, download) = session(2, 0, 100);
+        let first = plan(Occasion::BackendDied(0), &views, vec![(key, upload), (other, download)], 100 * S, Role::Active, 100);
+        let to: Vec<(u16, u32)> = first.moves.iter().map(|(k, s)| (u16::from_be_bytes(k.port), s.backend)).collect();
+        assert_eq!(to, [(1, 1), (2, 2)], "the upload to its replica, though busier; the download to the least loaded");
+        let (key, mut orphan) = session(3, 0, 100);
+        orphan.header.set_upload_replica(Some(address(0)));
+        let second = plan(Occasion::BackendDied(0), &views, vec![(key, orphan)], 100 * S, Role::Active, 100);
+        assert_eq!(second.moves[0].1.backend, 2, "a replica that is dead too: the least loaded (which refuses it: nothing to resume)");
     }
 
     #[test]
