@@ -60,6 +60,15 @@ struct Cli {
     #[arg(long = "lb", value_name = "ADDR", requires = "steered", required_if_eq("steered", "true"))]
     lbs: Vec<IpAddr>,
 
+    /// Steered, with --allow-upload: another backend of the cluster, by the address and port it
+    /// listens on (repeat it for each; the same list on every backend, less itself). An octet
+    /// upload then keeps a copy on one of them, its replica: each block is acknowledged to the
+    /// client only once the replica has it, the balancer moves the upload to the replica if this
+    /// backend dies, and the finished file goes to every peer. Replication datagrams from any
+    /// other address are dropped.
+    #[arg(long = "peer", value_name = "ADDR:PORT", requires = "allow_upload")]
+    peers: Vec<std::net::SocketAddr>,
+
     /// The user to run as once the socket is bound (tftp-hpa's `-u`). Default when started as
     /// root: `tftp`, or `nobody` if there is no `tftp` user. The served files must be readable
     /// by this user, and with --allow-upload the upload directories writable by it; uploads
@@ -226,7 +235,7 @@ fn main() -> anyhow::Result<()> {
         info!(listen = %cli.listen, root = %root.dir().display(), steered = cli.steered, %user, "serving");
         if cli.steered {
             let allowed = allowed::AllowedBalancers::new(cli.lbs.clone());
-            steered::Steered::new(socket, root, config, cli.segment_offload, allowed).run().await
+            steered::Steered::new(socket, root, config, cli.segment_offload, allowed, cli.peers.clone()).run().await
         } else {
             standalone::run(socket, root, config).await
         }

@@ -537,6 +537,30 @@ impl WriteTransfer {
         self.clock.sent(0, now);
     }
 
+    /// Whether its first answer is an OACK (else ACK 0).
+    #[must_use]
+    pub const fn oack_first(&self) -> bool {
+        self.oack
+    }
+
+    /// Last block received in order, in the transfer's 32-bit count.
+    #[must_use]
+    pub const fn received(&self) -> u32 {
+        self.received
+    }
+
+    /// A second handle on the file being written (it stays valid once the file is moved into
+    /// place), to read back what was written: an upload's copy for another backend.
+    pub fn reader(&self) -> std::io::Result<File> {
+        self.temp.as_ref().ok_or_else(|| std::io::Error::other("upload already finished"))?.as_file().try_clone()
+    }
+
+    /// Acknowledge every `windowsize` blocks from now on (a replica that takes the upload over
+    /// from its primary, which it acknowledged block by block).
+    pub fn set_windowsize(&mut self, windowsize: u16) {
+        self.windowsize = windowsize.max(1);
+    }
+
     /// The block to acknowledge now (after the request, or on a timeout).
     #[must_use]
     pub fn last_ack(&self) -> u16 {

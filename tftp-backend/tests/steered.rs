@@ -10,7 +10,7 @@ use netns_tests::{
 use sha2::{Digest as _, Sha256};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, FLAG_UPLOAD},
 };
 
 const CLIENT: [u8; 4] = [10, 9, 8, 7];
@@ -26,8 +26,15 @@ fn backend(root: &std::path::Path) -> Backend {
 }
 
 fn backend_with(root: &std::path::Path, extra: &[&str]) -> Backend {
-    share_dir(root, false).unwrap();
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    backend_on(root, free_port(), extra)
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn backend_on(root: &std::path::Path, port: u16, extra: &[&str]) -> Backend {
+    share_dir(root, extra.contains(&"--allow-upload")).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tftp-backend"));
     command.arg("--root").arg(root).args(["--steered", "--lb", "127.0.0.1", "--listen", &format!("127.0.0.1:{port}")]).args(extra);
     let backend = Backend { port, process: Process::spawn(RunPrefix::new().name("steered"), command).unwrap() };
@@ -547,4 +554,110 @@ fn uboots_blocks_fit_the_path_mtu_toward_the_balancer() {
     let (_, data) = lb.recv().expect("DATA 1");
     assert_eq!(&data[..4], b"\x00\x03\x00\x01");
     assert_eq!(20 + 8 + 64 + data.len(), 1500, "one full datagram, not fragmented");
+}
+
+/// Three backends that keep replicas of uploads on each other (`--peer`), each on its own root.
+struct Replicated {
+    roots: Vec<tempfile::TempDir>,
+    backends: Vec<Backend>,
+}
+
+fn replicated() -> Replicated {
+    let roots: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let backends = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3).filter(|&j| j != i).map(|j| format!("127.0.0.1:{}", ports[j])).collect();
+            let mut args = vec!["--allow-upload", "--min-free-mib", "0"];
+            for peer in &peers {
+                args.extend(["--peer", peer.as_str()]);
+            }
+            backend_on(roots[i].path(), ports[i], &args)
+        })
+        .collect();
+    Replicated { roots, backends }
+}
+
+impl Replicated {
+    /// Waits until `name` on backend `i` holds `bytes`, and no temporary file is left there.
+    fn wait_for(&self, i: usize, name: &str, bytes: &[u8]) {
+        let (path, deadline) = (self.roots[i].path().join(name), std::time::Instant::now() + Duration::from_secs(10));
+        loop {
+            let temporaries = std::fs::read_dir(self.roots[i].path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".tftp-upload-")).count();
+            if std::fs::read(&path).is_ok_and(|got| got == bytes) && temporaries == 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "backend {i}: {name} never arrived whole ({temporaries} temporaries)\n{}", self.backends[i].process.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn index_of(&self, port: [u8; 2]) -> Option<usize> {
+        self.backends.iter().position(|b| b.port.to_be_bytes() == port)
+    }
+}
+
+/// Sends DATA blocks `blocks` of `content` (512-byte blocks) to `to` and checks each ACK.
+fn upload_blocks(lb: &Lb, to: &Backend, header: &SteeringHeader, content: &[u8], blocks: std::ops::RangeInclusive<u16>) -> SteeringHeader {
+    let mut last = *header;
+    for block in blocks {
+        let start = (usize::from(block) - 1) * 512;
+        let chunk = &content[start..content.len().min(start + 512)];
+        lb.send(to, header, &[&[0u8, 3][..], &block.to_be_bytes(), chunk].concat());
+        let (h, reply) = lb.recv().unwrap_or_else(|| panic!("no ACK of block {block}\n{}", to.process.log()));
+        assert_eq!(reply, ack(block), "block {block}");
+        last = h;
+    }
+    last
+}
+
+/// Issue 17: an upload keeps a copy on a peer (named in the header for the balancers), lands on
+/// every backend, and leaves no temporary file anywhere.
+#[test]
+fn an_upload_is_copied_to_its_replica_and_lands_on_every_backend() {
+    let cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02up.bin\x00octet\x00");
+    let (first, answer) = lb.recv().expect("ACK 0");
+    assert_eq!(answer, ack(0));
+    assert_eq!(first.flags, FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT | FLAG_UPLOAD);
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("the first answer names the replica");
+    assert_ne!(replica, 0);
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    let last = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=40);
+    assert!(last.has_flag(FLAG_UPLOAD));
+    for i in 0..3 {
+        cluster.wait_for(i, "up.bin", &content);
+    }
+}
+
+/// Issue 17: the serving backend dies mid-upload; the balancer sends the client's next DATA
+/// to the replica (with a nudge, as its kernel does), which takes the upload over at once, picks
+/// the third backend as its replica, and the file lands whole on both survivors.
+#[test]
+fn the_replica_takes_an_upload_over_when_its_primary_dies() {
+    let mut cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02moved.bin\x00octet\x00");
+    let (first, _) = lb.recv().expect("ACK 0");
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
+    assert_eq!(learned.replica(), first.replica());
+    cluster.backends[0].process.sigkill();
+    let mut moved = learned;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD | FLAG_NUDGE;
+    let taken = upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 31..=31);
+    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    let done = upload_blocks(&lb, &cluster.backends[replica], &header, &content, 32..=59);
+    let third = 3 - replica;
+    assert_eq!(done.replica().and_then(|(_, port)| cluster.index_of(port)), Some(third), "the new primary keeps its copy on the third backend (first reply: {:?})", taken.replica());
+    cluster.wait_for(replica, "moved.bin", &content);
+    cluster.wait_for(third, "moved.bin", &content);
+    let dead_root = std::fs::read_dir(cluster.roots[0].path()).unwrap().count();
+    assert!(dead_root <= 1, "the dead primary left at most its own temporary");
 }

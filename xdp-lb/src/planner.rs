@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn an_upload_moves_to_its_replica_not_to_the_least_loaded() {
         let address = |i: u8| ([10, 77, 0, 11 + i], 6969u16.to_be_bytes());
-        let views: Vec<BackendView> = [dead(1), live(9), live(0)].into_iter().enumerate().map(|(i, v)| BackendView { address: address(i as u8), ..v }).collect();
+        let views: Vec<BackendView> = [dead(1), live(9), live(0)].into_iter().enumerate().map(|(i, v)| BackendView { address: address(u8::try_from(i).unwrap()), ..v }).collect();
         let (key, mut upload) = session(1, 0, 100);
         upload.header.set_upload_replica(Some(address(1)));
         let (other, download) = session(2, 0, 100);

@@ -34,6 +34,8 @@ pub enum Known {
     Read { acked: u32, path_hash: [u8; 8], requested: Option<Options> },
     /// An upload.
     Write,
+    /// The copy of an upload another backend serves.
+    Replica,
 }
 
 /// What to do with a datagram.
@@ -68,9 +70,14 @@ pub enum Action<'a> {
     /// An ACK of a download this backend never saw, with its context in the header: resumed
     /// at the header's block, then the ACK is acted on.
     Resume { context: Context, ack: AckPlan },
-    /// An ACK to an upload (the client mistakes its role): nothing to send, though the
-    /// session's balancer is the sender from now on.
-    AckToUpload,
+    /// An ACK to an upload: nothing to send, though the session's balancer is the sender from
+    /// now on; a nudge (a balancer took over, or moved the upload here) is answered with the
+    /// upload's last acknowledgement, so the client sends what follows at once.
+    AckToUpload { nudge: bool },
+    /// A balancer sends this backend the client's packets of an upload it holds the copy of:
+    /// the primary is gone, this backend serves the upload from now on (then the datagram is
+    /// decided again).
+    Promote,
     /// An ACK for a download that ended here (a late final ACK, or a nudge after it): the
     /// client has every block; the balancer is told the transfer is over.
     AlreadyFinished,
@@ -154,6 +161,7 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
     match request {
         Repr::Rrq { filename, options, .. } if repeats(seen, filename, &options) => Action::RepeatedRequest { filename },
         Repr::Rrq { .. } | Repr::Wrq { .. } if busy() => Action::Busy,
+        Repr::Data { .. } | Repr::Ack { .. } if seen.session == Some(Known::Replica) => Action::Promote,
         Repr::Rrq { filename, mode, options } => Action::Read { filename, mode, options },
         Repr::Wrq { filename, mode, options } => Action::Write { filename, mode, options },
         Repr::Ack { block } => ack(header, block, seen, config),
@@ -181,7 +189,8 @@ fn ack(header: &SteeringHeader, block: u16, seen: &Seen, config: &Config) -> Act
     let plan = AckPlan::of(header, block);
     match seen.session {
         Some(Known::Read { .. }) => Action::Ack(plan),
-        Some(Known::Write) => Action::AckToUpload,
+        Some(Known::Write) => Action::AckToUpload { nudge: plan.nudge },
+        Some(Known::Replica) => Action::Promote,
         None if seen.completed => Action::AlreadyFinished,
         // Never seen here, and nothing to continue from.
         None if !header.has_flag(FLAG_HAS_CONTEXT) => {
@@ -376,7 +385,25 @@ mod tests {
     fn data_and_acks_of_an_upload() {
         let data = Ok(Repr::Data { block: 1, data: b"x" });
         assert_eq!(decide(&header(0), data, &WRITING, &config(10)), Action::Data { block: 1, data: b"x" });
-        assert_eq!(decide(&header(0), ack(1), &WRITING, &config(10)), Action::AckToUpload);
+        assert_eq!(decide(&header(0), ack(1), &WRITING, &config(10)), Action::AckToUpload { nudge: false });
+        let mut nudge = header(0);
+        nudge.flags |= FLAG_NUDGE;
+        assert_eq!(decide(&nudge, ack(0), &WRITING, &config(10)), Action::AckToUpload { nudge: true }, "re-acknowledged: the client sends on");
+    }
+
+    /// A balancer sends the client's packets of an upload to the backend holding its copy only
+    /// when the primary died: the copy becomes the upload (issue 17), whatever came first, the
+    /// client's next DATA or the balancer's nudge. A new request replaces the copy as any.
+    #[test]
+    fn the_replica_of_an_upload_takes_it_over_on_the_clients_packets() {
+        const COPY: Seen = Seen { session: Some(Known::Replica), completed: false, transfers: 1 };
+        let data = Ok(Repr::Data { block: 9, data: b"x" });
+        assert_eq!(decide(&header(0), data, &COPY, &config(10)), Action::Promote);
+        let mut nudge = header(0);
+        nudge.flags |= FLAG_NUDGE | FLAG_HAS_CONTEXT;
+        assert_eq!(decide(&nudge, ack(0), &COPY, &config(10)), Action::Promote);
+        let wrq = Ok(Repr::Wrq { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+        assert_eq!(decide(&header(0), wrq, &COPY, &config(10)), Action::Write { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
     }
 
     #[test]

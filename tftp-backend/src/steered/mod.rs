@@ -17,23 +17,26 @@
 mod decide;
 mod digest;
 mod frame;
+mod replica;
+mod replicate;
 mod session;
 
-use std::{io, net::SocketAddr, os::fd::AsFd as _, time::Instant};
+use std::{collections::HashMap, io, net::SocketAddr, os::fd::AsFd as _, time::Instant};
 
 use anyhow::Context as _;
 use tokio::{io::Interest, net::UdpSocket};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT},
+    steering::{CONTEXT_FLAGS, FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_REPLICA, FLAG_UPLOAD},
 };
 
 use self::{
     decide::{AckPlan, Action, decide},
     digest::Digests,
     frame::{HEADER, reply, steering_header, tftp_packet},
-    session::{Kind, Session, SessionKey, Sessions},
+    replicate::Push,
+    session::{Kind, Session, SessionKey, Sessions, Upload},
 };
 use crate::{
     alarm::Alarm,
@@ -82,6 +85,14 @@ pub struct Steered {
     budget: Budget,
     /// The balancers this backend takes steering datagrams from (`--lb`).
     allowed: AllowedBalancers,
+    /// The other backends (`--peer`): uploads keep their replica there.
+    peers: Vec<SocketAddr>,
+    /// The peers this backend takes replication datagrams from.
+    allowed_peers: AllowedBalancers,
+    /// Finished uploads on their way to peers that lack them.
+    pushes: HashMap<(SessionKey, SocketAddr), Push>,
+    /// When each replication link (an upload's replica, a push) waits for its peer.
+    link_timers: TimerQueue<(SessionKey, SocketAddr)>,
 }
 
 /// DATA goes to the balancer that sent the session's latest packet, on the one steering
@@ -111,9 +122,10 @@ impl Link for ToBalancer<'_> {
 
 impl Steered {
     /// `segment_offload`: send windows as UDP_SEGMENT super-packets (`--segment-offload`);
-    /// `allowed`: who may send steering datagrams (`--lb`).
+    /// `allowed`: who may send steering datagrams (`--lb`); `peers`: the other backends, which
+    /// keep replicas of the uploads (`--peer`).
     #[must_use]
-    pub fn new(socket: UdpSocket, root: crate::files::Root, config: Config, segment_offload: bool, allowed: AllowedBalancers) -> Self {
+    pub fn new(socket: UdpSocket, root: crate::files::Root, config: Config, segment_offload: bool, allowed: AllowedBalancers, peers: Vec<SocketAddr>) -> Self {
         let budget = Budget::new(config.retransmit_budget, Instant::now());
         Self {
             socket,
@@ -128,6 +140,10 @@ impl Steered {
             replies: 0,
             budget,
             allowed,
+            allowed_peers: AllowedBalancers::new(peers.iter().map(SocketAddr::ip).collect()),
+            peers,
+            pushes: HashMap::new(),
+            link_timers: TimerQueue::new(),
         }
     }
 
@@ -135,7 +151,10 @@ impl Steered {
         let mut buf = vec![0u8; HEADER + MAX_PACKET];
         let mut alarm = Alarm::new().context("creating the retransmission timer")?;
         loop {
-            let deadline = self.timers.next_deadline();
+            let deadline = match (self.timers.next_deadline(), self.link_timers.next_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
@@ -157,12 +176,22 @@ impl Steered {
                         self.receive(&buf[..len], from).await;
                     }
                     self.expire().await;
+                    self.expire_links().await;
                 }
             }
         }
     }
 
     async fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+        if steering_header(datagram).is_some_and(|h| h.has_magic() && h.has_flag(FLAG_REPLICA)) {
+            if let Err(report) = self.allowed_peers.check(from, Instant::now()) {
+                if let Some(r) = report {
+                    warn!(from = %r.from, dropped = r.since_last, total = r.total, "dropped replication datagrams from a sender not named by --peer");
+                }
+                return;
+            }
+            return self.replication(datagram, from).await;
+        }
         // Before anything reads the header: a forged one could make this backend look a file
         // up, hash it, and stream it to the sender.
         if let Err(report) = self.allowed.check(from, Instant::now()) {
@@ -189,12 +218,16 @@ impl Steered {
         };
         let key = SessionKey::of(&header);
         let seen = self.sessions.seen(key, Instant::now());
-        let action = decide(&header, Packet::parse(tftp_packet(datagram)), &seen, &self.config);
+        let mut action = decide(&header, Packet::parse(tftp_packet(datagram)), &seen, &self.config);
+        let replies = self.replies;
+        if action == Action::Promote {
+            self.promote(key, &header, from).await;
+            action = decide(&header, Packet::parse(tftp_packet(datagram)), &self.sessions.seen(key, Instant::now()), &self.config);
+        }
         if let Action::Drop(why) = action {
             debug!(%from, why, "dropped: bad steering header");
             return;
         }
-        let replies = self.replies;
         self.act(key, header, action, from).await;
         if self.replies == replies {
             self.heard(&header, from).await;
@@ -204,7 +237,8 @@ impl Steered {
     /// Carries out the decision on a datagram of `key` with `header`, from the balancer `from`.
     async fn act(&mut self, key: SessionKey, header: SteeringHeader, action: Action<'_>, from: SocketAddr) {
         match action {
-            Action::Drop(_) => {}
+            // A promotion is carried out before the decision is made again (`datagram`).
+            Action::Drop(_) | Action::Promote => {}
             Action::Echo => self.send_header(&reply(&header, FLAG_HEARTBEAT), from).await,
             Action::Malformed(error) => {
                 debug!(%from, %error, "malformed TFTP packet");
@@ -243,11 +277,17 @@ impl Steered {
                 }
                 self.ack(key, ack, from).await;
             }
-            Action::AckToUpload => {
-                if let Some(session) = self.sessions.get_mut(key) {
-                    session.lb = from;
+            Action::AckToUpload { nudge } => {
+                let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
+                *lb = from;
+                // A new balancer took over: the client may wait on an acknowledgement the old
+                // one lost. What the replica allows goes again.
+                if nudge && upload.held.is_none() {
+                    let block = allowed_ack(upload);
+                    self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
                 }
             }
+
             Action::AlreadyFinished => {
                 // FINISHED makes the balancer forget the session.
                 debug!(client = %key, "ACK for a download that finished here");
@@ -281,15 +321,32 @@ impl Steered {
         match service::open_write(&self.root, &self.config, filename, mode, options) {
             Ok((transfer, negotiated)) => {
                 info!(client = %key, file = filename, "write");
+                let Ok(reader) = transfer.reader() else {
+                    return self.refuse(&header, from, &Refusal { code: ErrorCode::NotDefined, message: "cannot read the upload back" }).await;
+                };
                 let context = Context { mode, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
-                self.insert(key, header, &context, Kind::Write(transfer), from, None);
+                let replicated = self.replicates(mode);
+                // The first answer waits for the replica to open its copy.
+                let held = replicated.then_some((0, false));
+                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), held, reader };
+                self.insert(key, header, &context, Kind::Write(upload), from, None);
+                if let Some(session) = self.sessions.get_mut(key) {
+                    session.header.set_upload_replica(None);
+                }
+                if replicated {
+                    if !self.start_replica(key, Instant::now()).await {
+                        self.forget(key);
+                        self.refuse(&header, from, &Refusal { code: ErrorCode::NotDefined, message: "no backend can keep a copy of the upload" }).await;
+                    }
+                    return;
+                }
                 if negotiated.oack.is_empty() {
                     self.send_tftp(key, &Repr::Ack { block: 0 }, 0).await;
                 } else {
                     self.send_tftp(key, &Repr::Oack { options: negotiated.oack }, 0).await;
                 }
-                if let Some(Session { kind: Kind::Write(transfer), .. }) = self.sessions.get_mut(key) {
-                    transfer.start(Instant::now());
+                if let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) {
+                    upload.transfer.start(Instant::now());
                 }
                 self.arm(key);
             }
@@ -308,9 +365,22 @@ impl Steered {
     }
 
     async fn data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
-        let Some(Session { kind: Kind::Write(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
+        let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
-        match transfer.on_data(block, data, Instant::now()) {
+        let next = upload.transfer.on_data(block, data, Instant::now());
+        if let Some(replica) = upload.replica.as_mut() {
+            let received = upload.transfer.received();
+            let peer = replica.link.peer;
+            match next {
+                WriteNext::Ack(_) | WriteNext::Done(_) => upload.held = Some((received, matches!(next, WriteNext::Done(_)))),
+                WriteNext::Nothing => {}
+                WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
+            }
+            let send = replica.link.available(received, matches!(next, WriteNext::Done(_)).then_some(received), Instant::now());
+            self.send_link(key, peer, send).await;
+            return self.acknowledge(key).await;
+        }
+        match next {
             WriteNext::Ack(n) => {
                 self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
                 self.arm(key);
@@ -415,15 +485,26 @@ impl Steered {
                     self.budget.charge(next.datagrams());
                     self.read_next(key, next).await;
                 }
-                Kind::Write(transfer) => {
-                    if transfer.on_timeout() {
-                        let block = transfer.last_ack();
+                // The client's next DATA is not late: it waits for the acknowledgement this
+                // backend holds until the replica has the block.
+                Kind::Write(upload) if upload.held.is_some() => self.arm(key),
+                Kind::Write(upload) => {
+                    if upload.transfer.on_timeout() {
+                        let block = allowed_ack(upload);
                         self.budget.charge(1);
-                        self.send_tftp(key, &Repr::Ack { block }, 0).await;
+                        self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
                         self.arm(key);
                     } else if let Some(session) = self.forget(key) {
+                        if let Kind::Write(Upload { replica: Some(r), .. }) = &session.kind {
+                            self.abort_copy(&session.header, r.link.peer).await;
+                        }
                         self.finished(&session.header, session.lb).await;
                     }
+                }
+                // Its primary and the client are gone (or it landed long ago): nothing is kept.
+                Kind::Replica(_) => {
+                    debug!(client = %key, "copy abandoned");
+                    self.forget(key);
                 }
             }
         }
@@ -444,7 +525,8 @@ impl Steered {
         if let Some(session) = self.sessions.get(key) {
             let wait = match &session.kind {
                 Kind::Read(transfer) => transfer.wait(),
-                Kind::Write(transfer) => transfer.wait(),
+                Kind::Write(upload) => upload.transfer.wait(),
+                Kind::Replica(_) => replicate::COPY_IDLE,
             };
             self.timers.schedule(key, Instant::now() + wait);
         }
@@ -453,7 +535,8 @@ impl Steered {
     /// Sends a TFTP message of a session, with its header.
     async fn send_tftp(&mut self, key: SessionKey, repr: &Repr<'_>, block: u32) {
         let Some(session) = self.sessions.get(key) else { return };
-        let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
+        // An upload's replies say so, and name its replica, for the balancers.
+        let mut header = reply(&session.header, FLAG_HAS_CONTEXT | (session.header.flags & FLAG_UPLOAD));
         header.set_block(block);
         let lb = session.lb;
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
@@ -464,7 +547,7 @@ impl Steered {
 
     /// Sends a TFTP ERROR, then tells the LB the transfer is over.
     async fn refuse(&mut self, header: &SteeringHeader, to: SocketAddr, refusal: &Refusal) {
-        let error = reply(header, header.flags & FLAG_HAS_CONTEXT);
+        let error = reply(header, header.flags & CONTEXT_FLAGS);
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&error));
         let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, &mut self.out, HEADER);
         self.replies += 1;
@@ -473,7 +556,7 @@ impl Steered {
     }
 
     async fn finished(&mut self, header: &SteeringHeader, to: SocketAddr) {
-        self.send_header(&reply(header, FLAG_FINISHED | (header.flags & FLAG_HAS_CONTEXT)), to).await;
+        self.send_header(&reply(header, FLAG_FINISHED | (header.flags & CONTEXT_FLAGS)), to).await;
     }
 
     /// Tells the balancer that sent a datagram with `header` it was read and needs no reply now.
@@ -486,6 +569,16 @@ impl Steered {
         if let Err(error) = self.socket.send_to(bytemuck::bytes_of(header), to).await {
             debug!(%error, %to, "send failed");
         }
+    }
+}
+
+/// The block an upload may acknowledge again (after a timeout, or to a balancer that took
+/// over): the last one received, but no further than its caught-up replica holds.
+fn allowed_ack(upload: &Upload) -> u32 {
+    let received = upload.transfer.received();
+    match &upload.replica {
+        Some(r) if r.caught_up => received.min(r.link.acked()),
+        _ => received,
     }
 }
 

@@ -12,6 +12,7 @@ use xdp_lb_common::{
 use super::decide::{Known, Seen};
 use crate::{
     completed::{self, Completed},
+    steered::replica::Link,
     transfer::{ReadTransfer, WriteTransfer},
     wire::Options,
 };
@@ -40,7 +41,46 @@ impl fmt::Display for SessionKey {
 
 pub enum Kind {
     Read(ReadTransfer),
-    Write(WriteTransfer),
+    Write(Upload),
+    /// This backend keeps the copy of an upload another backend (the primary) serves.
+    Replica(Copy),
+}
+
+/// An upload served here.
+pub struct Upload {
+    pub transfer: WriteTransfer,
+    /// The file as the client names it (the replicas' requests name it too).
+    pub filename: String,
+    /// The copy on another backend, if the upload is replicated.
+    pub replica: Option<Replica>,
+    /// Peers this upload gave up on (no answer, or they refused), and a dead primary it was
+    /// taken over from: never asked again for it.
+    pub excluded: Vec<SocketAddr>,
+    /// An acknowledgement held until the replica has its block: the block, and whether it is
+    /// the last (the file is in place here).
+    pub held: Option<(u32, bool)>,
+    /// Reads back what was written, for the replica and, once complete, for the other backends.
+    pub reader: std::fs::File,
+}
+
+/// An upload's replica, from the serving backend.
+pub struct Replica {
+    pub link: Link,
+    /// It holds every block the client has been acknowledged; until then (a new replica being
+    /// copied what came before) the client does not wait for it.
+    pub caught_up: bool,
+}
+
+/// A copy of an upload served by `primary`.
+pub struct Copy {
+    pub transfer: WriteTransfer,
+    pub filename: String,
+    pub primary: SocketAddr,
+    /// The last block arrived: the file is in place here. Kept a while so that, should the
+    /// primary die before acknowledging it to the client, the client's repeat is answered.
+    pub landed: bool,
+    /// Reads it back (for a replica of its own, should it take the upload over).
+    pub reader: std::fs::File,
 }
 
 pub struct Session {
@@ -64,7 +104,7 @@ impl Session {
             timeout: (bits & OPTION_TIMEOUT != 0).then(|| u32::from(h.timeout)),
             tsize: (bits & OPTION_TSIZE != 0).then(|| match &self.kind {
                 Kind::Read(t) => t.size(),
-                Kind::Write(_) => h.file_size(),
+                Kind::Write(_) | Kind::Replica(_) => h.file_size(),
             }),
             windowsize: (bits & OPTION_WINDOWSIZE != 0).then(|| u32::from(h.windowsize())),
         }
@@ -87,6 +127,7 @@ impl Sessions {
         let session = self.sessions.get(&key).map(|session| match &session.kind {
             Kind::Read(transfer) => Known::Read { acked: transfer.acked(), path_hash: session.header.path_hash, requested: session.requested },
             Kind::Write(_) => Known::Write,
+            Kind::Replica(_) => Known::Replica,
         });
         Seen { session, completed: session.is_none() && self.completed.contains(&key, now), transfers: self.sessions.len() }
     }

@@ -1,0 +1,495 @@
+//! The steered loop's side of upload replication (issue 17; ARCHITECTURE.md, "Uploads"): the
+//! serving backend copies every block to a replica and acknowledges the client only once the
+//! replica has it; the replica takes the upload over when a balancer sends it the client's
+//! packets (the primary died); a finished upload is pushed to every other peer. The messages
+//! are steering datagrams flagged `FLAG_REPLICA`, from backend to backend; their decisions are
+//! `replica.rs`'s (a link's sends) and `replica::may_acknowledge` (when the client hears).
+
+use std::{net::SocketAddr, os::unix::fs::FileExt as _, time::Instant};
+
+use tracing::{debug, info, warn};
+use xdp_lb_common::{
+    SteeringHeader,
+    steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_REPLICA},
+};
+
+use super::{
+    Steered,
+    frame::{HEADER, reply, steering_header, tftp_packet},
+    replica::{self, Link, Send},
+    session::{Copy, Kind, Replica, Session, SessionKey, Upload},
+};
+use crate::{
+    files::Refusal,
+    service::{self, Context},
+    wire::{ErrorCode, MAX_PACKET, Mode, Options, Packet, Repr},
+};
+
+/// A copy not fed for this long is abandoned (its primary and the client are gone); a landed
+/// one is forgotten after it.
+pub const COPY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A finished upload on its way to a peer that lacks it.
+pub struct Push {
+    link: Link,
+    template: SteeringHeader,
+    filename: String,
+    blksize: u16,
+    reader: std::fs::File,
+}
+
+/// A finished upload, to push: its name, its blocks (`1..=last` of `blksize`) and a handle to
+/// read them.
+struct Finished<'a> {
+    filename: &'a str,
+    blksize: u16,
+    reader: &'a std::fs::File,
+    last: u32,
+}
+
+/// A refusal that ends the client's upload when its replica reports it: the same limits hold
+/// on every backend, so the upload could land nowhere.
+fn ends_the_upload(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::DiskFull | ErrorCode::FileExists)
+}
+
+const NO_REPLICA: Refusal = Refusal { code: ErrorCode::NotDefined, message: "no backend can keep a copy of the upload" };
+
+impl Steered {
+    /// The peer to keep `key`'s copy on: the peers in turn from a place the key picks (uploads
+    /// spread over them), skipping `excluded`.
+    pub(super) fn candidate(&self, key: SessionKey, excluded: &[SocketAddr]) -> Option<SocketAddr> {
+        let n = self.peers.len();
+        let start = usize::from(u16::from_be_bytes(key.client_port)) + usize::from(key.client_ip[3]);
+        (0..n).map(|i| self.peers[(start + i) % n]).find(|peer| !excluded.contains(peer))
+    }
+
+    /// Whether uploads of `mode` are replicated: octet ones with a peer. (A netascii upload is
+    /// decoded on the way to disk: blocks of the file are not the client's blocks, so no
+    /// replica could continue it.)
+    pub(super) fn replicates(&self, mode: Mode) -> bool {
+        !self.peers.is_empty() && mode == Mode::Octet
+    }
+
+    /// Opens `key`'s copy on the next candidate; false if none is left.
+    pub(super) async fn start_replica(&mut self, key: SessionKey, now: Instant) -> bool {
+        let excluded = match self.sessions.get(key) {
+            Some(Session { kind: Kind::Write(upload), .. }) => upload.excluded.clone(),
+            _ => return false,
+        };
+        let Some(peer) = self.candidate(key, &excluded) else { return false };
+        let Some(Session { kind: Kind::Write(upload), header, .. }) = self.sessions.get_mut(key) else { return false };
+        let mut link = Link::new(peer);
+        let send = link.open(now);
+        let caught_up = upload.transfer.received() == 0;
+        upload.replica = Some(Replica { link, caught_up });
+        // Until it caught up, no balancer must take it for a replica.
+        header.set_upload_replica(None);
+        debug!(client = %key, %peer, caught_up, "replica chosen");
+        self.send_link(key, peer, send).await;
+        true
+    }
+
+    /// What a link asks to send toward `peer` for `key` (the upload's replica, or a push).
+    pub(super) async fn send_link(&mut self, key: SessionKey, peer: SocketAddr, send: Send) {
+        let datagrams = match &send {
+            Send::Nothing => return,
+            // Boxed: losing a replica opens the next one, which sends through here.
+            Send::GiveUp => return Box::pin(self.link_lost(key, peer, None)).await,
+            Send::Open | Send::Blocks(_) => self.link_datagrams(key, peer, &send),
+        };
+        for datagram in &datagrams {
+            if let Err(error) = self.socket.send_to(datagram, peer).await {
+                debug!(%error, %peer, "replication send failed");
+            }
+        }
+        self.arm_link(key, peer);
+    }
+
+    /// The datagrams of `send`: the request, or the blocks read back from the file.
+    fn link_datagrams(&self, key: SessionKey, peer: SocketAddr, send: &Send) -> Vec<Vec<u8>> {
+        let (template, filename, blksize, timeout, reader) = match self.sessions.get(key) {
+            Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == peer) => {
+                (*header, upload.filename.as_str(), upload.transfer.blksize, header.timeout, &upload.reader)
+            }
+            _ => match self.pushes.get(&(key, peer)) {
+                Some(push) => (push.template, push.filename.as_str(), push.blksize, push.template.timeout, &push.reader),
+                None => return Vec::new(),
+            },
+        };
+        let mut header = template;
+        header.flags = FLAG_REPLICA | (template.flags & FLAG_HAS_CONTEXT);
+        let mut out = vec![0u8; HEADER + MAX_PACKET];
+        let mut datagrams = Vec::new();
+        match send {
+            Send::Open => {
+                let options = Options { blksize: Some(u32::from(blksize)), timeout: (timeout != 0).then_some(u32::from(timeout)), ..Options::default() };
+                header.set_block(0);
+                out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+                let end = service::emit_at(&Repr::Wrq { filename, mode: Mode::Octet, options }, &mut out, HEADER);
+                datagrams.push(out[..end].to_vec());
+            }
+            Send::Blocks(blocks) => {
+                let mut data = vec![0u8; usize::from(blksize)];
+                for block in blocks.clone() {
+                    let offset = u64::from(block - 1) * u64::from(blksize);
+                    let Ok(len) = read_full(reader, &mut data, offset) else {
+                        warn!(client = %key, "cannot read the upload back for its copy");
+                        break;
+                    };
+                    header.set_block(block);
+                    out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
+                    let end = service::emit_at(&Repr::Data { block: (block & 0xffff) as u16, data: &data[..len] }, &mut out, HEADER);
+                    datagrams.push(out[..end].to_vec());
+                }
+            }
+            Send::Nothing | Send::GiveUp => {}
+        }
+        datagrams
+    }
+
+    fn arm_link(&mut self, key: SessionKey, peer: SocketAddr) {
+        let deadline = match self.sessions.get(key) {
+            Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) if r.link.peer == peer => r.link.deadline(),
+            _ => self.pushes.get(&(key, peer)).and_then(|p| p.link.deadline()),
+        };
+        match deadline {
+            Some(at) => self.link_timers.schedule((key, peer), at),
+            None => self.link_timers.cancel(&(key, peer)),
+        }
+    }
+
+    /// Links whose answer is late.
+    pub(super) async fn expire_links(&mut self) {
+        let now = Instant::now();
+        while let Some((key, peer)) = self.link_timers.pop_expired(now) {
+            let send = match self.sessions.get_mut(key) {
+                Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) if r.link.peer == peer => r.link.on_timeout(now),
+                _ => match self.pushes.get_mut(&(key, peer)) {
+                    Some(push) => push.link.on_timeout(now),
+                    None => continue,
+                },
+            };
+            self.send_link(key, peer, send).await;
+        }
+    }
+
+    /// `peer` did not answer `key`'s link, or refused it (`refused`).
+    async fn link_lost(&mut self, key: SessionKey, peer: SocketAddr, refused: Option<Refusal>) {
+        self.link_timers.cancel(&(key, peer));
+        if self.pushes.remove(&(key, peer)).is_some() {
+            warn!(client = %key, %peer, refused = refused.map(|r| r.message), "a peer did not take the finished upload");
+            return;
+        }
+        let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
+        if upload.replica.as_ref().is_none_or(|r| r.link.peer != peer) {
+            return;
+        }
+        upload.replica = None;
+        upload.excluded.push(peer);
+        if let Some(refusal) = refused.filter(|r| ends_the_upload(r.code)) {
+            warn!(client = %key, %peer, reason = refusal.message, "the upload's replica refused it");
+            return self.fail_upload(key, &refusal).await;
+        }
+        warn!(client = %key, %peer, "the upload's replica is gone: another one is chosen");
+        if !self.start_replica(key, Instant::now()).await {
+            self.fail_upload(key, &NO_REPLICA).await;
+        }
+    }
+
+    /// Ends `key`'s upload with `refusal` to its client; its copy is dropped too.
+    pub(super) async fn fail_upload(&mut self, key: SessionKey, refusal: &Refusal) {
+        if let Some(session) = self.forget(key) {
+            if let Kind::Write(Upload { replica: Some(r), .. }) = &session.kind {
+                self.abort_copy(&session.header, r.link.peer).await;
+            }
+            self.refuse(&session.header, session.lb, refusal).await;
+        }
+    }
+
+    /// Tells `peer` to drop its copy of the session of `header`.
+    pub(super) async fn abort_copy(&mut self, header: &SteeringHeader, peer: SocketAddr) {
+        self.link_timers.cancel(&(SessionKey::of(header), peer));
+        let mut h = *header;
+        h.flags = FLAG_REPLICA;
+        self.send_repr(&h, &Repr::Error { code: ErrorCode::NotDefined, message: "upload ended" }, peer).await;
+    }
+
+    /// Acknowledges to the client what the replica allows: the held acknowledgement, once the
+    /// replica has its block; after the last one, the upload is over and goes to the others.
+    pub(super) async fn acknowledge(&mut self, key: SessionKey) {
+        let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
+        let Some((block, last)) = upload.held else { return };
+        if !replica::may_acknowledge(block, upload.replica.as_ref().map(|r| (&r.link, r.caught_up))) {
+            return;
+        }
+        upload.held = None;
+        let first = block == 0;
+        let oack = upload.transfer.oack_first();
+        if first {
+            upload.transfer.start(Instant::now());
+        }
+        let wire = (block & 0xffff) as u16;
+        if first && oack {
+            let options = self.sessions.get(key).map(Session::oack).unwrap_or_default();
+            self.send_tftp(key, &Repr::Oack { options }, 0).await;
+        } else {
+            self.send_tftp(key, &Repr::Ack { block: wire }, block).await;
+        }
+        if last {
+            self.landed(key).await;
+        } else {
+            self.arm(key);
+        }
+    }
+
+    /// The upload of `key` is in place here and on its replica, and the client has its last
+    /// acknowledgement: the balancer forgets it, the peers that lack it get it.
+    async fn landed(&mut self, key: SessionKey) {
+        let Some(session) = self.forget(key) else { return };
+        self.finished(&session.header, session.lb).await;
+        let Kind::Write(upload) = session.kind else { return };
+        let mut holders = upload.excluded.clone();
+        if let Some(r) = &upload.replica {
+            holders.push(r.link.peer);
+        }
+        info!(client = %key, file = upload.filename, "upload landed");
+        let file = Finished { filename: &upload.filename, blksize: upload.transfer.blksize, reader: &upload.reader, last: upload.transfer.received() };
+        self.push_everywhere(key, &session.header, &file, &holders).await;
+    }
+
+    /// Sends the finished `file` to every peer not in `skip`.
+    async fn push_everywhere(&mut self, key: SessionKey, header: &SteeringHeader, file: &Finished<'_>, skip: &[SocketAddr]) {
+        let now = Instant::now();
+        for peer in self.peers.clone() {
+            if skip.contains(&peer) {
+                continue;
+            }
+            let Ok(reader) = file.reader.try_clone() else { continue };
+            let mut link = Link::new(peer);
+            let send = link.open(now);
+            let _ = link.available(file.last, Some(file.last), now);
+            let mut template = *header;
+            template.set_upload_replica(None);
+            self.pushes.insert((key, peer), Push { link, template, filename: file.filename.to_owned(), blksize: file.blksize, reader });
+            self.send_link(key, peer, send).await;
+        }
+    }
+
+    /// A replication datagram from a peer (`--peer`).
+    pub(super) async fn replication(&mut self, datagram: &[u8], from: SocketAddr) {
+        let Some(header) = steering_header(datagram) else { return };
+        let key = SessionKey::of(&header);
+        let packet = Packet::parse(tftp_packet(datagram));
+        if header.has_flag(FLAG_FROM_BACKEND) {
+            // An answer to one of this backend's links.
+            match packet {
+                Ok(Repr::Ack { .. }) => self.link_ack(key, from, header.block()).await,
+                Ok(Repr::Error { code, message }) => {
+                    debug!(client = %key, %from, ?code, message, "a peer refused a copy");
+                    let refusal = Refusal { code, message: if ends_the_upload(code) { refusal_text(code) } else { "refused" } };
+                    self.link_lost(key, from, Some(refusal)).await;
+                }
+                _ => debug!(client = %key, %from, "unexpected replication answer"),
+            }
+            return;
+        }
+        match packet {
+            Ok(Repr::Wrq { filename, options, .. }) => self.open_copy(key, &header, filename, &options, from).await,
+            Ok(Repr::Data { block, data }) => self.copy_data(key, &header, block, data, from).await,
+            Ok(Repr::Error { .. }) => {
+                if matches!(self.sessions.get(key), Some(Session { kind: Kind::Replica(c), .. }) if c.primary == from) {
+                    debug!(client = %key, "the primary ended the upload: its copy goes");
+                    self.forget(key);
+                }
+            }
+            _ => debug!(client = %key, %from, "unexpected replication datagram"),
+        }
+    }
+
+    async fn link_ack(&mut self, key: SessionKey, from: SocketAddr, block: u32) {
+        let now = Instant::now();
+        let send = match self.sessions.get_mut(key) {
+            Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == from) => {
+                let received = upload.transfer.received();
+                let Some(r) = upload.replica.as_mut() else { return };
+                let mut send = r.link.on_ack(block, now);
+                if send == Send::Nothing {
+                    send = r.link.available(received, None, now);
+                }
+                let address = replica_address(from);
+                if r.link.opened() && r.link.acked() >= received && header.replica() != Some(address) {
+                    r.caught_up = true;
+                    // From now on a balancer may move the upload there.
+                    header.set_upload_replica(Some(address));
+                    debug!(client = %key, peer = %from, block = received, "the upload's replica holds every acknowledged block");
+                }
+                send
+            }
+            _ => match self.pushes.get_mut(&(key, from)) {
+                Some(push) => {
+                    let send = push.link.on_ack(block, now);
+                    if push.link.complete() {
+                        info!(client = %key, peer = %from, file = push.filename, "finished upload copied");
+                        self.pushes.remove(&(key, from));
+                        self.link_timers.cancel(&(key, from));
+                        return;
+                    }
+                    send
+                }
+                None => return,
+            },
+        };
+        self.send_link(key, from, send).await;
+        self.acknowledge(key).await;
+    }
+
+    /// The primary `from` opens a copy of `key`'s upload here.
+    async fn open_copy(&mut self, key: SessionKey, header: &SteeringHeader, filename: &str, options: &Options, from: SocketAddr) {
+        if let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get(key)
+            && copy.primary == from
+            && copy.transfer.received() == 0
+        {
+            // A repeated request: its answer was lost.
+            return self.answer_copy(key, 0).await;
+        }
+        self.forget(key);
+        match service::open_write(&self.root, &self.config, filename, Mode::Octet, options) {
+            Ok((mut transfer, negotiated)) if options.blksize.is_none_or(|b| b == u32::from(negotiated.blksize)) => {
+                // Its primary hears of every block.
+                transfer.set_windowsize(1);
+                let Ok(reader) = transfer.reader() else {
+                    return self.refuse_copy(header, from, ErrorCode::NotDefined, "cannot read the copy back").await;
+                };
+                let context = Context { mode: Mode::Octet, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
+                let copy = Copy { transfer, filename: filename.to_owned(), primary: from, landed: false, reader };
+                self.insert(key, *header, &context, Kind::Replica(copy), from, None);
+                debug!(client = %key, file = filename, primary = %from, "keeping a copy");
+                self.timers.schedule(key, Instant::now() + COPY_IDLE);
+                self.answer_copy(key, 0).await;
+            }
+            Ok(_) => self.refuse_copy(header, from, ErrorCode::OptionRefused, "block size beyond this server's limits").await,
+            Err(refusal) => self.refuse_copy(header, from, refusal.code, refusal.message).await,
+        }
+    }
+
+    async fn copy_data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
+        let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get_mut(key) else {
+            return self.refuse_copy(header, from, ErrorCode::UnknownTransferId, "no copy of this upload here").await;
+        };
+        if copy.primary != from || copy.landed {
+            let received = copy.transfer.received();
+            return self.answer_copy(key, received).await;
+        }
+        match copy.transfer.on_data(block, data, Instant::now()) {
+            crate::transfer::WriteNext::Fail(code, message) => {
+                self.forget(key);
+                self.refuse_copy(header, from, code, message).await;
+            }
+            next => {
+                if matches!(next, crate::transfer::WriteNext::Done(_)) {
+                    copy.landed = true;
+                    debug!(client = %key, file = copy.filename, "copy landed");
+                }
+                let received = copy.transfer.received();
+                self.timers.schedule(key, Instant::now() + COPY_IDLE);
+                self.answer_copy(key, received).await;
+            }
+        }
+    }
+
+    /// ACKs `block` of `key`'s copy to its primary.
+    async fn answer_copy(&mut self, key: SessionKey, block: u32) {
+        let Some(Session { kind: Kind::Replica(copy), header, .. }) = self.sessions.get(key) else { return };
+        let primary = copy.primary;
+        let mut h = reply(header, FLAG_REPLICA);
+        h.set_block(block);
+        self.send_repr(&h, &Repr::Ack { block: (block & 0xffff) as u16 }, primary).await;
+    }
+
+    async fn refuse_copy(&mut self, header: &SteeringHeader, to: SocketAddr, code: ErrorCode, message: &str) {
+        debug!(client = %SessionKey::of(header), %to, message, "copy refused");
+        self.send_repr(&reply(header, FLAG_REPLICA), &Repr::Error { code, message }, to).await;
+    }
+
+    async fn send_repr(&mut self, header: &SteeringHeader, repr: &Repr<'_>, to: SocketAddr) {
+        let mut out = [0u8; HEADER + 600];
+        out[..HEADER].copy_from_slice(bytemuck::bytes_of(header));
+        let end = service::emit_at(repr, &mut out, HEADER);
+        if let Err(error) = self.socket.send_to(&out[..end], to).await {
+            debug!(%error, %to, "replication send failed");
+        }
+    }
+
+    /// A balancer sends the client's packets of `key`'s upload here: its primary is gone and
+    /// this backend serves it from now on, with a replica of its own (`Action::AckToUpload` or
+/// `Action::Data` then answers the datagram); a copy that had landed
+    /// answers the client's last block and goes to the other peers.
+    pub(super) async fn promote(&mut self, key: SessionKey, header: &SteeringHeader, from: SocketAddr) {
+        let Some(session) = self.forget(key) else { return };
+        let Kind::Replica(copy) = session.kind else { return };
+        let Copy { mut transfer, filename, primary, landed, reader } = copy;
+        info!(client = %key, file = filename, %primary, block = transfer.received(), landed, "taking the upload over from its primary");
+        transfer.set_windowsize(header.windowsize());
+        let mut template = *header;
+        template.set_upload_replica(None);
+        let last = transfer.received();
+        let blksize = transfer.blksize;
+        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], held: None, reader };
+        self.sessions.insert(key, Session { kind: Kind::Write(upload), header: template, lb: from, requested: None });
+        if landed {
+            self.send_tftp(key, &Repr::Ack { block: (last & 0xffff) as u16 }, last).await;
+            let Some(session) = self.forget(key) else { return };
+            self.finished(&session.header, from).await;
+            if let Kind::Write(upload) = &session.kind {
+                let file = Finished { filename: &upload.filename, blksize, reader: &upload.reader, last };
+                self.push_everywhere(key, &session.header, &file, &[primary]).await;
+            }
+            return;
+        }
+        // The datagram is decided again: a nudge is answered with the last acknowledgement, DATA
+        // with its own.
+        self.arm(key);
+        if !self.start_replica(key, Instant::now()).await {
+            warn!(client = %key, "no peer left for a new replica: the upload goes on with one copy");
+        }
+    }
+}
+
+/// The replica field of a header for the peer at `address`.
+fn replica_address(address: SocketAddr) -> ([u8; 4], [u8; 2]) {
+    match address {
+        SocketAddr::V4(v4) => (v4.ip().octets(), v4.port().to_be_bytes()),
+        SocketAddr::V6(v6) => (v6.ip().to_ipv4_mapped().map_or([0; 4], |ip| ip.octets()), v6.port().to_be_bytes()),
+    }
+}
+
+fn refusal_text(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::DiskFull => crate::transfer::NO_ROOM,
+        _ => "file already exists",
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file).
+fn read_full(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replica_address;
+
+    #[test]
+    fn a_peer_address_becomes_the_headers_replica_field() {
+        assert_eq!(replica_address("10.77.0.12:6969".parse().unwrap()), ([10, 77, 0, 12], 6969u16.to_be_bytes()));
+        assert_eq!(replica_address("[::ffff:10.77.0.13]:7000".parse().unwrap()), ([10, 77, 0, 13], 7000u16.to_be_bytes()));
+    }
+}
