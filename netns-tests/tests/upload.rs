@@ -241,17 +241,17 @@ fn a_disk_full_backend_fails_the_upload_cleanly_or_is_left_out() {
     let (source, digest) = source(&cluster, name, 32 * MIB, 23);
     let started = Instant::now();
     let mut upload = cluster.upload(0, ATFTP, &source, name);
-    let status = upload.wait(Duration::from_secs(120)).unwrap_or_else(|| panic!("upload not done after 120 s\n{}\n{}", upload.log(), cluster.logs()));
-    println!("upload of 32 MiB with backend 2 on a 16 MiB disk: {} ms, client {status}", started.elapsed().as_millis());
+    let exit = upload.wait(Duration::from_secs(120)).unwrap_or_else(|| panic!("upload not done after 120 s\n{}\n{}", upload.log(), cluster.logs()));
+    println!("upload of 32 MiB with backend 2 on a 16 MiB disk: {} ms, client {exit}", started.elapsed().as_millis());
     let _ = wait_for("the backends to settle", SETTLE.as_secs(), || {
         let states = all_roots(&cluster, name);
-        (problems(&states, &digest, false).is_empty() && (!status.success() || states.iter().filter(|s| s.sha256.is_some()).count() >= 2)).then_some(())
+        (problems(&states, &digest, false).is_empty() && (!exit.success() || states.iter().filter(|s| s.sha256.is_some()).count() >= 2)).then_some(())
     });
     let states = all_roots(&cluster, name);
     let wrong = problems(&states, &digest, false);
     assert!(wrong.is_empty(), "partial or stray files left:\n  {}\n{}", wrong.join("\n  "), cluster.logs());
     let holders: Vec<String> = states.iter().filter(|s| s.sha256.is_some()).map(|s| s.root.display().to_string()).collect();
-    if status.success() {
+    if exit.success() {
         assert!(holders.len() >= 2, "the upload completed but only {holders:?} hold it: one copy is not replicated\n{}", cluster.logs());
         println!("outcome: completed, held by {holders:?}");
     } else {
