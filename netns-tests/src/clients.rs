@@ -55,6 +55,42 @@ impl Client {
         command
     }
 
+    /// A command that uploads `local` as `remote` to `server:port`, run in `ns`. tftp-hpa gets
+    /// `-v` (its log then says what it sent); the others negotiate as for downloads.
+    #[must_use]
+    pub fn upload(self, ns: &Netns, server: &str, port: u16, local: &Path, remote: &str) -> Command {
+        let (program, args) = self.upload_args(server, port, local, remote);
+        let mut command = ns.command(program);
+        command.args(args);
+        command
+    }
+
+    fn upload_args(self, server: &str, port: u16, local: &Path, remote: &str) -> (&'static str, Vec<String>) {
+        let (port, local) = (port.to_string(), local.display().to_string());
+        let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        match self {
+            Self::TftpHpa => ("tftp", strings(&["-v", "-m", "binary", server, &port, "-c", "put", &local, remote])),
+            Self::Atftp { blksize, windowsize } => (
+                "atftp",
+                strings(&[
+                    "--option", &format!("blksize {blksize}"), "--option", &format!("windowsize {windowsize}"),
+                    "-p", "-l", &local, "-r", remote, server, &port,
+                ]),
+            ),
+            Self::AtftpLockStep { blksize } => {
+                ("atftp", strings(&["--option", &format!("blksize {blksize}"), "-p", "-l", &local, "-r", remote, server, &port]))
+            }
+            Self::Curl { blksize } => (
+                "curl",
+                strings(&["-sS", "--fail", "--tftp-blksize", &blksize.to_string(), "-T", &local, &format!("tftp://{server}:{port}/{remote}")]),
+            ),
+            Self::Busybox { blksize } => (
+                "busybox",
+                strings(&["tftp", "-p", "-l", &local, "-r", remote, "-b", &blksize.to_string(), server, &port]),
+            ),
+        }
+    }
+
     fn download_args(self, server: &str, port: u16, remote: &str, local: &Path) -> (&'static str, Vec<String>) {
         let (port, local) = (port.to_string(), local.display().to_string());
         let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();

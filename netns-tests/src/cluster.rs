@@ -11,7 +11,7 @@ use crate::{
     clients::Client,
     files::make_file,
     Error, Result,
-    pair_topology::{PairTopology, VIP},
+    pair_topology::{PairTopology, Uploads, VIP},
     require_root, wait_for,
 };
 
@@ -69,6 +69,15 @@ impl Cluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let topo = PairTopology::new(clients, backends).expect("topology");
         Self::run_with(topo, turn, &Agents { mirror, lb_args, switch_args: &[] }).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Backends that take uploads as `uploads` says (their own roots, replication).
+    #[must_use]
+    pub fn start_uploads(clients: usize, backends: usize, uploads: Uploads) -> Self {
+        require_root();
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let topo = PairTopology::with_uploads(clients, backends, uploads).expect("topology");
+        Self::run_with(topo, turn, &Agents::default()).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts everything on a topology the test prepared (e.g. without control keys).
@@ -239,6 +248,13 @@ impl Cluster {
         let command = how.download(&self.topo.clients[client], VIP, TFTP_PORT, remote, local);
         Process::spawn(self.topo.prefix.name(&format!("dl-{}", local.file_name().unwrap().to_string_lossy())), command)
             .expect("start client")
+    }
+
+    /// Client `client` uploads `local` as `remote` to the VIP.
+    #[must_use]
+    pub fn upload(&self, client: usize, how: Client, local: &Path, remote: &str) -> Process {
+        let command = how.upload(&self.topo.clients[client], VIP, TFTP_PORT, local, remote);
+        Process::spawn(self.topo.prefix.name(&format!("ul{client}-{remote}")), command).expect("start client")
     }
 }
 

@@ -22,6 +22,7 @@ mod process;
 pub mod pair_topology;
 pub mod storm;
 pub mod topology;
+pub mod upload;
 pub mod watch;
 
 pub use control_key::ControlKey;

@@ -57,8 +57,13 @@ pub struct PairTopology {
     /// Pin roots of the switch and of each balancer (one per agent: they share the host's bpffs).
     pub switch_pins: PinDir,
     pub lb_pins: [PinDir; 2],
-    /// Files the backends serve (one directory, shared by all backends).
+    /// Files the backends serve (one directory, shared by all backends, unless
+    /// [`Uploads::own_roots`] gives each a directory of its own inside it).
     pub root: PathBuf,
+    /// How the backends take uploads; `None` ([`PairTopology::new`]): they take none.
+    pub uploads: Option<Uploads>,
+    /// Filesystems mounted under `root` ([`Uploads::small_disk`]), unmounted on drop.
+    mounts: Vec<PathBuf>,
     /// The control key file every agent gets (`--control-key-file`; a test's `extra` arguments
     /// may name another, the later flag wins). `None`: the agents run with `--insecure-control`.
     pub control_key: Option<ControlKey>,
@@ -113,7 +118,49 @@ impl PairTopology {
         let lb_pins = [PinDir::new(&prefix.name("lba"))?, PinDir::new(&prefix.name("lbb"))?];
         let control_key = Some(ControlKey::random(&prefix, "control", 1)?);
         let unplug = [Mutex::new(lbs[0].ip_batch()?), Mutex::new(lbs[1].ip_batch()?)];
-        Ok(Self { unplug, prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, control_key, _bridges: net })
+        Ok(Self { unplug, prefix, clients, switch, lbs, backends, switch_pins, lb_pins, root, uploads: None, mounts: Vec::new(), control_key, _bridges: net })
+    }
+
+    /// The topology with backends that take uploads as `uploads` says: their roots made (and
+    /// the small disk mounted) here, open to the unprivileged user the backends become.
+    pub fn with_uploads(clients: usize, backends: usize, uploads: Uploads) -> Result<Self> {
+        let mut topo = Self::new(clients, backends)?;
+        let roots = topo.backend_roots_of(&uploads);
+        for root in &roots {
+            std::fs::create_dir_all(root).map_err(crate::io_error(format!("create {}", root.display())))?;
+        }
+        if let Some((i, mib)) = uploads.small_disk {
+            let root = roots.get(i).filter(|_| uploads.own_roots).ok_or_else(|| crate::Error::Io {
+                what: format!("a small disk for backend {i}"),
+                source: std::io::Error::other("needs own_roots and an existing backend"),
+            })?;
+            crate::run("mount", &["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs", &root.display().to_string()])?;
+            topo.mounts.push(root.clone());
+        }
+        for root in &roots {
+            crate::files::share_dir(root, true)?;
+        }
+        topo.uploads = Some(uploads);
+        Ok(topo)
+    }
+
+    /// The root backend `i` serves.
+    #[must_use]
+    pub fn backend_root(&self, i: usize) -> PathBuf {
+        backend_root(&self.root, self.uploads.as_ref().is_some_and(|u| u.own_roots), i)
+    }
+
+    /// Every root the backends serve, once each (the shared root alone, or one per backend).
+    #[must_use]
+    pub fn backend_roots(&self) -> Vec<PathBuf> {
+        match &self.uploads {
+            Some(uploads) => self.backend_roots_of(uploads),
+            None => vec![self.root.clone()],
+        }
+    }
+
+    fn backend_roots_of(&self, uploads: &Uploads) -> Vec<PathBuf> {
+        if uploads.own_roots { (0..self.backends.len()).map(|i| backend_root(&self.root, true, i)).collect() } else { vec![self.root.clone()] }
     }
 
     /// Starts the switch agent; balancer 0 starts active.
@@ -174,10 +221,12 @@ impl PairTopology {
         Ok(ns)
     }
 
-    /// Starts backend `i` in steered mode on the shared root.
+    /// Starts backend `i` in steered mode on its root (the shared one unless
+    /// [`Uploads::own_roots`]), taking uploads if the topology was made [`PairTopology::with_uploads`].
     pub fn start_backend(&self, i: usize) -> Result<Process> {
         let name = self.prefix.name(&format!("backend{i}"));
-        crate::topology::start_steered_backend(&self.backends[i], &name, &self.root, &backend_addr(i), &[&lb_addr(0), &lb_addr(1)])
+        let extra = self.uploads.as_ref().map(|u| u.backend_args(i, self.backends.len())).unwrap_or_default();
+        crate::topology::start_steered_backend(&self.backends[i], &name, &self.backend_root(i), &backend_addr(i), &[&lb_addr(0), &lb_addr(1)], &extra)
     }
 
     /// Takes balancer `i` off the network (its link down): with its agent killed, nothing of
@@ -263,11 +312,80 @@ impl PairTopology {
 
 impl Drop for PairTopology {
     fn drop(&mut self) {
+        // Lazily: a backend may still hold its root open (the cluster stops its processes after
+        // the topology), and the directory below cannot go while something is mounted on it.
+        for mount in self.mounts.drain(..) {
+            let _ = crate::run("umount", &["--lazy", &mount.display().to_string()]);
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// How the backends of a [`PairTopology::with_uploads`] take uploads (`--allow-upload`).
+#[derive(Clone, Debug, Default)]
+pub struct Uploads {
+    /// Each backend serves a root of its own, `<root>/b<i>`, so that what lands on each can be
+    /// told apart; false: the shared root, as downloads have it.
+    pub own_roots: bool,
+    /// Replicated uploads: each backend gets `--peer` with every other backend's steering
+    /// address.
+    pub replicate: bool,
+    /// Backend `i`'s own root is a tmpfs of this many MiB: a disk that fills up during an
+    /// upload. Needs `own_roots`.
+    pub small_disk: Option<(usize, u32)>,
+    /// More arguments for every backend (e.g. `--min-free-mib 1`, `--allow-overwrite`).
+    pub backend_args: Vec<String>,
+}
+
+impl Uploads {
+    /// Replicated uploads to backends with roots of their own: the setup the upload tests use.
+    #[must_use]
+    pub fn replicated() -> Self {
+        Self { own_roots: true, replicate: true, ..Self::default() }
+    }
+
+    /// What backend `i` of `backends` gets beyond the topology's arguments.
+    #[must_use]
+    pub fn backend_args(&self, i: usize, backends: usize) -> Vec<String> {
+        let mut args = vec!["--allow-upload".to_owned()];
+        if self.replicate {
+            for peer in (0..backends).filter(|&j| j != i) {
+                args.extend(["--peer".to_owned(), format!("{}:{BACKEND_PORT}", backend_addr(peer))]);
+            }
+        }
+        args.extend(self.backend_args.iter().cloned());
+        args
+    }
+}
+
+/// Backend `i`'s root under the topology's `root`: its own directory, or the shared one.
+fn backend_root(root: &std::path::Path, own: bool, i: usize) -> PathBuf {
+    if own { root.join(format!("b{i}")) } else { root.to_path_buf() }
 }
 
 fn forwarding(ns: &Netns) -> Result<()> {
     ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]).map(drop)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicating_backend_names_every_other_backend_as_its_peer() {
+        let uploads = Uploads { backend_args: vec!["--min-free-mib".into(), "1".into()], ..Uploads::replicated() };
+        assert_eq!(
+            uploads.backend_args(1, 3),
+            ["--allow-upload", "--peer", "10.77.0.11:7000", "--peer", "10.77.0.13:7000", "--min-free-mib", "1"]
+        );
+        assert_eq!(Uploads::default().backend_args(0, 3), ["--allow-upload"], "no --peer without replication");
+    }
+
+    #[test]
+    fn own_roots_are_one_directory_per_backend_inside_the_shared_one() {
+        let root = std::path::Path::new("/tmp/r");
+        assert_eq!(backend_root(root, true, 2), std::path::Path::new("/tmp/r/b2"));
+        assert_eq!(backend_root(root, false, 2), root);
+    }
+}

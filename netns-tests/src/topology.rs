@@ -107,7 +107,7 @@ impl LbTopology {
 
     /// Starts backend `i` in steered mode on the shared root.
     pub fn start_backend(&self, i: usize) -> Result<Process> {
-        start_steered_backend(&self.backends[i], &self.prefix.name(&format!("backend{i}")), &self.root, &backend_addr(i), &[LB_ADDR])
+        start_steered_backend(&self.backends[i], &self.prefix.name(&format!("backend{i}")), &self.root, &backend_addr(i), &[LB_ADDR], &[])
     }
 
     /// The namespace holding the bridge, where benches and tests can impair traffic (see
@@ -125,14 +125,15 @@ impl LbTopology {
 }
 
 /// Starts `tftp-backend --steered` in `host`, serving `root` on `address`:[`BACKEND_PORT`] to
-/// the balancers at `lbs` (both topologies' backends).
-pub(crate) fn start_steered_backend(host: &Netns, name: &str, root: &std::path::Path, address: &str, lbs: &[&str]) -> Result<Process> {
+/// the balancers at `lbs` (both topologies' backends), with `extra` arguments after the rest.
+pub(crate) fn start_steered_backend(host: &Netns, name: &str, root: &std::path::Path, address: &str, lbs: &[&str], extra: &[String]) -> Result<Process> {
     let mut command = host.command(binary("tftp-backend"));
     command.arg("--root").arg(root);
     command.args(["--steered", "--segment-offload", "--listen", &format!("{address}:{BACKEND_PORT}")]);
     for lb in lbs {
         command.args(["--lb", lb]);
     }
+    command.args(extra);
     command.env("RUST_LOG", crate::process::backend_log_filter());
     Process::spawn(name, command)
 }

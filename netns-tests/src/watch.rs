@@ -24,6 +24,13 @@ pub struct Growth {
 impl Growth {
     #[must_use]
     pub fn watch(path: PathBuf) -> Self {
+        Self::watch_with(move || std::fs::metadata(&path).map_or(0, |m| m.len()))
+    }
+
+    /// Polls `size` instead of one file's size (e.g. the bytes an upload has in a temporary
+    /// file whose name the server chose).
+    #[must_use]
+    pub fn watch_with(size: impl Fn() -> u64 + Send + 'static) -> Self {
         let samples: Samples = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (out, flag) = (Arc::clone(&samples), Arc::clone(&stop));
@@ -34,7 +41,7 @@ impl Growth {
             let mut last = None;
             while !flag.load(Ordering::Relaxed) {
                 // Growth only: a file removed (size 0) after the download is no new data.
-                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                let size = size();
                 if last.is_none_or(|last| size > last) {
                     last = Some(size);
                     out.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((Instant::now(), size));
