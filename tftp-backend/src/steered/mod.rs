@@ -93,6 +93,8 @@ pub struct Steered {
     pushes: HashMap<(SessionKey, SocketAddr), Push>,
     /// When each replication link (an upload's replica, a push) waits for its peer.
     link_timers: TimerQueue<(SessionKey, SocketAddr)>,
+    /// Peers that lately left a link unanswered, and when.
+    silent_peers: HashMap<SocketAddr, Instant>,
 }
 
 /// DATA goes to the balancer that sent the session's latest packet, on the one steering
@@ -144,6 +146,7 @@ impl Steered {
             peers,
             pushes: HashMap::new(),
             link_timers: TimerQueue::new(),
+            silent_peers: HashMap::new(),
         }
     }
 

@@ -29,6 +29,9 @@ use crate::{
 /// one is forgotten after it.
 pub const COPY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// A peer that did not answer a link is tried after the others for this long.
+const SILENT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A finished upload on its way to a peer that lacks it.
 pub struct Push {
     link: Link,
@@ -58,10 +61,15 @@ const NO_REPLICA: Refusal = Refusal { code: ErrorCode::NotDefined, message: "no 
 impl Steered {
     /// The peer to keep `key`'s copy on: the peers in turn from a place the key picks (uploads
     /// spread over them), skipping `excluded`.
+    /// A peer that lately did not answer comes last (each try at a dead peer costs the
+    /// client a few hundred ms).
     pub(super) fn candidate(&self, key: SessionKey, excluded: &[SocketAddr]) -> Option<SocketAddr> {
         let n = self.peers.len();
         let start = usize::from(u16::from_be_bytes(key.client_port)) + usize::from(key.client_ip[3]);
-        (0..n).map(|i| self.peers[(start + i) % n]).find(|peer| !excluded.contains(peer))
+        let now = Instant::now();
+        let silent = |peer: &SocketAddr| self.silent_peers.get(peer).is_some_and(|at| now.duration_since(*at) < SILENT_FOR);
+        let order = (0..n).map(|i| self.peers[(start + i) % n]).filter(|peer| !excluded.contains(peer));
+        order.clone().find(|peer| !silent(peer)).or_else(|| order.clone().next())
     }
 
     /// Whether uploads of `mode` are replicated: octet ones with a peer. (A netascii upload is
@@ -187,6 +195,9 @@ impl Steered {
         }
         upload.replica = None;
         upload.excluded.push(peer);
+        if refused.is_none() {
+            self.silent_peers.insert(peer, Instant::now());
+        }
         if let Some(refusal) = refused.filter(|r| ends_the_upload(r.code)) {
             warn!(client = %key, %peer, reason = refusal.message, "the upload's replica refused it");
             return self.fail_upload(key, &refusal).await;
@@ -309,6 +320,7 @@ impl Steered {
 
     async fn link_ack(&mut self, key: SessionKey, from: SocketAddr, block: u32) {
         let now = Instant::now();
+        self.silent_peers.remove(&from);
         let send = match self.sessions.get_mut(key) {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == from) => {
                 let received = upload.transfer.received();
