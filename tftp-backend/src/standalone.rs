@@ -111,8 +111,9 @@ async fn serve(request: &[u8], client: SocketAddr, local_ip: std::net::IpAddr, r
         Repr::Wrq { filename, mode, options } => {
             let opened = service::open_write(&*root.lock().await, config, filename, mode, &options);
             match opened {
-                Ok((transfer, negotiated)) => {
+                Ok((mut transfer, negotiated)) => {
                     info!(%client, file = filename, "write");
+                    transfer.defer_commit();
                     let first = if negotiated.oack.is_empty() { Repr::Ack { block: 0 } } else { Repr::Oack { options: negotiated.oack } };
                     write(&socket, &mut out, transfer, &first, budget).await
                 }
@@ -240,6 +241,18 @@ async fn write(socket: &TransferSocket, out: &mut [u8], mut transfer: WriteTrans
                     socket.send(&out[..end]).await?;
                 }
                 WriteNext::Done(n) => {
+                    let end = service::emit_at(&Repr::Ack { block: n }, out, 0);
+                    socket.send(&out[..end]).await?;
+                    info!("upload complete");
+                    return Ok(());
+                }
+                WriteNext::Complete(n) => {
+                    // The fsync takes as long as the disk needs for the whole file: off the
+                    // runtime's thread, which serves every other transfer.
+                    let Some(job) = transfer.take_commit() else { return Ok(()) };
+                    if let Err((code, message)) = tokio::task::spawn_blocking(move || job.run()).await? {
+                        return send_error(socket, out, &Refusal { code, message }).await;
+                    }
                     let end = service::emit_at(&Repr::Ack { block: n }, out, 0);
                     socket.send(&out[..end]).await?;
                     info!("upload complete");

@@ -424,6 +424,9 @@ pub enum WriteNext {
     Ack(u16),
     /// The file is complete and in place; acknowledge this last block.
     Done(u16),
+    /// The last block is written (this block, with [`WriteTransfer::defer_commit`]): the file
+    /// is made durable and moved into place by [`WriteTransfer::take_commit`]'s job.
+    Complete(u16),
     /// Out of order or duplicate within the window: nothing (our timer re-acknowledges).
     Nothing,
     /// Failed: send this error and drop the transfer.
@@ -493,6 +496,18 @@ pub struct WriteTransfer {
     limits: UploadLimits,
     /// Bytes in the temporary file so far.
     written: u64,
+    /// The last block leaves the fsync and the rename to the caller (`Complete`).
+    defer_commit: bool,
+}
+
+/// Making a complete upload durable and moving it into place: an fsync, which takes as long as
+/// the disk needs for the whole file, so that an event loop can run it on another thread.
+pub struct Commit {
+    temp: tempfile::NamedTempFile,
+    target: PathBuf,
+    overwrite: bool,
+    /// The netascii decoder's last bytes.
+    tail: Vec<u8>,
 }
 
 /// What a new upload is: where it goes and how it was negotiated.
@@ -529,12 +544,19 @@ impl WriteTransfer {
             decoded: Vec::new(),
             limits,
             written: 0,
+            defer_commit: false,
         })
     }
 
     /// The first answer (OACK or ACK 0) went out at `now`.
     pub fn start(&mut self, now: Instant) {
         self.clock.sent(0, now);
+    }
+
+    /// Where the upload goes.
+    #[must_use]
+    pub fn target(&self) -> &std::path::Path {
+        &self.target
     }
 
     /// Whether its first answer is an OACK (else ACK 0).
@@ -598,6 +620,9 @@ impl WriteTransfer {
         }
         self.received = block;
         if data.len() < usize::from(self.blksize) {
+            if self.defer_commit {
+                return WriteNext::Complete(self.last_ack());
+            }
             return match self.commit() {
                 Ok(()) => WriteNext::Done(self.last_ack()),
                 Err(refusal) => WriteNext::Fail(refusal.0, refusal.1),
@@ -635,20 +660,38 @@ impl WriteTransfer {
         Ok(())
     }
 
+    /// The last block returns [`WriteNext::Complete`] from now on, and the caller runs the
+    /// commit ([`WriteTransfer::take_commit`]) where it likes.
+    pub fn defer_commit(&mut self) {
+        self.defer_commit = true;
+    }
+
+    /// The job that makes the complete upload durable and moves it into place (once).
+    pub fn take_commit(&mut self) -> Option<Commit> {
+        let temp = self.temp.take()?;
+        let mut tail = Vec::new();
+        if let Some(decoder) = self.netascii.as_mut() {
+            decoder.finish(&mut tail);
+        }
+        Some(Commit { temp, target: self.target.clone(), overwrite: self.overwrite, tail })
+    }
+
+    fn commit(&mut self) -> Result<(), (ErrorCode, &'static str)> {
+        self.take_commit().ok_or((ErrorCode::NotDefined, "upload already finished"))?.run()
+    }
+}
+
+impl Commit {
     /// fsync, then move into place: atomically replacing with --allow-overwrite, else linking
     /// (which fails if the name exists) and unlinking the temporary name.
-    fn commit(&mut self) -> Result<(), (ErrorCode, &'static str)> {
-        let mut temp = self.temp.take().ok_or((ErrorCode::NotDefined, "upload already finished"))?;
-        if let Some(decoder) = self.netascii.as_mut() {
-            self.decoded.clear();
-            decoder.finish(&mut self.decoded);
-            temp.write_all(&self.decoded).map_err(|_| (ErrorCode::DiskFull, "cannot write the file"))?;
-        }
+    pub fn run(self) -> Result<(), (ErrorCode, &'static str)> {
+        let Self { mut temp, target, overwrite, tail } = self;
+        temp.write_all(&tail).map_err(|_| (ErrorCode::DiskFull, "cannot write the file"))?;
         temp.as_file().sync_all().map_err(|_| (ErrorCode::DiskFull, "cannot sync the file"))?;
-        if self.overwrite {
-            temp.persist(&self.target).map_err(|_| (ErrorCode::AccessViolation, "cannot move the file into place"))?;
+        if overwrite {
+            temp.persist(&target).map_err(|_| (ErrorCode::AccessViolation, "cannot move the file into place"))?;
         } else {
-            temp.persist_noclobber(&self.target).map_err(|e| {
+            temp.persist_noclobber(&target).map_err(|e| {
                 if e.error.kind() == std::io::ErrorKind::AlreadyExists {
                     (ErrorCode::FileExists, "file already exists")
                 } else {
@@ -656,7 +699,7 @@ impl WriteTransfer {
                 }
             })?;
         }
-        if let Some(dir) = self.target.parent().and_then(|d| File::open(d).ok()) {
+        if let Some(dir) = target.parent().and_then(|d| File::open(d).ok()) {
             let _ = dir.sync_all();
         }
         Ok(())
@@ -1014,6 +1057,24 @@ mod tests {
         assert_eq!(left.len(), 1, "an aborted upload leaves nothing");
         let mut f = File::create(dir.path().join("x")).unwrap();
         f.write_all(b"").unwrap();
+    }
+
+    /// The steered loop and the standalone server run the fsync of a finished upload off their
+    /// event loop: the last block only reports it complete, and the job puts it in place.
+    #[test]
+    fn a_deferred_commit_lands_the_file_only_when_its_job_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("later.bin");
+        let mut w = WriteTransfer::new(target.clone(), write_setup(UploadLimits::default())).unwrap();
+        w.defer_commit();
+        assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Ack(1));
+        assert_eq!(w.on_data(2, b"ef", now()), WriteNext::Complete(2));
+        assert!(!target.exists(), "not in place before the job ran");
+        let job = w.take_commit().expect("one job");
+        assert!(w.take_commit().is_none(), "only one");
+        job.run().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"abcdef");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
     }
 
     fn write_setup(limits: UploadLimits) -> WriteSetup {

@@ -24,7 +24,7 @@ mod session;
 use std::{collections::HashMap, io, net::SocketAddr, os::fd::AsFd as _, time::Instant};
 
 use anyhow::Context as _;
-use tokio::{io::Interest, net::UdpSocket};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
@@ -95,7 +95,12 @@ pub struct Steered {
     link_timers: TimerQueue<(SessionKey, SocketAddr)>,
     /// Peers that lately left a link unanswered, and when.
     silent_peers: HashMap<SocketAddr, Instant>,
+    /// Uploads whose fsync and rename ran (`commit`), with the result.
+    commits: (mpsc::UnboundedSender<Committed>, mpsc::UnboundedReceiver<Committed>),
 }
+
+/// A session whose fsync and rename ran, and how it went.
+type Committed = (SessionKey, Result<(), (ErrorCode, &'static str)>);
 
 /// DATA goes to the balancer that sent the session's latest packet, on the one steering
 /// socket. A datagram the kernel refuses is skipped, as a failed `send_to` would be: the
@@ -147,6 +152,7 @@ impl Steered {
             pushes: HashMap::new(),
             link_timers: TimerQueue::new(),
             silent_peers: HashMap::new(),
+            commits: mpsc::unbounded_channel(),
         }
     }
 
@@ -163,6 +169,7 @@ impl Steered {
                     let (len, from) = received.context("receiving from the steering socket")?;
                     self.receive(&buf[..len], from).await;
                 }
+                Some((key, result)) = self.commits.1.recv() => self.committed(key, result).await,
                 ready = self.digests.ready() => {
                     for (datagram, from) in ready {
                         self.datagram(&datagram, from).await;
@@ -285,7 +292,7 @@ impl Steered {
                 *lb = from;
                 // A new balancer took over: the client may wait on an acknowledgement the old
                 // one lost. What the replica allows goes again.
-                if nudge && upload.held.is_none() {
+                if nudge && upload.held.is_none() && !upload.committing {
                     let block = allowed_ack(upload);
                     self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
                 }
@@ -297,7 +304,7 @@ impl Steered {
                 self.finished(&header, from).await;
             }
             Action::NudgeElsewhere => debug!(client = %key, "nudge for a transfer not served here"),
-            Action::Data { block, data } => self.data(key, &header, block, data, from).await,
+            Action::Data { block, data } => self.data(key, block, data, from).await,
             Action::ClientAborted { code, message } => {
                 debug!(client = %key, ?code, message, "client aborted");
                 self.forget(key);
@@ -322,8 +329,9 @@ impl Steered {
     async fn open_write(&mut self, key: SessionKey, header: SteeringHeader, (filename, mode, options): (&str, Mode, &Options), from: SocketAddr) {
         self.forget(key);
         match service::open_write(&self.root, &self.config, filename, mode, options) {
-            Ok((transfer, negotiated)) => {
+            Ok((mut transfer, negotiated)) => {
                 info!(client = %key, file = filename, "write");
+                transfer.defer_commit();
                 let Ok(reader) = transfer.reader() else {
                     return self.refuse(&header, from, &Refusal { code: ErrorCode::NotDefined, message: "cannot read the upload back" }).await;
                 };
@@ -331,7 +339,7 @@ impl Steered {
                 let replicated = self.replicates(mode);
                 // The first answer waits for the replica to open its copy.
                 let held = replicated.then_some((0, false));
-                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), held, reader };
+                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), held, committing: false, reader };
                 self.insert(key, header, &context, Kind::Write(upload), from, None);
                 if let Some(session) = self.sessions.get_mut(key) {
                     session.header.set_upload_replica(None);
@@ -367,38 +375,48 @@ impl Steered {
         self.read_next(key, next).await;
     }
 
-    async fn data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
+    /// DATA of an upload: written, then acknowledged once the replica (if any) has it; the
+    /// last block is made durable and moved into place off the event loop first (`commit`).
+    async fn data(&mut self, key: SessionKey, block: u16, data: &[u8], from: SocketAddr) {
         let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
         let next = upload.transfer.on_data(block, data, Instant::now());
-        if let Some(replica) = upload.replica.as_mut() {
-            let received = upload.transfer.received();
-            let peer = replica.link.peer;
-            match next {
-                WriteNext::Ack(_) | WriteNext::Done(_) => upload.held = Some((received, matches!(next, WriteNext::Done(_)))),
-                WriteNext::Nothing => {}
-                WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
-            }
-            let send = replica.link.available(received, matches!(next, WriteNext::Done(_)).then_some(received), Instant::now());
-            self.send_link(key, peer, send).await;
-            return self.acknowledge(key).await;
-        }
+        let received = upload.transfer.received();
         match next {
-            WriteNext::Ack(n) => {
-                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
-                self.arm(key);
-            }
-            WriteNext::Done(n) => {
-                self.send_tftp(key, &Repr::Ack { block: n }, 0).await;
-                self.forget(key);
-                self.finished(header, from).await;
-            }
-            WriteNext::Nothing => {}
-            WriteNext::Fail(code, message) => {
-                self.forget(key);
-                self.refuse(header, from, &Refusal { code, message }).await;
-            }
+            WriteNext::Ack(_) => upload.held = Some((received, false)),
+            WriteNext::Done(_) => upload.held = Some((received, true)),
+            WriteNext::Nothing => return,
+            WriteNext::Complete(_) => return self.commit(key),
+            WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
         }
+        if let Some(replica) = upload.replica.as_mut() {
+            let peer = replica.link.peer;
+            let send = replica.link.available(received, None, Instant::now());
+            self.send_link(key, peer, send).await;
+        }
+        self.acknowledge(key).await;
+    }
+
+    /// Runs the fsync and rename of `key`'s complete upload (or copy) on a blocking thread: an
+    /// fsync takes as long as the disk needs for the whole file, and meanwhile this loop must
+    /// answer heartbeats and serve the other transfers. `committed` goes on from its result.
+    fn commit(&mut self, key: SessionKey) {
+        let job = match self.sessions.get_mut(key) {
+            Some(Session { kind: Kind::Write(upload), .. }) => {
+                upload.committing = true;
+                upload.transfer.take_commit()
+            }
+            Some(Session { kind: Kind::Replica(copy), .. }) => {
+                copy.committing = true;
+                copy.transfer.take_commit()
+            }
+            _ => None,
+        };
+        let Some(job) = job else { return };
+        let done = self.commits.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = done.send((key, job.run()));
+        });
     }
 
     /// Sends what a read transfer asks for, or ends it.
@@ -490,7 +508,7 @@ impl Steered {
                 }
                 // The client's next DATA is not late: it waits for the acknowledgement this
                 // backend holds until the replica has the block.
-                Kind::Write(upload) if upload.held.is_some() => self.arm(key),
+                Kind::Write(upload) if upload.held.is_some() || upload.committing => self.arm(key),
                 Kind::Write(upload) => {
                     if upload.transfer.on_timeout() {
                         let block = allowed_ack(upload);

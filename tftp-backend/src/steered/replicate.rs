@@ -22,6 +22,7 @@ use super::{
 use crate::{
     files::Refusal,
     service::{self, Context},
+    transfer::WriteNext,
     wire::{ErrorCode, MAX_PACKET, Mode, Options, Packet, Repr},
 };
 
@@ -209,10 +210,17 @@ impl Steered {
     }
 
     /// Ends `key`'s upload with `refusal` to its client; its copy is dropped too.
+    /// A file already moved into place here is taken back (the replica refused it: that name
+    /// holds another upload there), so nothing of a failed upload stays under its name.
     pub(super) async fn fail_upload(&mut self, key: SessionKey, refusal: &Refusal) {
         if let Some(session) = self.forget(key) {
-            if let Kind::Write(Upload { replica: Some(r), .. }) = &session.kind {
-                self.abort_copy(&session.header, r.link.peer).await;
+            if let Kind::Write(upload) = &session.kind {
+                if let Some(r) = &upload.replica {
+                    self.abort_copy(&session.header, r.link.peer).await;
+                }
+                if matches!(upload.held, Some((_, true))) {
+                    retract(upload);
+                }
             }
             self.refuse(&session.header, session.lb, refusal).await;
         }
@@ -230,7 +238,7 @@ impl Steered {
     /// replica has its block; after the last one, the upload is over and goes to the others.
     pub(super) async fn acknowledge(&mut self, key: SessionKey) {
         let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
-        let Some((block, last)) = upload.held else { return };
+        let Some((block, last)) = upload.held.filter(|_| !upload.committing) else { return };
         if !replica::may_acknowledge(block, upload.replica.as_ref().map(|r| (&r.link, r.caught_up))) {
             return;
         }
@@ -374,7 +382,8 @@ impl Steered {
                     return self.refuse_copy(header, from, ErrorCode::NotDefined, "cannot read the copy back").await;
                 };
                 let context = Context { mode: Mode::Octet, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
-                let copy = Copy { transfer, filename: filename.to_owned(), primary: from, landed: false, reader };
+                transfer.defer_commit();
+                let copy = Copy { transfer, filename: filename.to_owned(), primary: from, landed: false, committing: false, reader };
                 self.insert(key, *header, &context, Kind::Replica(copy), from, None);
                 debug!(client = %key, file = filename, primary = %from, "keeping a copy");
                 self.timers.schedule(key, Instant::now() + COPY_IDLE);
@@ -389,24 +398,63 @@ impl Steered {
         let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get_mut(key) else {
             return self.refuse_copy(header, from, ErrorCode::UnknownTransferId, "no copy of this upload here").await;
         };
+        if copy.committing {
+            // Its answer comes once the file is durable and in place.
+            return;
+        }
         if copy.primary != from || copy.landed {
             let received = copy.transfer.received();
             return self.answer_copy(key, received).await;
         }
-        match copy.transfer.on_data(block, data, Instant::now()) {
-            crate::transfer::WriteNext::Fail(code, message) => {
+        let next = copy.transfer.on_data(block, data, Instant::now());
+        let received = copy.transfer.received();
+        self.timers.schedule(key, Instant::now() + COPY_IDLE);
+        match next {
+            WriteNext::Fail(code, message) => {
                 self.forget(key);
                 self.refuse_copy(header, from, code, message).await;
             }
-            next => {
-                if matches!(next, crate::transfer::WriteNext::Done(_)) {
-                    copy.landed = true;
-                    debug!(client = %key, file = copy.filename, "copy landed");
+            WriteNext::Complete(_) => self.commit(key),
+            _ => self.answer_copy(key, received).await,
+        }
+    }
+
+    /// The fsync and rename of `key`'s upload or copy ran, with `result`.
+    pub(super) async fn committed(&mut self, key: SessionKey, result: Result<(), (ErrorCode, &'static str)>) {
+        let now = Instant::now();
+        match self.sessions.get_mut(key) {
+            Some(Session { kind: Kind::Write(upload), .. }) => {
+                upload.committing = false;
+                if let Err((code, message)) = result {
+                    return self.fail_upload(key, &Refusal { code, message }).await;
                 }
-                let received = copy.transfer.received();
-                self.timers.schedule(key, Instant::now() + COPY_IDLE);
-                self.answer_copy(key, received).await;
+                let received = upload.transfer.received();
+                upload.held = Some((received, true));
+                if let Some(replica) = upload.replica.as_mut() {
+                    let peer = replica.link.peer;
+                    let send = replica.link.available(received, Some(received), now);
+                    self.send_link(key, peer, send).await;
+                }
+                self.acknowledge(key).await;
             }
+            Some(Session { kind: Kind::Replica(copy), header, .. }) => {
+                copy.committing = false;
+                match result {
+                    Ok(()) => {
+                        copy.landed = true;
+                        debug!(client = %key, file = copy.filename, "copy landed");
+                        let received = copy.transfer.received();
+                        self.answer_copy(key, received).await;
+                    }
+                    Err((code, message)) => {
+                        let (header, primary) = (*header, copy.primary);
+                        self.forget(key);
+                        self.refuse_copy(&header, primary, code, message).await;
+                    }
+                }
+            }
+            // Gone meanwhile (its client or primary gave up): what ran stays as it ran.
+            _ => debug!(client = %key, ok = result.is_ok(), "commit of a finished session"),
         }
     }
 
@@ -440,14 +488,14 @@ impl Steered {
     pub(super) async fn promote(&mut self, key: SessionKey, header: &SteeringHeader, from: SocketAddr) {
         let Some(session) = self.forget(key) else { return };
         let Kind::Replica(copy) = session.kind else { return };
-        let Copy { mut transfer, filename, primary, landed, reader } = copy;
+        let Copy { mut transfer, filename, primary, landed, reader, .. } = copy;
         info!(client = %key, file = filename, %primary, block = transfer.received(), landed, "taking the upload over from its primary");
         transfer.set_windowsize(header.windowsize());
         let mut template = *header;
         template.set_upload_replica(None);
         let last = transfer.received();
         let blksize = transfer.blksize;
-        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], held: None, reader };
+        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], held: None, committing: false, reader };
         self.sessions.insert(key, Session { kind: Kind::Write(upload), header: template, lb: from, requested: None });
         if landed {
             self.send_tftp(key, &Repr::Ack { block: (last & 0xffff) as u16 }, last).await;
@@ -465,6 +513,16 @@ impl Steered {
         if !self.start_replica(key, Instant::now()).await {
             warn!(client = %key, "no peer left for a new replica: the upload goes on with one copy");
         }
+    }
+}
+
+/// Removes `upload`'s file from its place if it is still this upload's (same inode).
+fn retract(upload: &Upload) {
+    use std::os::unix::fs::MetadataExt as _;
+    let target = upload.transfer.target();
+    let ours = upload.reader.metadata().map(|m| m.ino());
+    if std::fs::metadata(target).map(|m| m.ino()).ok() == ours.ok() && std::fs::remove_file(target).is_ok() {
+        warn!(file = %target.display(), "a failed upload taken back from its place");
     }
 }
 

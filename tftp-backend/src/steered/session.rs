@@ -59,6 +59,8 @@ pub struct Upload {
     /// An acknowledgement held until the replica has its block: the block, and whether it is
     /// the last (the file is in place here).
     pub held: Option<(u32, bool)>,
+    /// Its fsync and rename run: nothing is acknowledged meanwhile.
+    pub committing: bool,
     /// Reads back what was written, for the replica and, once complete, for the other backends.
     pub reader: std::fs::File,
 }
@@ -79,6 +81,8 @@ pub struct Copy {
     /// The last block arrived: the file is in place here. Kept a while so that, should the
     /// primary die before acknowledging it to the client, the client's repeat is answered.
     pub landed: bool,
+    /// Its fsync and rename run: a repeated last block waits for their answer.
+    pub committing: bool,
     /// Reads it back (for a replica of its own, should it take the upload over).
     pub reader: std::fs::File,
 }
