@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{MODE_NETASCII, MODE_OCTET, OPTION_BLKSIZE, OPTION_TIMEOUT, OPTION_TSIZE, OPTION_WINDOWSIZE},
+    steering::{MODE_NETASCII, MODE_OCTET, MODE_UPLOAD, OPTION_BLKSIZE, OPTION_TIMEOUT, OPTION_TSIZE, OPTION_WINDOWSIZE},
 };
 
 use crate::{
@@ -116,7 +116,7 @@ impl Context {
     /// Reads the context back from a header (a transfer this backend never saw).
     #[must_use]
     pub fn from_header(header: &SteeringHeader) -> Self {
-        let mode = if header.mode == MODE_NETASCII { Mode::Netascii } else { Mode::Octet };
+        let mode = if header.mode & !MODE_UPLOAD == MODE_NETASCII { Mode::Netascii } else { Mode::Octet };
         let timeout = (header.timeout != 0).then_some(header.timeout);
         Self {
             mode,

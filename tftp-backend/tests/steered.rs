@@ -10,7 +10,7 @@ use netns_tests::{
 use sha2::{Digest as _, Sha256};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, FLAG_UPLOAD},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
 };
 
 const CLIENT: [u8; 4] = [10, 9, 8, 7];
@@ -621,13 +621,14 @@ fn an_upload_is_copied_to_its_replica_and_lands_on_every_backend() {
     lb.send(&cluster.backends[0], &client_header(), b"\x00\x02up.bin\x00octet\x00");
     let (first, answer) = lb.recv().expect("ACK 0");
     assert_eq!(answer, ack(0));
-    assert_eq!(first.flags, FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT | FLAG_UPLOAD);
+    assert_eq!(first.flags, FLAG_FROM_BACKEND | FLAG_HAS_CONTEXT);
+    assert!(first.is_upload());
     let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("the first answer names the replica");
     assert_ne!(replica, 0);
     let mut header = first;
-    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    header.flags = FLAG_HAS_CONTEXT;
     let last = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=40);
-    assert!(last.has_flag(FLAG_UPLOAD));
+    assert!(last.is_upload());
     for i in 0..3 {
         cluster.wait_for(i, "up.bin", &content);
     }
@@ -645,14 +646,14 @@ fn the_replica_takes_an_upload_over_when_its_primary_dies() {
     let (first, _) = lb.recv().expect("ACK 0");
     let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
     let mut header = first;
-    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    header.flags = FLAG_HAS_CONTEXT;
     let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
     assert_eq!(learned.replica(), first.replica());
     cluster.backends[0].process.sigkill();
     let mut moved = learned;
-    moved.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD | FLAG_NUDGE;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
     let taken = upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 31..=31);
-    header.flags = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
+    header.flags = FLAG_HAS_CONTEXT;
     let done = upload_blocks(&lb, &cluster.backends[replica], &header, &content, 32..=59);
     let third = 3 - replica;
     assert_eq!(done.replica().and_then(|(_, port)| cluster.index_of(port)), Some(third), "the new primary keeps its copy on the third backend (first reply: {:?})", taken.replica());

@@ -43,7 +43,7 @@
 //! (UTF-8, `/`-separated, no leading `/`); `digest` the first 16 bytes of SHA-256 over the file's
 //! content. A backend whose copy has another digest answers a TFTP error instead of data.
 //!
-//! An upload (`FLAG_UPLOAD`) has no digest yet: its `digest` field names the upload's replica,
+//! An upload (`MODE_UPLOAD` in `mode`) has no digest yet: its `digest` field names the upload's replica,
 //! the backend that holds a second copy of every block the client has been acknowledged
 //! (IPv4 address, then steering port, then zeros; all zero while there is none). The balancers
 //! keep it with the session, so whichever of them is active moves the upload to the replica
@@ -77,19 +77,17 @@ pub const FLAG_FINISHED: u8 = 0x10;
 /// client sends.
 pub const FLAG_HEARD: u8 = 0x20;
 
-/// Context, kept by the balancers with the session: the transfer is an upload, and `digest`
-/// names its replica ([`SteeringHeader::replica`]).
-pub const FLAG_UPLOAD: u8 = 0x40;
 /// Backend <-> backend, never through a balancer: a datagram of an upload's replication (the
 /// upload's request, its DATA and the replica's ACKs and ERRORs).
 pub const FLAG_REPLICA: u8 = 0x80;
-/// The flags that describe the session rather than one datagram: the balancers keep them.
-pub const CONTEXT_FLAGS: u8 = FLAG_HAS_CONTEXT | FLAG_UPLOAD;
 
 /// Transfer mode of the session (`mode` field).
 pub const MODE_UNKNOWN: u8 = 0;
 pub const MODE_OCTET: u8 = 1;
 pub const MODE_NETASCII: u8 = 2;
+/// Bit of `mode`: the transfer is an upload (the client writes), and `digest` names its replica
+/// ([`SteeringHeader::replica`]). The balancers keep `mode` with the rest of the context.
+pub const MODE_UPLOAD: u8 = 0x80;
 
 /// Bits of the `options` field: which RFC 2347 options were acknowledged in the OACK.
 pub const OPTION_BLKSIZE: u8 = 0x01;
@@ -208,18 +206,24 @@ impl SteeringHeader {
         u64::from_be_bytes(self.file_size)
     }
 
+    /// Whether the header is an upload's.
+    #[must_use]
+    pub const fn is_upload(&self) -> bool {
+        self.mode & MODE_UPLOAD != 0
+    }
+
     /// An upload's replica: its IPv4 address and steering port (network byte order), if the
     /// header is an upload's and names one.
     #[must_use]
     pub fn replica(&self) -> Option<([u8; 4], [u8; 2])> {
         let d = &self.digest;
         let (ip, port) = ([d[0], d[1], d[2], d[3]], [d[4], d[5]]);
-        (self.has_flag(FLAG_UPLOAD) && ip != [0; 4] && port != [0; 2]).then_some((ip, port))
+        (self.is_upload() && ip != [0; 4] && port != [0; 2]).then_some((ip, port))
     }
 
     /// Marks the header an upload's, with `replica` (None: no replica now).
     pub fn set_upload_replica(&mut self, replica: Option<([u8; 4], [u8; 2])>) {
-        self.flags |= FLAG_UPLOAD;
+        self.mode |= MODE_UPLOAD;
         self.digest = [0; 16];
         if let Some((ip, port)) = replica {
             self.digest[..4].copy_from_slice(&ip);
@@ -276,7 +280,7 @@ mod tests {
         assert_eq!(&h.digest[6..], &[0; 10]);
         h.set_upload_replica(None);
         assert_eq!(h.replica(), None);
-        assert!(h.has_flag(super::FLAG_UPLOAD));
+        assert!(h.is_upload());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! finished. Each change the peer balancer must hear about is announced here. Which of these
 //! happens to a packet is `steer`'s decision.
 
-use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, steering::{FLAG_HAS_CONTEXT, FLAG_UPLOAD}};
+use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, steering::FLAG_HAS_CONTEXT};
 
 use aya_ebpf::programs::XdpContext;
 
@@ -76,8 +76,7 @@ pub fn learn_context(key: &ClientKey, session: &mut Session, theirs: &SteeringHe
     let ours = &mut session.header;
     let first_context = ours.flags & FLAG_HAS_CONTEXT == 0;
     let highest = ours.block().max(theirs.block());
-    // Whether it is an upload (and so whether `digest` names a replica) is the backend's to say.
-    ours.flags = (ours.flags & !FLAG_UPLOAD) | FLAG_HAS_CONTEXT | (theirs.flags & FLAG_UPLOAD);
+    ours.flags |= FLAG_HAS_CONTEXT;
     ours.mode = theirs.mode;
     ours.options = theirs.options;
     ours.timeout = theirs.timeout;

@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use xdp_lb_common::{
     BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, TFTP_PORT,
     frame::{IPV4_HEADER_LEN, UDP_HEADER_LEN},
-    steering::{CONTEXT_FLAGS, FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_FROM_BACKEND, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
     tftp::{BLOCK_LEN, DATA_HEADER_LEN, OPCODE_ACK, OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
 };
 
@@ -154,7 +154,7 @@ fn to_backend(ctx: &XdpContext, config: &LbConfig, session: &mut Session, counte
         udp_src: &config.steer_port,
         udp_dst: &backend.port,
     };
-    let flags = (session.header.flags & CONTEXT_FLAGS) | nudge;
+    let flags = (session.header.flags & FLAG_HAS_CONTEXT) | nudge;
     if encap::push(ctx, &session.header, flags, &to).is_err() {
         return (BalanceCounter::DropAdjustHead, DROP);
     }

@@ -28,7 +28,7 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{CONTEXT_FLAGS, FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_REPLICA, FLAG_UPLOAD},
+    steering::{FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_REPLICA},
 };
 
 use self::{
@@ -556,8 +556,7 @@ impl Steered {
     /// Sends a TFTP message of a session, with its header.
     async fn send_tftp(&mut self, key: SessionKey, repr: &Repr<'_>, block: u32) {
         let Some(session) = self.sessions.get(key) else { return };
-        // An upload's replies say so, and name its replica, for the balancers.
-        let mut header = reply(&session.header, FLAG_HAS_CONTEXT | (session.header.flags & FLAG_UPLOAD));
+        let mut header = reply(&session.header, FLAG_HAS_CONTEXT);
         header.set_block(block);
         let lb = session.lb;
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
@@ -568,7 +567,7 @@ impl Steered {
 
     /// Sends a TFTP ERROR, then tells the LB the transfer is over.
     async fn refuse(&mut self, header: &SteeringHeader, to: SocketAddr, refusal: &Refusal) {
-        let error = reply(header, header.flags & CONTEXT_FLAGS);
+        let error = reply(header, header.flags & FLAG_HAS_CONTEXT);
         self.out[..HEADER].copy_from_slice(bytemuck::bytes_of(&error));
         let end = service::emit_at(&Repr::Error { code: refusal.code, message: refusal.message }, &mut self.out, HEADER);
         self.replies += 1;
@@ -577,7 +576,7 @@ impl Steered {
     }
 
     async fn finished(&mut self, header: &SteeringHeader, to: SocketAddr) {
-        self.send_header(&reply(header, FLAG_FINISHED | (header.flags & CONTEXT_FLAGS)), to).await;
+        self.send_header(&reply(header, FLAG_FINISHED | (header.flags & FLAG_HAS_CONTEXT)), to).await;
     }
 
     /// Tells the balancer that sent a datagram with `header` it was read and needs no reply now.
