@@ -70,5 +70,7 @@ fn data_1_the_dying_balancer_would_have_carried_comes_through_the_new_one() {
 #[test]
 fn a_request_waiting_for_its_digest_is_answered_through_the_balancer_that_took_over() {
     let first = balancer_dies_while_the_file_is_hashed(Client::Atftp { blksize: 1468, windowsize: 16 }, 384 * MIB);
-    assert!(first < SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
+    // The hash itself takes 0.3-1 s here (longer on a loaded machine): the bound is the
+    // client's timer, not the usual stall.
+    assert!(first < 2 * SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
 }
