@@ -163,6 +163,20 @@ fn pxelinux_boots_while_the_serving_backend_dies_mid_kernel() {
     boot(Firmware::Pxelinux, Failure::ServingBackend { file, share });
 }
 
+/// PXELINUX's kernel request reaches the balancer, which dies before the first answer
+/// passes it: the new one's nudge has the backend answer through it (an OACK PXELINUX never had).
+#[test]
+fn pxelinux_boots_while_the_active_balancer_dies_at_the_kernels_request() {
+    boot(Firmware::Pxelinux, Failure::ActiveBalancer { file: "vmlinuz", share: 0.0 });
+}
+
+/// The backend that holds iPXE's kernel request dies before its first answer: the session
+/// moves, and iPXE's own retransmission (from 0.25 s) reaches the new backend.
+#[test]
+fn ipxe_boots_while_the_serving_backend_dies_at_the_kernels_request() {
+    boot(Firmware::Ipxe, Failure::ServingBackend { file: "vmlinuz", share: 0.0 });
+}
+
 /// The suite's checks can fail: an initramfs whose payload lost a byte on its way prints another
 /// digest, and a damaged kernel does not boot (its decompressor stops at the bad CRC).
 #[test]

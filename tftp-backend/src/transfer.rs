@@ -109,8 +109,9 @@ pub struct ReadTransfer {
     clock: Clock,
     /// An OACK was (or is to be) sent and not acknowledged yet.
     oack_pending: bool,
-    /// When the OACK last went out: a repeated request soon after is a copy of the first.
-    oack_sent: Option<Instant>,
+    /// When the first answer (the OACK, or the first DATA) last went out: a repeated request
+    /// soon after is a copy of the first.
+    first_sent: Option<Instant>,
     /// Blocks after the last ACK may have been lost with a failed server or balancer (after a
     /// nudge or a resume): the next ACK gets a whole window, not only blocks never sent.
     resync: bool,
@@ -148,7 +149,7 @@ impl ReadTransfer {
             sent: 0,
             clock: Clock::new(pace),
             oack_pending: oack,
-            oack_sent: None,
+            first_sent: None,
             resync: false,
             resent: None,
             echoes: 0,
@@ -220,26 +221,44 @@ impl ReadTransfer {
     }
 
     /// The client repeated its request before acknowledging anything. Within half the timeout
-    /// of the OACK it is a copy of the first request (a duplicating network), and a second OACK
-    /// would abort the client; later, the OACK was lost, and the client asks again sooner than
-    /// the server's OACK timer would resend it.
+    /// of the first answer it is a copy of the first request (a duplicating network), and a
+    /// second OACK would abort the client; later, the first answer was lost (with a failed
+    /// balancer, say), and the client asks again sooner than the server's timer would resend
+    /// it: the OACK, or DATA 1 of a transfer without options.
     pub fn on_repeated_request(&mut self, now: Instant) -> Next {
-        match self.oack_sent {
-            Some(at) if self.oack_pending && now.saturating_duration_since(at) >= self.clock.pace.timeout / 2 => {
-                self.clock.resent(0, 0);
-                self.send_oack(now)
-            }
-            _ => Next::Nothing,
+        let lost = self.first_sent.is_some_and(|at| now.saturating_duration_since(at) >= self.clock.pace.timeout / 2);
+        if !lost {
+            return Next::Nothing;
         }
+        if self.oack_pending {
+            self.clock.resent(0, 0);
+            return self.send_oack(now);
+        }
+        if self.acked == 0 && self.sent > 0 {
+            return self.window_after(0, now);
+        }
+        Next::Nothing
+    }
+
+    /// A balancer that took over nudges a transfer whose first answer no reply of it ever
+    /// passed (its session has no context, and the client sent nothing to its TID): the
+    /// client still waits for that answer, and sends nothing more before its own timer
+    /// (GRUB, in the data phase, never). Sends it again now: the OACK, which the client cannot
+    /// have had, or the window after a block the client acknowledged.
+    pub fn on_unanswered_nudge(&mut self, now: Instant) -> Next {
+        if self.oack_pending {
+            return self.send_oack(now);
+        }
+        self.on_ack(self.acked, true, now)
     }
 
     fn send_oack(&mut self, now: Instant) -> Next {
-        if self.oack_sent.is_some() {
+        if self.first_sent.is_some() {
             self.clock.resent(0, 0);
         } else {
             self.clock.sent(0, now);
         }
-        self.oack_sent = Some(now);
+        self.first_sent = Some(now);
         Next::Send(0..=0)
     }
 
@@ -280,12 +299,10 @@ impl ReadTransfer {
             self.acked = self.last;
             return Next::Finished;
         }
-        if nudge && self.oack_pending && block == 0 {
-            // Whether the OACK or the client's ACK of it was lost with the failed balancer is
-            // unknown, and a client that sees a second OACK aborts: its own retransmission
-            // (RRQ or ACK 0) settles it.
-            return Next::Nothing;
-        }
+        // A nudge of block 0 while the OACK waits for its ACK comes from a balancer that saw
+        // the OACK pass (its session has the context) or the client send to its TID: the client
+        // has the OACK, and its ACK 0 was lost with the failed balancer. It goes on as that
+        // ACK (a second OACK would abort atftp); `on_unanswered_nudge` is the other case.
         // An ACK inside blocks resent lately may be an echo of that resend (the client had
         // them); any other ACK short of what was sent is a gap ACK.
         let echo_of_resend = self.resent.is_some_and(|(first, _, _)| block >= first);
@@ -387,6 +404,9 @@ impl ReadTransfer {
     /// Sends the window after `acked`; blocks in it that went out before are a resend, which
     /// the client may answer once per block it already had (see `echoes`).
     fn window_after(&mut self, acked: u32, now: Instant) -> Next {
+        if acked == 0 {
+            self.first_sent = Some(now);
+        }
         let first = acked + 1;
         let last = acked.saturating_add(u32::from(self.windowsize)).min(self.last);
         if first <= self.sent {
@@ -851,6 +871,47 @@ mod tests {
         assert_eq!(t.on_ack(0, false, t0 + 2601 * MS), Next::Send(1..=4));
         assert_eq!(t.on_repeated_request(t0 + 3000 * MS), Next::Nothing, "acknowledged: never again");
         assert!(t.wait() >= 1000 * MS, "the ACK of a resent OACK is no sample");
+    }
+
+    /// tftp-hpa asks no options: its first answer is DATA 1. Lost with a failed balancer, it
+    /// comes again on the repeated request (a copy of the request soon after gets nothing).
+    #[test]
+    fn a_repeated_request_well_after_data_1_gets_it_again() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(10_000), 512, 1, false, PACE).unwrap();
+        assert_eq!(t.start(t0), Next::Send(1..=1));
+        assert_eq!(t.on_repeated_request(t0 + 10 * MS), Next::Nothing, "a copy of the request");
+        assert_eq!(t.on_repeated_request(t0 + 600 * MS), Next::Send(1..=1), "DATA 1 was lost");
+        assert_eq!(t.on_repeated_request(t0 + 700 * MS), Next::Nothing, "that answer is 100 ms old");
+        assert_eq!(t.on_ack(1, false, t0 + 701 * MS), Next::Send(2..=2));
+        assert_eq!(t.on_repeated_request(t0 + 3000 * MS), Next::Nothing, "acknowledged: never again");
+    }
+
+    /// atftp aborts on a second OACK. A takeover's nudge of block 0 from a balancer that saw the
+    /// OACK pass means the client's ACK 0 was lost: DATA follows, no OACK.
+    #[test]
+    fn a_nudge_after_the_oack_passed_goes_on_as_its_ack() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(10_000), 512, 4, true, PACE).unwrap();
+        assert_eq!(t.start(t0), Next::Send(0..=0));
+        assert_eq!(t.on_ack(0, true, t0 + 150 * MS), Next::Send(1..=4));
+        assert_eq!(t.on_repeated_request(t0 + 900 * MS), Next::Send(1..=4), "the OACK counts as acknowledged: DATA again, never a second OACK");
+    }
+
+    /// GRUB never retransmits in the data phase, and every client waits for its own timer when
+    /// the first answer was lost with a failed balancer: a takeover's nudge of a session no
+    /// reply of which passed the balancers sends that answer again at once.
+    #[test]
+    fn an_unanswered_nudge_sends_the_first_answer_again() {
+        let t0 = now();
+        let mut t = ReadTransfer::new(source(10_000), 512, 4, true, PACE).unwrap();
+        assert_eq!(t.start(t0), Next::Send(0..=0));
+        assert_eq!(t.on_unanswered_nudge(t0 + 150 * MS), Next::Send(0..=0), "the OACK again");
+        assert_eq!(t.on_repeated_request(t0 + 200 * MS), Next::Nothing, "the client's repeat crossed it");
+        assert_eq!(t.on_ack(0, false, t0 + 201 * MS), Next::Send(1..=4));
+        let mut plain = ReadTransfer::new(source(10_000), 512, 1, false, PACE).unwrap();
+        assert_eq!(plain.start(t0), Next::Send(1..=1));
+        assert_eq!(plain.on_unanswered_nudge(t0 + 150 * MS), Next::Send(1..=1), "DATA 1 again");
     }
 
     /// The first exchange gives the first sample: a transfer with options measures the OACK.

@@ -76,6 +76,11 @@ pub const FLAG_FINISHED: u8 = 0x10;
 /// live backend reads gets a reply, so the watchdog's unanswered count is exact whatever the
 /// client sends.
 pub const FLAG_HEARD: u8 = 0x20;
+/// LB -> backend, on a nudge without context: the client sent to its TID while this balancer
+/// had no session for it, so the client holds the transfer's first answer (a balancer's
+/// takeover nudge without this flag and without context names a session no reply of which
+/// ever passed it: the client may still wait for its first answer).
+pub const FLAG_CLIENT_SENT: u8 = 0x40;
 
 /// Backend <-> backend, never through a balancer: a datagram of an upload's replication (the
 /// upload's request, its DATA and the replica's ACKs and ERRORs).

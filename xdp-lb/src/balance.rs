@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
-    Backend, BalanceCounter, ClientKey, Health, LbConfig, Session, SessionEvent, SteeringHeader,
+    Backend, BalanceCounter, ClientKey, Health, LbConfig, SessionEvent, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_FACING, BACKEND_LIVE, BACKEND_UNUSED, EVENT_CHANGED, MAX_BACKENDS, pace},
     names::{PROGRAM_BALANCE, ROLE_BALANCE},
     steering::FLAG_HEARTBEAT,
@@ -495,9 +495,7 @@ impl Agent {
             if self.sought.insert(key, now).is_some() {
                 continue;
             }
-            let mut session: Session = bytemuck::Zeroable::zeroed();
-            session.header.reset_for_client(key.ip, key.port, vip.octets(), key.tid());
-            let datagram = control::nudge(&session);
+            let datagram = control::nudge_unknown(key, vip.octets());
             for backend in &live {
                 let _ = self.socket.send_to(&datagram, backend).await;
             }

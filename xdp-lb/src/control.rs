@@ -18,7 +18,7 @@ use std::time::Duration;
 use xdp_lb_common::{
     ClientKey, Health, Session, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, MAX_BACKENDS},
-    steering::{FLAG_HAS_CONTEXT, FLAG_NUDGE},
+    steering::{FLAG_CLIENT_SENT, FLAG_HAS_CONTEXT, FLAG_NUDGE},
 };
 
 /// When to declare a backend dead.
@@ -503,6 +503,19 @@ pub fn nudge(session: &Session) -> Vec<u8> {
     datagram
 }
 
+/// The nudge that asks every live backend about a client that sent to its TID (`vip:tid`)
+/// while this balancer had no session for it. The backend holding the transfer resends from
+/// its own state; `CLIENT_SENT` tells it the client holds the first answer already, so an OACK
+/// awaiting its ACK is taken as acknowledged (a second OACK would abort atftp).
+#[must_use]
+pub fn nudge_unknown(key: ClientKey, vip: [u8; 4]) -> Vec<u8> {
+    let mut session: Session = bytemuck::Zeroable::zeroed();
+    session.header.reset_for_client(key.ip, key.port, vip, key.tid());
+    let mut datagram = nudge(&session);
+    datagram[..SteeringHeader::LEN].copy_from_slice(bytemuck::bytes_of(&SteeringHeader { flags: FLAG_CLIENT_SENT | FLAG_NUDGE, ..session.header }));
+    datagram
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,6 +814,16 @@ mod tests {
         let upload: SteeringHeader = *bytemuck::from_bytes(&nudge(&session)[..64]);
         assert!(upload.is_upload(), "an upload stays one, so its replica can take it");
         assert_eq!(upload.replica(), session.header.replica());
+    }
+
+    #[test]
+    fn a_nudge_about_an_unknown_client_says_the_client_sent_and_names_its_tid() {
+        let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
+        let datagram = nudge_unknown(key, [10, 0, 0, 1]);
+        let header: SteeringHeader = *bytemuck::from_bytes(&datagram[..64]);
+        assert_eq!(header.flags, FLAG_CLIENT_SENT | FLAG_NUDGE, "no context, but the client holds the first answer");
+        assert_eq!((header.client_ip, header.client_port, header.vip_ip, header.vip_port), (key.ip, key.port, [10, 0, 0, 1], key.tid().to_be_bytes()));
+        assert_eq!(&datagram[64..], &[0, 4, 0, 0]);
     }
 
     #[test]

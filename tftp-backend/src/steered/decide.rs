@@ -5,7 +5,7 @@
 
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE, expand_block},
+    steering::{FLAG_CLIENT_SENT, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE, expand_block},
 };
 
 use crate::{
@@ -102,7 +102,10 @@ pub struct AckPlan {
 pub enum AckBlock {
     /// A nudge from a balancer that lacks the context knows nothing of the blocks either:
     /// this server's own state (the highest block acknowledged) says where to resend from.
-    OwnState,
+    /// `client_sent`: the client sent to its TID (it holds the first answer); without it, no
+    /// reply of the session ever passed the balancer, and the client may still wait for the
+    /// first answer (`AckPlan::unanswered`).
+    OwnState { client_sent: bool },
     /// The client's 16-bit ACK, widened against what was sent. `view`: the balancer's view of
     /// what was sent, when the header has one; it bounds the widening after a move (a transfer
     /// that moved away and back has a stale copy here, which catches up to it first).
@@ -113,15 +116,26 @@ impl AckPlan {
     fn of(header: &SteeringHeader, block: u16) -> Self {
         let nudge = header.has_flag(FLAG_NUDGE);
         let context = header.has_flag(FLAG_HAS_CONTEXT);
-        let block = if nudge && !context { AckBlock::OwnState } else { AckBlock::Wire { block, view: context.then(|| header.block()) } };
+        let block = if nudge && !context {
+            AckBlock::OwnState { client_sent: header.has_flag(FLAG_CLIENT_SENT) }
+        } else {
+            AckBlock::Wire { block, view: context.then(|| header.block()) }
+        };
         Self { block, nudge }
+    }
+
+    /// A takeover's nudge of a session no reply of which passed the balancers: the first
+    /// answer (an OACK, say) may have been lost with the failed one, and the client waits for it.
+    #[must_use]
+    pub const fn unanswered(&self) -> bool {
+        matches!(self.block, AckBlock::OwnState { client_sent: false })
     }
 
     /// The acknowledged block in `transfer`'s count, after catching the transfer up to the
     /// balancer's view.
     pub fn block(&self, transfer: &mut ReadTransfer) -> u32 {
         match self.block {
-            AckBlock::OwnState => transfer.acked(),
+            AckBlock::OwnState { .. } => transfer.acked(),
             AckBlock::Wire { block, view } => {
                 if let Some(view) = view {
                     transfer.catch_up(view);
@@ -218,7 +232,7 @@ mod tests {
 
     use xdp_lb_common::{
         SteeringHeader,
-        steering::{FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
+        steering::{FLAG_CLIENT_SENT, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARTBEAT, FLAG_NUDGE},
     };
 
     use super::{AckBlock, AckPlan, Action, BEYOND_LIMITS, Known, Seen, UNKNOWN_TRANSFER, decide};
@@ -338,10 +352,23 @@ mod tests {
 
     #[test]
     fn a_nudge_without_context_resends_from_this_servers_own_state() {
-        let plan = AckPlan { block: AckBlock::OwnState, nudge: true };
+        let plan = AckPlan { block: AckBlock::OwnState { client_sent: false }, nudge: true };
         assert_eq!(decide(&header(FLAG_NUDGE), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
         let plan = AckPlan { block: AckBlock::Wire { block: 9, view: Some(30) }, nudge: true };
         assert_eq!(decide(&with_context(FLAG_NUDGE, 512, 16, 30), ack(9), &reading(4, "f.bin"), &config(10)), Action::Ack(plan));
+    }
+
+    /// A takeover's nudge of a session without context names a transfer no reply of which
+    /// passed the balancers: its first answer may be lost (GRUB waits for the server). A nudge
+    /// about a client that sent to its TID (`CLIENT_SENT`), or one with the context, does not.
+    #[test]
+    fn only_a_nudge_without_context_nor_word_from_the_client_is_unanswered() {
+        assert!(AckPlan::of(&header(FLAG_NUDGE), 0).unanswered());
+        assert!(!AckPlan::of(&header(FLAG_NUDGE | FLAG_CLIENT_SENT), 0).unanswered(), "the client sent to its TID");
+        assert!(!AckPlan::of(&with_context(FLAG_NUDGE, 512, 16, 0), 0).unanswered(), "the OACK passed a balancer");
+        assert!(!AckPlan::of(&header(0), 0).unanswered(), "the client's own ACK");
+        let plan = AckPlan { block: AckBlock::OwnState { client_sent: true }, nudge: true };
+        assert_eq!(decide(&header(FLAG_NUDGE | FLAG_CLIENT_SENT), ack(0), &reading(0, "f.bin"), &config(10)), Action::Ack(plan));
     }
 
     #[test]
@@ -482,6 +509,6 @@ mod tests {
     #[test]
     fn a_nudge_from_own_state_resends_after_the_last_ack() {
         let mut transfer = download(100, 40);
-        assert_eq!(AckPlan { block: AckBlock::OwnState, nudge: true }.block(&mut transfer), transfer.acked());
+        assert_eq!(AckPlan { block: AckBlock::OwnState { client_sent: false }, nudge: true }.block(&mut transfer), transfer.acked());
     }
 }

@@ -52,6 +52,17 @@ impl Digests {
         true
     }
 
+    /// A balancer that took over nudges `key` while its request waits for a digest here: the
+    /// answer goes through that balancer when the digest is ready (the request came through
+    /// the failed one, and the client would wait for its own retransmission).
+    pub fn redirect(&mut self, key: SessionKey, to: SocketAddr) {
+        for (datagram, from) in self.waiting.values_mut().flatten() {
+            if steering_header(datagram).is_some_and(|header| SessionKey::of(&header) == key) {
+                *from = to;
+            }
+        }
+    }
+
     /// The datagrams whose file was hashed since, once one was (never while none waits).
     pub async fn ready(&mut self) -> Vec<Deferred> {
         // Never closed: `self` holds a sender.
@@ -79,4 +90,24 @@ fn file_to_digest(root: &mut Root, sessions: &Sessions, datagram: &[u8]) -> Opti
     };
     let (file, _) = root.open_read(&relative).ok()?;
     root.cached_digest(&file).is_none().then_some(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use xdp_lb_common::SteeringHeader;
+
+    use super::{Digests, SessionKey};
+
+    #[test]
+    fn a_request_waiting_for_its_digest_is_answered_through_the_balancer_that_took_over() {
+        let (old, new): (std::net::SocketAddr, std::net::SocketAddr) = ("10.77.0.2:7000".parse().unwrap(), "10.77.0.3:7000".parse().unwrap());
+        let ours = SteeringHeader::for_client([10, 78, 0, 50], 40_000, [10, 77, 9, 100], 20_000);
+        let other = SteeringHeader::for_client([10, 78, 0, 51], 40_000, [10, 77, 9, 100], 20_001);
+        let mut digests = Digests::new();
+        let file: crate::files::FileId = (1, 2, 3, 4);
+        digests.waiting.insert(file, vec![(bytemuck::bytes_of(&ours).to_vec(), old), (bytemuck::bytes_of(&other).to_vec(), old)]);
+        digests.redirect(SessionKey::of(&ours), new);
+        let waiting = &digests.waiting[&file];
+        assert_eq!((waiting[0].1, waiting[1].1), (new, old), "only the nudged client's request moves");
+    }
 }

@@ -262,9 +262,13 @@ impl Steered {
                 self.refuse(&header, from, &service::BUSY).await;
             }
             Action::RepeatedRequest { filename } => {
-                // Only a repeat well after the OACK (lost, then) gets it again.
+                // Only a repeat well after the first answer (lost, then) gets it again, through
+                // the balancer the repeat came by: after a failover the first one is gone.
                 let next = match self.sessions.get_mut(key) {
-                    Some(Session { kind: Kind::Read(transfer), .. }) => transfer.on_repeated_request(Instant::now()),
+                    Some(Session { kind: Kind::Read(transfer), lb, .. }) => {
+                        *lb = from;
+                        transfer.on_repeated_request(Instant::now())
+                    }
                     _ => Next::Nothing,
                 };
                 debug!(client = %key, file = filename, ?next, "repeated request");
@@ -303,7 +307,11 @@ impl Steered {
                 debug!(client = %key, "ACK for a download that finished here");
                 self.finished(&header, from).await;
             }
-            Action::NudgeElsewhere => debug!(client = %key, "nudge for a transfer not served here"),
+            Action::NudgeElsewhere => {
+                // Perhaps its request waits here for a digest: answered through `from` then.
+                self.digests.redirect(key, from);
+                debug!(client = %key, "nudge for a transfer not served here");
+            }
             Action::Data { block, data } => self.data(key, block, data, from).await,
             Action::ClientAborted { code, message } => {
                 debug!(client = %key, ?code, message, "client aborted");
@@ -370,7 +378,7 @@ impl Steered {
         let Some(Session { kind: Kind::Read(transfer), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
         let block = plan.block(transfer);
-        let next = transfer.on_ack(block, plan.nudge, Instant::now());
+        let next = if plan.unanswered() { transfer.on_unanswered_nudge(Instant::now()) } else { transfer.on_ack(block, plan.nudge, Instant::now()) };
         debug!(client = %key, block, nudge = plan.nudge, ?next, wait = ?transfer.wait(), "ack");
         self.read_next(key, next).await;
     }
