@@ -366,9 +366,11 @@ pub fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option
 
 /// The longest time in `window` after `since` during which the balancers delivered no reply
 /// to a client (sampled as fast as `xdp-lb status` answers, ~10 ms): the data stall a failure
-/// at `since` caused.
+/// at `since` caused. `window` itself when no reply came at all: the stall lasted at least that
+/// long (a client's own retransmission timeout, say), not none.
 pub fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duration {
-    let (mut last, mut last_change, mut longest) = (cluster.delivered(), since, Duration::ZERO);
+    let first = cluster.delivered();
+    let (mut last, mut last_change, mut longest) = (first, since, Duration::ZERO);
     while since.elapsed() < window {
         let now = cluster.delivered();
         if now != last {
@@ -377,7 +379,7 @@ pub fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Dur
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    longest
+    if last == first { window } else { longest }
 }
 
 /// How long after `since` the balancers delivered their next reply to a client (`None`: not
@@ -403,7 +405,7 @@ pub fn milestones(console: &str) -> Vec<String> {
         .lines()
         .filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "U-Boot 20", "Bytes transferred", "Retry", "Starting kernel", "Linux version", "XDPLB", "crc error", "halted", "Power down"].iter().any(|m| l.contains(m)))
         // U-Boot's download progress and its environment's origin are no milestones.
-        .filter(|l| !["Loading: ", "Loading Environment"].iter().any(|m| l.contains(m)))
+        .filter(|l| !["Loading: ", "Loading Environment", "Loading Ramdisk", "Loading Device Tree"].iter().any(|m| l.contains(m)))
         .take(12)
         .map(|l| l.trim().to_owned())
         .collect()

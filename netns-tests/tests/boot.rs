@@ -225,6 +225,13 @@ fn uboot_boots_while_the_serving_backend_dies_mid_kernel() {
     boot(Firmware::UBoot, Failure::ServingBackend { file: Firmware::UBoot.kernel(), share: MID_KERNEL.1 });
 }
 
+/// U-Boot resends its request only after its 5 s timeout: a balancer killed between the
+/// kernel's request and its first answer must not cost that.
+#[test]
+fn uboot_boots_while_the_active_balancer_dies_at_the_kernels_request() {
+    boot(Firmware::UBoot, Failure::ActiveBalancer { file: Firmware::UBoot.kernel(), share: 0.0 });
+}
+
 /// U-Boot's own check: a kernel damaged on the server (sixteen bytes flipped after the harness
 /// computed the CRC the script expects) makes U-Boot print its mismatch and power off unbooted.
 #[test]
