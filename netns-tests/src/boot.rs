@@ -411,6 +411,27 @@ pub fn milestones(console: &str) -> Vec<String> {
         .collect()
 }
 
+/// How often U-Boot's TFTP timed out waiting for the server, per file it fetched (its progress
+/// lines, `Loading: *` and the `#` lines after it, show a `T` for each; `Filename '...'.` names
+/// the file): after a failure, a count above zero means the client's own timeout (5 s), not the
+/// balancers, ended a stall.
+#[must_use]
+pub fn uboot_timeouts(console: &str) -> Vec<(String, usize)> {
+    let progress = |line: &str| {
+        let marks = line.strip_prefix("Loading:").unwrap_or(line).trim();
+        !marks.is_empty() && marks.chars().all(|c| matches!(c, '#' | 'T' | '*' | ' '))
+    };
+    let mut files: Vec<(String, usize)> = Vec::new();
+    for line in console.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("Filename '").and_then(|rest| rest.strip_suffix("'.")) {
+            files.push((name.to_owned(), 0));
+        } else if let Some((_, count)) = files.last_mut().filter(|_| progress(line)) {
+            *count += line.matches('T').count();
+        }
+    }
+    files
+}
+
 /// What a console says about a boot: whether `/init` ran, and the payload digest it printed.
 #[must_use]
 pub fn booted(console: &str) -> (bool, Option<String>) {
@@ -443,6 +464,14 @@ mod tests {
         }
         assert_eq!(Firmware::Pxelinux.kernel_blksize(), 1408, "syslinux core/fs/pxe/tftp.c asks blksize 1408");
         assert_eq!(Firmware::UBoot.kernel_blksize(), 1468, "U-Boot's CONFIG_TFTP_BLOCKSIZE default");
+    }
+
+    #[test]
+    fn uboot_timeouts_are_the_ts_in_its_progress_lines() {
+        let console = "Filename 'vmlinuz-arm64'.\nLoading: *#######T ###\r\n\t #####TT##\n\t 3.2 MiB/s\nXDPLB-UBOOT-CRC-OK vmlinuz-arm64\nTFTP from server\n";
+        assert_eq!(uboot_timeouts(console), [("vmlinuz-arm64".to_owned(), 3)], "only the progress lines count");
+        let clean = "Filename 'boot.scr.uimg'.\nLoading: *#\nFilename 'initrd-arm64.img'.\nLoading: *########\n\t ####\ndone\n";
+        assert_eq!(uboot_timeouts(clean), [("boot.scr.uimg".to_owned(), 0), ("initrd-arm64.img".to_owned(), 0)]);
     }
 
     #[test]

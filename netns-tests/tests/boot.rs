@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    boot::{BootFiles, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp},
+    boot::{BootFiles, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp, uboot_timeouts},
     cluster::Cluster,
     pair_topology::SWITCH_CLIENT_SIDE,
 };
@@ -73,6 +73,9 @@ fn boot(firmware: Firmware, failure: Failure) {
         println!("    console: {line}");
     }
     let (ran, digest) = booted(&console);
+    if firmware == Firmware::UBoot {
+        println!("    U-Boot's TFTP timeouts per file: {:?}", uboot_timeouts(&console));
+    }
     println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
     assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
     assert_eq!(digest.as_deref(), Some(files.payload_sha256.as_str()), "{firmware:?}, {failure:?}: the initramfs arrived damaged");
