@@ -290,7 +290,8 @@ impl Firmware {
 }
 
 /// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
-/// (created here, removed with the namespace or on drop); its serial console is its log.
+/// (created here, removed with the namespace or on drop); its serial console is its log. With
+/// `XDPLB_BOOT_PCAP=PREFIX` in the environment its card's traffic goes to `PREFIX-NAME.pcap`.
 pub struct Machine {
     pub qemu: Process,
     net_path: PathBuf,
@@ -320,6 +321,10 @@ impl Machine {
             // U-Boot's own virtio-net driver; no option ROM (U-Boot would not run it anyway).
             Firmware::UBoot => command.args(["-bios", UBOOT_ARM64, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
         };
+        // What the machine's card sent and received, for a boot to study afterwards.
+        if let Some(pcap) = std::env::var_os("XDPLB_BOOT_PCAP") {
+            command.args(["-object", &format!("filter-dump,id=d0,netdev=n0,file={}-{name}.pcap", pcap.to_string_lossy())]);
+        }
         let qemu = Process::spawn(prefix.name(&format!("vm-{name}")), command)?;
         Ok(Self { qemu, net_path: net.path(), tap, started: Instant::now() })
     }
