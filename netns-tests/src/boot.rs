@@ -427,7 +427,9 @@ pub fn uboot_timeouts(console: &str) -> Vec<(String, usize)> {
         !marks.is_empty() && marks.chars().all(|c| matches!(c, '#' | 'T' | '*' | ' '))
     };
     let mut files: Vec<(String, usize)> = Vec::new();
-    for line in console.lines().map(str::trim) {
+    // U-Boot draws `Loading: *` and a backspace, so that the first mark overwrites the star.
+    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
+    for line in plain.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("Filename '").and_then(|rest| rest.strip_suffix("'.")) {
             files.push((name.to_owned(), 0));
         } else if let Some((_, count)) = files.last_mut().filter(|_| progress(line)) {
@@ -473,7 +475,7 @@ mod tests {
 
     #[test]
     fn uboot_timeouts_are_the_ts_in_its_progress_lines() {
-        let console = "Filename 'vmlinuz-arm64'.\nLoading: *#######T ###\r\n\t #####TT##\n\t 3.2 MiB/s\nXDPLB-UBOOT-CRC-OK vmlinuz-arm64\nTFTP from server\n";
+        let console = "Filename 'vmlinuz-arm64'.\nLoading: *\u{8}T #######T ###\r\n\t #####T##\n\t 3.2 MiB/s\nXDPLB-UBOOT-CRC-OK vmlinuz-arm64\nTFTP from server\n";
         assert_eq!(uboot_timeouts(console), [("vmlinuz-arm64".to_owned(), 3)], "only the progress lines count");
         let clean = "Filename 'boot.scr.uimg'.\nLoading: *#\nFilename 'initrd-arm64.img'.\nLoading: *########\n\t ####\ndone\n";
         assert_eq!(uboot_timeouts(clean), [("boot.scr.uimg".to_owned(), 0), ("initrd-arm64.img".to_owned(), 0)]);
