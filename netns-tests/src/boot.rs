@@ -4,7 +4,9 @@
 //! firmware fetches through the VIP: a Linux kernel (Debian's, unpacked by `cargo xtask setup`)
 //! and an initramfs whose `/init` prints the SHA-256 of a payload it carries and a marker,
 //! then powers the machine off. A damaged kernel does not boot; a damaged initramfs prints
-//! another digest.
+//! another digest. U-Boot boots an arm64 machine (QEMU `virt`) with Debian's arm64 kernel and
+//! an arm64 initramfs carrying the same payload, and checks both downloads with its own
+//! `crc32` before it boots them.
 
 use std::{
     path::{Path, PathBuf},
@@ -31,28 +33,44 @@ const GRUB_EFI_MODULES: &str = "/usr/lib/grub/x86_64-efi";
 const PXELINUX: &str = "/usr/lib/PXELINUX/pxelinux.0";
 /// Its second stage (`syslinux-common`), which reads the configuration and loads the kernel.
 const LDLINUX: &str = "/usr/lib/syslinux/modules/bios/ldlinux.c32";
+/// U-Boot for QEMU's arm64 `virt` machine (`u-boot-qemu`), started as its firmware.
+const UBOOT_ARM64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
+/// Where `cargo xtask setup` puts Debian's arm64 kernel (its `Image` gzipped: `booti`
+/// decompresses it, and a third of the size goes through TFTP) and arm64 static busybox.
+pub const ARM64_KERNEL: &str = "/opt/xdp-lb-tools/arm64/vmlinuz";
+const ARM64_BUSYBOX: &str = "/opt/xdp-lb-tools/arm64/bin/busybox";
 
 /// The kernel command line every loader passes: the console on the serial port (the test
 /// reads it), early output so that a damaged kernel shows its decompressor's verdict.
 const KERNEL_ARGS: &str = "console=ttyS0 earlyprintk=ttyS0 quiet panic=-1 rdinit=/init";
+/// The same for the arm64 `virt` machine, whose serial port is a PL011.
+const ARM64_KERNEL_ARGS: &str = "console=ttyAMA0 quiet panic=-1 rdinit=/init";
 
 /// The line `/init` prints once it ran, and the one before it with the payload's digest.
 pub const BOOTED: &str = "XDPLB-BOOTED";
 pub const PAYLOAD: &str = "XDPLB-PAYLOAD";
+/// What U-Boot's script prints once a download's CRC-32 matched, or did not (then it powers
+/// the machine off instead of booting), each followed by the file's name.
+pub const UBOOT_CRC_OK: &str = "XDPLB-UBOOT-CRC-OK";
+pub const UBOOT_CRC_MISMATCH: &str = "XDPLB-UBOOT-CRC-MISMATCH";
 
 /// The files a machine boots, in the backends' root.
 #[derive(Clone, Debug)]
 pub struct BootFiles {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// U-Boot's: the arm64 kernel and initramfs (the same payload inside).
+    pub arm64_kernel: PathBuf,
+    pub arm64_initrd: PathBuf,
     /// SHA-256 (hex) of the payload inside the initramfs.
     pub payload_sha256: String,
 }
 
 /// Puts the kernel, an initramfs with a `payload_bytes` payload, and each firmware's loader
-/// and configuration (the iPXE script `boot.ipxe`, GRUB, PXELINUX) into `root`.
+/// and configuration (the iPXE script `boot.ipxe`, GRUB, PXELINUX, U-Boot's script with the
+/// arm64 kernel and initramfs) into `root`.
 pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<BootFiles> {
-    for needed in [KERNEL, BUSYBOX, IPXE_E1000, OVMF, GRUB_EFI_MODULES, PXELINUX, LDLINUX] {
+    for needed in [KERNEL, BUSYBOX, IPXE_E1000, OVMF, GRUB_EFI_MODULES, PXELINUX, LDLINUX, UBOOT_ARM64, ARM64_KERNEL, ARM64_BUSYBOX] {
         if !Path::new(needed).exists() {
             return Err(io_error(format!("{needed} is missing: run `cargo xtask setup` (the boot suite needs it)"))(std::io::Error::from(
                 std::io::ErrorKind::NotFound,
@@ -61,17 +79,19 @@ pub fn make_boot_files(root: &Path, payload_bytes: usize, seed: u64) -> Result<B
     }
     let kernel = root.join("vmlinuz");
     std::fs::copy(KERNEL, &kernel).map_err(io_error(format!("copy {KERNEL}")))?;
-    let tree = std::env::temp_dir().join(RunPrefix::new().name("initramfs"));
-    let result = initramfs(&tree, &root.join("initrd.img"), payload_bytes, seed);
-    let _ = std::fs::remove_dir_all(&tree);
-    let payload_sha256 = result?;
+    let payload_sha256 = initramfs(BUSYBOX, &root.join("initrd.img"), payload_bytes, seed)?;
+    let arm64_kernel = root.join(Firmware::UBoot.kernel());
+    std::fs::copy(ARM64_KERNEL, &arm64_kernel).map_err(io_error(format!("copy {ARM64_KERNEL}")))?;
+    let arm64_initrd = root.join(Firmware::UBoot.initrd());
+    initramfs(ARM64_BUSYBOX, &arm64_initrd, payload_bytes, seed)?;
     let script = format!(
         "#!ipxe\nkernel tftp://{VIP}/vmlinuz {KERNEL_ARGS}\ninitrd tftp://{VIP}/initrd.img\nboot\n"
     );
     std::fs::write(root.join("boot.ipxe"), script).map_err(io_error("write boot.ipxe"))?;
     grub_image(root)?;
     pxelinux(root)?;
-    Ok(BootFiles { kernel, initrd: root.join("initrd.img"), payload_sha256 })
+    uboot_script(root, &arm64_kernel, &arm64_initrd)?;
+    Ok(BootFiles { kernel, initrd: root.join("initrd.img"), arm64_kernel, arm64_initrd, payload_sha256 })
 }
 
 /// GRUB for UEFI network boot: `grubx64.efi` (what EDK2's PXE fetches and starts), whose prefix
@@ -109,11 +129,59 @@ fn pxelinux_config() -> String {
     format!("SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {KERNEL_ARGS}\n")
 }
 
-/// Builds an uncompressed newc cpio initramfs at `out` from a tree made in `tree`; returns the
-/// payload's SHA-256.
-fn initramfs(tree: &Path, out: &Path, payload_bytes: usize, seed: u64) -> Result<String> {
+/// U-Boot's `boot.scr.uimg` (what its distro boot's `dhcp` target fetches and sources), made
+/// with `mkimage` from [`uboot_commands`] for the kernel and initramfs in the root.
+fn uboot_script(root: &Path, kernel: &Path, initrd: &Path) -> Result<()> {
+    let crc = |path: &Path| std::fs::read(path).map(|bytes| crc32fast::hash(&bytes)).map_err(io_error(format!("read {}", path.display())));
+    let commands = root.join("boot.cmd");
+    std::fs::write(&commands, uboot_commands(crc(kernel)?, crc(initrd)?)).map_err(io_error("write boot.cmd"))?;
+    let (source, image) = (commands.display().to_string(), root.join(Firmware::UBoot.boot_file()).display().to_string());
+    run("mkimage", &["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-n", "xdp-lb boot", "-d", &source, &image])?;
+    std::fs::remove_file(&commands).map_err(io_error("remove boot.cmd"))
+}
+
+/// Where U-Boot's `crc32` stores each download's CRC (in the `virt` machine's RAM, clear of the
+/// kernel, the initramfs and `booti`'s decompression buffer).
+const UBOOT_CRC_AT: [u32; 2] = [0x4f00_0000, 0x4f00_0004];
+
+/// The commands of U-Boot's script: fetch the kernel and the initramfs with U-Boot's own TFTP
+/// (from `serverip`, the next-server DHCP named: the VIP), check each with `crc32` against the
+/// CRC-32 the harness computed, and `booti` them only if both match. This `crc32` has no
+/// verify option and stores its result big-endian, so `itest.l` compares it read back as a
+/// little-endian word with the CRC's bytes swapped.
+fn uboot_commands(kernel_crc: u32, initrd_crc: u32) -> String {
+    let [kernel_at, initrd_at] = UBOOT_CRC_AT;
+    let (kernel, initrd) = (Firmware::UBoot.kernel(), Firmware::UBoot.initrd());
+    let check = |at: u32, crc: u32| format!("itest.l *{at:#x} == {:#x}", crc.swap_bytes());
+    let verdict = |at: u32, crc: u32, file: &str| {
+        format!("if {}; then echo {UBOOT_CRC_OK} {file}; else echo {UBOOT_CRC_MISMATCH} {file}; fi\n", check(at, crc))
+    };
+    format!(
+        "echo XDPLB-UBOOT loading {kernel}\ntftpboot ${{kernel_addr_r}} {kernel}\nsetenv kernel_comp_size ${{filesize}}\n\
+         crc32 ${{kernel_addr_r}} ${{filesize}} {kernel_at:#x}\n{}\
+         echo XDPLB-UBOOT loading {initrd}\ntftpboot ${{ramdisk_addr_r}} {initrd}\nsetenv initrd_size ${{filesize}}\n\
+         crc32 ${{ramdisk_addr_r}} ${{filesize}} {initrd_at:#x}\n{}\
+         setenv kernel_comp_addr_r 0x48000000\nsetenv bootargs \"{ARM64_KERNEL_ARGS}\"\n\
+         if {} && {}; then booti ${{kernel_addr_r}} ${{ramdisk_addr_r}}:${{initrd_size}} ${{fdtcontroladdr}}; fi\npoweroff\n",
+        verdict(kernel_at, kernel_crc, kernel),
+        verdict(initrd_at, initrd_crc, initrd),
+        check(kernel_at, kernel_crc),
+        check(initrd_at, initrd_crc),
+    )
+}
+
+/// Builds an uncompressed newc cpio initramfs at `out` around `busybox` (the machine's
+/// architecture); returns the payload's SHA-256.
+fn initramfs(busybox: &str, out: &Path, payload_bytes: usize, seed: u64) -> Result<String> {
+    let tree = std::env::temp_dir().join(RunPrefix::new().name("initramfs"));
+    let result = initramfs_tree(busybox, &tree, out, payload_bytes, seed);
+    let _ = std::fs::remove_dir_all(&tree);
+    result
+}
+
+fn initramfs_tree(busybox: &str, tree: &Path, out: &Path, payload_bytes: usize, seed: u64) -> Result<String> {
     std::fs::create_dir_all(tree.join("bin")).map_err(io_error("initramfs tree"))?;
-    std::fs::copy(BUSYBOX, tree.join("bin/busybox")).map_err(io_error("copy busybox"))?;
+    std::fs::copy(busybox, tree.join("bin/busybox")).map_err(io_error("copy busybox"))?;
     crate::files::make_file(&tree.join("payload"), payload_bytes, seed)?;
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox mkdir -p /proc\n/bin/busybox mount -t proc proc /proc\n\
@@ -156,6 +224,12 @@ pub enum Firmware {
     /// syslinux's own TFTP client (tsize and blksize 1408 asked; any other option in the OACK
     /// aborts it) over iPXE's PXE UDP API.
     Pxelinux,
+    /// U-Boot on QEMU's arm64 `virt` machine with a virtio-net card: its distro boot's `dhcp`
+    /// target fetches `boot.scr.uimg` and sources it; the script fetches the arm64 kernel and
+    /// initramfs with U-Boot's TFTP (`timeout 5`, blksize 1468, no windowsize; ACKs resent
+    /// after 5 s; any ERROR but 1 and 2 restarts the download), checks their CRC-32 and
+    /// `booti`s them.
+    UBoot,
 }
 
 impl Firmware {
@@ -166,6 +240,25 @@ impl Firmware {
             Self::Ipxe => "boot.ipxe",
             Self::UefiGrub => "grubx64.efi",
             Self::Pxelinux => "pxelinux.0",
+            Self::UBoot => "boot.scr.uimg",
+        }
+    }
+
+    /// The kernel it boots, in the backends' root.
+    #[must_use]
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Self::Ipxe | Self::UefiGrub | Self::Pxelinux => "vmlinuz",
+            Self::UBoot => "vmlinuz-arm64",
+        }
+    }
+
+    /// The initramfs it boots, in the backends' root.
+    #[must_use]
+    pub fn initrd(self) -> &'static str {
+        match self {
+            Self::Ipxe | Self::UefiGrub | Self::Pxelinux => "initrd.img",
+            Self::UBoot => "initrd-arm64.img",
         }
     }
 
@@ -176,6 +269,7 @@ impl Firmware {
             Self::Ipxe => &["boot.ipxe", "vmlinuz", "initrd.img"],
             Self::UefiGrub => &["grubx64.efi", "grub.cfg", "vmlinuz", "initrd.img"],
             Self::Pxelinux => &["pxelinux.0", "ldlinux.c32", "pxelinux.cfg/default", "vmlinuz", "initrd.img"],
+            Self::UBoot => &["boot.scr.uimg", "vmlinuz-arm64", "initrd-arm64.img"],
         }
     }
 
@@ -187,12 +281,17 @@ impl Firmware {
             Self::Ipxe => 1432,
             Self::UefiGrub => 1024,
             Self::Pxelinux => 1408,
+            // U-Boot's CONFIG_TFTP_BLOCKSIZE default, granted whole: the topology's links carry
+            // 1600 bytes, so the backends' path-MTU clamp (1600 - 96) stays above it, and the
+            // DATA the balancer forwards without the steering header fits the client's 1500.
+            Self::UBoot => 1468,
         }
     }
 }
 
 /// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
-/// (created here, removed with the namespace or on drop); its serial console is its log.
+/// (created here, removed with the namespace or on drop); its serial console is its log. With
+/// `XDPLB_BOOT_PCAP=PREFIX` in the environment its card's traffic goes to `PREFIX-NAME.pcap`.
 pub struct Machine {
     pub qemu: Process,
     net_path: PathBuf,
@@ -207,16 +306,25 @@ impl Machine {
         net.ip(&["link", "set", &tap, "master", bridge])?;
         net.ip(&["link", "set", &tap, "up"])?;
         let mut command = Command::new("nsenter");
-        command.arg(format!("--net={}", net.path().display())).arg("--").arg("qemu-system-x86_64");
-        command.args(["-machine", "pc", "-accel", "tcg", "-m", "512", "-display", "none", "-serial", "stdio", "-monitor", "none"]);
-        command.args(["-no-reboot", "-boot", "n"]);
+        command.arg(format!("--net={}", net.path().display())).arg("--");
+        match firmware {
+            Firmware::UBoot => command.args(["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a57"]),
+            Firmware::Ipxe | Firmware::UefiGrub | Firmware::Pxelinux => command.args(["qemu-system-x86_64", "-machine", "pc", "-boot", "n"]),
+        };
+        command.args(["-accel", "tcg", "-m", "512", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]);
         command.args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")]);
         match firmware {
             Firmware::Ipxe | Firmware::Pxelinux => command.args(["-device", &format!("e1000,netdev=n0,mac={mac},romfile={IPXE_E1000}")]),
             // OVMF's own virtio-net driver and network stack (no option ROM: iPXE's EFI build
             // would take the boot over), so EDK2's PXE and TFTP fetch the boot file.
             Firmware::UefiGrub => command.args(["-bios", OVMF, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
+            // U-Boot's own virtio-net driver; no option ROM (U-Boot would not run it anyway).
+            Firmware::UBoot => command.args(["-bios", UBOOT_ARM64, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
         };
+        // What the machine's card sent and received, for a boot to study afterwards.
+        if let Some(pcap) = std::env::var_os("XDPLB_BOOT_PCAP") {
+            command.args(["-object", &format!("filter-dump,id=d0,netdev=n0,file={}-{name}.pcap", pcap.to_string_lossy())]);
+        }
         let qemu = Process::spawn(prefix.name(&format!("vm-{name}")), command)?;
         Ok(Self { qemu, net_path: net.path(), tap, started: Instant::now() })
     }
@@ -263,9 +371,11 @@ pub fn progress(cluster: &Cluster, file: &str, bytes: u64, share: f64) -> Option
 
 /// The longest time in `window` after `since` during which the balancers delivered no reply
 /// to a client (sampled as fast as `xdp-lb status` answers, ~10 ms): the data stall a failure
-/// at `since` caused.
+/// at `since` caused. `window` itself when no reply came at all: the stall lasted at least that
+/// long (a client's own retransmission timeout, say), not none.
 pub fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Duration {
-    let (mut last, mut last_change, mut longest) = (cluster.delivered(), since, Duration::ZERO);
+    let first = cluster.delivered();
+    let (mut last, mut last_change, mut longest) = (first, since, Duration::ZERO);
     while since.elapsed() < window {
         let now = cluster.delivered();
         if now != last {
@@ -274,7 +384,7 @@ pub fn longest_pause(cluster: &Cluster, since: Instant, window: Duration) -> Dur
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    longest
+    if last == first { window } else { longest }
 }
 
 /// How long after `since` the balancers delivered their next reply to a client (`None`: not
@@ -298,10 +408,35 @@ pub fn milestones(console: &str) -> Vec<String> {
     let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
     plain
         .lines()
-        .filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "Linux version", "XDPLB", "crc error", "halted", "Power down"].iter().any(|m| l.contains(m)))
+        .filter(|l| ["PXE", "NBP", "loading", "Loading", "iPXE", "tftp://", "U-Boot 20", "Bytes transferred", "Retry", "Starting kernel", "Linux version", "XDPLB", "crc error", "halted", "Power down"].iter().any(|m| l.contains(m)))
+        // U-Boot's download progress and its environment's origin are no milestones.
+        .filter(|l| !["Loading: ", "Loading Environment", "Loading Ramdisk", "Loading Device Tree"].iter().any(|m| l.contains(m)))
         .take(12)
         .map(|l| l.trim().to_owned())
         .collect()
+}
+
+/// How often U-Boot's TFTP timed out waiting for the server, per file it fetched (its progress
+/// lines, `Loading: *` and the `#` lines after it, show a `T` for each; `Filename '...'.` names
+/// the file): after a failure, a count above zero means the client's own timeout (5 s), not the
+/// balancers, ended a stall.
+#[must_use]
+pub fn uboot_timeouts(console: &str) -> Vec<(String, usize)> {
+    let progress = |line: &str| {
+        let marks = line.strip_prefix("Loading:").unwrap_or(line).trim();
+        !marks.is_empty() && marks.chars().all(|c| matches!(c, '#' | 'T' | '*' | ' '))
+    };
+    let mut files: Vec<(String, usize)> = Vec::new();
+    // U-Boot draws `Loading: *` and a backspace, so that the first mark overwrites the star.
+    let plain: String = console.chars().filter(|c| *c == '\n' || !c.is_control()).collect();
+    for line in plain.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("Filename '").and_then(|rest| rest.strip_suffix("'.")) {
+            files.push((name.to_owned(), 0));
+        } else if let Some((_, count)) = files.last_mut().filter(|_| progress(line)) {
+            *count += line.matches('T').count();
+        }
+    }
+    files
 }
 
 /// What a console says about a boot: whether `/init` ran, and the payload digest it printed.
@@ -326,12 +461,43 @@ mod tests {
 
     #[test]
     fn each_firmware_fetches_its_boot_file_first_and_ends_with_kernel_and_initramfs() {
-        for firmware in [Firmware::Ipxe, Firmware::UefiGrub, Firmware::Pxelinux] {
+        for firmware in [Firmware::Ipxe, Firmware::UefiGrub, Firmware::Pxelinux, Firmware::UBoot] {
             let files = firmware.files();
             assert_eq!(files[0], firmware.boot_file(), "{firmware:?}");
-            assert!(files.ends_with(&["vmlinuz", "initrd.img"]), "{firmware:?}: {files:?}");
+            assert!(files.ends_with(&[firmware.kernel(), firmware.initrd()]), "{firmware:?}: {files:?}");
+        }
+        for firmware in [Firmware::Ipxe, Firmware::UefiGrub, Firmware::Pxelinux] {
+            assert_eq!((firmware.kernel(), firmware.initrd()), ("vmlinuz", "initrd.img"), "{firmware:?}: the x86 kernel");
         }
         assert_eq!(Firmware::Pxelinux.kernel_blksize(), 1408, "syslinux core/fs/pxe/tftp.c asks blksize 1408");
+        assert_eq!(Firmware::UBoot.kernel_blksize(), 1468, "U-Boot's CONFIG_TFTP_BLOCKSIZE default");
+    }
+
+    #[test]
+    fn uboot_timeouts_are_the_ts_in_its_progress_lines() {
+        let console = "Filename 'vmlinuz-arm64'.\nLoading: *\u{8}T #######T ###\r\n\t #####T##\n\t 3.2 MiB/s\nXDPLB-UBOOT-CRC-OK vmlinuz-arm64\nTFTP from server\n";
+        assert_eq!(uboot_timeouts(console), [("vmlinuz-arm64".to_owned(), 3)], "only the progress lines count");
+        let clean = "Filename 'boot.scr.uimg'.\nLoading: *#\nFilename 'initrd-arm64.img'.\nLoading: *########\n\t ####\ndone\n";
+        assert_eq!(uboot_timeouts(clean), [("boot.scr.uimg".to_owned(), 0), ("initrd-arm64.img".to_owned(), 0)]);
+    }
+
+    #[test]
+    fn uboot_checks_both_downloads_before_it_boots_them() {
+        let script = uboot_commands(0x3fd5_acd2, 0x0041_519b);
+        let lines: Vec<&str> = script.lines().collect();
+        let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?} missing from:\n{script}"));
+        // crc32 stores its result big-endian; itest.l reads it back little-endian.
+        assert!(script.contains("itest.l *0x4f000000 == 0xd2acd53f"), "{script}");
+        assert!(script.contains("itest.l *0x4f000004 == 0x9b514100"), "{script}");
+        assert!(at("tftpboot ${kernel_addr_r} vmlinuz-arm64") < at("crc32 ${kernel_addr_r} ${filesize} 0x4f000000"));
+        assert!(at("tftpboot ${ramdisk_addr_r} initrd-arm64.img") < at("crc32 ${ramdisk_addr_r} ${filesize} 0x4f000004"));
+        assert!(at("crc32 ${ramdisk_addr_r}") < at("booti"), "{script}");
+        assert!(lines.iter().filter(|l| l.contains(UBOOT_CRC_MISMATCH)).count() == 2, "{script}");
+        let boot = lines[at("booti")];
+        assert!(boot.starts_with("if itest.l *0x4f000000 == 0xd2acd53f && itest.l *0x4f000004 == 0x9b514100; then booti"), "booted only if both match: {boot}");
+        assert!(boot.contains("${ramdisk_addr_r}:${initrd_size} ${fdtcontroladdr}"), "the initramfs by address and size: {boot}");
+        assert!(script.contains(&format!("setenv bootargs \"{ARM64_KERNEL_ARGS}\"")) && ARM64_KERNEL_ARGS.contains("console=ttyAMA0"), "{script}");
+        assert_eq!(lines.last(), Some(&"poweroff"), "a refused boot powers the machine off");
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! active balancer killed in the middle of the kernel, and with the backend serving it killed
 //! there. The machine must boot (its `/init` runs and prints the payload's digest) every time.
 //! Firmware so far: iPXE (SeaBIOS + the e1000 option ROM from `ipxe-qemu`), UEFI PXE (OVMF)
-//! with GRUB, and PXELINUX started by iPXE.
+//! with GRUB, PXELINUX started by iPXE, and U-Boot (`u-boot-qemu`) on an arm64 `virt` machine.
 
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    boot::{BootFiles, Firmware, Machine, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp},
+    boot::{BootFiles, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp, uboot_timeouts},
     cluster::Cluster,
     pair_topology::SWITCH_CLIENT_SIDE,
 };
@@ -42,7 +42,7 @@ fn boot(firmware: Firmware, failure: Failure) {
     // Without a failure the kernel's download is watched all the same, for its block size.
     let (file, share) = match failure {
         Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } => (file, share),
-        Failure::None => MID_KERNEL,
+        Failure::None => (firmware.kernel(), MID_KERNEL.1),
     };
     let (deadline, bytes) = (Instant::now() + BOOT_TIMEOUT, size(file));
     let (active, serving, blksize) = loop {
@@ -64,7 +64,7 @@ fn boot(firmware: Firmware, failure: Failure) {
     }
     // The block size tells which TFTP client fetched the kernel: the loader's own (GRUB's,
     // PXELINUX's), not the firmware's that started it.
-    if file == "vmlinuz" {
+    if file == firmware.kernel() {
         assert_eq!(blksize, firmware.kernel_blksize(), "{firmware:?}: the kernel was not fetched by the client expected to");
     }
     let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
@@ -73,6 +73,9 @@ fn boot(firmware: Firmware, failure: Failure) {
         println!("    console: {line}");
     }
     let (ran, digest) = booted(&console);
+    if firmware == Firmware::UBoot {
+        println!("    U-Boot's TFTP timeouts per file: {:?}", uboot_timeouts(&console));
+    }
     println!("{firmware:?}, {failure:?}: powered off after {took:?} (failure injected after {injected:?}, data stalled {stall:?}), booted {ran}, payload {digest:?}");
     assert!(ran, "{firmware:?}, {failure:?}: /init did not run; console:\n{console}\n{}", cluster.logs());
     assert_eq!(digest.as_deref(), Some(files.payload_sha256.as_str()), "{firmware:?}, {failure:?}: the initramfs arrived damaged");
@@ -217,4 +220,54 @@ fn a_damaged_payload_prints_another_digest_and_a_damaged_kernel_does_not_boot() 
     }
     assert!(!booted(&console).0, "a damaged kernel must not boot:\n{console}");
     assert!(console.contains("crc error") || console.contains("halted"), "the kernel's own check stopped it:\n{console}");
+}
+
+/// U-Boot (arm64 `virt`) sources `boot.scr.uimg` from its distro boot's `dhcp` target; the
+/// script fetches the kernel and the initramfs with U-Boot's TFTP (`timeout 5`, blksize 1468)
+/// and boots them only once its `crc32` of each matched the harness's.
+#[test]
+fn uboot_boots_linux_through_the_vip() {
+    boot(Firmware::UBoot, Failure::None);
+}
+
+#[test]
+fn uboot_boots_while_the_active_balancer_dies_mid_kernel() {
+    boot(Firmware::UBoot, Failure::ActiveBalancer { file: Firmware::UBoot.kernel(), share: MID_KERNEL.1 });
+}
+
+/// U-Boot restarts the whole download on any ERROR but 1 and 2 and resends its ACK only after
+/// 5 s: the backend that takes the session over must resume it.
+#[test]
+fn uboot_boots_while_the_serving_backend_dies_mid_kernel() {
+    boot(Firmware::UBoot, Failure::ServingBackend { file: Firmware::UBoot.kernel(), share: MID_KERNEL.1 });
+}
+
+/// U-Boot resends its request only after its 5 s timeout: a balancer killed between the
+/// kernel's request and its first answer must not cost that.
+#[test]
+fn uboot_boots_while_the_active_balancer_dies_at_the_kernels_request() {
+    boot(Firmware::UBoot, Failure::ActiveBalancer { file: Firmware::UBoot.kernel(), share: 0.0 });
+}
+
+/// U-Boot's own check: a kernel damaged on the server (sixteen bytes flipped after the harness
+/// computed the CRC the script expects) makes U-Boot print its mismatch and power off unbooted.
+#[test]
+fn uboot_refuses_a_damaged_kernel_by_its_crc() {
+    let cluster = Cluster::start(1, 3);
+    let files = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
+    let mut kernel = std::fs::read(&files.arm64_kernel).expect("kernel");
+    let middle = kernel.len() * 3 / 5;
+    kernel[middle..middle + 16].iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&files.arm64_kernel, &kernel).expect("damage the kernel");
+    let _dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, Firmware::UBoot.boot_file())
+        .expect("dnsmasq");
+    let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", Firmware::UBoot, "52:54:00:4c:42:03").expect("qemu");
+    let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    for line in milestones(&console) {
+        println!("    console: {line}");
+    }
+    let kernel_name = Firmware::UBoot.kernel();
+    assert!(console.contains(&format!("{UBOOT_CRC_MISMATCH} {kernel_name}")), "U-Boot's crc32 did not refuse the kernel:\n{console}");
+    assert!(!console.contains(&format!("{UBOOT_CRC_OK} {kernel_name}")), "{console}");
+    assert!(!console.contains("Starting kernel") && !booted(&console).0, "a damaged kernel must not boot:\n{console}");
 }

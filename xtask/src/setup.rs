@@ -18,13 +18,15 @@ pub const TOOLS_DIR: &str = "/opt/xdp-lb-tools";
 /// Debian packages: BPF and network tooling, the stock TFTP clients of the integration tests,
 /// atftpd (tftpd-hpa conflicts with it and is unpacked beside it instead), stress-ng (the
 /// failure detector's overload tests), the boot suite's firmware and machine (QEMU with
-/// SeaBIOS and iPXE, OVMF, GRUB's EFI modules, PXELINUX and its `ldlinux.c32`, dnsmasq for DHCP), busybox (the static build: the tests' `busybox tftp`
+/// SeaBIOS and iPXE, OVMF, GRUB's EFI modules, PXELINUX and its `ldlinux.c32`, the arm64 QEMU
+/// with U-Boot's `virt` build and `mkimage` for its script, dnsmasq for DHCP), busybox (the static build: the tests' `busybox tftp`
 /// client, and the boot suite's initramfs; it replaces the dynamic one), and a font for the
 /// bench's PNG charts.
 const PACKAGES: &[&str] = &[
     "bpftool", "iproute2", "ethtool", "util-linux", "nftables", "tftp-hpa", "atftp", "atftpd",
     "curl", "busybox-static", "stress-ng", "qemu-system-x86", "seabios", "ipxe-qemu", "ovmf",
-    "grub-efi-amd64-bin", "pxelinux", "syslinux-common", "dnsmasq-base", "fonts-dejavu-core",
+    "grub-efi-amd64-bin", "pxelinux", "syslinux-common", "qemu-system-arm", "u-boot-qemu", "u-boot-tools", "dnsmasq-base",
+    "fonts-dejavu-core",
 ];
 
 #[derive(clap::Args)]
@@ -52,6 +54,7 @@ const STEPS: &[(&str, StepFn)] = &[
     ("Debian packages", install_packages),
     ("tftpd-hpa", unpack_tftpd_hpa),
     ("boot kernel", unpack_boot_kernel),
+    ("arm64 boot files", unpack_arm64_boot),
     ("bpf-linker", install_bpf_linker),
 ];
 
@@ -194,29 +197,68 @@ fn unpack_boot_kernel(args: &Args, bar: &ProgressBar) -> anyhow::Result<Outcome>
     }
     if !args.check {
         bar.set_message("boot kernel: apt-get download linux-image, dpkg -x");
-        let output = Command::new("apt-cache").args(["depends", "linux-image-amd64"]).output().context("run apt-cache")?;
-        let package = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")).map(str::to_owned))
-            .context("apt-cache names no kernel package for linux-image-amd64 (run apt-get update)")?;
-        let dir = Path::new(TOOLS_DIR).join("kernel");
-        unpack_deb(&package, &dir)?;
-        let image = std::fs::read_dir(dir.join("boot"))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-            .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
-        // Only the image is needed: the modules are ~400 MB the boot suite never loads.
-        for unused in ["lib", "usr"] {
-            let _ = std::fs::remove_dir_all(dir.join(unused));
-        }
+        let image = unpack_kernel("linux-image-amd64", &Path::new(TOOLS_DIR).join("kernel"))?;
         std::os::unix::fs::symlink(&image, boot_kernel()).with_context(|| format!("link {}", boot_kernel().display()))?;
     }
     Ok(Outcome::Installed(format!("unpacked to {}", boot_kernel().display())))
 }
 
-/// Downloads a Debian package and unpacks it into `dest` without installing it.
+/// Unpacks the kernel package the metapackage `meta` depends on into `dir`; returns its
+/// `boot/vmlinuz-*`. Only the image is kept: the modules are ~400 MB the boot suite never loads.
+fn unpack_kernel(meta: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let output = Command::new("apt-cache").args(["depends", meta]).output().context("run apt-cache")?;
+    let package = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")).map(str::to_owned))
+        .with_context(|| format!("apt-cache names no kernel package for {meta} (run apt-get update)"))?;
+    unpack_deb(&package, dir)?;
+    let image = std::fs::read_dir(dir.join("boot"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .with_context(|| format!("{package} has no boot/vmlinuz-*"))?;
+    for unused in ["lib", "usr"] {
+        let _ = std::fs::remove_dir_all(dir.join(unused));
+    }
+    Ok(image)
+}
+
+/// What U-Boot's arm64 machine boots: Debian's arm64 kernel, its `Image` gzipped (U-Boot's
+/// `booti` decompresses it; a third of the bytes to fetch), and the arm64 static busybox for its
+/// initramfs, both unpacked from packages of the foreign architecture arm64 (added to dpkg).
+pub fn arm64_kernel() -> PathBuf {
+    Path::new(TOOLS_DIR).join("arm64/vmlinuz")
+}
+
+fn arm64_busybox() -> PathBuf {
+    Path::new(TOOLS_DIR).join("arm64/bin/busybox")
+}
+
+fn unpack_arm64_boot(args: &Args, bar: &ProgressBar) -> anyhow::Result<Outcome> {
+    if arm64_kernel().exists() && arm64_busybox().exists() {
+        return Ok(Outcome::Present(format!("{} and {}", arm64_kernel().display(), arm64_busybox().display())));
+    }
+    if !args.check {
+        bar.set_message("arm64 boot files: dpkg --add-architecture arm64, apt-get download linux-image and busybox-static, dpkg -x");
+        let foreign = Command::new("dpkg").arg("--print-foreign-architectures").output().context("run dpkg")?;
+        if !String::from_utf8_lossy(&foreign.stdout).lines().any(|a| a.trim() == "arm64") {
+            run_checked(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+            apt_get(&["update", "-q"])?;
+        }
+        let dir = Path::new(TOOLS_DIR).join("arm64");
+        unpack_deb("busybox-static:arm64", &dir)?;
+        let image = unpack_kernel("linux-image-arm64:arm64", &dir)?;
+        let gzipped = std::fs::File::create(arm64_kernel()).with_context(|| format!("create {}", arm64_kernel().display()))?;
+        run_checked(Command::new("gzip").args(["-9", "-n", "-c"]).arg(&image).stdout(gzipped))?;
+        std::fs::remove_file(&image).with_context(|| format!("remove {}", image.display()))?;
+    }
+    Ok(Outcome::Installed(format!("unpacked to {}", arm64_kernel().parent().unwrap_or(Path::new(TOOLS_DIR)).display())))
+}
+
+/// Downloads a Debian package (`name` or `name:arch`) and unpacks it into `dest` without
+/// installing it.
 fn unpack_deb(package: &str, dest: &Path) -> anyhow::Result<()> {
+    let name = package.split_once(':').map_or(package, |(name, _)| name);
     let download = PathBuf::from(TOOLS_DIR).join("downloads");
     std::fs::create_dir_all(&download).with_context(|| format!("create {}", download.display()))?;
     let fetch = || run_checked(Command::new("apt-get").args(["download", "-q", "-o", "APT::Sandbox::User=root", package]).current_dir(&download));
@@ -227,7 +269,7 @@ fn unpack_deb(package: &str, dest: &Path) -> anyhow::Result<()> {
     let deb = std::fs::read_dir(&download)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}_"))))
         .with_context(|| format!("apt-get download left no {package} .deb"))?;
     run_checked(Command::new("dpkg").arg("-x").arg(&deb).arg(dest))?;
     let _ = std::fs::remove_file(&deb);

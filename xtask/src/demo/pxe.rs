@@ -18,8 +18,6 @@ use netns_tests::{
 /// Firmware, TFTP and the kernel's own boot under TCG (no KVM here) take tens of seconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// The file whose download the failures are timed by.
-const KERNEL: &str = "vmlinuz";
 
 /// As many backends as the main demo: one to kill, two to carry on.
 const BACKENDS: usize = 3;
@@ -49,6 +47,9 @@ pub enum BootFirmware {
     Uefi,
     /// SeaBIOS and iPXE start PXELINUX, whose own TFTP fetches kernel and initramfs.
     Pxelinux,
+    /// U-Boot on an arm64 machine: a script, whose `tftpboot` fetches the arm64 kernel and
+    /// initramfs, checks their CRC-32 and boots them.
+    Uboot,
 }
 
 impl BootFirmware {
@@ -57,6 +58,7 @@ impl BootFirmware {
             Self::Ipxe => Firmware::Ipxe,
             Self::Uefi => Firmware::UefiGrub,
             Self::Pxelinux => Firmware::Pxelinux,
+            Self::Uboot => Firmware::UBoot,
         }
     }
 }
@@ -72,14 +74,16 @@ struct Event {
 pub fn run(firmware: BootFirmware, kills: &[(Kill, u8)], interrupted: &AtomicBool) -> anyhow::Result<()> {
     let begun = Instant::now();
     let firmware = firmware.firmware();
+    // The file whose download the failures are timed by.
+    let kernel = firmware.kernel();
     let mut planned = kills.to_vec();
     planned.sort_by_key(|&(_, at)| at);
     let plan: Vec<String> = planned.iter().map(|(kill, at)| format!("{} at {at}%", kill.label())).collect();
-    println!("=== PXE boot ({firmware:?}) through the switch, 2 LBs and {BACKENDS} backends; kills planned: {} of {KERNEL}", plan.join(", "));
+    println!("=== PXE boot ({firmware:?}) through the switch, 2 LBs and {BACKENDS} backends; kills planned: {} of {kernel}", plan.join(", "));
     let topo = PairTopology::new(1, BACKENDS).context("creating namespaces (are you root?)")?;
     let mut cluster = Cluster::try_start_on(topo, &Agents::default())?;
     let files = make_boot_files(&cluster.topo.root, 2 << 20, 77)?;
-    let kernel_bytes = std::fs::metadata(&files.kernel)?.len();
+    let kernel_bytes = std::fs::metadata(cluster.topo.root.join(kernel))?.len();
     let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, firmware.boot_file())?;
     println!("    ready in {:.1} s: VIP {VIP}, LB {} active; dnsmasq offers {} as the boot file", begun.elapsed().as_secs_f64(), lb_addr(0), firmware.boot_file());
     let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01")?;
@@ -96,15 +100,15 @@ pub fn run(firmware: BootFirmware, kills: &[(Kill, u8)], interrupted: &AtomicBoo
             if interrupted.load(Ordering::Relaxed) {
                 bail!("interrupted; cleaning up");
             }
-            if let Some(found) = progress(&cluster, KERNEL, kernel_bytes, share) {
+            if let Some(found) = progress(&cluster, kernel, kernel_bytes, share) {
                 break found;
             }
-            if !first_seen && progress(&cluster, KERNEL, kernel_bytes, 0.0).is_some() {
+            if !first_seen && progress(&cluster, kernel, kernel_bytes, 0.0).is_some() {
                 first_seen = true;
-                say(&mut events, machine.started.elapsed(), format!("the firmware requests {KERNEL} ({} MiB) through the VIP", kernel_bytes >> 20));
+                say(&mut events, machine.started.elapsed(), format!("the firmware requests {kernel} ({} MiB) through the VIP", kernel_bytes >> 20));
             }
             if Instant::now() > deadline || !machine.qemu.is_running() {
-                bail!("{KERNEL} never reached {percent}%\n{}\n{}", machine.qemu.log(), cluster.logs());
+                bail!("{kernel} never reached {percent}%\n{}\n{}", machine.qemu.log(), cluster.logs());
             }
             std::thread::sleep(Duration::from_millis(2));
         };
@@ -119,7 +123,7 @@ pub fn run(firmware: BootFirmware, kills: &[(Kill, u8)], interrupted: &AtomicBoo
                 format!("killed the SERVING backend {} (SIGKILL)", backend_addr(serving))
             }
         };
-        say(&mut events, machine.started.elapsed(), format!("{what} at {percent}% of {KERNEL} (blksize {blksize})"));
+        say(&mut events, machine.started.elapsed(), format!("{what} at {percent}% of {kernel} (blksize {blksize})"));
         match next_reply_after(&cluster, killed, Duration::from_secs(10)) {
             Some(stall) => say(&mut events, machine.started.elapsed(), format!("data flows again, {} ms after the kill", stall.as_millis())),
             None => say(&mut events, machine.started.elapsed(), "no data for 10 s after the kill".to_owned()),
