@@ -145,10 +145,14 @@ impl Cluster {
         }))
     }
 
-    /// A wait that timed out, with every agent's log.
+    /// A wait that timed out, with every agent's log and the backends' (one that never came up
+    /// tells why only there, and its process is gone before the test panics).
     fn logged(&self, waited: Result<()>) -> Result<()> {
         waited.map_err(|e| match e {
-            Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}; logs:\n{}", self.logs()), seconds },
+            Error::Timeout { what, seconds } => {
+                let backends: String = self.backends.iter().enumerate().filter_map(|(i, b)| Some(format!("\n--- backend {i}\n{}", b.as_ref()?.log()))).collect();
+                Error::Timeout { what: format!("{what}; logs:\n{}{backends}", self.logs()), seconds }
+            }
             other => other,
         })
     }
