@@ -235,10 +235,16 @@ impl Cluster {
         total
     }
 
+    /// A test file every backend serves: in the shared root, or copied into each backend's own
+    /// ([`crate::pair_topology::Uploads::own_roots`]). Returns the first copy.
     #[must_use]
     pub fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
-        let path = self.topo.root.join(name);
+        let roots = self.topo.backend_roots();
+        let path = roots[0].join(name);
         make_file(&path, size, seed).expect("test file");
+        for root in &roots[1..] {
+            std::fs::copy(&path, root.join(name)).expect("test file copy");
+        }
         path
     }
 
