@@ -97,8 +97,16 @@ impl Cluster {
 
     fn run_with(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, agents: &Agents<'_>) -> Result<Self> {
         let backends = topo.backends.len();
-        let backend_processes = (0..backends).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_>>()?;
+        let mut backend_processes: Vec<Option<Process>> = (0..backends).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_>>()?;
         let lbs = [topo.start_lb_with(0, agents.mirror, agents.lb_args)?, topo.start_lb_with(1, agents.mirror, agents.lb_args)?].map(Some);
+        // A backend that refused its arguments is gone by now: say so at once, with its words.
+        for (i, backend) in backend_processes.iter_mut().enumerate() {
+            if let Some(backend) = backend.as_mut()
+                && !backend.is_running()
+            {
+                return Err(Error::Io { what: format!("backend {i} exited at start:\n{}", backend.log()), source: std::io::Error::other("no backend") });
+            }
+        }
         let switch = topo.start_switch(agents.switch_args)?;
         let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
