@@ -118,6 +118,57 @@ impl Client {
     }
 }
 
+/// How a client's transfer ended, read from its exit status and its log: the four clients
+/// report a server's ERROR each in its own way (tftp-hpa even exits 0 after one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Done,
+    /// The server sent an ERROR: its code where the client tells it, and what the client said.
+    ServerError { code: Option<u16>, message: String },
+    /// The client failed otherwise (a timeout, a signal).
+    Failed(String),
+}
+
+impl Client {
+    /// How a transfer of this client ended, from its `status` and its `log`.
+    #[must_use]
+    pub fn ending(self, status: std::process::ExitStatus, log: &str) -> Ending {
+        let line = |marker: &str| log.lines().find(|l| l.contains(marker)).map(|l| l.trim().to_owned());
+        let error = match self {
+            // "Error code 3: not enough free space on this server", exit status 0.
+            Self::TftpHpa => line("Error code ").map(|l| (l.split_once("Error code ").and_then(|(_, rest)| rest.split(':').next()?.trim().parse().ok()), l)),
+            // "tftp: server error: (3) ...", exit status 1.
+            Self::Busybox { .. } => line("server error: (").map(|l| (l.split_once("server error: (").and_then(|(_, rest)| rest.split(')').next()?.parse().ok()), l)),
+            // "tftp: error received from server <...>": no code.
+            Self::Atftp { .. } | Self::AtftpLockStep { .. } => line("error received from server").map(|l| (None, l)),
+            // Only its exit status tells the code (curl's tftp.c maps each to a CURLE_*).
+            // 71 is both "not defined" (0) and "illegal operation" (4) there.
+            Self::Curl { .. } => match status.code() {
+                Some(71) => Some((None, line("curl: (").unwrap_or_default())),
+                code => code.and_then(curl_tftp_error).map(|code| (Some(code), line("curl: (").unwrap_or_default())),
+            },
+        };
+        match error {
+            Some((code, message)) => Ending::ServerError { code, message },
+            None if status.success() => Ending::Done,
+            None => Ending::Failed(format!("{status}: {}", log.lines().last().unwrap_or_default().trim())),
+        }
+    }
+}
+
+/// The TFTP error code behind curl's exit status, if it is one curl maps one-to-one.
+fn curl_tftp_error(exit: i32) -> Option<u16> {
+    match exit {
+        68 => Some(1),
+        69 => Some(2),
+        70 => Some(3),
+        72 => Some(5),
+        73 => Some(6),
+        74 => Some(7),
+        _ => None,
+    }
+}
+
 /// Waits up to `timeout` for a download, then checks that the client succeeded and that the
 /// file equals `source` (SHA-256), and removes it. Failure messages name the transfer (`what`)
 /// and add `context()` (agent logs, counters).
@@ -185,4 +236,38 @@ pub fn first_answers(server: &str, port: u16, file: &str, options: &[(&str, &str
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(answers.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    fn exit(code: i32) -> std::process::ExitStatus {
+        std::process::ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn each_client_tells_a_server_error_its_own_way() {
+        let hpa = "putting /tmp/a to 10.77.9.100:w.bin [octet]\nError code 3: not enough free space on this server\nSent 512 bytes\n";
+        assert_eq!(Client::TftpHpa.ending(exit(0), hpa), Ending::ServerError { code: Some(3), message: "Error code 3: not enough free space on this server".into() });
+        let busybox = "tftp: server error: (6) file already exists\n";
+        assert_eq!(Client::Busybox { blksize: 512 }.ending(exit(1), busybox), Ending::ServerError { code: Some(6), message: busybox.trim().into() });
+        let atftp = "Option blksize = 1428\ntftp: error received from server <file already exists>\ntftp: aborting\n";
+        assert_eq!(
+            Client::Atftp { blksize: 1428, windowsize: 16 }.ending(exit(255), atftp),
+            Ending::ServerError { code: None, message: "tftp: error received from server <file already exists>".into() }
+        );
+        assert_eq!(Client::Curl { blksize: 1428 }.ending(exit(70), "curl: (70) whatever\n"), Ending::ServerError { code: Some(3), message: "curl: (70) whatever".into() });
+        assert_eq!(Client::Curl { blksize: 1428 }.ending(exit(71), ""), Ending::ServerError { code: None, message: String::new() });
+    }
+
+    #[test]
+    fn a_clean_exit_is_done_and_another_failure_is_no_server_error() {
+        assert_eq!(Client::TftpHpa.ending(exit(0), "Sent 2097152 bytes in 0.3 seconds\n"), Ending::Done);
+        assert_eq!(Client::Curl { blksize: 1428 }.ending(exit(0), ""), Ending::Done);
+        assert!(matches!(Client::Curl { blksize: 1428 }.ending(exit(28), "curl: (28) timeout\n"), Ending::Failed(_)));
+        assert!(matches!(Client::Atftp { blksize: 1428, windowsize: 16 }.ending(exit(255), "tftp: timeout\n"), Ending::Failed(_)));
+    }
 }

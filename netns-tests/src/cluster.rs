@@ -97,8 +97,16 @@ impl Cluster {
 
     fn run_with(topo: PairTopology, turn: std::sync::MutexGuard<'static, ()>, agents: &Agents<'_>) -> Result<Self> {
         let backends = topo.backends.len();
-        let backend_processes = (0..backends).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_>>()?;
+        let mut backend_processes: Vec<Option<Process>> = (0..backends).map(|i| topo.start_backend(i).map(Some)).collect::<Result<_>>()?;
         let lbs = [topo.start_lb_with(0, agents.mirror, agents.lb_args)?, topo.start_lb_with(1, agents.mirror, agents.lb_args)?].map(Some);
+        // A backend that refused its arguments is gone by now: say so at once, with its words.
+        for (i, backend) in backend_processes.iter_mut().enumerate() {
+            if let Some(backend) = backend.as_mut()
+                && !backend.is_running()
+            {
+                return Err(Error::Io { what: format!("backend {i} exited at start:\n{}", backend.log()), source: std::io::Error::other("no backend") });
+            }
+        }
         let switch = topo.start_switch(agents.switch_args)?;
         let running = Self { topo, backends: backend_processes, lbs, switch, killed: Vec::new(), _turn: turn };
         for lb in 0..2 {
@@ -145,10 +153,14 @@ impl Cluster {
         }))
     }
 
-    /// A wait that timed out, with every agent's log.
+    /// A wait that timed out, with every agent's log and the backends' (one that never came up
+    /// tells why only there, and its process is gone before the test panics).
     fn logged(&self, waited: Result<()>) -> Result<()> {
         waited.map_err(|e| match e {
-            Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}; logs:\n{}", self.logs()), seconds },
+            Error::Timeout { what, seconds } => {
+                let backends: String = self.backends.iter().enumerate().filter_map(|(i, b)| Some(format!("\n--- backend {i}\n{}", b.as_ref()?.log()))).collect();
+                Error::Timeout { what: format!("{what}; logs:\n{}{backends}", self.logs()), seconds }
+            }
             other => other,
         })
     }
@@ -231,10 +243,16 @@ impl Cluster {
         total
     }
 
+    /// A test file every backend serves: in the shared root, or copied into each backend's own
+    /// ([`crate::pair_topology::Uploads::own_roots`]). Returns the first copy.
     #[must_use]
     pub fn file(&self, name: &str, size: usize, seed: u64) -> PathBuf {
-        let path = self.topo.root.join(name);
+        let roots = self.topo.backend_roots();
+        let path = roots[0].join(name);
         make_file(&path, size, seed).expect("test file");
+        for root in &roots[1..] {
+            std::fs::copy(&path, root.join(name)).expect("test file copy");
+        }
         path
     }
 

@@ -367,7 +367,6 @@ fn forwarding(ns: &Netns) -> Result<()> {
     ns.exec("sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]).map(drop)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

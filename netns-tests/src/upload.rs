@@ -12,7 +12,6 @@ use xdp_lb_common::status::BackendState;
 
 use crate::{
     Result,
-    boot::path_hash,
     clients::{Client, expect_download},
     cluster::Cluster,
     files::sha256,
@@ -127,40 +126,44 @@ pub fn all_roots(cluster: &Cluster, name: &str) -> Vec<RootState> {
 }
 
 /// Proves that every running backend serves its copy of `name`: downloads it through the VIP
-/// (client `client`, `how`), checks it against `source`, finds the backend that served it in
-/// the active balancer's sessions, kills that one and waits until the balancer calls it dead,
-/// until one backend is left (the last download is served by it, and it stays up). Returns the
-/// backends in the order they served.
+/// (client `client`, `how`), checks it against `source`, finds the backend that served it (the
+/// one whose log gained a read of it: the balancer forgets a finished session), kills that one
+/// and waits until the balancer calls it dead, until one backend is left (the last download is
+/// served by it, and it stays up). Returns the backends in the order they served.
 pub fn download_from_each_backend(cluster: &mut Cluster, client: usize, how: Client, name: &str, source: &Path) -> Result<Vec<usize>> {
-    let hash = path_hash(name);
-    let address: Ipv4Addr = client_addr(client).parse().expect("a client address");
     let mut served = Vec::new();
     loop {
+        let before = reads_logged(cluster, name);
         let local = cluster.local(&format!("check-{}-{name}", served.len()));
         let download = cluster.download(client, how, name, &local);
         let what = format!("download {} of {name} after the upload", served.len() + 1);
         expect_download(download, &local, source, Duration::from_secs(30), &what, || cluster.logs());
-        let active = cluster.topo.active_lb()?;
-        let sessions = cluster.topo.lb_status(active)?.sessions;
-        // The freshest session of the file from this client: the download just done.
-        let backend = sessions
-            .iter()
-            .filter(|s| s.path_hash == hash && *s.client.ip() == address && s.block > 0)
-            .min_by_key(|s| s.idle_ms)
-            .and_then(|s| usize::try_from(s.backend).ok())
-            .filter(|&b| b < cluster.backends.len() && cluster.backends[b].is_some() && !served.contains(&b));
-        let Some(backend) = backend else {
-            panic!("{what}: its session is not of a running backend not checked yet ({served:?}) in balancer {active}'s table: {sessions:?}");
+        let after = reads_logged(cluster, name);
+        let readers: Vec<usize> = (0..after.len()).filter(|&i| after[i] > before[i]).collect();
+        let [backend] = readers[..] else {
+            panic!("{what}: not one running backend logged a read of it but {readers:?} (checked before: {served:?})\n{}", cluster.logs());
         };
+        assert!(!served.contains(&backend), "{what}: served by backend {backend} again, which was killed");
         served.push(backend);
         if cluster.backends.iter().filter(|b| b.is_some()).count() == 1 {
             return Ok(served);
         }
+        let active = cluster.topo.active_lb()?;
         cluster.kill_backend(backend);
         wait_for(&format!("balancer {active} to call backend {backend} dead"), 20, || {
             (cluster.topo.lb_status(active).ok()?.backends.get(backend)?.state != BackendState::Live).then_some(())
         })?;
     }
+}
+
+/// How many reads of `name` each backend has logged (`read ... file=NAME` at info; 0 for a
+/// backend not running).
+fn reads_logged(cluster: &Cluster, name: &str) -> Vec<usize> {
+    cluster
+        .backends
+        .iter()
+        .map(|b| b.as_ref().map_or(0, |b| b.log().lines().filter(|l| l.contains(" read ") && l.contains(name)).count()))
+        .collect()
 }
 
 #[cfg(test)]

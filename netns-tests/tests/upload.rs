@@ -12,7 +12,7 @@ use std::{
 
 use netns_tests::{
     Process,
-    clients::{Client, expect_download},
+    clients::{Client, Ending, expect_download},
     cluster::Cluster,
     files::{make_file, sha256},
     pair_topology::Uploads,
@@ -106,14 +106,9 @@ fn upload_with_failures(cluster: &mut Cluster, how: Client, name: &str, size: us
     let status = upload.wait(Duration::from_secs(300));
     let elapsed = started.elapsed();
     let samples = progress.stop();
-    assert!(status.is_some(), "{} upload of {name}: not done after 300 s\nclient:\n{}\n{}", how.name(), upload.log(), cluster.logs());
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{} upload of {name}: the client failed ({status:?}) — no restart is allowed\nclient:\n{}\n{}",
-        how.name(),
-        upload.log(),
-        cluster.logs()
-    );
+    let Some(status) = status else { panic!("{} upload of {name}: not done after 300 s\nclient:\n{}\n{}", how.name(), upload.log(), cluster.logs()) };
+    let ending = how.ending(status, &upload.log());
+    assert_eq!(ending, Ending::Done, "{} upload of {name}: the client did not succeed — no restart is allowed\nclient:\n{}\n{}", how.name(), upload.log(), cluster.logs());
     #[expect(clippy::cast_precision_loss, reason = "a rate")]
     let goodput = size as f64 / elapsed.as_secs_f64() / 1e6;
     println!("{} upload of {} MiB: {} ms, {goodput:.1} MB/s, client exited 0 (one run, no restart)", how.name(), size / MIB, elapsed.as_millis());
@@ -230,9 +225,10 @@ fn replica_killed_at_half_of_an_upload() {
     upload_survives(ATFTP, "replica.bin", &[(0.5, Failure::Replica)]);
 }
 
-/// Backend 2's root is a 16 MiB tmpfs and the upload 32 MiB. Either outcome is defined: the
-/// upload completes (then at least two backends hold it) or the client gets ERROR 3 (disk
-/// full); in every root nothing but the client's bytes is under the name, and no temporary.
+/// Backend 2's root is a 16 MiB tmpfs and the upload (curl: it tells the ERROR's code by its
+/// exit status) 32 MiB. Either outcome is defined: the upload completes (then at least two
+/// backends hold it) or the client gets ERROR 3 (disk full); in every root nothing but the
+/// client's bytes is under the name, and no temporary.
 #[test]
 fn a_disk_full_backend_fails_the_upload_cleanly_or_is_left_out() {
     let uploads = Uploads { small_disk: Some((2, 16)), backend_args: vec!["--min-free-mib".into(), "1".into()], ..Uploads::replicated() };
@@ -240,30 +236,29 @@ fn a_disk_full_backend_fails_the_upload_cleanly_or_is_left_out() {
     let name = "full.bin";
     let (source, digest) = source(&cluster, name, 32 * MIB, 23);
     let started = Instant::now();
-    let mut upload = cluster.upload(0, ATFTP, &source, name);
+    let mut upload = cluster.upload(0, CURL, &source, name);
     let exit = upload.wait(Duration::from_secs(120)).unwrap_or_else(|| panic!("upload not done after 120 s\n{}\n{}", upload.log(), cluster.logs()));
-    println!("upload of 32 MiB with backend 2 on a 16 MiB disk: {} ms, client {exit}", started.elapsed().as_millis());
+    let ending = CURL.ending(exit, &upload.log());
+    println!("curl upload of 32 MiB with backend 2 on a 16 MiB disk: {} ms, {ending:?}", started.elapsed().as_millis());
+    let done = ending == Ending::Done;
     let _ = wait_for("the backends to settle", SETTLE.as_secs(), || {
         let states = all_roots(&cluster, name);
-        (problems(&states, &digest, false).is_empty() && (!exit.success() || states.iter().filter(|s| s.sha256.is_some()).count() >= 2)).then_some(())
+        (problems(&states, &digest, false).is_empty() && (!done || states.iter().filter(|s| s.sha256.is_some()).count() >= 2)).then_some(())
     });
     let states = all_roots(&cluster, name);
     let wrong = problems(&states, &digest, false);
     assert!(wrong.is_empty(), "partial or stray files left:\n  {}\n{}", wrong.join("\n  "), cluster.logs());
     let holders: Vec<String> = states.iter().filter(|s| s.sha256.is_some()).map(|s| s.root.display().to_string()).collect();
-    if exit.success() {
-        assert!(holders.len() >= 2, "the upload completed but only {holders:?} hold it: one copy is not replicated\n{}", cluster.logs());
-        println!("outcome: completed, held by {holders:?}");
-    } else {
-        let log = upload.log().to_lowercase();
-        assert!(
-            log.contains("disk full") || log.contains("allocation exceeded"),
-            "the client failed without a TFTP ERROR 3 (disk full):\n{}\n{}",
-            upload.log(),
-            cluster.logs()
-        );
-        assert!(holders.is_empty(), "the upload failed but {holders:?} hold the file");
-        println!("outcome: ERROR 3 to the client ({}), nothing left", upload.log().trim());
+    match ending {
+        Ending::Done => {
+            assert!(holders.len() >= 2, "the upload completed but only {holders:?} hold it: one copy is not replicated\n{}", cluster.logs());
+            println!("outcome: completed, held by {holders:?}");
+        }
+        Ending::ServerError { code: Some(3), message } => {
+            assert!(holders.is_empty(), "the upload failed ({message}) but {holders:?} hold the file");
+            println!("outcome: ERROR 3 to the client ({message}), nothing left");
+        }
+        other => panic!("the client neither finished nor got ERROR 3 (disk full): {other:?}\nclient:\n{}\n{}", upload.log(), cluster.logs()),
     }
     let _ = std::fs::remove_file(&source);
 }
@@ -283,15 +278,24 @@ fn two_clients_uploading_one_name_at_once_one_wins_everywhere() {
         .collect();
     println!("two 8 MiB uploads of {name}: {} ms, exits {statuses:?}", started.elapsed().as_millis());
     let logs = || uploads.iter().map(Process::log).collect::<Vec<_>>().join("\n---\n");
-    let winners: Vec<usize> = (0..2).filter(|&i| statuses[i].success()).collect();
-    assert_eq!(winners.len(), 1, "exactly one upload must succeed, not {winners:?}\nclients:\n{}\n{}", logs(), cluster.logs());
+    let endings: Vec<Ending> = (0..2).map(|i| ATFTP.ending(statuses[i], &uploads[i].log())).collect();
+    let winners: Vec<usize> = (0..2).filter(|&i| endings[i] == Ending::Done).collect();
+    assert_eq!(winners.len(), 1, "exactly one upload must succeed, not {winners:?} ({endings:?})\nclients:\n{}\n{}", logs(), cluster.logs());
     let (winner, loser) = (winners[0], 1 - winners[0]);
-    assert!(uploads[loser].log().contains("error"), "client {loser} failed without a TFTP error:\n{}", uploads[loser].log());
+    assert!(matches!(endings[loser], Ending::ServerError { .. }), "client {loser} failed without a TFTP error: {:?}\n{}", endings[loser], uploads[loser].log());
     let want = &sources[winner].1;
     let _ = wait_for("every backend to hold the winner's bytes", SETTLE.as_secs(), || problems(&all_roots(&cluster, name), want, true).is_empty().then_some(()));
     let wrong = problems(&all_roots(&cluster, name), want, true);
-    assert!(wrong.is_empty(), "client {winner} won, but:\n  {}\n{}", wrong.join("\n  "), cluster.logs());
-    println!("client {winner} won; client {loser}: {}", uploads[loser].log().trim());
+    let theirs: Vec<String> = sources.iter().enumerate().map(|(i, (_, sha))| format!("client {i}'s SHA-256 {sha}")).collect();
+    assert!(
+        wrong.is_empty(),
+        "client {winner} won, client {loser} got {:?}, but:\n  {}\n({})\n{}",
+        endings[loser],
+        wrong.join("\n  "),
+        theirs.join(", "),
+        cluster.logs()
+    );
+    println!("client {winner} won; client {loser}: {:?}", endings[loser]);
     for (path, _) in &sources {
         let _ = std::fs::remove_file(path);
     }

@@ -20,6 +20,9 @@
 //!   tftp-backend, tftpd-hpa, atftpd and dnsmasq alone and through xdp-lb: time to the last
 //!   client, p50 / p99, failures, goodput, CPU per MB ([`storm`]; about an hour, `--quick` a
 //!   few minutes).
+//! - `upload`: upload goodput direct to a standalone tftp-backend, through xdp-lb without and
+//!   with replication (`--peer`), lock-step and windowsize 16, and the stall after the serving
+//!   backend is killed mid-upload ([`upload`]).
 //!
 //! Speed targets appear only here, as ratios from one run; tests never time anything.
 
@@ -30,6 +33,7 @@ mod loss;
 mod report;
 mod scaling;
 mod storm;
+mod upload;
 
 use std::process::Command;
 
@@ -49,11 +53,13 @@ and serving backend killed at 50%, stall and DATA sent twice), scaling (1..1000 
 transfers, goodput and RSS), storm (boot storm: 100 and 1000 clients started within 1 s, each \
 fetching a kernel then an initrd, lock-step and windowsize 4, 0% and 1% loss, from tftp-backend, \
 tftpd-hpa, atftpd and dnsmasq alone and through xdp-lb; time to the last client, p50/p99, \
-failures, goodput, CPU per MB; about an hour, --quick a few minutes).
+failures, goodput, CPU per MB; about an hour, --quick a few minutes), upload (upload goodput \
+direct / through xdp-lb / through xdp-lb with replication, lock-step and windowsize 16, and the \
+stall after the serving backend is killed mid-upload).
 
 Output: markdown tables on stdout; bench-<time>.json and bench-<time>.md (the same tables, \
-machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png, scaling-<time>.png \
-and storm-<time>.{json,png}. Needs root \
+machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png, scaling-<time>.png, \
+storm-<time>.{json,png} and upload-<time>.png. Needs root \
 (network namespaces, XDP). docs/BENCHMARKS.md explains each figure.")]
 pub struct Args {
     /// Smaller files, fewer repeats (failover: 3 runs each instead of 20; scaling: up to 100
@@ -88,6 +94,8 @@ pub enum Section {
     Scaling,
     /// Boot storm: 100 and 1000 clients fetching a kernel and an initrd, five servers.
     Storm,
+    /// Upload goodput direct / through xdp-lb / with replication, and the stall after a backend kill.
+    Upload,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -139,11 +147,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
     });
     let storm = run_section(Section::Storm, &mut report, &mut |report| storm::run(args.quick, &args.out, stamp, report));
+    let upload = run_section(Section::Upload, &mut report, &mut |report| upload::run(args.quick, &args.out, report));
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
         "xdp_ns_per_packet": xdp, "control_mac": control, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
-        "storm": storm,
+        "storm": storm, "upload": upload,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     let markdown = args.out.join(format!("bench-{stamp}.md"));
