@@ -167,6 +167,14 @@ struct Doubt {
     answered: Option<Instant>,
 }
 
+/// The least round trip the first answer (the answer to an OACK, or to ACK 0 of an upload)
+/// stands for. It measures the path, not how long the client takes with a block: U-Boot under
+/// emulation answered its OACK within a millisecond but took ~10 ms for its first block, and a
+/// DATA 1 resent at 5 ms used up the one repeated ACK U-Boot sends per block (`tftp_last_nack`
+/// in its `net/tftp.c`), so a resend after a balancer's death later got no answer and the boot
+/// waited for U-Boot's 5 s timer. The DATA samples that follow bring the estimate down.
+pub const FIRST_ANSWER_FLOOR: Duration = Duration::from_millis(20);
+
 /// Clean samples after which the learned floor is halved.
 const LEARNED_FLOOR_DECAY: u16 = 64;
 
@@ -204,7 +212,8 @@ impl Clock {
         if let Some((timed, at)) = self.timed
             && block >= timed
         {
-            self.rtt.sample(now.saturating_duration_since(at));
+            let rtt = now.saturating_duration_since(at);
+            self.rtt.sample(if timed == 0 { rtt.max(FIRST_ANSWER_FLOOR) } else { rtt });
             self.timed = None;
             self.backoff = 0;
             self.clean = self.clean.saturating_add(1);
@@ -334,6 +343,23 @@ mod tests {
     }
 
     #[test]
+    fn a_quick_answer_to_the_oack_does_not_make_the_first_block_resend_within_ms() {
+        let pace = Pace { floor: Duration::from_micros(500), timeout: Duration::from_secs(5), negotiated: true };
+        let t = Instant::now();
+        let mut clock = Clock::new(pace);
+        clock.sent(0, t);
+        clock.answered(0, t + Duration::from_micros(300));
+        assert!(clock.rtt.rto(pace) >= FIRST_ANSWER_FLOOR * 2, "U-Boot takes ~10 ms with its first block: {:?}", clock.rtt.rto(pace));
+        let mut now = t + Duration::from_millis(1);
+        for block in 1..=40 {
+            clock.sent(block, now);
+            now += Duration::from_micros(300);
+            clock.answered(block, now);
+        }
+        assert!(clock.rtt.rto(pace) < Duration::from_millis(5), "DATA samples bring it down: {:?}", clock.rtt.rto(pace));
+    }
+
+    #[test]
     fn the_first_sample_sets_srtt_and_half_of_it_as_variation() {
         let mut e = RttEstimate::default();
         assert_eq!(e.rto(pace()), 1000 * MS, "no sample: the transfer's timeout");
@@ -411,20 +437,21 @@ mod tests {
     fn the_backoff_lasts_until_a_clean_sample() {
         let t0 = Instant::now();
         let mut clock = Clock::new(pace());
-        for i in 0..8 {
+        // DATA blocks (the first answer's floor is another test's).
+        for i in 1..=8 {
             clock.sent(i, t0);
             clock.answered(i, t0 + MS);
         }
         let quick = clock.wait(false);
         assert!(quick <= 3 * MS, "{quick:?}");
-        clock.sent(8, t0);
+        clock.sent(9, t0);
         assert!(clock.expired(false));
-        clock.resent(8, 8);
-        clock.answered(8, t0 + 20 * MS);
+        clock.resent(9, 9);
+        clock.answered(9, t0 + 20 * MS);
         clock.progress();
         assert_eq!(clock.wait(false), quick * 2, "ambiguous answer: still backed off");
-        clock.sent(9, t0 + 20 * MS);
-        clock.answered(9, t0 + 40 * MS);
+        clock.sent(10, t0 + 20 * MS);
+        clock.answered(10, t0 + 40 * MS);
         assert!(clock.wait(false) > quick * 2, "the slower round trip is learned: {:?}", clock.wait(false));
     }
 

@@ -914,14 +914,20 @@ mod tests {
         assert_eq!(plain.on_unanswered_nudge(t0 + 150 * MS), Next::Send(1..=1), "DATA 1 again");
     }
 
-    /// The first exchange gives the first sample: a transfer with options measures the OACK.
+    /// The first exchange gives the first sample: a transfer with options measures the OACK,
+    /// taken as at least `FIRST_ANSWER_FLOOR` (a client takes longer with a block than with
+    /// an OACK).
     #[test]
     fn the_oack_exchange_gives_the_first_sample() {
         let t0 = now();
         let mut t = ReadTransfer::new(source(10_000), 512, 1, true, PACE).unwrap();
         t.start(t0);
-        t.on_ack(0, false, t0 + 4 * MS);
-        assert_eq!(t.wait(), 12 * MS, "SRTT 4 + 4 * RTTVAR 2");
+        t.on_ack(0, false, t0 + 30 * MS);
+        assert_eq!(t.wait(), 90 * MS, "SRTT 30 + 4 * RTTVAR 15");
+        let mut quick = ReadTransfer::new(source(10_000), 512, 1, true, PACE).unwrap();
+        quick.start(t0);
+        quick.on_ack(0, false, t0 + MS);
+        assert_eq!(quick.wait(), 60 * MS, "an OACK answered in 1 ms counts as 20 (SRTT 20 + 4 * RTTVAR 10)");
     }
 
     #[test]
