@@ -95,6 +95,10 @@ pub struct Steered {
     link_timers: TimerQueue<(SessionKey, SocketAddr)>,
     /// Peers that lately left a link unanswered, and when.
     silent_peers: HashMap<SocketAddr, Instant>,
+    /// Uploads with new blocks for their replica, and copies with an ACK due to their primary,
+    /// since the last `flush_replication`.
+    links_due: Vec<SessionKey>,
+    acks_due: Vec<SessionKey>,
     /// Uploads whose fsync and rename ran (`commit`), with the result.
     commits: (mpsc::UnboundedSender<Committed>, mpsc::UnboundedReceiver<Committed>),
 }
@@ -152,6 +156,8 @@ impl Steered {
             pushes: HashMap::new(),
             link_timers: TimerQueue::new(),
             silent_peers: HashMap::new(),
+            links_due: Vec::new(),
+            acks_due: Vec::new(),
             commits: mpsc::unbounded_channel(),
         }
     }
@@ -168,6 +174,12 @@ impl Steered {
                 received = self.socket.recv_from(&mut buf) => {
                     let (len, from) = received.context("receiving from the steering socket")?;
                     self.receive(&buf[..len], from).await;
+                    // What else is queued, before the replicas hear of it: one copy of the
+                    // blocks and one ACK per burst, not per datagram.
+                    for _ in 0..BATCH_BLOCKS {
+                        let Ok((len, from)) = self.socket.try_recv_from(&mut buf) else { break };
+                        self.receive(&buf[..len], from).await;
+                    }
                 }
                 Some((key, result)) = self.commits.1.recv() => self.committed(key, result).await,
                 ready = self.digests.ready() => {
@@ -189,6 +201,7 @@ impl Steered {
                     self.expire_links().await;
                 }
             }
+            self.flush_replication().await;
         }
     }
 
@@ -347,7 +360,7 @@ impl Steered {
                 let replicated = self.replicates(mode);
                 // The first answer waits for the replica to open its copy.
                 let held = replicated.then_some((0, false));
-                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), held, committing: false, reader };
+                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), replica_tries: 0, held, committing: false, reader };
                 self.insert(key, header, &context, Kind::Write(upload), from, None);
                 if let Some(session) = self.sessions.get_mut(key) {
                     session.header.set_upload_replica(None);
@@ -397,10 +410,8 @@ impl Steered {
             WriteNext::Complete(_) => return self.commit(key),
             WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
         }
-        if let Some(replica) = upload.replica.as_mut() {
-            let peer = replica.link.peer;
-            let send = replica.link.available(received, None, Instant::now());
-            self.send_link(key, peer, send).await;
+        if upload.replica.is_some() {
+            self.links_due.push(key);
         }
         self.acknowledge(key).await;
     }

@@ -30,6 +30,10 @@ use crate::{
 /// one is forgotten after it.
 pub const COPY_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Replicas an upload may lose (or find silent) in a row before it ends with an ERROR: with
+/// 310 ms per silent one, about two seconds without a second copy anywhere.
+const REPLICA_TRIES: u8 = 6;
+
 /// A peer that did not answer a link is tried after the others for this long.
 const SILENT_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -195,16 +199,23 @@ impl Steered {
             return;
         }
         upload.replica = None;
-        upload.excluded.push(peer);
-        if refused.is_none() {
-            self.silent_peers.insert(peer, Instant::now());
+        upload.replica_tries += 1;
+        let tries = upload.replica_tries;
+        match &refused {
+            // A peer that refused is never asked again for this upload.
+            Some(_) => upload.excluded.push(peer),
+            // One that did not answer may only be slow (a loaded machine): it is asked again,
+            // after the others, until the tries run out.
+            None => {
+                self.silent_peers.insert(peer, Instant::now());
+            }
         }
         if let Some(refusal) = refused.filter(|r| ends_the_upload(r.code)) {
             warn!(client = %key, %peer, reason = refusal.message, "the upload's replica refused it");
             return self.fail_upload(key, &refusal).await;
         }
-        warn!(client = %key, %peer, "the upload's replica is gone: another one is chosen");
-        if !self.start_replica(key, Instant::now()).await {
+        warn!(client = %key, %peer, tries, "the upload's replica is gone: another one is chosen");
+        if tries > REPLICA_TRIES || !self.start_replica(key, Instant::now()).await {
             self.fail_upload(key, &NO_REPLICA).await;
         }
     }
@@ -331,6 +342,7 @@ impl Steered {
         self.silent_peers.remove(&from);
         let send = match self.sessions.get_mut(key) {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == from) => {
+                upload.replica_tries = 0;
                 let received = upload.transfer.received();
                 let Some(r) = upload.replica.as_mut() else { return };
                 let mut send = r.link.on_ack(block, now);
@@ -407,7 +419,6 @@ impl Steered {
             return self.answer_copy(key, received).await;
         }
         let next = copy.transfer.on_data(block, data, Instant::now());
-        let received = copy.transfer.received();
         self.timers.schedule(key, Instant::now() + COPY_IDLE);
         match next {
             WriteNext::Fail(code, message) => {
@@ -415,7 +426,33 @@ impl Steered {
                 self.refuse_copy(header, from, code, message).await;
             }
             WriteNext::Complete(_) => self.commit(key),
-            _ => self.answer_copy(key, received).await,
+            _ => self.acks_due.push(key),
+        }
+    }
+
+    /// Sends the replicas the blocks that came since the last flush, and the primaries the
+    /// ACKs of what their copies received: once per burst of datagrams read.
+    pub(super) async fn flush_replication(&mut self) {
+        let now = Instant::now();
+        let mut links = std::mem::take(&mut self.links_due);
+        links.sort_unstable();
+        links.dedup();
+        for key in links {
+            let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { continue };
+            let received = upload.transfer.received();
+            let Some(replica) = upload.replica.as_mut() else { continue };
+            let peer = replica.link.peer;
+            let send = replica.link.available(received, None, now);
+            self.send_link(key, peer, send).await;
+        }
+        let mut acks = std::mem::take(&mut self.acks_due);
+        acks.sort_unstable();
+        acks.dedup();
+        for key in acks {
+            if let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get(key) {
+                let received = copy.transfer.received();
+                self.answer_copy(key, received).await;
+            }
         }
     }
 
@@ -495,7 +532,7 @@ impl Steered {
         template.set_upload_replica(None);
         let last = transfer.received();
         let blksize = transfer.blksize;
-        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], held: None, committing: false, reader };
+        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], replica_tries: 0, held: None, committing: false, reader };
         self.sessions.insert(key, Session { kind: Kind::Write(upload), header: template, lb: from, requested: None });
         if landed {
             self.send_tftp(key, &Repr::Ack { block: (last & 0xffff) as u16 }, last).await;

@@ -53,9 +53,11 @@ pub struct Upload {
     pub filename: String,
     /// The copy on another backend, if the upload is replicated.
     pub replica: Option<Replica>,
-    /// Peers this upload gave up on (no answer, or they refused), and a dead primary it was
-    /// taken over from: never asked again for it.
+    /// Peers that refused this upload's copy, and a dead primary it was taken over from:
+    /// never asked again for it.
     pub excluded: Vec<SocketAddr>,
+    /// Replicas lost or found silent since one last answered.
+    pub replica_tries: u8,
     /// An acknowledgement held until the replica has its block: the block, and whether it is
     /// the last (the file is in place here).
     pub held: Option<(u32, bool)>,

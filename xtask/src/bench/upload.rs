@@ -160,10 +160,10 @@ fn measure_all(bench: &Bench, kills: usize) -> anyhow::Result<([[Cell; 2]; 3], C
         for _ in 0..ROUNDS {
             for (c, client) in CLIENTS.into_iter().enumerate() {
                 match &direct {
-                    Ok(direct) => record(&mut cells[0][c], bench.measure(&cluster, client, &backend_addr(0), std::slice::from_ref(&direct.root))),
+                    Ok(direct) => record(&mut cells[0][c], bench.measure(&cluster, client, &backend_addr(0), std::slice::from_ref(&direct.root), false)),
                     Err(why) => cells[0][c] = Err(format!("{why:#}")),
                 }
-                record(&mut cells[1][c], bench.measure(&cluster, client, VIP, &cluster.topo.backend_roots()));
+                record(&mut cells[1][c], bench.measure(&cluster, client, VIP, &cluster.topo.backend_roots(), false));
             }
         }
     }
@@ -172,7 +172,7 @@ fn measure_all(bench: &Bench, kills: usize) -> anyhow::Result<([[Cell; 2]; 3], C
         Ok(mut cluster) => {
             for _ in 0..ROUNDS {
                 for (c, client) in CLIENTS.into_iter().enumerate() {
-                    record(&mut cells[2][c], bench.measure(&cluster, client, VIP, &cluster.topo.backend_roots()));
+                    record(&mut cells[2][c], bench.measure(&cluster, client, VIP, &cluster.topo.backend_roots(), true));
                 }
             }
             for _ in 0..kills {
@@ -247,14 +247,21 @@ fn remote_name() -> String {
 impl Bench {
     /// Goodput in MB/s of one upload with `client` to `server`; the upload must end well and
     /// land whole in one of `roots` (from which it is removed again).
-    fn measure(&self, cluster: &Cluster, client: Client, server: &str, roots: &[PathBuf]) -> anyhow::Result<f64> {
+    fn measure(&self, cluster: &Cluster, client: Client, server: &str, roots: &[PathBuf], replicated: bool) -> anyhow::Result<f64> {
         let remote = remote_name();
         let started = Instant::now();
         let mut upload = self.upload(cluster, client, server, &remote)?;
         self.finish(&mut upload, client, server)?;
         let elapsed = started.elapsed().as_secs_f64();
         let landed = roots.iter().any(|r| sha256(&r.join(&remote)).is_ok_and(|d| d == self.digest));
-        // Replicas and pushes land a moment later: give them time before removing the copies.
+        // A replicated upload is pushed to the other backends after its last ACK: the next
+        // upload starts once every backend has it, so that it does not share the CPUs with
+        // the pushes of the one before.
+        let everywhere = || roots.iter().all(|r| r.join(&remote).exists() && netns_tests::upload::temporaries(r).is_empty());
+        let settle = Instant::now();
+        while replicated && !everywhere() && settle.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(200));
         for root in roots {
             let _ = std::fs::remove_file(root.join(&remote));
