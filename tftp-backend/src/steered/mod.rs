@@ -525,14 +525,17 @@ impl Steered {
                     self.budget.charge(next.datagrams());
                     self.read_next(key, next).await;
                 }
-                // The client's next DATA is not late: it waits for the acknowledgement this
-                // backend holds until the replica has the block.
-                Kind::Write(upload) if upload.held.is_some() || upload.committing => self.arm(key),
                 Kind::Write(upload) => {
+                    // While an acknowledgement is held for the replica (or the fsync runs) the
+                    // client is not late: nothing is resent, but the wait counts, so that an
+                    // upload whose client went elsewhere (a balancer moved it) ends here too.
+                    let waiting = upload.held.is_some() || upload.committing;
                     if upload.transfer.on_timeout() {
-                        let block = allowed_ack(upload);
-                        self.budget.charge(1);
-                        self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
+                        if !waiting {
+                            let block = allowed_ack(upload);
+                            self.budget.charge(1);
+                            self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
+                        }
                         self.arm(key);
                     } else if let Some(session) = self.forget(key) {
                         if let Kind::Write(Upload { replica: Some(r), .. }) = &session.kind {
