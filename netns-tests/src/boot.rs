@@ -289,6 +289,13 @@ impl Firmware {
     }
 }
 
+/// Where `XDPLB_BOOT_PCAP=PREFIX` in the environment asks machine `name`'s traffic to go:
+/// `PREFIX-NAME.pcap`.
+#[must_use]
+pub fn capture_from_env(name: &str) -> Option<PathBuf> {
+    std::env::var_os("XDPLB_BOOT_PCAP").map(|pcap| PathBuf::from(format!("{}-{name}.pcap", pcap.to_string_lossy())))
+}
+
 /// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
 /// (created here, removed with the namespace or on drop); its serial console is its log. With
 /// `XDPLB_BOOT_PCAP=PREFIX` in the environment its card's traffic goes to `PREFIX-NAME.pcap`.
@@ -301,8 +308,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn start(net: &Netns, bridge: &str, prefix: &RunPrefix, name: &str, firmware: Firmware, mac: &str) -> Result<Self> {
-        let capture = std::env::var_os("XDPLB_BOOT_PCAP").map(|pcap| PathBuf::from(format!("{}-{name}.pcap", pcap.to_string_lossy())));
-        Self::start_capturing(net, bridge, prefix, name, firmware, mac, capture.as_deref())
+        Self::start_capturing(net, bridge, prefix, name, firmware, mac, capture_from_env(name).as_deref())
     }
 
     /// [`Machine::start`] with its card's traffic dumped to `capture` (a pcap) when given.
@@ -389,7 +395,8 @@ const STALL_WINDOW: Duration = Duration::from_secs(3);
 /// Boots one machine with `firmware` through `cluster` (dnsmasq on the switch's client side
 /// offering its boot file, the machine on the clients' bridge, its traffic dumped to `capture`
 /// when given) and injects `failure` once its file's download reached its share; without a
-/// failure the kernel's download is watched all the same, for its block size. Returns once the
+/// failure the kernel's download is watched all the same, for its block size. The machine is
+/// named `m0` (its capture from the environment: [`capture_from_env`]). Returns once the
 /// machine powered itself off.
 pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure, capture: Option<&Path>) -> Result<BootRun> {
     let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), crate::pair_topology::SWITCH_CLIENT_SIDE, firmware.boot_file())?;

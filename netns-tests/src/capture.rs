@@ -10,6 +10,10 @@ use pcap_file::pcap::PcapReader;
 
 use crate::{Error, Result, io_error};
 
+/// What may stand before the Ethernet header of a captured frame: nothing, or a virtio-net
+/// header.
+const VNET_HEADER_LENGTHS: [usize; 3] = [0, 10, 12];
+
 /// A TFTP packet's meaning (RFC 1350, RFC 2347).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Tftp {
@@ -97,28 +101,47 @@ impl Capture {
         let (mut packets, mut start) = (Vec::new(), None);
         while let Some(Ok(frame)) = reader.next_packet() {
             let start = *start.get_or_insert(frame.timestamp);
-            let Ok(sliced) = SlicedPacket::from_ethernet(&frame.data) else { continue };
-            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (&sliced.net, &sliced.transport) else { continue };
-            let (source, destination) = (ip.header().source_addr(), ip.header().destination_addr());
-            let (from_client, client_port) = if destination == server {
-                (true, udp.source_port())
-            } else if source == server {
-                (false, udp.destination_port())
-            } else {
+            // QEMU's filter-dump keeps the virtio-net header (10 bytes, 12 with mergeable
+            // receive buffers) in front of a virtio card's frames; an e1000's come bare.
+            let Some((from_client, client_port, tftp)) = VNET_HEADER_LENGTHS.iter().find_map(|&skip| Self::udp_with(frame.data.get(skip..)?, server)) else {
                 continue;
             };
-            packets.push(Packet { at: frame.timestamp.saturating_sub(start), from_client, client_port, tftp: Tftp::parse(udp.payload()) });
+            packets.push(Packet { at: frame.timestamp.saturating_sub(start), from_client, client_port, tftp });
         }
         Ok(Self { packets })
     }
 
-    /// ERROR packets by (sent by the machine, code), with how many of each.
+    /// An Ethernet frame's UDP datagram to or from `server`: (sent by the client, the client's
+    /// port, the TFTP in it).
+    fn udp_with(frame: &[u8], server: Ipv4Addr) -> Option<(bool, u16, Tftp)> {
+        let sliced = SlicedPacket::from_ethernet(frame).ok()?;
+        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (&sliced.net, &sliced.transport) else { return None };
+        let (source, destination) = (ip.header().source_addr(), ip.header().destination_addr());
+        let (from_client, client_port) = if destination == server {
+            (true, udp.source_port())
+        } else if source == server {
+            (false, udp.destination_port())
+        } else {
+            return None;
+        };
+        Some((from_client, client_port, Tftp::parse(udp.payload())))
+    }
+
+    /// ERROR packets by (sent by the machine, code, the file its port had asked for: empty if
+    /// none), with how many of each.
     #[must_use]
-    pub fn errors(&self) -> BTreeMap<(bool, u16), usize> {
-        let mut errors = BTreeMap::new();
+    pub fn errors(&self) -> BTreeMap<(bool, u16, String), usize> {
+        let (mut errors, mut port_file) = (BTreeMap::new(), BTreeMap::new());
         for packet in &self.packets {
-            if let Tftp::Error { code, .. } = packet.tftp {
-                *errors.entry((packet.from_client, code)).or_default() += 1;
+            match &packet.tftp {
+                Tftp::Request { file } if packet.from_client => {
+                    port_file.insert(packet.client_port, file.trim_start_matches('/').to_owned());
+                }
+                Tftp::Error { code, .. } => {
+                    let file = port_file.get(&packet.client_port).cloned().unwrap_or_default();
+                    *errors.entry((packet.from_client, *code, file)).or_default() += 1;
+                }
+                _ => {}
             }
         }
         errors
@@ -169,11 +192,16 @@ mod tests {
 
     /// A pcap of UDP frames: (ms since the start, from the client, client port, TFTP payload).
     fn pcap(frames: &[(u64, bool, u16, Vec<u8>)]) -> Vec<u8> {
+        pcap_behind(frames, 0)
+    }
+
+    /// The same, each frame behind `header` bytes of zeros (a virtio-net header).
+    fn pcap_behind(frames: &[(u64, bool, u16, Vec<u8>)], header: usize) -> Vec<u8> {
         let mut writer = pcap_file::pcap::PcapWriter::new(Vec::new()).expect("pcap header");
         for (ms, from_client, port, payload) in frames {
             let (src, dst, sport, dport) = if *from_client { (CLIENT, SERVER, *port, 69) } else { (SERVER, CLIENT, 40000, *port) };
             let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src.octets(), dst.octets(), 64).udp(sport, dport);
-            let mut frame = Vec::new();
+            let mut frame = vec![0; header];
             builder.write(&mut frame, payload).expect("frame");
             let at = Duration::from_secs(1_700_000_000) + Duration::from_millis(*ms);
             writer.write_packet(&pcap_file::pcap::PcapPacket::new(at, u32::try_from(frame.len()).expect("small"), &frame)).expect("frame written");
@@ -203,7 +231,7 @@ mod tests {
         let capture = Capture::parse(&pcap(&frames), SERVER).expect("parsed");
         assert_eq!(capture.packets.len(), 5);
         assert_eq!(capture.packets[2].tftp, Tftp::Error { code: 8, message: "User aborted the transfer".into() });
-        assert_eq!(capture.errors(), BTreeMap::from([((true, 8), 1)]), "one abort, sent by the client");
+        assert_eq!(capture.errors(), BTreeMap::from([((true, 8, "grubx64.efi".to_owned()), 1)]), "one abort, sent by the client");
     }
 
     #[test]
@@ -228,6 +256,16 @@ mod tests {
         assert_eq!(kernel.longest_gap, Duration::from_millis(150), "DATA 2 to DATA 3, the other file's DATA aside");
         assert!(capture.errors().is_empty());
         assert_eq!(capture.transfer("grub.cfg"), None, "never asked");
+    }
+
+    #[test]
+    fn a_virtio_cards_frames_are_read_behind_their_virtio_net_header() {
+        let frames = [(0, true, 1001, rrq("vmlinuz-arm64")), (4, false, 1001, data(1)), (9, false, 1001, data(2))];
+        for header in [10, 12] {
+            let capture = Capture::parse(&pcap_behind(&frames, header), SERVER).expect("parsed");
+            assert_eq!(capture.packets.len(), 3, "behind {header} bytes");
+            assert_eq!(capture.transfer("vmlinuz-arm64").map(|t| t.duration()), Some(Duration::from_millis(5)));
+        }
     }
 
     #[test]

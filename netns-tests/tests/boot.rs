@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    boot::{BOOT_TIMEOUT, BootRun, Failure, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, boot_through, booted, make_boot_files, milestones, start_dhcp, uboot_timeouts},
+    boot::{BOOT_TIMEOUT, BootRun, Failure, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, boot_through, booted, capture_from_env, make_boot_files, milestones, start_dhcp, uboot_timeouts},
     cluster::Cluster,
     pair_topology::SWITCH_CLIENT_SIDE,
 };
@@ -23,7 +23,7 @@ fn boot(firmware: Firmware, failure: Failure) {
     let root = cluster.topo.root.clone();
     let size = move |file: &str| std::fs::metadata(root.join(file)).expect("boot file").len();
     let BootRun { console, powered_off_after: took, injected_after: injected, stall, watched, blksize } =
-        boot_through(&mut cluster, firmware, failure, None).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}"));
+        boot_through(&mut cluster, firmware, failure, capture_from_env("m0").as_deref()).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}"));
     // The block size tells which TFTP client fetched the kernel: the loader's own (GRUB's,
     // PXELINUX's), not the firmware's that started it.
     if watched == firmware.kernel() {

@@ -103,22 +103,49 @@ struct Figures {
     kernel_s: Option<f64>,
     kernel_longest_wait_ms: Option<f64>,
     stall_ms: Option<f64>,
-    /// ERROR packets by (sent by the machine, code).
-    errors: BTreeMap<(bool, u16), usize>,
+    /// ERROR packets by sender, code and file.
+    errors: BTreeMap<ErrorKey, usize>,
     uboot_timeouts: Option<usize>,
 }
 
-/// The ERRORs a firmware's boot may show: EDK2 aborts its size probe of the boot file.
-fn expected_error(firmware: Firmware, from_client: bool, code: u16) -> bool {
-    firmware == Firmware::UefiGrub && from_client && code == 8
+/// An ERROR by (sent by the machine, code, the file its transfer had asked for).
+type ErrorKey = (bool, u16, String);
+
+/// The ERRORs a firmware's boot may show: EDK2 aborts its size probe of a file (ERROR 8 from
+/// the client); PXELINUX looks for its configuration under names that do not exist (by UUID,
+/// MAC, address prefixes) before `pxelinux.cfg/default` (ERROR 1, file not found).
+fn expected_error(firmware: Firmware, (from_client, code, file): &ErrorKey) -> bool {
+    match firmware {
+        Firmware::UefiGrub => *from_client && *code == 8,
+        Firmware::Pxelinux => !*from_client && *code == 1 && file.starts_with("pxelinux.cfg/") && file != "pxelinux.cfg/default",
+        Firmware::Ipxe | Firmware::UBoot => false,
+    }
 }
 
-/// The errors as "client ERROR 8 ×1, server ERROR 0 ×2"; "none" when there were none.
-fn errors_text(errors: &BTreeMap<(bool, u16), usize>) -> String {
+/// The errors as "server ERROR 1 ×9 (pxelinux.cfg/01-52-54-00-4c-42-01, ... 9 files)";
+/// "none" when there were none.
+fn errors_text(errors: &BTreeMap<ErrorKey, usize>) -> String {
     if errors.is_empty() {
         return "none".to_owned();
     }
-    errors.iter().map(|(&(from_client, code), n)| format!("{} ERROR {code} ×{n}", if from_client { "client" } else { "server" })).collect::<Vec<_>>().join(", ")
+    let mut by_code: BTreeMap<(bool, u16), (usize, Vec<&str>)> = BTreeMap::new();
+    for ((from_client, code, file), n) in errors {
+        let entry = by_code.entry((*from_client, *code)).or_default();
+        entry.0 += n;
+        entry.1.push(file);
+    }
+    by_code
+        .iter()
+        .map(|(&(from_client, code), (n, files))| {
+            let files = match files.as_slice() {
+                [one] => (*one).to_owned(),
+                [first, ..] => format!("{first}, ... {} files", files.len()),
+                [] => String::new(),
+            };
+            format!("{} ERROR {code} ×{n} ({files})", if from_client { "client" } else { "server" })
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Values as "v" for one run, "min / median / max" for more; "-" for none.
@@ -257,13 +284,13 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
             let wait = values(boots, |f| f.kernel_longest_wait_ms);
             let stall = values(boots, |f| f.stall_ms);
             let booted = boots.iter().filter(|f| f.booted).count();
-            let mut errors: BTreeMap<(bool, u16), usize> = BTreeMap::new();
+            let mut errors: BTreeMap<ErrorKey, usize> = BTreeMap::new();
             for boot in boots {
-                for (&key, &n) in &boot.errors {
-                    *errors.entry(key).or_default() += n;
+                for (key, &n) in &boot.errors {
+                    *errors.entry(key.clone()).or_default() += n;
                 }
             }
-            let unexpected = errors.keys().any(|&(from_client, code)| !expected_error(firmware, from_client, code));
+            let unexpected = errors.keys().any(|key| !expected_error(firmware, key));
             #[expect(clippy::cast_precision_loss, reason = "small counts")]
             let timeouts: Vec<f64> = boots.iter().filter_map(|f| f.uboot_timeouts).map(|n| n as f64).collect();
             let window = |ms: &[f64]| if ms.iter().any(|&m| m >= 3000.0) { format!("{} (≥ 3000: no reply within the window)", spread(ms, 0)) } else { spread(ms, 0) };
@@ -274,9 +301,9 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
                 if booted == boots.len() { "" } else { "✗ " },
                 boots.len(),
                 spread(&off, 1),
-                if is_base { "1.00".to_owned() } else { ratio(&off, &base_off) },
+                ratio(&off, &base_off),
                 spread(&kernel, 2),
-                if is_base { "1.00".to_owned() } else { ratio(&kernel, &base_kernel) },
+                ratio(&kernel, &base_kernel),
                 if is_base { "-".to_owned() } else { window(&stall) },
                 spread(&wait, 0),
                 errors_text(&errors),
@@ -292,7 +319,7 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
                 "powered_off_s": off, "powered_off_vs_no_failure": median(&off).zip(median(&base_off)).map(|(v, b)| v / b),
                 "kernel_transfer_s": kernel, "kernel_transfer_vs_no_failure": median(&kernel).zip(median(&base_kernel)).map(|(v, b)| v / b),
                 "stall_ms": stall, "kernel_longest_wait_ms": wait,
-                "tftp_errors": errors.iter().map(|(&(from_client, code), n)| json!({ "from": if from_client { "client" } else { "server" }, "code": code, "count": n })).collect::<Vec<_>>(),
+                "tftp_errors": errors.iter().map(|(key, n)| json!({ "from": if key.0 { "client" } else { "server" }, "code": key.1, "file": key.2, "count": n, "expected": expected_error(firmware, key) })).collect::<Vec<_>>(),
                 "unexpected_errors": unexpected,
                 "uboot_timeouts": timeouts,
                 "failures": boots.iter().filter_map(|f| f.why.clone()).collect::<Vec<_>>(),
@@ -303,8 +330,9 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
         "\nBooted: `/init` ran and printed the payload's digest. Kernel transfer: first to last DATA of the kernel the machine \
          received (its pcap). Stall: the longest time the balancers delivered no reply in the 3 s after the kill. Longest wait: \
          the longest the machine heard nothing from the server for the kernel, from its request to its last DATA (pcap). \
-         TFTP errors: ERROR packets on the machine's wire by sender and code; EDK2's ERROR 8 (its tsize probe aborted) is \
-         expected, any other is marked ✗.",
+         TFTP errors: ERROR packets on the machine's wire by sender and code, with the files they answered; EDK2's ERROR 8 \
+         (its tsize probe aborted) and PXELINUX's ERROR 1 for the configuration names it tries before pxelinux.cfg/default \
+         are expected, any other is marked ✗.",
     );
     rows
 }
@@ -363,13 +391,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_edk2s_probe_abort_is_an_expected_error() {
-        assert!(expected_error(Firmware::UefiGrub, true, 8), "EDK2 aborts its tsize probe with ERROR 8");
-        assert!(!expected_error(Firmware::UefiGrub, false, 8), "from the server it is not the probe's");
-        assert!(!expected_error(Firmware::Ipxe, true, 8));
-        assert!(!expected_error(Firmware::UBoot, false, 0));
-        let errors = BTreeMap::from([((true, 8), 2), ((false, 0), 1)]);
-        assert_eq!(errors_text(&errors), "server ERROR 0 ×1, client ERROR 8 ×2");
+    fn only_edk2s_probe_abort_and_pxelinuxs_configuration_search_are_expected_errors() {
+        let error = |from_client: bool, code: u16, file: &str| (from_client, code, file.to_owned());
+        assert!(expected_error(Firmware::UefiGrub, &error(true, 8, "grubx64.efi")), "EDK2 aborts its tsize probe with ERROR 8");
+        assert!(!expected_error(Firmware::UefiGrub, &error(false, 8, "grubx64.efi")), "from the server it is not the probe's");
+        assert!(!expected_error(Firmware::Ipxe, &error(true, 8, "vmlinuz")));
+        assert!(!expected_error(Firmware::UBoot, &error(false, 0, "vmlinuz-arm64")));
+        assert!(expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/0A4E0064")), "a configuration name tried");
+        assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/default")), "the one configuration that exists");
+        assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "vmlinuz")));
+        let errors = BTreeMap::from([(error(true, 8, "grubx64.efi"), 2), (error(false, 1, "pxelinux.cfg/0A"), 1), (error(false, 1, "pxelinux.cfg/0A4"), 1)]);
+        assert_eq!(errors_text(&errors), "server ERROR 1 ×2 (pxelinux.cfg/0A, ... 2 files), client ERROR 8 ×2 (grubx64.efi)");
         assert_eq!(errors_text(&BTreeMap::new()), "none");
     }
 
