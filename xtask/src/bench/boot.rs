@@ -112,11 +112,12 @@ struct Figures {
 type ErrorKey = (bool, u16, String);
 
 /// The ERRORs a firmware's boot may show: EDK2 aborts its size probe of a file (ERROR 8 from
-/// the client); PXELINUX looks for its configuration under names that do not exist (by UUID,
-/// MAC, address prefixes) before `pxelinux.cfg/default` (ERROR 1, file not found).
+/// the client); GRUB looks for `grub.cfg-<MAC>` and `grub.cfg-<address in hex, shorter and
+/// shorter>` before `grub.cfg`, and PXELINUX for its configuration by UUID, MAC and address
+/// prefixes before `pxelinux.cfg/default` (ERROR 1, file not found, for each name tried).
 fn expected_error(firmware: Firmware, (from_client, code, file): &ErrorKey) -> bool {
     match firmware {
-        Firmware::UefiGrub => *from_client && *code == 8,
+        Firmware::UefiGrub => (*from_client && *code == 8) || (!*from_client && *code == 1 && file.starts_with("grub.cfg-")),
         Firmware::Pxelinux => !*from_client && *code == 1 && file.starts_with("pxelinux.cfg/") && file != "pxelinux.cfg/default",
         Firmware::Ipxe | Firmware::UBoot => false,
     }
@@ -331,8 +332,8 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
          received (its pcap). Stall: the longest time the balancers delivered no reply in the 3 s after the kill. Longest wait: \
          the longest the machine heard nothing from the server for the kernel, from its request to its last DATA (pcap). \
          TFTP errors: ERROR packets on the machine's wire by sender and code, with the files they answered; EDK2's ERROR 8 \
-         (its tsize probe aborted) and PXELINUX's ERROR 1 for the configuration names it tries before pxelinux.cfg/default \
-         are expected, any other is marked ✗.",
+         (its tsize probe aborted) and the ERROR 1 (not found) for the configuration names GRUB tries before grub.cfg and \
+         PXELINUX before pxelinux.cfg/default are expected, any other is marked ✗.",
     );
     rows
 }
@@ -397,6 +398,8 @@ mod tests {
         assert!(!expected_error(Firmware::UefiGrub, &error(false, 8, "grubx64.efi")), "from the server it is not the probe's");
         assert!(!expected_error(Firmware::Ipxe, &error(true, 8, "vmlinuz")));
         assert!(!expected_error(Firmware::UBoot, &error(false, 0, "vmlinuz-arm64")));
+        assert!(expected_error(Firmware::UefiGrub, &error(false, 1, "grub.cfg-01-52-54-00-4c-42-01")), "GRUB's configuration search");
+        assert!(!expected_error(Firmware::UefiGrub, &error(false, 1, "grub.cfg")), "the one GRUB configuration that exists");
         assert!(expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/0A4E0064")), "a configuration name tried");
         assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/default")), "the one configuration that exists");
         assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "vmlinuz")));
