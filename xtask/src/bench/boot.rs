@@ -113,11 +113,13 @@ type ErrorKey = (bool, u16, String);
 
 /// The ERRORs a firmware's boot may show: EDK2 aborts its size probe of a file (ERROR 8 from
 /// the client); GRUB looks for `grub.cfg-<MAC>` and `grub.cfg-<address in hex, shorter and
-/// shorter>` before `grub.cfg`, and PXELINUX for its configuration by UUID, MAC and address
-/// prefixes before `pxelinux.cfg/default` (ERROR 1, file not found, for each name tried).
+/// shorter>` before `grub.cfg`, and for its module lists (`x86_64-efi/*.lst`: the image has its
+/// modules built in), and PXELINUX for its configuration by UUID, MAC and address prefixes
+/// before `pxelinux.cfg/default` (ERROR 1, file not found, for each name tried).
 fn expected_error(firmware: Firmware, (from_client, code, file): &ErrorKey) -> bool {
+    let module_list = || file.starts_with("x86_64-efi/") && Path::new(file).extension().is_some_and(|e| e == "lst");
     match firmware {
-        Firmware::UefiGrub => (*from_client && *code == 8) || (!*from_client && *code == 1 && file.starts_with("grub.cfg-")),
+        Firmware::UefiGrub => (*from_client && *code == 8) || (!*from_client && *code == 1 && (file.starts_with("grub.cfg-") || module_list())),
         Firmware::Pxelinux => !*from_client && *code == 1 && file.starts_with("pxelinux.cfg/") && file != "pxelinux.cfg/default",
         Firmware::Ipxe | Firmware::UBoot => false,
     }
@@ -332,8 +334,8 @@ fn report_tables(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<
          received (its pcap). Stall: the longest time the balancers delivered no reply in the 3 s after the kill. Longest wait: \
          the longest the machine heard nothing from the server for the kernel, from its request to its last DATA (pcap). \
          TFTP errors: ERROR packets on the machine's wire by sender and code, with the files they answered; EDK2's ERROR 8 \
-         (its tsize probe aborted) and the ERROR 1 (not found) for the configuration names GRUB tries before grub.cfg and \
-         PXELINUX before pxelinux.cfg/default are expected, any other is marked ✗.",
+         (its tsize probe aborted) and the ERROR 1 (not found) for the configuration names GRUB tries before grub.cfg (and \
+         its module lists) and PXELINUX before pxelinux.cfg/default are expected, any other is marked ✗.",
     );
     rows
 }
@@ -400,6 +402,8 @@ mod tests {
         assert!(!expected_error(Firmware::UBoot, &error(false, 0, "vmlinuz-arm64")));
         assert!(expected_error(Firmware::UefiGrub, &error(false, 1, "grub.cfg-01-52-54-00-4c-42-01")), "GRUB's configuration search");
         assert!(!expected_error(Firmware::UefiGrub, &error(false, 1, "grub.cfg")), "the one GRUB configuration that exists");
+        assert!(expected_error(Firmware::UefiGrub, &error(false, 1, "x86_64-efi/command.lst")), "GRUB's module lists");
+        assert!(!expected_error(Firmware::UefiGrub, &error(false, 1, "vmlinuz")));
         assert!(expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/0A4E0064")), "a configuration name tried");
         assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "pxelinux.cfg/default")), "the one configuration that exists");
         assert!(!expected_error(Firmware::Pxelinux, &error(false, 1, "vmlinuz")));
