@@ -289,6 +289,13 @@ impl Firmware {
     }
 }
 
+/// Where `XDPLB_BOOT_PCAP=PREFIX` in the environment asks machine `name`'s traffic to go:
+/// `PREFIX-NAME.pcap`.
+#[must_use]
+pub fn capture_from_env(name: &str) -> Option<PathBuf> {
+    std::env::var_os("XDPLB_BOOT_PCAP").map(|pcap| PathBuf::from(format!("{}-{name}.pcap", pcap.to_string_lossy())))
+}
+
 /// A QEMU machine whose network card is on a new tap device attached to `bridge` in `net`
 /// (created here, removed with the namespace or on drop); its serial console is its log. With
 /// `XDPLB_BOOT_PCAP=PREFIX` in the environment its card's traffic goes to `PREFIX-NAME.pcap`.
@@ -301,6 +308,11 @@ pub struct Machine {
 
 impl Machine {
     pub fn start(net: &Netns, bridge: &str, prefix: &RunPrefix, name: &str, firmware: Firmware, mac: &str) -> Result<Self> {
+        Self::start_capturing(net, bridge, prefix, name, firmware, mac, capture_from_env(name).as_deref())
+    }
+
+    /// [`Machine::start`] with its card's traffic dumped to `capture` (a pcap) when given.
+    pub fn start_capturing(net: &Netns, bridge: &str, prefix: &RunPrefix, name: &str, firmware: Firmware, mac: &str, capture: Option<&Path>) -> Result<Self> {
         let tap = prefix.name(&format!("t{name}"));
         net.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
         net.ip(&["link", "set", &tap, "master", bridge])?;
@@ -322,8 +334,8 @@ impl Machine {
             Firmware::UBoot => command.args(["-bios", UBOOT_ARM64, "-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]),
         };
         // What the machine's card sent and received, for a boot to study afterwards.
-        if let Some(pcap) = std::env::var_os("XDPLB_BOOT_PCAP") {
-            command.args(["-object", &format!("filter-dump,id=d0,netdev=n0,file={}-{name}.pcap", pcap.to_string_lossy())]);
+        if let Some(pcap) = capture {
+            command.args(["-object", &format!("filter-dump,id=d0,netdev=n0,file={}", pcap.display())]);
         }
         let qemu = Process::spawn(prefix.name(&format!("vm-{name}")), command)?;
         Ok(Self { qemu, net_path: net.path(), tap, started: Instant::now() })
@@ -344,6 +356,86 @@ impl Drop for Machine {
         self.qemu.stop();
         let _ = run("nsenter", &[&format!("--net={}", self.net_path.display()), "--", "ip", "link", "del", &self.tap]);
     }
+}
+
+/// TCG emulates the whole machine: firmware, TFTP of ~11 MB and the kernel's boot take tens
+/// of seconds on this machine kind.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// What to break during a boot, and when: once the active balancer has seen `share` of `file`
+/// sent (0: as soon as its request has opened a session, before or with its first answer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Failure {
+    None,
+    ActiveBalancer { file: &'static str, share: f64 },
+    ServingBackend { file: &'static str, share: f64 },
+}
+
+/// What one boot through a cluster showed; the caller judges it.
+#[derive(Clone, Debug)]
+pub struct BootRun {
+    /// The machine's serial console, to its power-off.
+    pub console: String,
+    /// From power-on to power-off.
+    pub powered_off_after: Duration,
+    /// When the failure was injected, since power-on.
+    pub injected_after: Option<Duration>,
+    /// The data stall the failure caused ([`longest_pause`] over 3 s).
+    pub stall: Option<Duration>,
+    /// The file whose download timed the failure, and the block size its session had: which
+    /// TFTP client fetched it.
+    pub watched: &'static str,
+    pub blksize: u16,
+}
+
+/// Where the test and the bench look for a failure's stall: long enough for the balancers'
+/// failover (~150 ms), short of U-Boot's 5 s timeout, which then shows as the whole window.
+const STALL_WINDOW: Duration = Duration::from_secs(3);
+
+/// Boots one machine with `firmware` through `cluster` (dnsmasq on the switch's client side
+/// offering its boot file, the machine on the clients' bridge, its traffic dumped to `capture`
+/// when given) and injects `failure` once its file's download reached its share; without a
+/// failure the kernel's download is watched all the same, for its block size. The machine is
+/// named `m0` (its capture from the environment: [`capture_from_env`]). Returns once the
+/// machine powered itself off.
+pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure, capture: Option<&Path>) -> Result<BootRun> {
+    let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), crate::pair_topology::SWITCH_CLIENT_SIDE, firmware.boot_file())?;
+    let mut machine = Machine::start_capturing(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01", capture)?;
+    let (file, share) = match failure {
+        Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } => (file, share),
+        Failure::None => (firmware.kernel(), 0.5),
+    };
+    let bytes = std::fs::metadata(cluster.topo.root.join(file)).map_err(io_error(format!("boot file {file}")))?.len();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let (active, serving, blksize) = loop {
+        if let Some(found) = progress(cluster, file, bytes, share) {
+            break found;
+        }
+        if !machine.qemu.is_running() {
+            let why = format!("{file} never reached {share}: the machine stopped\n{}\n{}", machine.qemu.log(), cluster.logs());
+            return Err(io_error(why)(std::io::Error::other("no boot")));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout { what: format!("{file} to reach {share}\n{}\n{}", machine.qemu.log(), cluster.logs()), seconds: BOOT_TIMEOUT.as_secs() });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let (mut injected_after, mut stall) = (None, None);
+    if failure != Failure::None {
+        let killed = Instant::now();
+        match failure {
+            Failure::ActiveBalancer { .. } => cluster.kill_lb(active),
+            Failure::ServingBackend { .. } => cluster.kill_backend(serving),
+            Failure::None => {}
+        }
+        injected_after = Some(machine.started.elapsed());
+        stall = Some(longest_pause(cluster, killed, STALL_WINDOW));
+    }
+    let console = machine.wait(BOOT_TIMEOUT).map_err(|e| match e {
+        Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()), seconds },
+        other => other,
+    })?;
+    Ok(BootRun { console, powered_off_after: machine.started.elapsed(), injected_after, stall, watched: file, blksize })
 }
 
 /// The `path_hash` `xdp-lb status` shows for a file at the backends' root.

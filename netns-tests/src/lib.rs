@@ -11,6 +11,7 @@
 //! Tests that need root fail loudly without it ([`require_root`]); they are never skipped.
 
 pub mod boot;
+pub mod capture;
 pub mod clients;
 pub mod cluster;
 pub mod control_key;

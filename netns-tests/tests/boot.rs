@@ -8,23 +8,10 @@
 use std::time::{Duration, Instant};
 
 use netns_tests::{
-    boot::{BootFiles, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, booted, longest_pause, make_boot_files, milestones, progress, start_dhcp, uboot_timeouts},
+    boot::{BOOT_TIMEOUT, BootRun, Failure, Firmware, Machine, UBOOT_CRC_MISMATCH, UBOOT_CRC_OK, boot_through, booted, capture_from_env, make_boot_files, milestones, start_dhcp, uboot_timeouts},
     cluster::Cluster,
     pair_topology::SWITCH_CLIENT_SIDE,
 };
-
-/// TCG emulates the whole machine: firmware, TFTP of ~11 MB and the kernel's boot take tens
-/// of seconds on this machine kind.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// What to break, and when: once the active balancer has seen `share` of `file` sent (0: as
-/// soon as its request has opened a session, before or with its first answer).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Failure {
-    None,
-    ActiveBalancer { file: &'static str, share: f64 },
-    ServingBackend { file: &'static str, share: f64 },
-}
 
 const MID_KERNEL: (&str, f64) = ("vmlinuz", 0.5);
 
@@ -32,43 +19,16 @@ const MID_KERNEL: (&str, f64) = ("vmlinuz", 0.5);
 /// of the kernel has been sent; checks that it booted with the right payload.
 fn boot(firmware: Firmware, failure: Failure) {
     let mut cluster = Cluster::start(1, 3);
-    let files: BootFiles = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
+    let files = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
     let root = cluster.topo.root.clone();
     let size = move |file: &str| std::fs::metadata(root.join(file)).expect("boot file").len();
-    let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), SWITCH_CLIENT_SIDE, firmware.boot_file())
-        .expect("dnsmasq");
-    let mut machine = Machine::start(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01").expect("qemu");
-    let (mut injected, mut stall) = (None, None);
-    // Without a failure the kernel's download is watched all the same, for its block size.
-    let (file, share) = match failure {
-        Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } => (file, share),
-        Failure::None => (firmware.kernel(), MID_KERNEL.1),
-    };
-    let (deadline, bytes) = (Instant::now() + BOOT_TIMEOUT, size(file));
-    let (active, serving, blksize) = loop {
-        if let Some(found) = progress(&cluster, file, bytes, share) {
-            break found;
-        }
-        assert!(Instant::now() < deadline && machine.qemu.is_running(), "{file} never reached {share}\n{}\n{}", machine.qemu.log(), cluster.logs());
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    if failure != Failure::None {
-        let killed = Instant::now();
-        match failure {
-            Failure::ActiveBalancer { .. } => cluster.kill_lb(active),
-            Failure::ServingBackend { .. } => cluster.kill_backend(serving),
-            Failure::None => {}
-        }
-        injected = Some(machine.started.elapsed());
-        stall = Some(longest_pause(&cluster, killed, Duration::from_secs(3)));
-    }
+    let BootRun { console, powered_off_after: took, injected_after: injected, stall, watched, blksize } =
+        boot_through(&mut cluster, firmware, failure, capture_from_env("m0").as_deref()).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}"));
     // The block size tells which TFTP client fetched the kernel: the loader's own (GRUB's,
     // PXELINUX's), not the firmware's that started it.
-    if file == firmware.kernel() {
+    if watched == firmware.kernel() {
         assert_eq!(blksize, firmware.kernel_blksize(), "{firmware:?}: the kernel was not fetched by the client expected to");
     }
-    let console = machine.wait(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{firmware:?}, {failure:?}: {e}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()));
-    let took = machine.started.elapsed();
     for line in milestones(&console) {
         println!("    console: {line}");
     }

@@ -23,10 +23,15 @@
 //! - `upload`: upload goodput direct to a standalone tftp-backend, through xdp-lb without and
 //!   with replication (`--peer`), lock-step and windowsize 16, and the stall after the serving
 //!   backend is killed mid-upload ([`upload`]).
+//! - `boot`: real boot firmware (iPXE, UEFI PXE + GRUB, PXELINUX, U-Boot) booting a QEMU
+//!   machine through the full topology, without a failure and with the active LB or the
+//!   serving backend killed during the kernel: boot completed, time to power-off, the kernel's
+//!   transfer, the stall, TFTP errors on the machine's wire ([`boot`]; `--runs` boots per cell).
 //!
 //! Speed targets appear only here, as ratios from one run; tests never time anything.
 
 mod backend;
+mod boot;
 mod failover;
 mod goodput;
 mod loss;
@@ -55,21 +60,28 @@ fetching a kernel then an initrd, lock-step and windowsize 4, 0% and 1% loss, fr
 tftpd-hpa, atftpd and dnsmasq alone and through xdp-lb; time to the last client, p50/p99, \
 failures, goodput, CPU per MB; about an hour, --quick a few minutes), upload (upload goodput \
 direct / through xdp-lb / through xdp-lb with replication, lock-step and windowsize 16, and the \
-stall after the serving backend is killed mid-upload).
+stall after the serving backend is killed mid-upload), boot (iPXE, UEFI PXE + GRUB, PXELINUX and \
+U-Boot boot a QEMU machine with no failure, the active LB or the serving backend killed mid-kernel, \
+the active LB killed at the kernel's request: boot completed, power-off time, kernel transfer, \
+stall, TFTP errors on the wire; 16 boots of 10-40 s, --quick: iPXE, 2 scenarios).
 
 Output: markdown tables on stdout; bench-<time>.json and bench-<time>.md (the same tables, \
 machine and date) in --out, plus backend-<time>.{json,png}, loss-<time>.png, scaling-<time>.png, \
-storm-<time>.{json,png} and upload-<time>.png. Needs root \
+storm-<time>.{json,png}, upload-<time>.png and boot-<time>.png. Needs root \
 (network namespaces, XDP). docs/BENCHMARKS.md explains each figure.")]
 pub struct Args {
     /// Smaller files, fewer repeats (failover: 3 runs each instead of 20; scaling: up to 100
-    /// transfers instead of 1000; storm: 20 and 100 clients, files of a few hundred KiB): a few
-    /// minutes instead of the full run.
+    /// transfers instead of 1000; storm: 20 and 100 clients, files of a few hundred KiB; boot: iPXE
+    /// only, without a failure and with the active LB killed mid-kernel): a few minutes instead of
+    /// the full run.
     #[arg(long)]
     quick: bool,
     /// Directory for the results (JSON, markdown, PNG).
     #[arg(long, default_value = "results")]
     out: std::path::PathBuf,
+    /// Boots per firmware and scenario in section `boot` (min / median / max when more than one).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Run only these sections (comma-separated, e.g. `--only lb,scaling`); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
@@ -96,6 +108,8 @@ pub enum Section {
     Storm,
     /// Upload goodput direct / through xdp-lb / with replication, and the stall after a backend kill.
     Upload,
+    /// Boot firmware through the topology: boot completed, times, stall, TFTP errors on the wire.
+    Boot,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -148,11 +162,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     });
     let storm = run_section(Section::Storm, &mut report, &mut |report| storm::run(args.quick, &args.out, stamp, report));
     let upload = run_section(Section::Upload, &mut report, &mut |report| upload::run(args.quick, &args.out, report));
+    let boot = run_section(Section::Boot, &mut report, &mut |report| boot::run(args.quick, args.runs, &args.out, stamp, report));
     let path = args.out.join(format!("bench-{stamp}.json"));
     let results = json!({
         "unix_time": stamp, "quick": args.quick, "machine": machine,
         "xdp_ns_per_packet": xdp, "control_mac": control, "goodput": goodput, "backend": backend, "loss": loss, "failover": failover, "scaling": scaling,
-        "storm": storm, "upload": upload,
+        "storm": storm, "upload": upload, "boot": boot,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     let markdown = args.out.join(format!("bench-{stamp}.md"));

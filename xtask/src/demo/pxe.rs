@@ -10,14 +10,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use netns_tests::{
-    boot::{Firmware, Machine, booted, make_boot_files, milestones, next_reply_after, progress, start_dhcp},
+    boot::{BOOT_TIMEOUT, Firmware, Machine, booted, make_boot_files, milestones, next_reply_after, progress, start_dhcp},
     cluster::{Agents, Cluster},
     pair_topology::{PairTopology, SWITCH_CLIENT_SIDE, VIP, backend_addr, lb_addr},
 };
-
-/// Firmware, TFTP and the kernel's own boot under TCG (no KVM here) take tens of seconds.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-
 
 /// As many backends as the main demo: one to kill, two to carry on.
 const BACKENDS: usize = 3;
