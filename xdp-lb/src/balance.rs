@@ -452,7 +452,7 @@ impl Agent {
         for session in &plan.nudges {
             let Some(&to) = self.backends.get(session.backend as usize) else { continue };
             let key = ClientKey::new(session.header.client_ip, session.header.client_port);
-            let request = plan.resends.contains(&key).then(|| self.maps.kept_request(&key)).flatten();
+            let request = plan.resends.contains(&key).then(|| self.maps.kept_request(key)).flatten();
             let datagram = request.as_deref().map_or_else(|| control::nudge(session), |request| control::resend_request(session, request));
             match self.socket.send_to(&datagram, to).await {
                 Ok(_) if request.is_some() => {

@@ -78,8 +78,8 @@ impl LbMaps {
     }
 
     /// The request that opened `key`'s session, while it waits for its first answer.
-    pub fn kept_request(&self, key: &ClientKey) -> Option<Vec<u8>> {
-        self.requests.get(key, 0).ok().and_then(|kept| kept.request().map(<[u8]>::to_vec))
+    pub fn kept_request(&self, key: ClientKey) -> Option<Vec<u8>> {
+        self.requests.get(&key, 0).ok().and_then(|kept| kept.request().map(<[u8]>::to_vec))
     }
 
     /// All sessions (a snapshot; entries may change or vanish meanwhile): a few batch lookups,
