@@ -195,6 +195,13 @@ impl Cluster {
         usize::try_from(session.backend).ok()
     }
 
+    /// The backend of the balancer's first session, whether or not a backend has answered it.
+    #[must_use]
+    pub fn session_backend(&self, lb: usize) -> Option<usize> {
+        let session = self.topo.lb_status(lb).ok()?.sessions.into_iter().next()?;
+        usize::try_from(session.backend).ok()
+    }
+
     pub fn kill_backend(&mut self, i: usize) {
         if let Some(mut backend) = self.backends[i].take() {
             backend.kill_hard();

@@ -3,7 +3,9 @@
 //! request passed the balancer, the first answer (OACK, or DATA 1 without options) would go
 //! back through it. The balancer that takes over nudges the session's backend, which answers
 //! through it once the file is hashed: the client gets its first answer without waiting for
-//! its own retransmission timer (5 s for tftp-hpa and atftp).
+//! its own retransmission timer (5 s for tftp-hpa and atftp). Or the serving backend dies
+//! while it hashes the file: the balancer resends the request it kept to the backend it moves
+//! the session to, which answers it as a fresh one.
 
 use std::time::{Duration, Instant};
 
@@ -89,4 +91,47 @@ fn a_request_waiting_for_its_digest_is_answered_through_the_balancer_that_took_o
     // The hash itself takes 0.3-1 s here (longer on a loaded machine): the bound is the
     // client's timer, not the usual stall.
     assert!(first < 2 * SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
+}
+
+/// Starts `how`'s download of a file no backend has hashed yet, kills the backend the request
+/// went to as soon as the balancer has steered it, and checks that the first byte comes within
+/// `SERVED_WITHIN` of the kill.
+fn backend_dies_while_the_file_is_hashed(how: Client, size: usize) {
+    let mut running = Cluster::start(1, 2);
+    let source = running.file("fresh.bin", size, 12);
+    let local = running.local("fresh-dl");
+    let growth = Growth::watch(local.clone());
+    let download = running.download(0, how, "fresh.bin", &local);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let serving = loop {
+        if running.counter(0, BalanceCounter::NewSession) > 0
+            && let Some(backend) = running.session_backend(0)
+        {
+            break backend;
+        }
+        assert!(Instant::now() < deadline, "the request never reached balancer 0\n{}", running.logs());
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    running.kill_backend(serving);
+    let killed = Instant::now();
+    assert_eq!(running.counter(0, BalanceCounter::ToClient), 0, "the first answer passed before the backend died: too late a kill");
+    expect_download(download, &local, &source, Duration::from_secs(60), &how.name(), || running.logs());
+    let samples = growth.stop();
+    let first = first_byte(&samples, killed).expect("data arrived");
+    println!("{}: first byte {} ms after the backend's death", how.name(), first.as_millis());
+    running.print_timeline();
+    assert!(first < SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}\n{}", running.logs());
+}
+
+/// tftp-hpa retransmits its RRQ after 5 s: the new backend must answer the kept request long
+/// before (the detection, then its own hash of the file).
+#[test]
+fn a_request_whose_backend_dies_before_answering_is_served_by_another() {
+    backend_dies_while_the_file_is_hashed(Client::TftpHpa, 48 * MIB);
+}
+
+/// atftp's first answer is an OACK: the new backend's, the only one the client ever sees.
+#[test]
+fn an_oack_whose_backend_died_before_sending_it_comes_from_another() {
+    backend_dies_while_the_file_is_hashed(Client::AtftpLockStep { blksize: 1468 }, 48 * MIB);
 }

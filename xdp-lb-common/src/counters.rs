@@ -161,6 +161,11 @@ counters_with_control_slots! {
         /// does not face the backends (`--backend-iface`): a host on the clients' side speaking
         /// for a backend. Nothing learned, no watchdog touched.
         DropBackendWrongSide => "drop_backend_wrong_side",
+        /// An RRQ or WRQ created (or restarted) a session, but its request is not kept in
+        /// `LB_REQUESTS` (longer than `REQUEST_KEPT_MAX`, or the table refused it): should its
+        /// backend die before answering, the new one gets a nudge it cannot act on, and the
+        /// client's retransmission is what recovers.
+        NewSessionUnkept => "new_session_unkept",
     }
 }
 

@@ -234,6 +234,36 @@ pub struct Session {
     pub last_client_ns: u64,
 }
 
+/// Longest request (RRQ or WRQ, opcode included) `LB_REQUESTS` keeps. Firmware and tools ask a
+/// path and a few options in far less; a longer request opens its session all the same, only
+/// not kept (counted as `new_session_unkept`).
+pub const REQUEST_KEPT_MAX: usize = 512;
+/// Entries of `LB_REQUESTS`: a request is kept only until its session learns its context (the
+/// backend's first answer), so only sessions in their first moments hold one.
+pub const MAX_KEPT_REQUESTS: usize = 4096;
+
+/// The request that opened a session, value of `LB_REQUESTS` keyed by [`ClientKey`]: its TFTP
+/// payload as the client sent it. Written by `balance` when a request opens or restarts a
+/// session, removed when the session learns its context or finishes. When the session's
+/// backend dies before its first answer, the agent sends this request to the new backend, which
+/// answers it as a fresh one (a context-less nudge would tell it nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct KeptRequest {
+    /// Bytes of `bytes` that hold the request (1 ..= `REQUEST_KEPT_MAX`).
+    pub len: u16,
+    pub pad: [u8; 6],
+    pub bytes: [u8; REQUEST_KEPT_MAX],
+}
+
+impl KeptRequest {
+    /// The request as the client sent it; `None` for an entry that holds none.
+    #[must_use]
+    pub fn request(&self) -> Option<&[u8]> {
+        self.bytes.get(..usize::from(self.len)).filter(|bytes| !bytes.is_empty())
+    }
+}
+
 /// A record of the `LB_EVENTS` ring buffer: something about a client's session the agent must
 /// act on now rather than at its next tick.
 #[repr(C)]
@@ -286,7 +316,7 @@ pub type LbSeen = BackendSeen;
 
 #[cfg(test)]
 mod tests {
-    use super::{ClientKey, Session, TID_BASE, TID_SPAN};
+    use super::{ClientKey, KeptRequest, REQUEST_KEPT_MAX, Session, TID_BASE, TID_SPAN};
 
     #[test]
     fn tid_stays_in_range_and_spreads() {
@@ -302,5 +332,17 @@ mod tests {
     #[test]
     fn session_has_no_implicit_padding() {
         assert_eq!(size_of::<Session>(), 96);
+    }
+
+    #[test]
+    fn a_kept_request_is_its_first_len_bytes() {
+        let mut kept: KeptRequest = bytemuck::Zeroable::zeroed();
+        assert_eq!(kept.request(), None, "an empty entry holds no request");
+        kept.bytes[..9].copy_from_slice(b"\x00\x01a\x00octet");
+        kept.len = 9;
+        assert_eq!(kept.request(), Some(&b"\x00\x01a\x00octet"[..]));
+        kept.len = u16::try_from(REQUEST_KEPT_MAX + 1).unwrap();
+        assert_eq!(kept.request(), None, "a length beyond the buffer is no request");
+        assert_eq!(size_of::<KeptRequest>(), 8 + REQUEST_KEPT_MAX, "no implicit padding");
     }
 }

@@ -27,6 +27,9 @@ pub const MAP_LB_HEALTH: &str = "LB_HEALTH";
 pub const MAP_LB_LOAD: &str = "LB_LOAD";
 /// `ClientKey` -> `Session`, LRU.
 pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
+/// `ClientKey` -> `KeptRequest` (LRU): the request of each session still waiting for its
+/// backend's first answer.
+pub const MAP_LB_REQUESTS: &str = "LB_REQUESTS";
 /// Interface index -> the MAC of this balancer's interface, written by the agent: frames to
 /// other MACs are not steered.
 pub const MAP_LB_OWN_MACS: &str = "LB_OWN_MACS";

@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, LbConfig, Session, SessionEvent,
-    maps::{BACKEND_FACING, EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_LB_IFACES, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
+    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, KeptRequest, LbConfig, Session, SessionEvent,
+    maps::{BACKEND_FACING, EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_KEPT_REQUESTS, MAX_LB_IFACES, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
 };
 
 #[btf_map]
@@ -79,6 +79,15 @@ pub static LB_SCRATCH: PerCpuArray<Session, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static LB_SESSIONS: LruHashMap<ClientKey, Session, MAX_SESSIONS> = LruHashMap::new();
+
+/// The request of each session that has no context yet (see `KeptRequest`).
+#[btf_map]
+pub static LB_REQUESTS: LruHashMap<ClientKey, KeptRequest, MAX_KEPT_REQUESTS> = LruHashMap::new();
+
+/// Per-CPU staging slot where a request is copied before it is kept: a `KeptRequest` is larger
+/// than the BPF stack.
+#[btf_map]
+pub static LB_REQUEST_SCRATCH: PerCpuArray<KeptRequest, 1> = PerCpuArray::new();
 
 /// Sessions the agent must hear about now: created or moved (mirror them to the peer), or
 /// missing (ask the backends). About 2700 records of 12 bytes plus record headers.

@@ -3,13 +3,13 @@
 //! finished. Each change the peer balancer must hear about is announced here. Which of these
 //! happens to a packet is `steer`'s decision.
 
-use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, steering::FLAG_HAS_CONTEXT};
+use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, maps::REQUEST_KEPT_MAX, steering::FLAG_HAS_CONTEXT};
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
 
 use crate::{
     backends,
-    maps::{LB_SCRATCH, LB_SESSIONS, announce, now_ns},
+    maps::{LB_REQUEST_SCRATCH, LB_REQUESTS, LB_SCRATCH, LB_SESSIONS, announce, now_ns},
 };
 
 /// Creates the client's session on the least loaded usable backend, or restarts it when the
@@ -36,6 +36,30 @@ pub fn open<'a>(ctx: &XdpContext, config: &LbConfig, key: &ClientKey, frame: &Fr
     session.header.reset_for_client(key.ip, key.port, config.vip, key.tid());
     follow_client(ctx, session, frame);
     Some(session)
+}
+
+/// Keeps the request that just opened `key`'s session (the `len` bytes of TFTP payload at
+/// `offset` in the packet), until the session learns its context: the agent resends it to
+/// another backend should this one die before answering. Whether it was kept (a longer request
+/// is not).
+#[inline(always)]
+pub fn keep_request(ctx: &XdpContext, key: &ClientKey, offset: usize, len: usize) -> bool {
+    if len == 0 || len > REQUEST_KEPT_MAX {
+        return false;
+    }
+    let Some(kept) = LB_REQUEST_SCRATCH.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU slot, ours for the duration of the program.
+    let kept = unsafe { &mut *kept };
+    // The same value as `len`, in a form the verifier sees bounded by the buffer (1 ..= MAX).
+    let bounded = ((len - 1) & (REQUEST_KEPT_MAX - 1)) + 1;
+    // SAFETY: the helper copies `bounded` bytes from the packet into the slot's buffer, which
+    // holds `REQUEST_KEPT_MAX`; it fails (nothing kept) if the packet is shorter.
+    let copied = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, kept.bytes.as_mut_ptr().cast(), bounded as u32) };
+    if copied != 0 {
+        return false;
+    }
+    kept.len = bounded as u16;
+    LB_REQUESTS.insert(key, &*kept, 0).is_ok()
 }
 
 /// Replies go back the way the client's packets come: a session learned from the peer LB or
@@ -88,6 +112,8 @@ pub fn learn_context(key: &ClientKey, session: &mut Session, theirs: &SteeringHe
     ours.rtt = theirs.rtt;
     ours.set_block(highest);
     if first_context {
+        // The backend answered: from now on the context, not the request, carries the transfer.
+        let _ = LB_REQUESTS.remove(key);
         announce(key);
     }
 }
@@ -105,5 +131,6 @@ pub fn move_to(session: &mut Session, id: u32) {
 #[inline(always)]
 pub fn finish(key: &ClientKey, id: u32) {
     let _ = LB_SESSIONS.remove(key);
+    let _ = LB_REQUESTS.remove(key);
     backends::remove_session(id);
 }

@@ -102,7 +102,14 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
         let Some(session) = session::open(ctx, config, &key, frame) else {
             return (BalanceCounter::DropNoBackend, DROP);
         };
-        return to_backend(ctx, config, session, BalanceCounter::NewSession);
+        let (counter, action) = to_backend(ctx, config, session, BalanceCounter::NewSession);
+        // Kept from the steered packet, once every branch of the steering is behind us: a
+        // decision taken before it would double the paths the verifier walks through it.
+        if action == DROP || session::keep_request(ctx, &key, FrameHeaders::PAYLOAD_OFFSET + SteeringHeader::LEN, payload_len) {
+            return (counter, action);
+        }
+        let counter = if counter == BalanceCounter::NewSession { BalanceCounter::NewSessionUnkept } else { counter };
+        return (counter, action);
     }
     if port != key.tid() {
         return (BalanceCounter::PassNotService, PASS);

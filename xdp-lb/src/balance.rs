@@ -349,7 +349,7 @@ impl Agent {
         }
         let counters = self.maps.counters()?;
         // Requests reach the active balancer; a backup sees them as sessions the peer mirrors.
-        let requests = [BalanceCounter::NewSession, BalanceCounter::DropRateLimited].iter().map(|c| counters[*c as usize].packets).sum::<u64>()
+        let requests = [BalanceCounter::NewSession, BalanceCounter::NewSessionUnkept, BalanceCounter::DropRateLimited].iter().map(|c| counters[*c as usize].packets).sum::<u64>()
             + self.pair.mirrored_new;
         let flooded = self.detector.note_requests(now, requests);
         if flooded != self.flooded {
@@ -451,7 +451,14 @@ impl Agent {
         let mut nudged = 0;
         for session in &plan.nudges {
             let Some(&to) = self.backends.get(session.backend as usize) else { continue };
-            match self.socket.send_to(&control::nudge(session), to).await {
+            let key = ClientKey::new(session.header.client_ip, session.header.client_port);
+            let request = plan.resends.contains(&key).then(|| self.maps.kept_request(key)).flatten();
+            let datagram = request.as_deref().map_or_else(|| control::nudge(session), |request| control::resend_request(session, request));
+            match self.socket.send_to(&datagram, to).await {
+                Ok(_) if request.is_some() => {
+                    info!(client = ?key, backend = %to, "the request of a session moved before its first answer resent to its new backend");
+                    nudged += 1;
+                }
                 Ok(_) => nudged += 1,
                 Err(error) => warn!(%error, backend = %to, "nudge failed"),
             }

@@ -503,6 +503,22 @@ pub fn nudge(session: &Session) -> Vec<u8> {
     datagram
 }
 
+/// The datagram that hands a session's request (as `LB_REQUESTS` kept it) to its new backend:
+/// the session's header flagged `NUDGE` (without context: no answer passed this balancer),
+/// then the request, as the kernel steers a client's repeated request to a backend it moves
+/// the session to. For a session whose backend died before its first answer: the new backend
+/// holds nothing to resend on a nudge, but answers this as a fresh request, and the client,
+/// which has had no answer yet, takes that answer as the first. A backend that does hold the
+/// read (the session moved away and back) sends its first answer again.
+#[must_use]
+pub fn resend_request(session: &Session, request: &[u8]) -> Vec<u8> {
+    let mut header: SteeringHeader = session.header;
+    header.flags = (session.header.flags & FLAG_HAS_CONTEXT) | FLAG_NUDGE;
+    let mut datagram = bytemuck::bytes_of(&header).to_vec();
+    datagram.extend_from_slice(request);
+    datagram
+}
+
 /// The nudge that asks every live backend about a client that sent to its TID (`vip:tid`)
 /// while this balancer had no session for it. The backend holding the transfer resends from
 /// its own state; `CLIENT_SENT` tells it the client holds the first answer already, so an OACK
@@ -814,6 +830,19 @@ mod tests {
         let upload: SteeringHeader = *bytemuck::from_bytes(&nudge(&session)[..64]);
         assert!(upload.is_upload(), "an upload stays one, so its replica can take it");
         assert_eq!(upload.replica(), session.header.replica());
+    }
+
+    #[test]
+    fn a_resent_request_is_the_header_then_the_request_as_the_kernel_steered_it() {
+        let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
+        let mut session: Session = bytemuck::Zeroable::zeroed();
+        session.header = SteeringHeader::for_client(key.ip, 4000, [10, 0, 0, 1], key.tid());
+        let request = b"\x00\x01boot/kernel\x00octet\x00tsize\x000\x00";
+        let datagram = resend_request(&session, request);
+        let header: SteeringHeader = *bytemuck::from_bytes(&datagram[..64]);
+        assert_eq!(header.flags, FLAG_NUDGE, "no context: no answer passed this balancer");
+        assert_eq!((header.client_ip, header.client_port, header.vip_port), (key.ip, key.port, key.tid().to_be_bytes()));
+        assert_eq!(&datagram[64..], request);
     }
 
     #[test]

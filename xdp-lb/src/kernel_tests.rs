@@ -171,6 +171,40 @@ fn an_upload_on_a_dead_backend_moves_to_its_replica_and_stays_an_upload() {
 }
 
 #[test]
+fn a_request_is_kept_until_the_backend_answers() {
+    let mut f = fixture(1);
+    let key = ClientKey::new(CLIENT, 40_020u16.to_be_bytes());
+    open(&mut f, 40_020);
+    assert_eq!(f.maps.kept_request(key).as_deref(), Some(RRQ), "the request as the client sent it");
+    let restart = b"\x00\x01boot/initrd.img\x00octet\x00";
+    f.run(&from_client(CLIENT, 40_020, TFTP_PORT, restart)).unwrap();
+    assert_eq!(f.maps.kept_request(key).as_deref(), Some(&restart[..]), "a new request from the same port replaces it");
+    f.run(&from_backend(0, &reply_header(40_020, 1, 0), b"\x00\x03\x00\x01data")).unwrap();
+    assert_eq!(f.maps.kept_request(key), None, "the first answer's context carries the transfer from now on");
+    assert_eq!(f.counter(C::NewSession).unwrap(), 2);
+}
+
+#[test]
+fn a_finished_session_forgets_its_request_and_a_long_request_is_not_kept() {
+    let mut f = fixture(1);
+    open(&mut f, 40_021);
+    f.run(&from_backend(0, &reply_header(40_021, 0, FLAG_FINISHED), b"")).unwrap();
+    assert_eq!(f.maps.kept_request(ClientKey::new(CLIENT, 40_021u16.to_be_bytes())), None, "finished before any context (a probe aborted)");
+    let mut long = b"\x00\x01".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 520));
+    long.extend_from_slice(b"\x00octet\x00");
+    let (action, out) = f.run(&from_client(CLIENT, 40_022, TFTP_PORT, &long)).unwrap();
+    assert_eq!(action, XDP_TX, "a long request opens its session all the same");
+    assert_eq!(&out[42 + 64..], &long[..]);
+    assert_eq!(f.maps.kept_request(ClientKey::new(CLIENT, 40_022u16.to_be_bytes())), None);
+    assert_eq!(f.counter(C::NewSessionUnkept).unwrap(), 1);
+    let longest = [b"\x00\x01".as_slice(), &[b'b'; 507], b"\x00a\x00"].concat();
+    assert_eq!(longest.len(), xdp_lb_common::maps::REQUEST_KEPT_MAX);
+    f.run(&from_client(CLIENT, 40_023, TFTP_PORT, &longest)).unwrap();
+    assert_eq!(f.maps.kept_request(ClientKey::new(CLIENT, 40_023u16.to_be_bytes())).as_deref(), Some(&longest[..]), "the longest kept");
+}
+
+#[test]
 fn finished_ends_the_session() {
     let mut f = fixture(1);
     open(&mut f, 40_004);

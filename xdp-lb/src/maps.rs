@@ -9,16 +9,18 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, Counter, Health, LbConfig, LbSeen, Session, SwitchConfig,
+    Backend, BackendSeen, ClientKey, Counter, Health, KeptRequest, LbConfig, LbSeen, Session, SwitchConfig,
     names::{
         MAP_LB_BACKEND_IFACES, MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
-        MAP_LB_SEEN, MAP_LB_SESSIONS,
+        MAP_LB_REQUESTS, MAP_LB_SEEN, MAP_LB_SESSIONS,
         MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_LB_IFACES, MAP_SW_SEEN,
     },
 };
 
-/// Every map of `balance` that an agent, `status` or a test touches.
-pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_HEALTH, MAP_LB_SESSIONS];
+/// Every map of `balance` that an agent, `status` or a test touches. All pinned: a restarted
+/// agent carries on from the state of the one before it (`LB_REQUESTS` with `LB_SESSIONS`, so
+/// a session in its first moments can still be resent to another backend after a restart).
+pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_HEALTH, MAP_LB_SESSIONS, MAP_LB_REQUESTS];
 
 pub struct LbMaps {
     pub counters: PerCpuArray<MapData, Counter>,
@@ -29,6 +31,8 @@ pub struct LbMaps {
     /// The agent's verdicts and flap damping per backend.
     pub health: Array<MapData, Health>,
     pub sessions: HashMap<MapData, ClientKey, Session>,
+    /// The request of each session still waiting for its backend's first answer.
+    pub requests: HashMap<MapData, ClientKey, KeptRequest>,
 }
 
 impl LbMaps {
@@ -52,6 +56,7 @@ impl LbMaps {
             load: Array::try_from(typed(MAP_LB_LOAD)?).context(MAP_LB_LOAD)?,
             health: Array::try_from(typed(MAP_LB_HEALTH)?).context(MAP_LB_HEALTH)?,
             sessions: HashMap::try_from(typed(MAP_LB_SESSIONS)?).context(MAP_LB_SESSIONS)?,
+            requests: HashMap::try_from(typed(MAP_LB_REQUESTS)?).context(MAP_LB_REQUESTS)?,
         })
     }
 
@@ -70,6 +75,11 @@ impl LbMaps {
 
     pub fn load(&self, id: u32) -> anyhow::Result<u64> {
         self.load.get(&id, 0).with_context(|| format!("reading load of backend {id}"))
+    }
+
+    /// The request that opened `key`'s session, while it waits for its first answer.
+    pub fn kept_request(&self, key: ClientKey) -> Option<Vec<u8>> {
+        self.requests.get(&key, 0).ok().and_then(|kept| kept.request().map(<[u8]>::to_vec))
     }
 
     /// All sessions (a snapshot; entries may change or vanish meanwhile): a few batch lookups,

@@ -3,7 +3,7 @@
 //! balancer's role in, a plan out), so its rules are unit-tested without root; the agent
 //! writes the moves into `LB_SESSIONS` and sends the nudges.
 
-use xdp_lb_common::{ClientKey, Session, maps::BACKEND_LIVE};
+use xdp_lb_common::{ClientKey, Session, maps::BACKEND_LIVE, steering::FLAG_HAS_CONTEXT};
 
 use crate::{
     control::{self, BackendView},
@@ -26,6 +26,10 @@ pub struct Plan {
     pub moves: Vec<(ClientKey, Session)>,
     /// Sessions whose backend (the new one where they moved) is sent a nudge.
     pub nudges: Vec<Session>,
+    /// Of the nudged, those that moved before their first answer (no context): the new backend
+    /// holds nothing a nudge could make it resend, so it gets the request the kernel kept for
+    /// the session instead (`LB_REQUESTS`; a nudge when none was kept).
+    pub resends: Vec<ClientKey>,
     /// Sessions of the dead backend left for the next tick (beyond the plan's limit).
     pub left: usize,
     /// Sessions that found no live backend.
@@ -65,7 +69,8 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
         sessions.truncate(limit);
     }
     for (key, mut session) in sessions {
-        if !usable(views.get(session.backend as usize)) {
+        let moved = !usable(views.get(session.backend as usize));
+        if moved {
             let Some(target) = replica_of(&session, views).or_else(|| control::least_loaded(views, &loads)) else {
                 plan.stranded += 1;
                 continue;
@@ -80,6 +85,9 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
         if !control::worth_nudging(now_ns, &session) {
             plan.quiet += 1;
         } else if nudging {
+            if moved && session.header.flags & FLAG_HAS_CONTEXT == 0 {
+                plan.resends.push(key);
+            }
             plan.nudges.push(session);
         }
     }
@@ -184,5 +192,21 @@ mod tests {
         assert!(plan.moves.iter().all(|(_, s)| s.backend == 2));
         let nudged: Vec<u32> = plan.nudges.iter().map(|s| s.backend).collect();
         assert_eq!(nudged, [0, 2, 2], "every session heard within 2 s, at its (new) backend; not the stale one");
+    }
+
+    #[test]
+    fn a_session_moved_before_its_first_answer_gets_its_request_resent() {
+        let views = [dead(3), live(0)];
+        let (early, first) = session(1, 0, 100);
+        let (mid, mut second) = session(2, 0, 100);
+        second.header.flags = FLAG_HAS_CONTEXT;
+        let died = plan(Occasion::BackendDied(0), &views, vec![(early, first), (mid, second), session(3, 0, 50)], 100 * S, Role::Active, 100);
+        assert_eq!(died.resends, [early], "only the moved session without context, not the one the backend answered, nor the quiet one");
+        assert_eq!(died.nudges.len(), 2, "a resend falls back to a nudge when no request was kept");
+        let backup = plan(Occasion::BackendDied(0), &views, vec![session(1, 0, 100)], 100 * S, Role::Backup, 100);
+        assert!(backup.resends.is_empty(), "a backup sends nothing: the answer would come through it");
+        let live_views = [live(1), live(0)];
+        let takeover = plan(Occasion::TakeOver, &live_views, vec![session(1, 0, 100)], 100 * S, Role::Active, usize::MAX);
+        assert!(takeover.resends.is_empty(), "a live backend holds the request it was steered: it gets the nudge");
     }
 }

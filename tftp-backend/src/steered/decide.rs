@@ -61,6 +61,11 @@ pub enum Action<'a> {
     /// An RRQ repeating the request of a read from the same client that has not progressed
     /// past its first answer (a second OACK from the same TID makes clients abort).
     RepeatedRequest { filename: &'a str },
+    /// Such a repeat resent by a balancer whose session has no context (`NUDGE` without
+    /// `CLIENT_SENT`): no answer of this read passed that balancer (it moved the session away
+    /// and back before the first answer, whose reply it then dropped as stale), so the client
+    /// still waits for its first answer, which goes again at once, as for an unanswered nudge.
+    UnansweredRequest { filename: &'a str },
     /// A new download, replacing any session of the key.
     Read { filename: &'a str, mode: Mode, options: Options },
     /// A new upload, replacing any session of the key.
@@ -173,7 +178,13 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
     // A new request replaces the key's session, which then no longer counts.
     let busy = || seen.transfers.saturating_sub(usize::from(seen.session.is_some())) >= config.max_transfers;
     match request {
-        Repr::Rrq { filename, options, .. } if repeats(seen, filename, &options) => Action::RepeatedRequest { filename },
+        Repr::Rrq { filename, options, .. } if repeats(seen, filename, &options) => {
+            if header.has_flag(FLAG_NUDGE) && !header.has_flag(FLAG_CLIENT_SENT) && !header.has_flag(FLAG_HAS_CONTEXT) {
+                Action::UnansweredRequest { filename }
+            } else {
+                Action::RepeatedRequest { filename }
+            }
+        }
         Repr::Rrq { .. } | Repr::Wrq { .. } if busy() => Action::Busy,
         Repr::Data { .. } | Repr::Ack { .. } if seen.session == Some(Known::Replica) => Action::Promote,
         Repr::Rrq { filename, mode, options } => Action::Read { filename, mode, options },
@@ -316,6 +327,16 @@ mod tests {
         assert_eq!(decide(&header(0), rrq("f.bin"), &NOTHING, &config(10)), expected);
         let wrq = Ok(Repr::Wrq { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
         assert_eq!(decide(&header(0), wrq, &NOTHING, &config(10)), Action::Write { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+    }
+
+    #[test]
+    fn a_request_a_balancer_resends_unanswered_gets_the_first_answer_again() {
+        let resent = decide(&header(FLAG_NUDGE), rrq("f.bin"), &reading(0, "f.bin"), &config(10));
+        assert_eq!(resent, Action::UnansweredRequest { filename: "f.bin" }, "no answer passed the balancer: the client waits for one");
+        let client_sent = decide(&header(FLAG_NUDGE | FLAG_CLIENT_SENT), rrq("f.bin"), &reading(0, "f.bin"), &config(10));
+        assert_eq!(client_sent, Action::RepeatedRequest { filename: "f.bin" }, "the client may hold the first answer: no second OACK");
+        let fresh = decide(&header(FLAG_NUDGE), rrq("f.bin"), &Seen { session: None, completed: false, transfers: 0 }, &config(10));
+        assert!(matches!(fresh, Action::Read { filename: "f.bin", .. }), "a backend that never saw it serves it fresh");
     }
 
     #[test]

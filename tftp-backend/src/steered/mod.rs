@@ -287,6 +287,17 @@ impl Steered {
                 debug!(client = %key, file = filename, ?next, "repeated request");
                 self.read_next(key, next).await;
             }
+            Action::UnansweredRequest { filename } => {
+                let next = match self.sessions.get_mut(key) {
+                    Some(Session { kind: Kind::Read(transfer), lb, .. }) => {
+                        *lb = from;
+                        transfer.on_unanswered_nudge(Instant::now())
+                    }
+                    _ => Next::Nothing,
+                };
+                debug!(client = %key, file = filename, ?next, "request resent by a balancer that passed no answer");
+                self.read_next(key, next).await;
+            }
             Action::Read { filename, mode, options } => self.open_read(key, header, (filename, mode, &options), from).await,
             Action::Write { filename, mode, options } => self.open_write(key, header, (filename, mode, &options), from).await,
             Action::Ack(plan) => self.ack(key, plan, from).await,
