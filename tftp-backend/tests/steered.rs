@@ -662,3 +662,47 @@ fn the_replica_takes_an_upload_over_when_its_primary_dies() {
     let dead_root = std::fs::read_dir(cluster.roots[0].path()).unwrap().count();
     assert!(dead_root <= 1, "the dead primary left at most its own temporary");
 }
+
+/// A false verdict: the balancer moves an upload to its replica while the primary still lives.
+/// What the old primary copies to the replica from then on (a block that still reached it, or
+/// its probe when the client is quiet toward it) is answered "this backend serves the upload
+/// now": the old primary drops its session and temporary instead of holding a second upload.
+#[test]
+fn a_primary_whose_upload_moved_to_its_replica_lets_it_go() {
+    old_primary_lets_go(true);
+}
+
+/// The same when nothing reaches the old primary any more: its probe of the replica finds out.
+#[test]
+fn a_primary_whose_quiet_upload_moved_to_its_replica_lets_it_go() {
+    old_primary_lets_go(false);
+}
+
+fn old_primary_lets_go(late_block: bool) {
+    let cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..10_000u32).map(|i| (i * 3 % 239) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02kept.bin\x00octet\x00");
+    let (first, _) = lb.recv().expect("ACK 0");
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=10);
+    let mut moved = learned;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 11..=11);
+    // The client's block 11 also on the old path (a retransmission): the old primary writes
+    // it and copies it to the replica.
+    if late_block {
+        let block11 = [&[0u8, 3, 0, 11][..], &content[10 * 512..11 * 512]].concat();
+        lb.send(&cluster.backends[0], &header, &block11);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::fs::read_dir(cluster.roots[0].path()).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the old primary kept its temporary\n{}", cluster.backends[0].process.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lb2 = Lb::new();
+    upload_blocks(&lb2, &cluster.backends[replica], &header, &content, 12..=20);
+    cluster.wait_for(replica, "kept.bin", &content);
+}

@@ -547,6 +547,7 @@ impl Steered {
                             self.budget.charge(1);
                             self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
                         }
+                        self.probe_replica(key).await;
                         self.arm(key);
                     } else if let Some(session) = self.forget(key) {
                         if let Kind::Write(Upload { replica: Some(r), .. }) = &session.kind {

@@ -61,6 +61,9 @@ fn ends_the_upload(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::DiskFull | ErrorCode::FileExists)
 }
 
+/// A replica's answer to its old primary's DATA once it serves the upload itself.
+const TAKEN_OVER: &str = "this backend serves the upload now";
+
 const NO_REPLICA: Refusal = Refusal { code: ErrorCode::NotDefined, message: "no backend can keep a copy of the upload" };
 
 impl Steered {
@@ -220,6 +223,20 @@ impl Steered {
         }
     }
 
+    /// The client of `key`'s upload is quiet: the replica gets its last block again. A copy
+    /// answers it as a repeat; a replica that a balancer made the upload's server (this backend
+    /// was declared dead, wrongly) answers `TAKEN_OVER`, and this backend lets the upload go.
+    pub(super) async fn probe_replica(&mut self, key: SessionKey) {
+        let Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) = self.sessions.get(key) else { return };
+        let (peer, block) = (r.link.peer, r.link.acked());
+        if block == 0 {
+            return;
+        }
+        for datagram in self.link_datagrams(key, peer, &Send::Blocks(block..=block)) {
+            let _ = self.socket.send_to(&datagram, peer).await;
+        }
+    }
+
     /// Ends `key`'s upload with `refusal` to its client; its copy is dropped too.
     /// A file already moved into place here is taken back (the replica refused it: that name
     /// holds another upload there), so nothing of a failed upload stays under its name.
@@ -315,6 +332,12 @@ impl Steered {
             // An answer to one of this backend's links.
             match packet {
                 Ok(Repr::Ack { .. }) => self.link_ack(key, from, header.block()).await,
+                Ok(Repr::Error { message, .. }) if message == TAKEN_OVER => {
+                    if matches!(self.sessions.get(key), Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) if r.link.peer == from) {
+                        warn!(client = %key, peer = %from, "the upload's replica serves it now (a balancer moved it): dropped here");
+                        self.forget(key);
+                    }
+                }
                 Ok(Repr::Error { code, message }) => {
                     debug!(client = %key, %from, ?code, message, "a peer refused a copy");
                     let refusal = Refusal { code, message: if ends_the_upload(code) { refusal_text(code) } else { "refused" } };
@@ -407,8 +430,12 @@ impl Steered {
     }
 
     async fn copy_data(&mut self, key: SessionKey, header: &SteeringHeader, block: u16, data: &[u8], from: SocketAddr) {
-        let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get_mut(key) else {
-            return self.refuse_copy(header, from, ErrorCode::UnknownTransferId, "no copy of this upload here").await;
+        let copy = match self.sessions.get_mut(key) {
+            Some(Session { kind: Kind::Replica(copy), .. }) => copy,
+            // This copy became the upload (a balancer sent the client here): the old primary,
+            // alive after all, is told so and lets it go.
+            Some(Session { kind: Kind::Write(_), .. }) => return self.refuse_copy(header, from, ErrorCode::UnknownTransferId, TAKEN_OVER).await,
+            _ => return self.refuse_copy(header, from, ErrorCode::UnknownTransferId, "no copy of this upload here").await,
         };
         if copy.committing {
             // Its answer comes once the file is durable and in place.
