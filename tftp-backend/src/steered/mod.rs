@@ -320,7 +320,7 @@ impl Steered {
                 *lb = from;
                 // A new balancer took over: the client may wait on an acknowledgement the old
                 // one lost. What the replica allows goes again.
-                if nudge && upload.held.is_none() && !upload.committing {
+                if nudge && upload.held.is_none() && !upload.committing && !upload.replica_commits_first {
                     let block = allowed_ack(upload);
                     self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
                 }
@@ -371,7 +371,7 @@ impl Steered {
                 let replicated = self.replicates(mode);
                 // The first answer waits for the replica to open its copy.
                 let held = replicated.then_some((0, false));
-                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), replica_tries: 0, held, committing: false, reader };
+                let upload = Upload { transfer, filename: filename.to_owned(), replica: None, excluded: Vec::new(), replica_tries: 0, held, committing: false, replica_commits_first: false, reader };
                 self.insert(key, header, &context, Kind::Write(upload), from, None);
                 if let Some(session) = self.sessions.get_mut(key) {
                     session.header.set_upload_replica(None);
@@ -418,7 +418,7 @@ impl Steered {
             WriteNext::Ack(_) => upload.held = Some((received, false)),
             WriteNext::Done(_) => upload.held = Some((received, true)),
             WriteNext::Nothing => return,
-            WriteNext::Complete(_) => return self.commit(key),
+            WriteNext::Complete(_) => return self.complete(key).await,
             WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
         }
         if upload.replica.is_some() {
@@ -540,7 +540,7 @@ impl Steered {
                     // While an acknowledgement is held for the replica (or the fsync runs) the
                     // client is not late: nothing is resent, but the wait counts, so that an
                     // upload whose client went elsewhere (a balancer moved it) ends here too.
-                    let waiting = upload.held.is_some() || upload.committing;
+                    let waiting = upload.held.is_some() || upload.committing || upload.replica_commits_first;
                     if upload.transfer.on_timeout() {
                         if !waiting {
                             let block = allowed_ack(upload);

@@ -124,12 +124,13 @@ impl Steered {
 
     /// The datagrams of `send`: the request, or the blocks read back from the file.
     fn link_datagrams(&self, key: SessionKey, peer: SocketAddr, send: &Send) -> Vec<Vec<u8>> {
-        let (template, filename, blksize, timeout, reader) = match self.sessions.get(key) {
+        // A push announces the finished file's size (tsize): see `open_copy`.
+        let (template, filename, blksize, timeout, reader, tsize) = match self.sessions.get(key) {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == peer) => {
-                (*header, upload.filename.as_str(), upload.transfer.blksize, header.timeout, &upload.reader)
+                (*header, upload.filename.as_str(), upload.transfer.blksize, header.timeout, &upload.reader, None)
             }
             _ => match self.pushes.get(&(key, peer)) {
-                Some(push) => (push.template, push.filename.as_str(), push.blksize, push.template.timeout, &push.reader),
+                Some(push) => (push.template, push.filename.as_str(), push.blksize, push.template.timeout, &push.reader, push.reader.metadata().ok().map(|m| m.len())),
                 None => return Vec::new(),
             },
         };
@@ -139,7 +140,7 @@ impl Steered {
         let mut datagrams = Vec::new();
         match send {
             Send::Open => {
-                let options = Options { blksize: Some(u32::from(blksize)), timeout: (timeout != 0).then_some(u32::from(timeout)), ..Options::default() };
+                let options = Options { blksize: Some(u32::from(blksize)), timeout: (timeout != 0).then_some(u32::from(timeout)), tsize, ..Options::default() };
                 header.set_block(0);
                 out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
                 let end = service::emit_at(&Repr::Wrq { filename, mode: Mode::Octet, options }, &mut out, HEADER);
@@ -247,7 +248,7 @@ impl Steered {
                     self.abort_copy(&session.header, r.link.peer).await;
                 }
                 if matches!(upload.held, Some((_, true))) {
-                    retract(upload);
+                    retract(upload.transfer.target(), &upload.reader);
                 }
             }
             self.refuse(&session.header, session.lb, refusal).await;
@@ -351,8 +352,13 @@ impl Steered {
             Ok(Repr::Wrq { filename, options, .. }) => self.open_copy(key, &header, filename, &options, from).await,
             Ok(Repr::Data { block, data }) => self.copy_data(key, &header, block, data, from).await,
             Ok(Repr::Error { .. }) => {
-                if matches!(self.sessions.get(key), Some(Session { kind: Kind::Replica(c), .. }) if c.primary == from) {
-                    debug!(client = %key, "the primary ended the upload: its copy goes");
+                if let Some(Session { kind: Kind::Replica(c), .. }) = self.sessions.get(key)
+                    && c.primary == from
+                {
+                    debug!(client = %key, landed = c.landed, "the primary ended the upload: its copy goes");
+                    if c.landed {
+                        retract(c.transfer.target(), &c.reader);
+                    }
                     self.forget(key);
                 }
             }
@@ -396,7 +402,35 @@ impl Steered {
             },
         };
         self.send_link(key, from, send).await;
+        if let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key)
+            && upload.replica_commits_first
+            && upload.replica.as_ref().is_some_and(|r| r.link.complete())
+        {
+            upload.replica_commits_first = false;
+            return self.commit(key);
+        }
         self.acknowledge(key).await;
+    }
+
+    /// The last block of `key`'s upload is written. Of the two backends that hold the upload,
+    /// the one with the lower address moves its file into place first, then the other: two
+    /// uploads of one name at once then meet at one backend first whichever pairs they have,
+    /// so exactly one of them wins (with each moving into place first where it was written,
+    /// two crossed pairs would both find the name taken at their second). A replica that goes
+    /// first and then the primary fails takes its file back (`RETRACT`).
+    pub(super) async fn complete(&mut self, key: SessionKey) {
+        let own = self.socket.local_addr().ok();
+        let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
+        let received = upload.transfer.received();
+        match upload.replica.as_mut() {
+            Some(replica) if replica.caught_up && own.is_some_and(|own| replica.link.peer < own) => {
+                upload.replica_commits_first = true;
+                let peer = replica.link.peer;
+                let send = replica.link.available(received, Some(received), Instant::now());
+                self.send_link(key, peer, send).await;
+            }
+            _ => self.commit(key),
+        }
     }
 
     /// The primary `from` opens a copy of `key`'s upload here.
@@ -409,7 +443,13 @@ impl Steered {
             return self.answer_copy(key, 0).await;
         }
         self.forget(key);
-        match service::open_write(&self.root, &self.config, filename, Mode::Octet, options) {
+        // A push (its request announces the size) is an upload that won on its two backends:
+        // it replaces what it finds, a racing upload's file that the loser takes back (by its
+        // inode, so never the push's) or none; a live copy finds the name taken like any
+        // upload, which decides a race of two uploads.
+        let mut config = self.config.clone();
+        config.allow_overwrite |= options.tsize.is_some();
+        match service::open_write(&self.root, &config, filename, Mode::Octet, options) {
             Ok((mut transfer, negotiated)) if options.blksize.is_none_or(|b| b == u32::from(negotiated.blksize)) => {
                 // Its primary hears of every block.
                 transfer.set_windowsize(1);
@@ -476,7 +516,10 @@ impl Steered {
         acks.sort_unstable();
         acks.dedup();
         for key in acks {
-            if let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get(key) {
+            // A copy whose last block came in the burst answers only once it is in place.
+            if let Some(Session { kind: Kind::Replica(copy), .. }) = self.sessions.get(key)
+                && !copy.committing
+            {
                 let received = copy.transfer.received();
                 self.answer_copy(key, received).await;
             }
@@ -559,7 +602,7 @@ impl Steered {
         template.set_upload_replica(None);
         let last = transfer.received();
         let blksize = transfer.blksize;
-        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], replica_tries: 0, held: None, committing: false, reader };
+        let upload = Upload { transfer, filename, replica: None, excluded: vec![primary], replica_tries: 0, held: None, committing: false, replica_commits_first: false, reader };
         self.sessions.insert(key, Session { kind: Kind::Write(upload), header: template, lb: from, requested: None });
         if landed {
             self.send_tftp(key, &Repr::Ack { block: (last & 0xffff) as u16 }, last).await;
@@ -580,11 +623,11 @@ impl Steered {
     }
 }
 
-/// Removes `upload`'s file from its place if it is still this upload's (same inode).
-fn retract(upload: &Upload) {
+/// Removes the file at `target` if it is still the one `reader` reads (same inode): a failed
+/// upload's, not one that replaced it since.
+fn retract(target: &std::path::Path, reader: &std::fs::File) {
     use std::os::unix::fs::MetadataExt as _;
-    let target = upload.transfer.target();
-    let ours = upload.reader.metadata().map(|m| m.ino());
+    let ours = reader.metadata().map(|m| m.ino());
     if std::fs::metadata(target).map(|m| m.ino()).ok() == ours.ok() && std::fs::remove_file(target).is_ok() {
         warn!(file = %target.display(), "a failed upload taken back from its place");
     }

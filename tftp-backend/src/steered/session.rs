@@ -63,6 +63,9 @@ pub struct Upload {
     pub held: Option<(u32, bool)>,
     /// Its fsync and rename run: nothing is acknowledged meanwhile.
     pub committing: bool,
+    /// The last block is with the replica, which moves its copy into place first; this
+    /// backend's own commit follows its ACK.
+    pub replica_commits_first: bool,
     /// Reads back what was written, for the replica and, once complete, for the other backends.
     pub reader: std::fs::File,
 }
