@@ -4,7 +4,7 @@ use std::{path::Path, sync::OnceLock};
 
 use anyhow::Context as _;
 use plotters::{
-    coord::CoordTranslate,
+    coord::{CoordTranslate, types::RangedCoordf64},
     prelude::*,
 };
 
@@ -52,4 +52,30 @@ where
         .label_font(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow::anyhow!("drawing a legend: {e:?}"))
+}
+
+/// One series of a grouped bar chart whose categories sit at 0, 1, 2, ...: bar `slot` of
+/// `slots` in each category that has a value (`values`: category index, height), 80% of the
+/// category's width for the group, with the series' legend entry.
+pub fn bar_series<'a, DB>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    (slot, slots): (usize, usize),
+    values: impl IntoIterator<Item = (usize, f64)>,
+    label: &str,
+    color: RGBColor,
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+{
+    #[expect(clippy::cast_precision_loss, reason = "a handful of series and categories")]
+    let (width, at) = (0.8 / slots.max(1) as f64, |i: usize| i as f64);
+    let offset = -0.4 + width * at(slot);
+    let bars = values.into_iter().map(|(i, value)| Rectangle::new([(at(i) + offset, 0.0), (at(i) + offset + width * 0.92, value)], color.filled()));
+    chart
+        .draw_series(bars)
+        .map_err(|e| anyhow::anyhow!("drawing bars: {e:?}"))?
+        .label(label)
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    Ok(())
 }

@@ -68,9 +68,8 @@ const NO_REPLICA: Refusal = Refusal { code: ErrorCode::NotDefined, message: "no 
 
 impl Steered {
     /// The peer to keep `key`'s copy on: the peers in turn from a place the key picks (uploads
-    /// spread over them), skipping `excluded`.
-    /// A peer that lately did not answer comes last (each try at a dead peer costs the
-    /// client a few hundred ms).
+    /// spread over them), skipping `excluded`; one that lately did not answer comes last (each
+    /// try at a dead peer costs the client a few hundred ms).
     pub(super) fn candidate(&self, key: SessionKey, excluded: &[SocketAddr]) -> Option<SocketAddr> {
         let n = self.peers.len();
         let start = usize::from(u16::from_be_bytes(key.client_port)) + usize::from(key.client_ip[3]);

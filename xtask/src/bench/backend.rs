@@ -606,18 +606,8 @@ fn plot(cells: &[Cell], png: &Path) -> anyhow::Result<()> {
             .label_style(("sans-serif", 13))
             .draw()?;
         for (slot, (kind, color)) in Kind::ALL.iter().zip(colors).enumerate() {
-            #[expect(clippy::cast_precision_loss, reason = "three servers")]
-            let offset = -0.39 + 0.26 * slot as f64;
-            let bars = group.iter().enumerate().filter_map(|(i, c)| {
-                let rate = c.outcomes.get(kind)?.rate()?;
-                #[expect(clippy::cast_precision_loss, reason = "a handful of groups")]
-                let x = i as f64 + offset;
-                Some(Rectangle::new([(x, 0.0), (x + 0.24, rate)], color.filled()))
-            });
-            chart
-                .draw_series(bars)?
-                .label(kind.name())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+            let rates = group.iter().enumerate().filter_map(|(i, c)| Some((i, c.outcomes.get(kind)?.rate()?)));
+            crate::plot::bar_series(&mut chart, (slot, Kind::ALL.len()), rates, kind.name(), color)?;
         }
         crate::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }

@@ -370,18 +370,9 @@ fn plot(firmwares: &[Firmware], scenarios: &[Scenario], figures: &[Vec<Vec<Figur
             .y_label_area_size(60)
             .build_cartesian_2d(-0.5..x_max, 0.0..top)?;
         chart.configure_mesh().disable_x_mesh().x_labels(firmwares.len() * 2 + 1).x_label_formatter(&formatter).y_desc(unit).label_style(("sans-serif", 13)).draw()?;
-        #[expect(clippy::cast_precision_loss, reason = "four scenarios")]
-        let width = 0.8 / scenarios.len() as f64;
         for (slot, (&scenario, color)) in scenarios.iter().zip(colors).enumerate() {
-            #[expect(clippy::cast_precision_loss, reason = "four scenarios")]
-            let offset = -0.4 + width * slot as f64;
-            let bars = figures.iter().enumerate().filter_map(|(i, per_scenario)| {
-                let value = median(&values(&per_scenario[slot], field))?;
-                #[expect(clippy::cast_precision_loss, reason = "a handful of firmware")]
-                let x = i as f64 + offset;
-                Some(Rectangle::new([(x, 0.0), (x + width * 0.92, value)], color.filled()))
-            });
-            chart.draw_series(bars)?.label(scenario.label()).legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+            let medians = figures.iter().enumerate().filter_map(|(i, per_scenario)| Some((i, median(&values(&per_scenario[slot], field))?)));
+            crate::plot::bar_series(&mut chart, (slot, scenarios.len()), medians, scenario.label(), color)?;
         }
         crate::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }

@@ -331,15 +331,8 @@ fn plot(cells: &[[Cell; 2]; 3], png: &Path) -> anyhow::Result<()> {
     chart.configure_mesh().disable_x_mesh().x_labels(4).x_label_formatter(&formatter).y_desc("MB/s").label_style(("sans-serif", 13)).draw()?;
     let colors = [RGBColor(120, 120, 120), RGBColor(230, 159, 0), RGBColor(0, 114, 178)];
     for (slot, ((row, path), color)) in cells.iter().zip(PATHS).zip(colors).enumerate() {
-        #[expect(clippy::cast_precision_loss, reason = "three paths")]
-        let offset = -0.39 + 0.26 * slot as f64;
-        let bars = row.iter().enumerate().filter_map(|(i, cell)| {
-            let rate = median(cell)?;
-            #[expect(clippy::cast_precision_loss, reason = "two clients")]
-            let x = i as f64 + offset;
-            Some(Rectangle::new([(x, 0.0), (x + 0.24, rate)], color.filled()))
-        });
-        chart.draw_series(bars)?.label(path).legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        let rates = row.iter().enumerate().filter_map(|(i, cell)| Some((i, median(cell)?)));
+        crate::plot::bar_series(&mut chart, (slot, PATHS.len()), rates, path, color)?;
     }
     crate::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
