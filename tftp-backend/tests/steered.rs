@@ -604,7 +604,15 @@ fn upload_blocks(lb: &Lb, to: &Backend, header: &SteeringHeader, content: &[u8],
         let start = (usize::from(block) - 1) * 512;
         let chunk = &content[start..content.len().min(start + 512)];
         lb.send(to, header, &[&[0u8, 3][..], &block.to_be_bytes(), chunk].concat());
-        let (h, reply) = lb.recv().unwrap_or_else(|| panic!("no ACK of block {block}\n{}", to.process.log()));
+        // A timer's repeat of an earlier ACK may come first on a slow machine: skipped, the
+        // block's own ACK must follow.
+        let (h, reply) = loop {
+            let (h, reply) = lb.recv().unwrap_or_else(|| panic!("no ACK of block {block}\n{}", to.process.log()));
+            let stale = reply.len() == 4 && reply[..2] == [0, 4] && u16::from_be_bytes([reply[2], reply[3]]) < block;
+            if !stale {
+                break (h, reply);
+            }
+        };
         assert_eq!(reply, ack(block), "block {block}");
         last = h;
     }
