@@ -5,7 +5,9 @@
 //! through it once the file is hashed: the client gets its first answer without waiting for
 //! its own retransmission timer (5 s for tftp-hpa and atftp). Or the serving backend dies
 //! while it hashes the file: the balancer resends the request it kept to the backend it moves
-//! the session to, which answers it as a fresh one.
+//! the session to, which answers it as a fresh one. Or the active balancer is already dead when
+//! the request comes, and the switch, which has no verdict yet, steers it there: at the swap
+//! the switch agent steers it again to the new active balancer.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,7 @@ use netns_tests::{
     cluster::Cluster,
     watch::Growth,
 };
-use xdp_lb_common::BalanceCounter;
+use xdp_lb_common::{BalanceCounter, SwitchCounter};
 
 const MIB: usize = 1024 * 1024;
 /// Well under the clients' own retransmission timer (5 s), above a takeover and the hash of
@@ -91,6 +93,47 @@ fn a_request_waiting_for_its_digest_is_answered_through_the_balancer_that_took_o
     // The hash itself takes 0.3-1 s here (longer on a loaded machine): the bound is the
     // client's timer, not the usual stall.
     assert!(first < 2 * SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
+}
+
+/// Kills the active balancer, then starts `how`'s download at once: the request reaches the
+/// switch before its verdict and goes to the dead balancer. Returns the time from the kill to
+/// the first byte.
+fn request_steered_to_a_dead_balancer(how: Client) -> Duration {
+    for _ in 0..ATTEMPTS {
+        let mut running = Cluster::start(1, 2);
+        let source = running.file("late.bin", 4 * MIB, 12);
+        let local = running.local("late-dl");
+        let growth = Growth::watch(local.clone());
+        running.kill_lb(0);
+        let killed = Instant::now();
+        let download = running.download(0, how, "late.bin", &local);
+        let first = served(&running, download, &local, &source, (growth, killed), how);
+        let switch = running.topo.switch_status().expect("switch status");
+        if switch.counter(SwitchCounter::RequestReplayed).packets == 0 {
+            // The verdict came first (a slow client start): the request went to the new
+            // balancer directly, and this run tests nothing.
+            println!("{}: the request came after the swap: again", how.name());
+            continue;
+        }
+        assert!(switch.counter(SwitchCounter::RequestKept).packets >= 1);
+        return first;
+    }
+    panic!("{}: in {ATTEMPTS} runs the request never came before the swap", how.name());
+}
+
+/// tftp-hpa resends its request after 5 s; the switch's replay answers it within the usual
+/// failover stall.
+#[test]
+fn a_request_sent_to_a_balancer_already_dead_is_steered_again_to_the_new_one() {
+    let first = request_steered_to_a_dead_balancer(Client::TftpHpa);
+    assert!(first < SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
+}
+
+/// atftp with options (its first answer an OACK) and a window: the same, as EDK2 asks.
+#[test]
+fn a_windowed_request_sent_to_a_balancer_already_dead_is_steered_again_to_the_new_one() {
+    let first = request_steered_to_a_dead_balancer(Client::Atftp { blksize: 1468, windowsize: 4 });
+    assert!(first < SERVED_WITHIN, "the client waited for its own timer: first byte after {first:?}");
 }
 
 /// Starts `how`'s download of a file no backend has hashed yet, kills the backend the request

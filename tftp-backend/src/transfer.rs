@@ -636,6 +636,10 @@ impl WriteTransfer {
         self.clock.answered(self.received, now);
         self.clock.progress();
         if let Err((code, message)) = self.append(data) {
+            // Removed before the client hears of the failure, not when the transfer is
+            // dropped after the ERROR went out: a client that looks right after it (or an
+            // operator's script) finds nothing.
+            self.temp = None;
             return WriteNext::Fail(code, message);
         }
         self.received = block;
@@ -1161,8 +1165,8 @@ mod tests {
         assert_eq!(w.on_data(1, b"abcd", now()), WriteNext::Ack(1));
         assert_eq!(w.on_data(2, b"efgh", now()), WriteNext::Ack(2));
         assert_eq!(w.on_data(3, b"ijkl", now()), WriteNext::Fail(ErrorCode::DiskFull, TOO_LARGE), "12 bytes > 10");
+        assert!(files_in(dir.path()).is_empty(), "the temporary file is gone before the ERROR is sent: {:?}", files_in(dir.path()));
         drop(w);
-        assert!(files_in(dir.path()).is_empty(), "the temporary file goes with the transfer: {:?}", files_in(dir.path()));
 
         let mut exact = WriteTransfer::new(target.clone(), write_setup(UploadLimits { max_bytes: Some(10), min_free: 0 })).unwrap();
         assert_eq!(exact.on_data(1, b"abcd", now()), WriteNext::Ack(1));

@@ -200,6 +200,15 @@ counters_with_control_slots! {
         /// that does not face the balancers (`--lb-iface`): a client-side host speaking for a
         /// balancer. Nothing learned, no watchdog touched.
         DropSpoofedLb => "drop_spoofed_lb",
+        /// A request (RRQ or WRQ to port 69) kept in `SW_REQUESTS` as it went to the active
+        /// load balancer (also counted as `to_lb`).
+        RequestKept => "request_kept",
+        /// A request steered but not kept: longer than `REQUEST_KEPT_MAX`, or the table refused
+        /// it (also counted as `to_lb`). A balancer dying with it leaves it to the client's timer.
+        RequestUnkept => "request_unkept",
+        /// Written by the agent: requests it steered again to the new active balancer at a swap
+        /// (the dead one may have lost them; see `SwitchRequest`).
+        RequestReplayed => "request_replayed",
     }
 }
 

@@ -149,6 +149,49 @@ impl FrameHeaders {
     }
 }
 
+impl FrameHeaders {
+    /// The headers of a UDP datagram carrying `payload`, as a host sends it (DF, TTL 64), both
+    /// checksums filled. For the agents and tests that build whole frames, not for the kernel.
+    #[must_use]
+    pub fn for_udp(
+        (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+        (ip_src, sport): ([u8; 4], u16),
+        (ip_dst, dport): ([u8; 4], u16),
+        payload: &[u8],
+    ) -> Option<Self> {
+        let udp_len = u16::try_from(UDP_HEADER_LEN + payload.len()).ok()?;
+        let ip_len = u16::try_from(IPV4_HEADER_LEN + UDP_HEADER_LEN + payload.len()).ok()?;
+        let mut headers = Self {
+            eth_dst,
+            eth_src,
+            eth_type: ETHERTYPE_IPV4.to_be_bytes(),
+            ip_vihl: IPV4_VIHL_NO_OPTIONS,
+            ip_tos: 0,
+            ip_len: ip_len.to_be_bytes(),
+            ip_id: [0, 1],
+            ip_frag: [0x40, 0],
+            ip_ttl: IPV4_TTL,
+            ip_proto: IPPROTO_UDP,
+            ip_check: [0; 2],
+            ip_src,
+            ip_dst,
+            udp_src: sport.to_be_bytes(),
+            udp_dst: dport.to_be_bytes(),
+            udp_len: udp_len.to_be_bytes(),
+            udp_check: [0; 2],
+        };
+        headers.fill_ip_checksum();
+        // Pseudo-header, UDP header (checksum field zero), payload.
+        let sum = headers.udp_rewritten_sum() + u32::from(IPPROTO_UDP) + u32::from(fold_slice(payload, 0));
+        headers.udp_check = match checksum::complete(sum) {
+            0 => 0xffff,
+            other => other,
+        }
+        .to_be_bytes();
+        Some(headers)
+    }
+}
+
 const _: () = assert!(size_of::<FrameHeaders>() == FrameHeaders::LEN);
 
 #[inline(always)]
@@ -200,6 +243,18 @@ mod tests {
 
     use super::{FrameHeaders, checksums_valid};
     use crate::checksum;
+
+    #[test]
+    fn a_built_udp_frame_carries_valid_checksums() {
+        for payload in [&b""[..], b"\x00\x01a\x00octet\x00", b"odd"] {
+            let headers = FrameHeaders::for_udp(([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]), ([10, 1, 2, 3], 4711), ([10, 9, 8, 7], 69), payload).unwrap();
+            let mut out: Vec<u8> = bytemuck::bytes_of(&headers).to_vec();
+            out.extend_from_slice(payload);
+            assert!(checksums_valid(&out), "{payload:?}");
+            assert_eq!((headers.udp_len(), headers.ip_len()), (u16::try_from(8 + payload.len()).unwrap(), u16::try_from(28 + payload.len()).unwrap()));
+        }
+        assert!(FrameHeaders::for_udp(([0; 6], [0; 6]), ([0; 4], 1), ([0; 4], 2), &std::vec![0; 65_508]).is_none(), "longer than an IPv4 packet");
+    }
 
     /// A frame with valid checksums: headers, then `payload`.
     fn frame(payload: &[u8]) -> Vec<u8> {

@@ -297,6 +297,27 @@ pub struct SwitchConfig {
     pub active: u32,
 }
 
+/// Entries of `SW_REQUESTS`: requests of the last moments, one per client (LRU).
+pub const MAX_SWITCH_REQUESTS: usize = 4096;
+
+/// A request the switch steered to the active balancer, value of `SW_REQUESTS` keyed by
+/// [`ClientKey`] (the client's latest): a balancer that dies between its last answer and the
+/// switch's verdict takes the requests steered to it meanwhile along, and their clients would
+/// wait for their own timers (seconds, and some firmware gives up). At the swap the switch
+/// agent steers the requests that are still their client's last packet (`SW_CLIENTS` has no
+/// later one) to the new active balancer, exactly as the kernel would have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SwitchRequest {
+    /// `bpf_ktime_get_ns` when it was steered: the same stamp `SW_CLIENTS` got for it.
+    pub steered_ns: u64,
+    /// The balancer it was steered to (slot of [`SwitchConfig::lbs`]).
+    pub lb_slot: u32,
+    pub pad: u32,
+    /// Its TFTP payload as the client sent it.
+    pub request: KeptRequest,
+}
+
 /// Value of `SW_LB_IFACES` (keyed by ifindex) for an interface that faces the load balancers.
 /// Written by the switch agent only; an interface without an entry faces clients.
 pub const LB_FACING: u32 = 1;
@@ -316,7 +337,7 @@ pub type LbSeen = BackendSeen;
 
 #[cfg(test)]
 mod tests {
-    use super::{ClientKey, KeptRequest, REQUEST_KEPT_MAX, Session, TID_BASE, TID_SPAN};
+    use super::{ClientKey, KeptRequest, REQUEST_KEPT_MAX, Session, SwitchRequest, TID_BASE, TID_SPAN};
 
     #[test]
     fn tid_stays_in_range_and_spreads() {
@@ -344,5 +365,6 @@ mod tests {
         kept.len = u16::try_from(REQUEST_KEPT_MAX + 1).unwrap();
         assert_eq!(kept.request(), None, "a length beyond the buffer is no request");
         assert_eq!(size_of::<KeptRequest>(), 8 + REQUEST_KEPT_MAX, "no implicit padding");
+        assert_eq!(size_of::<SwitchRequest>(), 16 + size_of::<KeptRequest>(), "no implicit padding");
     }
 }

@@ -62,6 +62,9 @@ pub const MAP_SW_SEEN: &str = "SW_SEEN";
 pub const MAP_SW_HEALTH: &str = "SW_HEALTH";
 /// `ClientKey` -> `bpf_ktime_get_ns` of its last packet (LRU): clients in flight.
 pub const MAP_SW_CLIENTS: &str = "SW_CLIENTS";
+/// `ClientKey` -> `SwitchRequest` (LRU): the latest request each client sent, for the agent
+/// to steer again should the balancer it went to have died with it.
+pub const MAP_SW_REQUESTS: &str = "SW_REQUESTS";
 /// Interface index -> `LB_FACING`, written by the switch agent (`--lb-iface`): only frames
 /// arriving there may speak for a load balancer or the VIP.
 pub const MAP_SW_LB_IFACES: &str = "SW_LB_IFACES";

@@ -10,6 +10,7 @@
 
 mod backends;
 mod encap;
+mod kept;
 mod maps;
 mod parse;
 mod route;

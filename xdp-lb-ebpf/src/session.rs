@@ -3,12 +3,12 @@
 //! finished. Each change the peer balancer must hear about is announced here. Which of these
 //! happens to a packet is `steer`'s decision.
 
-use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, maps::REQUEST_KEPT_MAX, steering::FLAG_HAS_CONTEXT};
+use xdp_lb_common::{ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, steering::FLAG_HAS_CONTEXT};
 
-use aya_ebpf::{helpers::generated::bpf_xdp_load_bytes, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 
 use crate::{
-    backends,
+    backends, kept,
     maps::{LB_REQUEST_SCRATCH, LB_REQUESTS, LB_SCRATCH, LB_SESSIONS, announce, now_ns},
 };
 
@@ -44,22 +44,10 @@ pub fn open<'a>(ctx: &XdpContext, config: &LbConfig, key: &ClientKey, frame: &Fr
 /// is not).
 #[inline(always)]
 pub fn keep_request(ctx: &XdpContext, key: &ClientKey, offset: usize, len: usize) -> bool {
-    if len == 0 || len > REQUEST_KEPT_MAX {
-        return false;
-    }
     let Some(kept) = LB_REQUEST_SCRATCH.get_ptr_mut(0) else { return false };
     // SAFETY: per-CPU slot, ours for the duration of the program.
     let kept = unsafe { &mut *kept };
-    // The same value as `len`, in a form the verifier sees bounded by the buffer (1 ..= MAX).
-    let bounded = ((len - 1) & (REQUEST_KEPT_MAX - 1)) + 1;
-    // SAFETY: the helper copies `bounded` bytes from the packet into the slot's buffer, which
-    // holds `REQUEST_KEPT_MAX`; it fails (nothing kept) if the packet is shorter.
-    let copied = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, kept.bytes.as_mut_ptr().cast(), bounded as u32) };
-    if copied != 0 {
-        return false;
-    }
-    kept.len = bounded as u16;
-    LB_REQUESTS.insert(key, &*kept, 0).is_ok()
+    kept::copy_request(ctx, kept, offset, len) && LB_REQUESTS.insert(key, &*kept, 0).is_ok()
 }
 
 /// Replies go back the way the client's packets come: a session learned from the peer LB or

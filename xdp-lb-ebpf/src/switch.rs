@@ -9,12 +9,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use xdp_lb_common::{
-    ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter,
-    maps::{LB_FACING, LB_SLOTS, MAX_LB_IFACES},
+    ClientKey, Counter, FrameHeaders, Health, LbSeen, SwitchConfig, SwitchCounter, SwitchRequest, TFTP_PORT,
+    frame::UDP_HEADER_LEN,
+    maps::{LB_FACING, LB_SLOTS, MAX_LB_IFACES, MAX_SWITCH_REQUESTS},
+    tftp::{OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
 };
 
 use crate::{
-    parse::{self, Layer, ptr_at},
+    kept,
+    parse::{self, Layer, ptr_at, read_at},
     route::{self, egress},
     watchdog::{self, Link},
 };
@@ -42,6 +45,15 @@ pub static SW_LB_IFACES: HashMap<u32, u32, MAX_LB_IFACES> = HashMap::new();
 
 #[btf_map]
 pub static SW_CLIENTS: LruHashMap<ClientKey, u64, MAX_CLIENTS> = LruHashMap::new();
+
+/// Each client's latest request, kept for the agent to steer again should the balancer it
+/// went to have died with it (see `SwitchRequest`).
+#[btf_map]
+pub static SW_REQUESTS: LruHashMap<ClientKey, SwitchRequest, MAX_SWITCH_REQUESTS> = LruHashMap::new();
+
+/// Per-CPU staging slot for an `SW_REQUESTS` entry: larger than the BPF stack.
+#[btf_map]
+pub static SW_REQUEST_SCRATCH: PerCpuArray<SwitchRequest, 1> = PerCpuArray::new();
 
 type Verdict = (SwitchCounter, u32);
 
@@ -84,7 +96,7 @@ pub fn switch(ctx: &XdpContext) -> Verdict {
         if !packet.plain {
             return (SwitchCounter::DropFragmentOrOptions, DROP);
         }
-        return to_active_lb(ctx, config, frame);
+        return to_active_lb(ctx, config, frame, packet.dst_port);
     }
     // A load balancer's own traffic teaches us where it is; its replies to clients (from the
     // VIP) are recognised by the MAC learned that way.
@@ -110,9 +122,10 @@ fn faces_lbs(ifindex: u32) -> bool {
     unsafe { SW_LB_IFACES.get(&ifindex) }.is_some_and(|flag| *flag == LB_FACING)
 }
 
-/// A client packet for the VIP: to the active load balancer, unchanged but for the MACs.
+/// A client packet for the VIP: to the active load balancer, unchanged but for the MACs. A
+/// request is kept on the way (`SW_REQUESTS`).
 #[inline(always)]
-fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeaders) -> Verdict {
+fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeaders, port: u16) -> Verdict {
     let slot = config.active & 1;
     let Some(seen) = SW_SEEN.get_ptr_mut(slot) else {
         return (SwitchCounter::DropNoLb, DROP);
@@ -123,11 +136,41 @@ fn to_active_lb(ctx: &XdpContext, config: &SwitchConfig, frame: &mut FrameHeader
         return (SwitchCounter::DropNoLb, DROP);
     }
     watchdog::sent_to(seen);
+    // One read: the client's stamp and its request's must be equal (another CPU may stamp
+    // `last_sent_ns` anew meanwhile).
+    let steered_ns = seen.last_sent_ns;
     let key = ClientKey::new(frame.ip_src, frame.udp_src);
-    let _ = SW_CLIENTS.insert(&key, &seen.last_sent_ns, 0);
+    let _ = SW_CLIENTS.insert(&key, &steered_ns, 0);
+    if port == TFTP_PORT {
+        keep_request(ctx, &key, frame, slot, steered_ns);
+    }
     frame.eth_dst = seen.mac;
     frame.eth_src = seen.lb_mac;
     (SwitchCounter::ToLb, egress(ctx, seen.ifindex))
+}
+
+/// Keeps a request (RRQ or WRQ) just steered to balancer `slot` in `SW_REQUESTS`, counted as
+/// `request_kept` or `request_unkept`. Anything else to port 69 is the balancer's to judge.
+#[inline(always)]
+fn keep_request(ctx: &XdpContext, key: &ClientKey, frame: &FrameHeaders, slot: u32, steered_ns: u64) {
+    // Read only inside the datagram: Ethernet padding after a short one is not TFTP.
+    let payload_len = usize::from(frame.udp_len()).saturating_sub(UDP_HEADER_LEN);
+    let opcode = read_at::<[u8; OPCODE_LEN]>(ctx, FrameHeaders::PAYLOAD_OFFSET)
+        .filter(|_| payload_len >= OPCODE_LEN)
+        .map(u16::from_be_bytes);
+    if !matches!(opcode, Some(OPCODE_RRQ | OPCODE_WRQ)) {
+        return;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let Some(entry) = SW_REQUEST_SCRATCH.get_ptr_mut(0) else {
+        return count(SwitchCounter::RequestUnkept, len);
+    };
+    // SAFETY: per-CPU slot, ours for the duration of the program.
+    let entry = unsafe { &mut *entry };
+    entry.steered_ns = steered_ns;
+    entry.lb_slot = slot;
+    let kept = kept::copy_request(ctx, &mut entry.request, FrameHeaders::PAYLOAD_OFFSET, payload_len) && SW_REQUESTS.insert(key, &*entry, 0).is_ok();
+    count(if kept { SwitchCounter::RequestKept } else { SwitchCounter::RequestUnkept }, len);
 }
 
 /// A load balancer's reply from the VIP: to the client by the routing table, or through the

@@ -16,6 +16,7 @@ mod pair;
 mod pair_wire;
 mod pins;
 mod planner;
+mod replay;
 mod sched;
 mod status;
 mod switch;

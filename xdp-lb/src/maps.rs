@@ -9,11 +9,11 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, Counter, Health, KeptRequest, LbConfig, LbSeen, Session, SwitchConfig,
+    Backend, BackendSeen, ClientKey, Counter, Health, KeptRequest, LbConfig, LbSeen, Session, SwitchConfig, SwitchRequest,
     names::{
         MAP_LB_BACKEND_IFACES, MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
         MAP_LB_REQUESTS, MAP_LB_SEEN, MAP_LB_SESSIONS,
-        MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_LB_IFACES, MAP_SW_SEEN,
+        MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_REQUESTS, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_LB_IFACES, MAP_SW_SEEN,
     },
 };
 
@@ -136,7 +136,7 @@ pub fn write_agent_counters(counters: &mut PerCpuArray<MapData, Counter>, first:
 }
 
 /// Every map of `switch` that its agent, `status` or a test touches.
-pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_HEALTH, MAP_SW_CLIENTS];
+pub const SWITCH_ALL: &[&str] = &[MAP_SW_COUNTERS, MAP_SW_CONFIG, MAP_SW_SEEN, MAP_SW_HEALTH, MAP_SW_CLIENTS, MAP_SW_REQUESTS];
 
 pub struct SwitchMaps {
     pub counters: PerCpuArray<MapData, Counter>,
@@ -145,6 +145,8 @@ pub struct SwitchMaps {
     /// The agent's verdicts and flap damping per load balancer.
     pub health: Array<MapData, Health>,
     pub clients: HashMap<MapData, ClientKey, u64>,
+    /// Each client's latest request (`SwitchRequest`).
+    pub requests: HashMap<MapData, ClientKey, SwitchRequest>,
 }
 
 impl SwitchMaps {
@@ -163,6 +165,7 @@ impl SwitchMaps {
             seen: Array::try_from(get(MAP_SW_SEEN)?).context(MAP_SW_SEEN)?,
             health: Array::try_from(get(MAP_SW_HEALTH)?).context(MAP_SW_HEALTH)?,
             clients: HashMap::try_from(get(MAP_SW_CLIENTS)?).context(MAP_SW_CLIENTS)?,
+            requests: HashMap::try_from(get(MAP_SW_REQUESTS)?).context(MAP_SW_REQUESTS)?,
         })
     }
 

@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
-    SwitchConfig,
+    SwitchConfig, SwitchCounter,
     maps::{BACKEND_DEAD, BACKEND_LIVE, LB_FACING},
     names::{PROGRAM_SWITCH, ROLE_SWITCH},
 };
@@ -24,7 +24,7 @@ use crate::{
     ifaces, loader,
     maps::{self, SWITCH_ALL, SwitchMaps},
     pair_wire::{Keyring, Message, Sender},
-    pins,
+    pins, replay,
 };
 
 /// The first of the agent's `control_*` slots in `SW_COUNTERS`.
@@ -123,6 +123,8 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
     let socket = UdpSocket::bind(bind).await.with_context(|| format!("cannot bind the heartbeat socket {bind}"))?;
     info!(interfaces = ?args.interfaces, vip = %args.vip, lbs = ?args.lbs, active = %args.lbs[active], pin_dir = %pin_dir.display(), "switch attached");
     let stats = Stats::from_counters(&maps::agent_counters(&maps.counters, CONTROL_COUNTERS, Stats::SLOTS));
+    // Carried on from a previous agent, as the control counters are.
+    let replayed = maps::agent_counters(&maps.counters, SwitchCounter::RequestReplayed as u32, 1)[0];
     let me = match socket.local_addr()? {
         std::net::SocketAddr::V4(me) => me,
         std::net::SocketAddr::V6(_) => bind,
@@ -141,6 +143,7 @@ async fn serve(pin_root: &Path, args: &Args, keys: Keyring) -> anyhow::Result<()
         control,
         counters_written_ns: 0,
         counters_failed: false,
+        replayed,
     };
     agent.run(args).await?;
     info!(links = ?links.paths(), "shutting down, unpinning the links and detaching");
@@ -177,6 +180,8 @@ struct Agent {
     control: Control,
     counters_written_ns: u64,
     counters_failed: bool,
+    /// Requests steered again at swaps (`request_replayed`).
+    replayed: u64,
 }
 
 impl Agent {
@@ -304,6 +309,37 @@ impl Agent {
         // the next heartbeat.
         self.heartbeat().await?;
         warn!(active = %self.lbs[slot], dead = %self.lbs[1 - slot], "swapped: the backup load balancer is active now");
+        self.replay_requests(1 - slot, slot, config.vip)
+    }
+
+    /// Steers the requests the dead balancer may have taken along to the new active one
+    /// (`replay`): each one that went to `dead` within the client window and is still its
+    /// client's last packet.
+    fn replay_requests(&mut self, dead: usize, to: usize, vip: [u8; 4]) -> anyhow::Result<()> {
+        let now = monotonic_ns();
+        let seen = self.maps.seen(u32::try_from(to)?)?;
+        let dead = u32::try_from(dead)?;
+        let frames: Vec<Vec<u8>> = self
+            .maps
+            .requests
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, request)| replay::due(request, self.maps.clients.get(key, 0).ok(), dead, now, self.client_window_ns))
+            .filter_map(|(key, request)| replay::frame(key, vip, &seen, request.request.request()?))
+            .collect();
+        if frames.is_empty() {
+            return Ok(());
+        }
+        match replay::send(seen.ifindex, &frames) {
+            Ok(sent) => {
+                self.replayed += sent as u64;
+                info!(requests = sent, to = %self.lbs[to], "steered again the requests the dead load balancer may have lost");
+                if let Err(error) = maps::write_agent_counters(&mut self.maps.counters, SwitchCounter::RequestReplayed as u32, &[self.replayed]) {
+                    warn!(error = format!("{error:#}"), "request_replayed not written");
+                }
+            }
+            Err(error) => warn!(%error, requests = frames.len(), ifindex = seen.ifindex, "requests the dead load balancer may have lost not steered again: their clients' timers will resend them"),
+        }
         Ok(())
     }
 }

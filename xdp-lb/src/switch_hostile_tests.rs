@@ -48,10 +48,17 @@ struct Case {
     after: Option<After>,
     /// The frame arrives on the clients' side (not an `--lb-iface`).
     client_side: bool,
+    /// A second counter the packet moves: a request steered is kept (or not) on its way.
+    also: Option<C>,
 }
 
 fn case(name: &'static str, frame: Vec<u8>, action: u32, counter: C) -> Case {
-    Case { name, frame, known: [true, true], action, counter, after: None, client_side: false }
+    Case { name, frame, known: [true, true], action, counter, after: None, client_side: false, also: None }
+}
+
+/// A request steered to the active balancer, kept on its way (`SW_REQUESTS`).
+fn steered_request(name: &'static str, frame: Vec<u8>) -> Case {
+    Case { also: Some(C::RequestKept), ..case(name, frame, XDP_TX, C::ToLb) }
 }
 
 impl Case {
@@ -70,6 +77,12 @@ impl Case {
 
 fn ack() -> Vec<u8> {
     client_ack(PORT)
+}
+
+fn long_rrq() -> Vec<u8> {
+    let mut request = RRQ.to_vec();
+    request.resize(xdp_lb_common::maps::REQUEST_KEPT_MAX + 1, b'a');
+    udp_frame((CLIENT_MAC, SWITCH_MAC), (CLIENT, PORT), (VIP, TFTP_PORT), &request)
 }
 
 fn rrq() -> Vec<u8> {
@@ -323,18 +336,13 @@ fn cases() -> Vec<Case> {
             C::DropSpoofedLb,
         )
         .on_client_side(),
-        case("client side: a client's RRQ", rrq(), XDP_TX, C::ToLb).on_client_side(),
+        steered_request("client side: a client's RRQ", rrq()).on_client_side(),
         // Not defended (docs/SECURITY.md): on the balancers' own network a host that sends with
         // a balancer's address (on-link spoofing) still moves that balancer to its MAC.
         case("LB side: LB 0's address, forged MAC", from_lb(0, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb0_hijacked),
         case("LB side: LB 1's address, forged MAC", from_lb(1, ATTACKER_MAC, SWITCH_MAC), XDP_PASS, C::FromLb).then(lb1_hijacked),
-        case(
-            "LB 0's address to the VIP, forged MAC",
-            udp_frame((ATTACKER_MAC, SWITCH_MAC), (LBS[0], PORT), (VIP, TFTP_PORT), RRQ),
-            XDP_TX,
-            C::ToLb,
-        )
-        .then(lb0_not_learned),
+        steered_request("LB 0's address to the VIP, forged MAC", udp_frame((ATTACKER_MAC, SWITCH_MAC), (LBS[0], PORT), (VIP, TFTP_PORT), RRQ))
+            .then(lb0_not_learned),
         // Client packets while the active balancer's MAC is unknown.
         case("client ACK, active LB unknown", ack(), XDP_DROP, C::DropNoLb).knowing([false, true]),
         case("client RRQ, no LB known", rrq(), XDP_DROP, C::DropNoLb).knowing([false, false]),
@@ -346,13 +354,11 @@ fn cases() -> Vec<Case> {
         case("client ACK to an IPv4 multicast MAC", with_macs(ack(), CLIENT_MAC, [0x01, 0, 0x5e, 0, 0, 1]), XDP_TX, C::ToLb),
         case("client ACK to another host's MAC", with_macs(ack(), CLIENT_MAC, ATTACKER_MAC), XDP_TX, C::ToLb),
         case("client ACK from a multicast source MAC", with_macs(ack(), [0x01, 0, 0x5e, 0, 0, 1], SWITCH_MAC), XDP_TX, C::ToLb),
-        case(
-            "client spoofing the VIP as its source",
-            udp_frame((CLIENT_MAC, SWITCH_MAC), (VIP, PORT), (VIP, TFTP_PORT), RRQ),
-            XDP_TX,
-            C::ToLb,
-        ),
-        case("client from 0.0.0.0 to the VIP", udp_frame((CLIENT_MAC, SWITCH_MAC), ([0; 4], PORT), (VIP, TFTP_PORT), RRQ), XDP_TX, C::ToLb),
+        steered_request("client spoofing the VIP as its source", udp_frame((CLIENT_MAC, SWITCH_MAC), (VIP, PORT), (VIP, TFTP_PORT), RRQ)),
+        steered_request("client from 0.0.0.0 to the VIP", udp_frame((CLIENT_MAC, SWITCH_MAC), ([0; 4], PORT), (VIP, TFTP_PORT), RRQ)),
+        // Requests the switch cannot keep are steered all the same, and counted.
+        Case { also: Some(C::RequestUnkept), ..case("an RRQ longer than a kept request", long_rrq(), XDP_TX, C::ToLb) },
+        Case { also: Some(C::RequestUnkept), ..case("an RRQ whose UDP length runs past the frame", udp_len(&rrq(), 47, 600), XDP_TX, C::ToLb) },
         case("client ACK, checksums wrong", { let mut f = ack(); f[24] ^= 0xff; f[40] ^= 0xff; f }, XDP_TX, C::ToLb),
         case("client ACK with Ethernet padding to 60 bytes", { let mut f = ack(); f.resize(60, 0); f }, XDP_TX, C::ToLb),
     ]
@@ -374,7 +380,7 @@ fn hostile_packets_are_handled_and_counted() {
     let mut sw = Switch::new([true, true]);
     let table = cases();
     assert!(table.len() >= 30, "{} rows", table.len());
-    for Case { name, frame, known, action, counter, after, client_side } in table {
+    for Case { name, frame, known, action, counter, after, client_side, also } in table {
         sw.know(known);
         sw.arrive_on_lb_side(!client_side);
         for key in clients(&sw) {
@@ -387,7 +393,7 @@ fn hostile_packets_are_handled_and_counted() {
         assert_eq!(got, action, "{name}: XDP action");
         let after_run = counters(&sw);
         for c in C::ALL {
-            let expected = before[*c as usize] + u64::from(*c == C::Received || *c == counter);
+            let expected = before[*c as usize] + u64::from(*c == C::Received || *c == counter || Some(*c) == also);
             assert_eq!(after_run[*c as usize], expected, "{name}: counter {} (expected {})", c.name(), counter.name());
         }
         match action {

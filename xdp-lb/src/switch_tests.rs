@@ -175,3 +175,44 @@ fn other_traffic_passes_and_broken_frames_are_dropped() {
     }
     assert_eq!(sw.counter(C::Received), 4);
 }
+
+fn client_request(port: u16, payload: &[u8]) -> Vec<u8> {
+    udp_frame((CLIENT_MAC, SWITCH_MAC), (CLIENT, port), (VIP, xdp_lb_common::TFTP_PORT), payload)
+}
+
+/// A request kept on its way to the active balancer: the agent steers it again should that
+/// balancer die with it (`replay`). Only RRQ and WRQ to port 69 are kept, each client's latest,
+/// with the stamp the client got in `SW_CLIENTS` and the balancer it went to.
+#[test]
+fn requests_are_kept_with_their_balancer_and_their_clients_stamp() {
+    let mut sw = Switch::new([true, true]);
+    let rrq = b"\x00\x01kernel\x00octet\x00blksize\x001432\x00";
+    let (action, _) = sw.run(&client_request(40_010, rrq));
+    assert_eq!(action, XDP_TX);
+    let key = ClientKey::new(CLIENT, 40_010u16.to_be_bytes());
+    let kept = sw.maps.requests.get(&key, 0).expect("the RRQ is kept");
+    assert_eq!(kept.request.request(), Some(&rrq[..]));
+    assert_eq!(kept.lb_slot, 0);
+    assert_eq!(Some(kept.steered_ns), sw.maps.clients.get(&key, 0).ok(), "the client's stamp, so a later packet shows");
+    assert_eq!((sw.counter(C::RequestKept), sw.counter(C::ToLb)), (1, 1));
+
+    sw.set_active(1);
+    let wrq = b"\x00\x02config\x00octet\x00";
+    sw.run(&client_request(40_010, wrq));
+    let kept = sw.maps.requests.get(&key, 0).expect("the WRQ replaces it");
+    assert_eq!((kept.request.request(), kept.lb_slot), (Some(&wrq[..]), 1));
+
+    // Not requests: an ACK to the client's TID, DATA or a bare opcode byte to port 69.
+    for (port, frame) in [(40_011, client_ack(40_011)), (40_012, client_request(40_012, b"\x00\x03\x00\x01x")), (40_013, client_request(40_013, b"\x00"))] {
+        sw.run(&frame);
+        assert!(sw.maps.requests.get(&ClientKey::new(CLIENT, u16::to_be_bytes(port)), 0).is_err(), "port {port}: not a request");
+    }
+    assert_eq!(sw.counter(C::RequestKept), 2);
+
+    let mut long = b"\x00\x01".to_vec();
+    long.resize(xdp_lb_common::maps::REQUEST_KEPT_MAX + 1, b'a');
+    let (action, _) = sw.run(&client_request(40_014, &long));
+    assert_eq!(action, XDP_TX, "steered all the same");
+    assert_eq!(sw.counter(C::RequestUnkept), 1);
+    assert!(sw.maps.requests.get(&ClientKey::new(CLIENT, 40_014u16.to_be_bytes()), 0).is_err());
+}

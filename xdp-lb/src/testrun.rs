@@ -11,7 +11,6 @@ use aya::{
 };
 use xdp_lb_common::{
     Backend, BackendSeen, ClientKey, FrameHeaders, LbConfig, SessionEvent,
-    frame::{ETHERTYPE_IPV4, IPPROTO_UDP, IPV4_VIHL_NO_OPTIONS, udp_checksum},
     maps::BACKEND_LIVE,
     names::PROGRAM_BALANCE,
 };
@@ -137,37 +136,10 @@ impl Fixture {
 
 /// An Ethernet/IPv4/UDP frame with valid checksums.
 #[must_use]
-pub fn udp_frame(
-    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
-    (ip_src, sport): ([u8; 4], u16),
-    (ip_dst, dport): ([u8; 4], u16),
-    payload: &[u8],
-) -> Vec<u8> {
-    let udp_len = u16::try_from(8 + payload.len()).expect("payload fits a UDP datagram");
-    let mut headers = FrameHeaders {
-        eth_dst,
-        eth_src,
-        eth_type: ETHERTYPE_IPV4.to_be_bytes(),
-        ip_vihl: IPV4_VIHL_NO_OPTIONS,
-        ip_tos: 0,
-        ip_len: (udp_len + 20).to_be_bytes(),
-        ip_id: [0, 1],
-        ip_frag: [0x40, 0],
-        ip_ttl: 64,
-        ip_proto: IPPROTO_UDP,
-        ip_check: [0; 2],
-        ip_src,
-        ip_dst,
-        udp_src: sport.to_be_bytes(),
-        udp_dst: dport.to_be_bytes(),
-        udp_len: udp_len.to_be_bytes(),
-        udp_check: [0; 2],
-    };
-    headers.fill_ip_checksum();
+pub fn udp_frame(macs: ([u8; 6], [u8; 6]), src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let headers = FrameHeaders::for_udp(macs, src, dst, payload).expect("payload fits a UDP datagram");
     let mut frame = bytemuck::bytes_of(&headers).to_vec();
     frame.extend_from_slice(payload);
-    let check = udp_checksum(&frame).expect("complete frame");
-    frame[40..42].copy_from_slice(&check.to_be_bytes());
     frame
 }
 
