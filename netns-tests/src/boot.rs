@@ -15,6 +15,7 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
+use xdp_lb_common::SwitchCounter;
 
 use crate::{Error, Netns, Process, Result, RunPrefix, cluster::Cluster, io_error, pair_topology::VIP, run};
 
@@ -369,6 +370,10 @@ pub enum Failure {
     None,
     ActiveBalancer { file: &'static str, share: f64 },
     ServingBackend { file: &'static str, share: f64 },
+    /// The active balancer is dead before the machine's first TFTP request, and the switch
+    /// has no verdict yet when it comes: the request goes to the dead balancer. (The switch
+    /// agent is held stopped from the kill to the request, so that it is so every time.)
+    BalancerDeadAtFirstRequest,
 }
 
 /// What one boot through a cluster showed; the caller judges it.
@@ -401,9 +406,12 @@ const STALL_WINDOW: Duration = Duration::from_secs(3);
 pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure, capture: Option<&Path>) -> Result<BootRun> {
     let dhcp = start_dhcp(&cluster.topo.switch, &cluster.topo.prefix.name("dhcp"), "eth0", ("10.78.0.100", "10.78.0.149"), crate::pair_topology::SWITCH_CLIENT_SIDE, firmware.boot_file())?;
     let mut machine = Machine::start_capturing(cluster.topo.bridges(), "br0", &cluster.topo.prefix, "m0", firmware, "52:54:00:4c:42:01", capture)?;
+    if failure == Failure::BalancerDeadAtFirstRequest {
+        return dead_at_first_request(cluster, machine, &dhcp);
+    }
     let (file, share) = match failure {
         Failure::ActiveBalancer { file, share } | Failure::ServingBackend { file, share } => (file, share),
-        Failure::None => (firmware.kernel(), 0.5),
+        Failure::None | Failure::BalancerDeadAtFirstRequest => (firmware.kernel(), 0.5),
     };
     let bytes = std::fs::metadata(cluster.topo.root.join(file)).map_err(io_error(format!("boot file {file}")))?.len();
     let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -426,7 +434,7 @@ pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure,
         match failure {
             Failure::ActiveBalancer { .. } => cluster.kill_lb(active),
             Failure::ServingBackend { .. } => cluster.kill_backend(serving),
-            Failure::None => {}
+            Failure::None | Failure::BalancerDeadAtFirstRequest => {}
         }
         injected_after = Some(machine.started.elapsed());
         stall = Some(longest_pause(cluster, killed, STALL_WINDOW));
@@ -436,6 +444,36 @@ pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure,
         other => other,
     })?;
     Ok(BootRun { console, powered_off_after: machine.started.elapsed(), injected_after, stall, watched: file, blksize })
+}
+
+/// [`Failure::BalancerDeadAtFirstRequest`], once the machine is on: the switch agent stopped,
+/// the active balancer killed, and the agent let go again as soon as the switch steered the
+/// machine's first request (to the dead balancer). The stall counts from then: the verdict,
+/// the swap and the request steered again, against the firmware's own retry (4 s for EDK2).
+fn dead_at_first_request(cluster: &mut Cluster, mut machine: Machine, dhcp: &Process) -> Result<BootRun> {
+    let active = cluster.topo.active_lb()?;
+    let kept = |cluster: &Cluster| cluster.topo.switch_status().map_or(0, |s| s.counter(SwitchCounter::RequestKept).packets);
+    let before = kept(cluster);
+    cluster.switch.pause();
+    cluster.kill_lb(active);
+    let injected_after = machine.started.elapsed();
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while kept(cluster) == before {
+        if !machine.qemu.is_running() || Instant::now() > deadline {
+            cluster.switch.resume();
+            let why = format!("no TFTP request reached the switch\n{}\n{}", machine.qemu.log(), cluster.logs());
+            return Err(io_error(why)(std::io::Error::other("no request")));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let requested = Instant::now();
+    cluster.switch.resume();
+    let stall = longest_pause(cluster, requested, STALL_WINDOW);
+    let console = machine.wait(BOOT_TIMEOUT).map_err(|e| match e {
+        Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()), seconds },
+        other => other,
+    })?;
+    Ok(BootRun { console, powered_off_after: machine.started.elapsed(), injected_after: Some(injected_after), stall: Some(stall), watched: "", blksize: 0 })
 }
 
 /// The `path_hash` `xdp-lb status` shows for a file at the backends' root.

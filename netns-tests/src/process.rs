@@ -89,6 +89,17 @@ impl Process {
         self.wait(Duration::from_secs(5))
     }
 
+    /// SIGSTOP: the process stays, but runs no more until [`Process::resume`] (an agent that
+    /// cannot run, as on an overloaded machine).
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Process::pause`].
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGKILL, without waiting for the exit (a failure with more to it than the kill).
     pub fn sigkill(&mut self) {
         self.signal(libc::SIGKILL);

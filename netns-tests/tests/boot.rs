@@ -16,8 +16,9 @@ use netns_tests::{
 const MID_KERNEL: (&str, f64) = ("vmlinuz", 0.5);
 
 /// Boots one machine with `firmware` through a fresh topology and injects `failure` when half
-/// of the kernel has been sent; checks that it booted with the right payload.
-fn boot(firmware: Firmware, failure: Failure) {
+/// of the kernel has been sent; checks that it booted with the right payload. Returns the data
+/// stall the failure caused.
+fn boot(firmware: Firmware, failure: Failure) -> Option<Duration> {
     let mut cluster = Cluster::start(1, 3);
     let files = make_boot_files(&cluster.topo.root, 2 << 20, 77).expect("boot files");
     let root = cluster.topo.root.clone();
@@ -48,9 +49,10 @@ fn boot(firmware: Firmware, failure: Failure) {
     let verdicts = cluster.verdicts();
     match failure {
         Failure::None => assert_eq!((verdicts.backends, verdicts.balancers), (0, 0), "no failure, no verdict: {:?}", verdicts.lines),
-        Failure::ActiveBalancer { .. } => assert_eq!(verdicts.swaps, 1, "one swap: {:?}", verdicts.lines),
+        Failure::ActiveBalancer { .. } | Failure::BalancerDeadAtFirstRequest => assert_eq!(verdicts.swaps, 1, "one swap: {:?}", verdicts.lines),
         Failure::ServingBackend { .. } => assert!(verdicts.backends >= 1, "the dead backend was detected: {:?}", verdicts.lines),
     }
+    stall
 }
 
 #[test]
@@ -97,6 +99,15 @@ fn uefi_pxe_and_grub_boot_while_the_serving_backend_dies_mid_kernel() {
 #[test]
 fn uefi_pxe_boots_while_the_active_balancer_dies_at_the_boot_files_request() {
     boot(Firmware::UefiGrub, Failure::ActiveBalancer { file: "grubx64.efi", share: 0.0 });
+}
+
+/// The balancer already dead when EDK2 sends its first request (the boot file's size probe),
+/// the switch's verdict still to come: the request went to the dead balancer, and EDK2 asks
+/// again only after 4 s. The switch steers it again at the swap.
+#[test]
+fn uefi_pxe_boots_when_the_active_balancer_died_just_before_its_first_request() {
+    let stall = boot(Firmware::UefiGrub, Failure::BalancerDeadAtFirstRequest).expect("a stall measured");
+    assert!(stall < Duration::from_secs(1), "EDK2 waited for its own retry: no reply for {stall:?} after its request");
 }
 
 /// GRUB's TFTP never retransmits in its data phase: after a failover the server side speaks
@@ -207,6 +218,14 @@ fn uboot_boots_while_the_serving_backend_dies_mid_kernel() {
 #[test]
 fn uboot_boots_while_the_active_balancer_dies_at_the_kernels_request() {
     boot(Firmware::UBoot, Failure::ActiveBalancer { file: Firmware::UBoot.kernel(), share: 0.0 });
+}
+
+/// The balancer already dead when U-Boot requests its boot script, the verdict still to come:
+/// U-Boot would ask again only after 5 s.
+#[test]
+fn uboot_boots_when_the_active_balancer_died_just_before_its_first_request() {
+    let stall = boot(Firmware::UBoot, Failure::BalancerDeadAtFirstRequest).expect("a stall measured");
+    assert!(stall < Duration::from_secs(1), "U-Boot waited for its own retry: no reply for {stall:?} after its request");
 }
 
 /// U-Boot's own check: a kernel damaged on the server (sixteen bytes flipped after the harness

@@ -158,21 +158,18 @@ fn saturated_cpus_and_a_flood_fail_over_nothing() {
 /// went unanswered, so there is no verdict; the download goes on.
 #[test]
 fn agents_that_could_not_run_judge_nothing_by_their_own_absence() {
-    let cluster = Cluster::start(1, 3);
+    let mut cluster = Cluster::start(1, 3);
     let source = cluster.file("paused.bin", 32 * MIB, 56);
     let local = cluster.local("paused");
     let download = cluster.download(0, Client::TftpHpa, "paused.bin", &local);
     std::thread::sleep(Duration::from_millis(500));
-    let agents: Vec<i32> = cluster.lbs.iter().flatten().chain(std::iter::once(&cluster.switch)).map(|p| i32::try_from(p.pid()).expect("pid")).collect();
     for round in 0..3 {
-        for &pid in &agents {
-            // SAFETY: kill(2) on processes this test started (and still owns).
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        for agent in cluster.lbs.iter_mut().flatten().chain(std::iter::once(&mut cluster.switch)) {
+            agent.pause();
         }
         std::thread::sleep(Duration::from_millis(400));
-        for &pid in &agents {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
+        for agent in cluster.lbs.iter_mut().flatten().chain(std::iter::once(&mut cluster.switch)) {
+            agent.resume();
         }
         std::thread::sleep(Duration::from_millis(600));
         println!("pause {round} done");
@@ -180,12 +177,6 @@ fn agents_that_could_not_run_judge_nothing_by_their_own_absence() {
     expect_download(download, &local, &source, Duration::from_secs(120), "tftp-hpa across the pauses", || cluster.logs());
     assert_no_verdicts(&cluster, "paused agents");
     assert_eq!(cluster.active_lb(), 0, "no swap");
-}
-
-/// Sends `signal` to a process this test started.
-fn signal(process: &Process, signal: i32) {
-    // SAFETY: kill(2) on a child this test owns.
-    unsafe { libc::kill(i32::try_from(process.pid()).expect("pid"), signal) };
 }
 
 /// Backend 0 as balancer 0's status shows it.
@@ -199,13 +190,12 @@ fn backend_status(cluster: &Cluster) -> BackendStatus {
 /// the flaps and the hold, and the agent logs it.
 #[test]
 fn a_flapping_backend_is_held_out_longer_each_time() {
-    let cluster = Cluster::start(1, 3);
-    let backend = cluster.backends[0].as_ref().expect("backend 0");
+    let mut cluster = Cluster::start(1, 3);
     let state = |cluster: &Cluster| backend_status(cluster).state;
     for flap in 1..=3u64 {
-        signal(backend, libc::SIGSTOP);
+        cluster.backends[0].as_mut().expect("backend 0").pause();
         netns_tests::wait_for("backend 0 declared dead", 10, || (state(&cluster) == BackendState::Dead).then_some(())).expect("a verdict");
-        signal(backend, libc::SIGCONT);
+        cluster.backends[0].as_mut().expect("backend 0").resume();
         netns_tests::wait_for("backend 0 answering again", 10, || {
             backend_status(&cluster).watch.last_answer_ms_ago.filter(|&ms| ms < 100)
         })
