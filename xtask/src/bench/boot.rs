@@ -59,9 +59,10 @@ enum Scenario {
     LbMidKernel,
     BackendMidKernel,
     LbAtKernelRequest,
+    LbDeadAtFirstRequest,
 }
 
-const SCENARIOS: [Scenario; 4] = [Scenario::NoFailure, Scenario::LbMidKernel, Scenario::BackendMidKernel, Scenario::LbAtKernelRequest];
+const SCENARIOS: [Scenario; 5] = [Scenario::NoFailure, Scenario::LbMidKernel, Scenario::BackendMidKernel, Scenario::LbAtKernelRequest, Scenario::LbDeadAtFirstRequest];
 
 impl Scenario {
     const fn label(self) -> &'static str {
@@ -70,6 +71,7 @@ impl Scenario {
             Self::LbMidKernel => "active LB killed mid-kernel",
             Self::BackendMidKernel => "serving backend killed mid-kernel",
             Self::LbAtKernelRequest => "active LB killed at the kernel's request",
+            Self::LbDeadAtFirstRequest => "active LB dead at the first request, no verdict yet",
         }
     }
 
@@ -79,6 +81,7 @@ impl Scenario {
             Self::LbMidKernel => "lb_mid_kernel",
             Self::BackendMidKernel => "backend_mid_kernel",
             Self::LbAtKernelRequest => "lb_at_kernel_request",
+            Self::LbDeadAtFirstRequest => "lb_dead_at_first_request",
         }
     }
 
@@ -89,6 +92,7 @@ impl Scenario {
             Self::LbMidKernel => Failure::ActiveBalancer { file, share: 0.5 },
             Self::BackendMidKernel => Failure::ServingBackend { file, share: 0.5 },
             Self::LbAtKernelRequest => Failure::ActiveBalancer { file, share: 0.0 },
+            Self::LbDeadAtFirstRequest => Failure::BalancerDeadAtFirstRequest,
         }
     }
 }
