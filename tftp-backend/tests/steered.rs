@@ -81,6 +81,14 @@ impl Lb {
         }
     }
 
+    /// Drops whatever replies already arrived.
+    fn drain(&self) {
+        self.socket.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 2048];
+        while self.socket.recv(&mut buf).is_ok() {}
+        self.socket.set_nonblocking(false).unwrap();
+    }
+
     fn recv_any(&self) -> Option<(SteeringHeader, Vec<u8>)> {
         let mut buf = [0u8; 2048];
         let n = self.socket.recv(&mut buf).ok()?;
@@ -368,9 +376,17 @@ fn an_ack_queued_behind_a_due_timer_is_read_before_the_timer() {
     make_file(&root.path().join("fw.bin"), 50_000, 43).unwrap();
     let a = backend(root.path());
     let pid = i32::try_from(a.process.pid()).unwrap();
-    let stopped_for = |pause: Duration, then: &dyn Fn()| {
+    let stopped_for = |pause: Duration, lb: &Lb, then: &dyn Fn()| {
         // SAFETY: kill(2) on the backend this test started.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
+        // Stopped for sure (state T), and what its timers sent before it stopped dropped: on
+        // a busy machine a timer can run out before the test's ACK is even sent, and that
+        // resend is not the case under test.
+        let stat = format!("/proc/{pid}/stat");
+        while !std::fs::read_to_string(&stat).is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lb.drain();
         then();
         std::thread::sleep(pause);
         // SAFETY: as above.
@@ -383,7 +399,7 @@ fn an_ack_queued_behind_a_due_timer_is_read_before_the_timer() {
         let (mut context, oack) = lb.recv().expect("an OACK");
         assert_eq!(&oack[..2], b"\x00\x06");
         context.flags = FLAG_HAS_CONTEXT;
-        stopped_for(Duration::from_millis(2300), &|| lb.send(&a, &context, &ack(0)));
+        stopped_for(Duration::from_millis(2300), &lb, &|| lb.send(&a, &context, &ack(0)));
         let (_, first) = lb.recv().expect("an answer once the backend runs again");
         assert_eq!(&first[..4], b"\x00\x03\x00\x01", "round {round}: DATA 1, not a second OACK ({:?})", &first[..2]);
         // A lock-step download without options: DATA 1, promptly acknowledged, measures a
@@ -397,7 +413,7 @@ fn an_ack_queued_behind_a_due_timer_is_read_before_the_timer() {
         lb.send(&a, &context, &ack(1));
         let (_, data) = lb.recv().expect("DATA 2");
         assert_eq!(&data[..4], b"\x00\x03\x00\x02");
-        stopped_for(Duration::from_millis(100), &|| lb.send(&a, &context, &ack(2)));
+        stopped_for(Duration::from_millis(100), &lb, &|| lb.send(&a, &context, &ack(2)));
         let (_, next) = lb.recv().expect("an answer once the backend runs again");
         assert_eq!(&next[..4], b"\x00\x03\x00\x03", "round {round}: DATA 3, not DATA 2 again");
     }
