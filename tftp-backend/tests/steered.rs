@@ -714,3 +714,28 @@ fn old_primary_lets_go(late_block: bool) {
     upload_blocks(&lb2, &cluster.backends[replica], &header, &content, 12..=20);
     cluster.wait_for(replica, "kept.bin", &content);
 }
+
+/// Issue 17: a balancer that moves an upload to its replica hands it the client's last DATA
+/// with the nudge (the dead primary may have taken it along, and tftp-hpa waits for that
+/// block's ACK, ignoring a repeat of the one before). One the replica holds already (the
+/// primary copied it, then died before its ACK reached the client) is acknowledged again at
+/// once, not written twice; the upload then goes on and lands whole.
+#[test]
+fn a_handed_over_data_the_replica_holds_is_acknowledged_again_not_written_twice() {
+    let mut cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..30_000u32).map(|i| (i * 11 % 239) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02handed.bin\x00octet\x00");
+    let (first, _) = lb.recv().expect("ACK 0");
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
+    cluster.backends[0].process.sigkill();
+    let mut moved = learned;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 30..=30);
+    upload_blocks(&lb, &cluster.backends[replica], &header, &content, 31..=59);
+    cluster.wait_for(replica, "handed.bin", &content);
+    cluster.wait_for(3 - replica, "handed.bin", &content);
+}

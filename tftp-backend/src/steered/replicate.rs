@@ -589,7 +589,7 @@ impl Steered {
 
     /// A balancer sends the client's packets of `key`'s upload here: its primary is gone and
     /// this backend serves it from now on, with a replica of its own (`Action::AckToUpload` or
-/// `Action::Data` then answers the datagram); a copy that had landed
+    /// `Action::HandedData` then answers the datagram); a copy that had landed
     /// answers the client's last block and goes to the other peers.
     pub(super) async fn promote(&mut self, key: SessionKey, header: &SteeringHeader, from: SocketAddr) {
         let Some(session) = self.forget(key) else { return };
