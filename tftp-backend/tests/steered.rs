@@ -730,3 +730,57 @@ fn old_primary_lets_go(late_block: bool) {
     upload_blocks(&lb2, &cluster.backends[replica], &header, &content, 12..=20);
     cluster.wait_for(replica, "kept.bin", &content);
 }
+
+/// Issue 17: a balancer that moves an upload to its replica hands it the client's last DATA
+/// with the nudge (the dead primary may have taken it along, and tftp-hpa waits for that
+/// block's ACK, ignoring a repeat of the one before). One the replica holds already (the
+/// primary copied it, then died before its ACK reached the client) is acknowledged again at
+/// once, not written twice; the upload then goes on and lands whole.
+#[test]
+fn a_handed_over_data_the_replica_holds_is_acknowledged_again_not_written_twice() {
+    let mut cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..30_000u32).map(|i| (i * 11 % 239) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02handed.bin\x00octet\x00");
+    let (first, _) = lb.recv().expect("ACK 0");
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
+    cluster.backends[0].process.sigkill();
+    let mut moved = learned;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 30..=30);
+    upload_blocks(&lb, &cluster.backends[replica], &header, &content, 31..=59);
+    cluster.wait_for(replica, "handed.bin", &content);
+    cluster.wait_for(3 - replica, "handed.bin", &content);
+}
+
+/// Issue 17: an upload that lands before the replica its new primary chose caught up (a
+/// promoted replica copies its new one what it holds, and the client goes on meanwhile from
+/// the one copy) pushes that replica the finished file like any other peer: no backend is left
+/// with part of it. The third backend is stopped (SIGSTOP) until the upload landed.
+#[test]
+fn an_upload_that_lands_before_its_new_replica_caught_up_is_pushed_to_it() {
+    let signal = |pid: u32, which: &str| assert!(Command::new("kill").args([which, &pid.to_string()]).status().unwrap().success());
+    let mut cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..30_000u32).map(|i| (i * 17 % 233) as u8).collect();
+    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02late.bin\x00octet\x00");
+    let (first, _) = lb.recv().expect("ACK 0");
+    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let third = 3 - replica;
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
+    cluster.backends[0].process.sigkill();
+    let pid = cluster.backends[third].process.pid();
+    signal(pid, "-STOP");
+    let mut moved = learned;
+    moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
+    upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 31..=31);
+    upload_blocks(&lb, &cluster.backends[replica], &header, &content, 32..=59);
+    cluster.wait_for(replica, "late.bin", &content);
+    signal(pid, "-CONT");
+    cluster.wait_for(third, "late.bin", &content);
+}

@@ -166,6 +166,11 @@ counters_with_control_slots! {
         /// backend die before answering, the new one gets a nudge it cannot act on, and the
         /// client's retransmission is what recovers.
         NewSessionUnkept => "new_session_unkept",
+        /// An upload's DATA steered to its backend (as `to_backend` would count it) but not kept
+        /// in `LB_UPLOAD_DATA` (longer than `DATA_KEPT_MAX`, or the table refused it): should
+        /// the backend die with it, the replica gets a plain nudge, and a lock-step client's
+        /// own timer is what recovers.
+        UploadDataUnkept => "upload_data_unkept",
     }
 }
 

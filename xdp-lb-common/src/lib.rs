@@ -21,7 +21,7 @@ pub mod tftp;
 
 pub use counters::{BalanceCounter, Counter, SwitchCounter};
 pub use frame::FrameHeaders;
-pub use maps::{Backend, BackendSeen, ClientKey, Health, KeptRequest, LbConfig, LbSeen, Session, SessionEvent, SwitchConfig, SwitchRequest};
+pub use maps::{Backend, BackendSeen, ClientKey, Health, KeptData, KeptRequest, LbConfig, LbSeen, Session, SessionEvent, SwitchConfig, SwitchRequest};
 pub use steering::SteeringHeader;
 pub use tftp::TFTP_PORT;
 
@@ -38,4 +38,4 @@ macro_rules! impl_aya_pod {
 }
 
 #[cfg(feature = "user")]
-impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Health, KeptRequest, Session, SessionEvent, SwitchConfig, SwitchRequest);
+impl_aya_pod!(Counter, SteeringHeader, ClientKey, LbConfig, Backend, BackendSeen, Health, KeptData, KeptRequest, Session, SessionEvent, SwitchConfig, SwitchRequest);

@@ -264,6 +264,54 @@ impl KeptRequest {
     }
 }
 
+/// Longest client DATA (opcode and block number included) `LB_UPLOAD_DATA` keeps: a power of
+/// two, so the kernel bounds its copy with a mask, above the largest DATA a client sends at
+/// MTU 1500 (blksize 1468: 1472 bytes) and the largest a steered backend grants with the
+/// 64-byte header on a 1500 path (1404: `Limits::fit_path_mtu`). A longer one (a jumbo-frame
+/// client) is steered but not kept (`upload_data_unkept`).
+pub const DATA_KEPT_MAX: usize = 2048;
+/// Entries of `LB_UPLOAD_DATA`: one per upload in flight; an upload's entry goes with its
+/// session (finished, or restarted by a new request), the least recently used first beyond.
+pub const MAX_KEPT_DATA: usize = 4096;
+
+/// The last DATA an upload's client sent, value of `LB_UPLOAD_DATA` keyed by [`ClientKey`]: its
+/// TFTP packet as the client sent it. Written by `balance` on each DATA of a session whose
+/// context says upload (`MODE_UPLOAD`), in place; removed when the session finishes or a new
+/// request restarts it. When the upload's backend dies, the DATA the client sent it may be
+/// lost with it, and a lock-step client (tftp-hpa) waits for that block's ACK, ignoring a
+/// repeat of the one before: the agent hands this DATA to the replica it moves the upload to,
+/// with the nudge.
+///
+/// The kernel copies each DATA over the last, so a lookup that races a copy could read the
+/// bytes of two: the kernel writes `started` (the last field) before the bytes and `done`
+/// (the first) after them, and a lookup, which copies the value in address order, holds one
+/// DATA's bytes only if it read the two equal ([`KeptData::data`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct KeptData {
+    /// Number of the last copy finished.
+    pub done: u32,
+    /// Bytes of `bytes` that hold the DATA (0: none; up to `DATA_KEPT_MAX`).
+    pub len: u16,
+    pub pad: [u8; 2],
+    pub bytes: [u8; DATA_KEPT_MAX],
+    /// Number of the last copy begun.
+    pub started: u32,
+    pub pad_end: u32,
+}
+
+impl KeptData {
+    /// The DATA as the client sent it; `None` for an entry that holds none or was read while
+    /// the kernel copied the next one over it.
+    #[must_use]
+    pub fn data(&self) -> Option<&[u8]> {
+        if self.done != self.started {
+            return None;
+        }
+        self.bytes.get(..usize::from(self.len)).filter(|bytes| !bytes.is_empty())
+    }
+}
+
 /// A record of the `LB_EVENTS` ring buffer: something about a client's session the agent must
 /// act on now rather than at its next tick.
 #[repr(C)]
@@ -337,7 +385,7 @@ pub type LbSeen = BackendSeen;
 
 #[cfg(test)]
 mod tests {
-    use super::{ClientKey, KeptRequest, REQUEST_KEPT_MAX, Session, SwitchRequest, TID_BASE, TID_SPAN};
+    use super::{ClientKey, DATA_KEPT_MAX, KeptData, KeptRequest, REQUEST_KEPT_MAX, Session, SwitchRequest, TID_BASE, TID_SPAN};
 
     #[test]
     fn tid_stays_in_range_and_spreads() {
@@ -366,5 +414,21 @@ mod tests {
         assert_eq!(kept.request(), None, "a length beyond the buffer is no request");
         assert_eq!(size_of::<KeptRequest>(), 8 + REQUEST_KEPT_MAX, "no implicit padding");
         assert_eq!(size_of::<SwitchRequest>(), 16 + size_of::<KeptRequest>(), "no implicit padding");
+    }
+
+    #[test]
+    fn kept_data_is_its_first_len_bytes_once_its_copy_finished() {
+        let mut kept: KeptData = bytemuck::Zeroable::zeroed();
+        assert_eq!(kept.data(), None, "an empty entry holds no DATA");
+        kept.bytes[..6].copy_from_slice(b"\x00\x03\x00\x07ab");
+        kept.len = 6;
+        (kept.started, kept.done) = (3, 3);
+        assert_eq!(kept.data(), Some(&b"\x00\x03\x00\x07ab"[..]));
+        kept.started = 4;
+        assert_eq!(kept.data(), None, "read while the kernel copied the next DATA over it");
+        kept.done = 4;
+        kept.len = u16::try_from(DATA_KEPT_MAX + 1).unwrap();
+        assert_eq!(kept.data(), None, "a length beyond the buffer is no DATA");
+        assert_eq!(size_of::<KeptData>(), 16 + DATA_KEPT_MAX, "no implicit padding");
     }
 }

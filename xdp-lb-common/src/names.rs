@@ -30,6 +30,9 @@ pub const MAP_LB_SESSIONS: &str = "LB_SESSIONS";
 /// `ClientKey` -> `KeptRequest` (LRU): the request of each session still waiting for its
 /// backend's first answer.
 pub const MAP_LB_REQUESTS: &str = "LB_REQUESTS";
+/// `ClientKey` -> `KeptData` (LRU): the last DATA of each upload's client, for the replica
+/// the upload moves to should its backend die.
+pub const MAP_LB_UPLOAD_DATA: &str = "LB_UPLOAD_DATA";
 /// Interface index -> the MAC of this balancer's interface, written by the agent: frames to
 /// other MACs are not steered.
 pub const MAP_LB_OWN_MACS: &str = "LB_OWN_MACS";

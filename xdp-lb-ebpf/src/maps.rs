@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, KeptRequest, LbConfig, Session, SessionEvent,
-    maps::{BACKEND_FACING, EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_KEPT_REQUESTS, MAX_LB_IFACES, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
+    Backend, BackendSeen, BalanceCounter, ClientKey, Counter, Health, KeptData, KeptRequest, LbConfig, Session, SessionEvent,
+    maps::{BACKEND_FACING, EVENT_CHANGED, EVENT_UNKNOWN, MAX_BACKENDS, MAX_KEPT_DATA, MAX_KEPT_REQUESTS, MAX_LB_IFACES, MAX_PREFIXES, MAX_SESSIONS, RequestPace, gcra, prefix_of},
 };
 
 #[btf_map]
@@ -88,6 +88,15 @@ pub static LB_REQUESTS: LruHashMap<ClientKey, KeptRequest, MAX_KEPT_REQUESTS> = 
 /// than the BPF stack.
 #[btf_map]
 pub static LB_REQUEST_SCRATCH: PerCpuArray<KeptRequest, 1> = PerCpuArray::new();
+
+/// The last DATA of each upload's client (see `KeptData`), written in place.
+#[btf_map]
+pub static LB_UPLOAD_DATA: LruHashMap<ClientKey, KeptData, MAX_KEPT_DATA> = LruHashMap::new();
+
+/// Per-CPU zeroed slot from which an upload's `LB_UPLOAD_DATA` entry is created (a `KeptData`
+/// is larger than the BPF stack). Never written: an entry starts empty.
+#[btf_map]
+pub static LB_DATA_SCRATCH: PerCpuArray<KeptData, 1> = PerCpuArray::new();
 
 /// Sessions the agent must hear about now: created or moved (mirror them to the peer), or
 /// missing (ask the backends). About 2700 records of 12 bytes plus record headers.

@@ -9,7 +9,7 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::{
     backends, kept,
-    maps::{LB_REQUEST_SCRATCH, LB_REQUESTS, LB_SCRATCH, LB_SESSIONS, announce, now_ns},
+    maps::{LB_DATA_SCRATCH, LB_REQUEST_SCRATCH, LB_REQUESTS, LB_SCRATCH, LB_SESSIONS, LB_UPLOAD_DATA, announce, now_ns},
 };
 
 /// Creates the client's session on the least loaded usable backend, or restarts it when the
@@ -18,7 +18,11 @@ use crate::{
 #[inline(always)]
 pub fn open<'a>(ctx: &XdpContext, config: &LbConfig, key: &ClientKey, frame: &FrameHeaders) -> Option<&'a mut Session> {
     let session = match LB_SESSIONS.get_ptr_mut(key) {
-        Some(session) => session,
+        Some(session) => {
+            // A new transfer from the same port: an earlier upload's DATA is none of its own.
+            let _ = LB_UPLOAD_DATA.remove(key);
+            session
+        }
         None => {
             let backend = backends::least_loaded()?;
             // SAFETY: per-CPU slot, ours for the duration of the program.
@@ -48,6 +52,39 @@ pub fn keep_request(ctx: &XdpContext, key: &ClientKey, offset: usize, len: usize
     // SAFETY: per-CPU slot, ours for the duration of the program.
     let kept = unsafe { &mut *kept };
     kept::copy_request(ctx, kept, offset, len) && LB_REQUESTS.insert(key, &*kept, 0).is_ok()
+}
+
+/// Keeps the DATA an upload's client just sent (the `len` bytes of TFTP payload at `offset`),
+/// over the one before, until the session ends: the agent hands it to the replica should the
+/// backend die with it. Copied in place, between the two stamps `KeptData::data` checks.
+/// Whether it was kept (a longer DATA is not).
+#[inline(always)]
+pub fn keep_data(ctx: &XdpContext, key: &ClientKey, offset: usize, len: usize) -> bool {
+    if len == 0 || len > xdp_lb_common::maps::DATA_KEPT_MAX {
+        return false;
+    }
+    let kept = match LB_UPLOAD_DATA.get_ptr_mut(key) {
+        Some(kept) => kept,
+        None => {
+            let Some(empty) = LB_DATA_SCRATCH.get_ptr(0) else { return false };
+            // SAFETY: per-CPU slot, never written: a zeroed (empty) entry.
+            if LB_UPLOAD_DATA.insert(key, unsafe { &*empty }, 0).is_err() {
+                return false;
+            }
+            let Some(kept) = LB_UPLOAD_DATA.get_ptr_mut(key) else { return false };
+            kept
+        }
+    };
+    // SAFETY: map value pointer from a successful lookup.
+    let kept = unsafe { &mut *kept };
+    let copy = kept.started.wrapping_add(1);
+    // SAFETY: a field of the map value. Volatile: the stamps must not move across the copy.
+    unsafe { core::ptr::write_volatile(&raw mut kept.started, copy) };
+    let copied = kept::copy_payload(ctx, &mut kept.bytes, offset, len);
+    kept.len = copied.unwrap_or(0);
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut kept.done, copy) };
+    copied.is_some()
 }
 
 /// Replies go back the way the client's packets come: a session learned from the peer LB or
@@ -120,5 +157,6 @@ pub fn move_to(session: &mut Session, id: u32) {
 pub fn finish(key: &ClientKey, id: u32) {
     let _ = LB_SESSIONS.remove(key);
     let _ = LB_REQUESTS.remove(key);
+    let _ = LB_UPLOAD_DATA.remove(key);
     backends::remove_session(id);
 }

@@ -11,7 +11,7 @@ use xdp_lb_common::{
     BalanceCounter, ClientKey, FrameHeaders, LbConfig, Session, SteeringHeader, TFTP_PORT,
     frame::{IPV4_HEADER_LEN, UDP_HEADER_LEN},
     steering::{FLAG_FINISHED, FLAG_HAS_CONTEXT, FLAG_FROM_BACKEND, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
-    tftp::{BLOCK_LEN, DATA_HEADER_LEN, OPCODE_ACK, OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
+    tftp::{BLOCK_LEN, DATA_HEADER_LEN, OPCODE_ACK, OPCODE_DATA, OPCODE_LEN, OPCODE_RRQ, OPCODE_WRQ},
 };
 
 use crate::{
@@ -127,7 +127,36 @@ fn client_packet(ctx: &XdpContext, config: &LbConfig, frame: &FrameHeaders) -> V
     {
         session.last_ack = block;
     }
-    to_backend(ctx, config, session, BalanceCounter::ToBackend)
+    let verdict = to_backend(ctx, config, session, BalanceCounter::ToBackend);
+    keep_upload_data(ctx, verdict)
+}
+
+/// After a client packet was steered: an upload's DATA is kept (`LB_UPLOAD_DATA`) for the
+/// replica should its backend die with it. Everything is read back from the steered packet
+/// (its header says upload, and names the client), so that nothing of the packet's way
+/// through the steering stays live across it: each would multiply the paths the verifier
+/// walks there.
+#[inline(always)]
+fn keep_upload_data(ctx: &XdpContext, (counter, action): Verdict) -> Verdict {
+    if action == DROP {
+        return (counter, action);
+    }
+    let (Some(frame), Some(header)) = (ptr_at::<FrameHeaders>(ctx, 0), ptr_at::<SteeringHeader>(ctx, FrameHeaders::PAYLOAD_OFFSET)) else {
+        return (counter, action);
+    };
+    // SAFETY: bounds-checked by ptr_at; alignment 1.
+    let (frame, header) = unsafe { (&*frame, &*header) };
+    let data = FrameHeaders::PAYLOAD_OFFSET + SteeringHeader::LEN;
+    if !header.is_upload() || read_at::<[u8; OPCODE_LEN]>(ctx, data).map(u16::from_be_bytes) != Some(OPCODE_DATA) {
+        return (counter, action);
+    }
+    let len = usize::from(frame.udp_len()).saturating_sub(UDP_HEADER_LEN + SteeringHeader::LEN);
+    let key = ClientKey::new(header.client_ip, header.client_port);
+    if session::keep_data(ctx, &key, data, len) {
+        return (counter, action);
+    }
+    let counter = if counter == BalanceCounter::ToBackend { BalanceCounter::UploadDataUnkept } else { counter };
+    (counter, action)
 }
 
 /// Sends a client packet to its session's backend with the steering header pushed. A session

@@ -453,10 +453,20 @@ impl Agent {
             let Some(&to) = self.backends.get(session.backend as usize) else { continue };
             let key = ClientKey::new(session.header.client_ip, session.header.client_port);
             let request = plan.resends.contains(&key).then(|| self.maps.kept_request(key)).flatten();
-            let datagram = request.as_deref().map_or_else(|| control::nudge(session), |request| control::resend_request(session, request));
+            let handed = plan.handovers.contains(&key).then(|| self.maps.kept_data(key)).flatten().and_then(|data| control::hand_over_data(session, &data));
+            let handed_over = request.is_none() && handed.is_some();
+            let datagram = match (&request, handed) {
+                (Some(request), _) => control::resend_request(session, request),
+                (None, Some(handed)) => handed,
+                (None, None) => control::nudge(session),
+            };
             match self.socket.send_to(&datagram, to).await {
                 Ok(_) if request.is_some() => {
                     info!(client = ?key, backend = %to, "the request of a session moved before its first answer resent to its new backend");
+                    nudged += 1;
+                }
+                Ok(_) if handed_over => {
+                    info!(client = ?key, backend = %to, "the last DATA of an upload moved to its replica handed over with the nudge");
                     nudged += 1;
                 }
                 Ok(_) => nudged += 1,

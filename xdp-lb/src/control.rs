@@ -19,6 +19,7 @@ use xdp_lb_common::{
     ClientKey, Health, Session, SteeringHeader,
     maps::{BACKEND_DEAD, BACKEND_LIVE, MAX_BACKENDS},
     steering::{FLAG_CLIENT_SENT, FLAG_HAS_CONTEXT, FLAG_NUDGE},
+    tftp::{DATA_HEADER_LEN, OPCODE_DATA},
 };
 
 /// When to declare a backend dead.
@@ -519,6 +520,35 @@ pub fn resend_request(session: &Session, request: &[u8]) -> Vec<u8> {
     datagram
 }
 
+/// The datagram that hands an upload's last client DATA (as `LB_UPLOAD_DATA` kept it) to the
+/// replica the upload moved to: the session's header flagged `NUDGE`, then the DATA, as the
+/// kernel steers a client's packet to a backend it moves the session to. The DATA the client
+/// sent the dead backend may have died with it, and a lock-step client (tftp-hpa) waits for
+/// that block's ACK and ignores a repeat of the one before, which is all a plain nudge could
+/// get from a replica that lacks the block. The replica takes it as the client's (written if
+/// new, acknowledged either way). `None` (a plain nudge then) unless it is a DATA the client
+/// may still wait on: within one window after the last block the backend acknowledged (the
+/// header's `block` for an upload); an older one, say of an earlier upload from the same
+/// port, must not be written into this one.
+#[must_use]
+pub fn hand_over_data(session: &Session, data: &[u8]) -> Option<Vec<u8>> {
+    let head = data.get(..DATA_HEADER_LEN)?;
+    if u16::from_be_bytes([head[0], head[1]]) != OPCODE_DATA || !session.header.is_upload() {
+        return None;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "the low 16 bits: the block number on the wire")]
+    let acked = session.header.block() as u16;
+    let ahead = u16::from_be_bytes([head[2], head[3]]).wrapping_sub(acked);
+    if !(1..=session.header.windowsize().max(1)).contains(&ahead) {
+        return None;
+    }
+    let mut header: SteeringHeader = session.header;
+    header.flags = (session.header.flags & FLAG_HAS_CONTEXT) | FLAG_NUDGE;
+    let mut datagram = bytemuck::bytes_of(&header).to_vec();
+    datagram.extend_from_slice(data);
+    Some(datagram)
+}
+
 /// The nudge that asks every live backend about a client that sent to its TID (`vip:tid`)
 /// while this balancer had no session for it. The backend holding the transfer resends from
 /// its own state; `CLIENT_SENT` tells it the client holds the first answer already, so an OACK
@@ -843,6 +873,37 @@ mod tests {
         assert_eq!(header.flags, FLAG_NUDGE, "no context: no answer passed this balancer");
         assert_eq!((header.client_ip, header.client_port, header.vip_port), (key.ip, key.port, key.tid().to_be_bytes()));
         assert_eq!(&datagram[64..], request);
+    }
+
+    #[test]
+    fn an_uploads_last_data_is_handed_over_only_while_the_client_may_wait_on_it() {
+        let key = ClientKey::new([10, 0, 0, 9], 4000u16.to_be_bytes());
+        let mut session: Session = bytemuck::Zeroable::zeroed();
+        session.header = SteeringHeader::for_client(key.ip, 4000, [10, 0, 0, 1], key.tid());
+        session.header.flags = FLAG_HAS_CONTEXT;
+        session.header.set_upload_replica(Some(([10, 77, 0, 12], 6969u16.to_be_bytes())));
+        session.header.windowsize = 1u16.to_be_bytes();
+        // The backend acknowledged block 0x1_0004 (wire 4); the client sent 5 and waits for its ACK.
+        session.header.set_block(0x1_0004);
+        let data = b"\x00\x03\x00\x05block five";
+        let datagram = hand_over_data(&session, data).expect("the next block");
+        let header: SteeringHeader = *bytemuck::from_bytes(&datagram[..64]);
+        assert_eq!(header.flags, FLAG_HAS_CONTEXT | FLAG_NUDGE, "a nudge: the replica takes the upload over");
+        assert!(header.is_upload());
+        assert_eq!(header.replica(), session.header.replica());
+        assert_eq!(&datagram[64..], data, "the DATA as the client sent it");
+        assert_eq!(hand_over_data(&session, b"\x00\x03\x00\x04block four"), None, "acknowledged already: a plain nudge");
+        assert_eq!(hand_over_data(&session, b"\x00\x03\x00\x06block six"), None, "beyond the window: not one the client sent after that ACK");
+        assert_eq!(hand_over_data(&session, b"\x00\x03\x00"), None, "truncated");
+        assert_eq!(hand_over_data(&session, b"\x00\x04\x00\x05"), None, "not a DATA");
+        session.header.windowsize = 16u16.to_be_bytes();
+        assert!(hand_over_data(&session, b"\x00\x03\x00\x14window end").is_some(), "the last DATA of a window of 16");
+        assert_eq!(hand_over_data(&session, b"\x00\x03\x00\x15"), None);
+        session.header.set_block(0xffff);
+        assert!(hand_over_data(&session, b"\x00\x03\x00\x00rolled over").is_some(), "across the 16-bit rollover");
+        let mut download = session;
+        download.header.mode = 0;
+        assert_eq!(hand_over_data(&download, b"\x00\x03\x00\x00"), None, "not an upload");
     }
 
     #[test]

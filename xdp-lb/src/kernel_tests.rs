@@ -170,6 +170,56 @@ fn an_upload_on_a_dead_backend_moves_to_its_replica_and_stays_an_upload() {
     assert_eq!(f.counter(C::Moved).unwrap(), 1);
 }
 
+/// Opens an upload from `port` and has its backend answer ACK 0 as an upload's (naming a
+/// replica); returns the serving backend.
+fn open_upload(f: &mut Fixture, port: u16, backends: u32) -> u32 {
+    const WRQ: &[u8] = b"\x00\x02cfg/router.conf\x00octet\x00blksize\x001468\x00";
+    let (_, out) = f.run(&from_client(CLIENT, port, TFTP_PORT, WRQ)).unwrap();
+    let serving = (0..backends).find(|&i| headers(&out).ip_dst == backend_ip(i)).unwrap();
+    let mut reply = reply_header(port, 0, 0);
+    reply.set_upload_replica(Some((backend_ip((serving + 1) % backends), BACKEND_PORT.to_be_bytes())));
+    assert_eq!(f.run(&from_backend(serving, &reply, b"\x00\x04\x00\x00")).unwrap().0, XDP_TX);
+    serving
+}
+
+#[test]
+fn an_uploads_last_data_is_kept_and_a_downloads_ack_is_not() {
+    let mut f = fixture(2);
+    let (port, key) = (40_030, ClientKey::new(CLIENT, 40_030u16.to_be_bytes()));
+    let serving = open_upload(&mut f, port, 2);
+    let full = [b"\x00\x03\x00\x01".as_slice(), &[0xa5; 1468]].concat();
+    let (action, out) = f.run(&from_client(CLIENT, port, key.tid(), &full)).unwrap();
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[42 + 64..], &full[..], "steered unchanged");
+    assert_eq!(f.maps.kept_data(key).as_deref(), Some(&full[..]), "a whole block of 1468 as the client sent it");
+    let short = b"\x00\x03\x00\x02the last bytes";
+    f.run(&from_client(CLIENT, port, key.tid(), short)).unwrap();
+    assert_eq!(f.maps.kept_data(key).as_deref(), Some(&short[..]), "the next DATA replaces it");
+    assert_eq!(f.counter(C::ToBackend).unwrap(), 2);
+    let jumbo = [b"\x00\x03\x00\x03".as_slice(), &[1; xdp_lb_common::maps::DATA_KEPT_MAX]].concat();
+    assert_eq!(f.run(&from_client(CLIENT, port, key.tid(), &jumbo)).unwrap().0, XDP_TX, "a longer DATA is steered all the same");
+    assert_eq!(f.counter(C::UploadDataUnkept).unwrap(), 1, "counted instead of to_backend");
+    assert_eq!(f.counter(C::ToBackend).unwrap(), 2);
+    assert_eq!(f.maps.kept_data(key).as_deref(), Some(&short[..]), "not kept: the one before stays");
+    f.run(&from_backend(serving, &reply_header(port, 2, FLAG_FINISHED), b"")).unwrap();
+    assert_eq!(f.maps.kept_data(key), None, "forgotten with its session");
+
+    let (port, key) = (40_031, ClientKey::new(CLIENT, 40_031u16.to_be_bytes()));
+    open_upload(&mut f, port, 2);
+    f.run(&from_client(CLIENT, port, key.tid(), short)).unwrap();
+    assert!(f.maps.kept_data(key).is_some());
+    f.run(&from_client(CLIENT, port, TFTP_PORT, b"\x00\x02other.conf\x00octet\x00")).unwrap();
+    assert_eq!(f.maps.kept_data(key), None, "a new request from the same port: none of its DATA");
+
+    let (port, key) = (40_032, ClientKey::new(CLIENT, 40_032u16.to_be_bytes()));
+    let download = headers(&open(&mut f, port)).ip_dst;
+    let id = (0..2).find(|&i| backend_ip(i) == download).unwrap();
+    f.run(&from_backend(id, &reply_header(port, 1, 0), b"\x00\x03\x00\x01data")).unwrap();
+    assert_eq!(f.run(&from_client(CLIENT, port, key.tid(), b"\x00\x04\x00\x01")).unwrap().0, XDP_TX);
+    assert_eq!(f.maps.kept_data(key), None, "a download's ACK is not kept");
+    assert_eq!(f.counter(C::UploadDataUnkept).unwrap(), 1);
+}
+
 #[test]
 fn a_request_is_kept_until_the_backend_answers() {
     let mut f = fixture(1);

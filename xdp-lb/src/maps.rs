@@ -9,18 +9,19 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
 };
 use xdp_lb_common::{
-    Backend, BackendSeen, ClientKey, Counter, Health, KeptRequest, LbConfig, LbSeen, Session, SwitchConfig, SwitchRequest,
+    Backend, BackendSeen, ClientKey, Counter, Health, KeptData, KeptRequest, LbConfig, LbSeen, Session, SwitchConfig, SwitchRequest,
     names::{
         MAP_LB_BACKEND_IFACES, MAP_LB_BACKENDS, MAP_LB_CONFIG, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_HEALTH, MAP_LB_LOAD, MAP_LB_OWN_MACS,
-        MAP_LB_REQUESTS, MAP_LB_SEEN, MAP_LB_SESSIONS,
+        MAP_LB_REQUESTS, MAP_LB_SEEN, MAP_LB_SESSIONS, MAP_LB_UPLOAD_DATA,
         MAP_SW_CLIENTS, MAP_SW_CONFIG, MAP_SW_REQUESTS, MAP_SW_COUNTERS, MAP_SW_HEALTH, MAP_SW_LB_IFACES, MAP_SW_SEEN,
     },
 };
 
 /// Every map of `balance` that an agent, `status` or a test touches. All pinned: a restarted
 /// agent carries on from the state of the one before it (`LB_REQUESTS` with `LB_SESSIONS`, so
-/// a session in its first moments can still be resent to another backend after a restart).
-pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_HEALTH, MAP_LB_SESSIONS, MAP_LB_REQUESTS];
+/// a session in its first moments can still be resent to another backend after a restart, and
+/// `LB_UPLOAD_DATA`, so an upload's last DATA can still be handed to its replica).
+pub const ALL: &[&str] = &[MAP_LB_COUNTERS, MAP_LB_CONFIG, MAP_LB_BACKENDS, MAP_LB_SEEN, MAP_LB_LOAD, MAP_LB_HEALTH, MAP_LB_SESSIONS, MAP_LB_REQUESTS, MAP_LB_UPLOAD_DATA];
 
 pub struct LbMaps {
     pub counters: PerCpuArray<MapData, Counter>,
@@ -33,6 +34,8 @@ pub struct LbMaps {
     pub sessions: HashMap<MapData, ClientKey, Session>,
     /// The request of each session still waiting for its backend's first answer.
     pub requests: HashMap<MapData, ClientKey, KeptRequest>,
+    /// The last DATA of each upload's client.
+    pub upload_data: HashMap<MapData, ClientKey, KeptData>,
 }
 
 impl LbMaps {
@@ -57,6 +60,7 @@ impl LbMaps {
             health: Array::try_from(typed(MAP_LB_HEALTH)?).context(MAP_LB_HEALTH)?,
             sessions: HashMap::try_from(typed(MAP_LB_SESSIONS)?).context(MAP_LB_SESSIONS)?,
             requests: HashMap::try_from(typed(MAP_LB_REQUESTS)?).context(MAP_LB_REQUESTS)?,
+            upload_data: HashMap::try_from(typed(MAP_LB_UPLOAD_DATA)?).context(MAP_LB_UPLOAD_DATA)?,
         })
     }
 
@@ -80,6 +84,12 @@ impl LbMaps {
     /// The request that opened `key`'s session, while it waits for its first answer.
     pub fn kept_request(&self, key: ClientKey) -> Option<Vec<u8>> {
         self.requests.get(&key, 0).ok().and_then(|kept| kept.request().map(<[u8]>::to_vec))
+    }
+
+    /// The last DATA `key`'s upload client sent, if kept (and not read while the kernel copied
+    /// the next one over it).
+    pub fn kept_data(&self, key: ClientKey) -> Option<Vec<u8>> {
+        self.upload_data.get(&key, 0).ok().and_then(|kept| kept.data().map(<[u8]>::to_vec))
     }
 
     /// All sessions (a snapshot; entries may change or vanish meanwhile): a few batch lookups,

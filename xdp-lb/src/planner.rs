@@ -30,6 +30,11 @@ pub struct Plan {
     /// holds nothing a nudge could make it resend, so it gets the request the kernel kept for
     /// the session instead (`LB_REQUESTS`; a nudge when none was kept).
     pub resends: Vec<ClientKey>,
+    /// Of the nudged, uploads that moved to their replica: a DATA the client sent the dead
+    /// backend may have died with it, so the replica gets the client's last DATA as the
+    /// kernel kept it (`LB_UPLOAD_DATA`) with the nudge, if the client may still wait for its
+    /// ACK (`control::hand_over_data`; a plain nudge otherwise).
+    pub handovers: Vec<ClientKey>,
     /// Sessions of the dead backend left for the next tick (beyond the plan's limit).
     pub left: usize,
     /// Sessions that found no live backend.
@@ -70,8 +75,11 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
     }
     for (key, mut session) in sessions {
         let moved = !usable(views.get(session.backend as usize));
+        let mut to_replica = false;
         if moved {
-            let Some(target) = replica_of(&session, views).or_else(|| control::least_loaded(views, &loads)) else {
+            let replica = replica_of(&session, views);
+            to_replica = replica.is_some();
+            let Some(target) = replica.or_else(|| control::least_loaded(views, &loads)) else {
                 plan.stranded += 1;
                 continue;
             };
@@ -87,6 +95,9 @@ pub fn plan(occasion: Occasion, views: &[BackendView], mut sessions: Vec<(Client
         } else if nudging {
             if moved && session.header.flags & FLAG_HAS_CONTEXT == 0 {
                 plan.resends.push(key);
+            }
+            if to_replica {
+                plan.handovers.push(key);
             }
             plan.nudges.push(session);
         }
@@ -151,10 +162,18 @@ mod tests {
         let first = plan(Occasion::BackendDied(0), &views, vec![(key, upload), (other, download)], 100 * S, Role::Active, 100);
         let to: Vec<(u16, u32)> = first.moves.iter().map(|(k, s)| (u16::from_be_bytes(k.port), s.backend)).collect();
         assert_eq!(to, [(1, 1), (2, 2)], "the upload to its replica, though busier; the download to the least loaded");
+        assert_eq!(first.handovers, [key], "the replica gets the upload's last DATA with its nudge; the download nothing of the kind");
         let (key, mut orphan) = session(3, 0, 100);
         orphan.header.set_upload_replica(Some(address(0)));
         let second = plan(Occasion::BackendDied(0), &views, vec![(key, orphan)], 100 * S, Role::Active, 100);
         assert_eq!(second.moves[0].1.backend, 2, "a replica that is dead too: the least loaded (which refuses it: nothing to resume)");
+        assert!(second.handovers.is_empty(), "no DATA for a backend that holds none of the upload");
+        let mut quiet = upload;
+        quiet.last_client_ns = 90 * S;
+        let third = plan(Occasion::BackendDied(0), &views, vec![(key, quiet)], 100 * S, Role::Active, 100);
+        assert!(third.handovers.is_empty() && third.moves[0].1.backend == 1, "nor for a client quiet for seconds (it resends on its own timer, or left)");
+        let backup = plan(Occasion::BackendDied(0), &views, vec![(key, upload)], 100 * S, Role::Backup, 100);
+        assert!(backup.handovers.is_empty() && backup.moves.len() == 1, "a backup moves the upload but sends nothing");
     }
 
     #[test]

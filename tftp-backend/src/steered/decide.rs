@@ -91,6 +91,13 @@ pub enum Action<'a> {
     NudgeElsewhere,
     /// DATA of an upload served here.
     Data { block: u16, data: &'a [u8] },
+    /// DATA of an upload served here with a balancer's nudge: the upload just moved here (this
+    /// backend held its copy), and the client's last DATA comes with it, kept by the balancer
+    /// (the dead backend may have taken it along) or the client's own packet the kernel moved.
+    /// Written if it is the next block, and the client acknowledged at once either way: a
+    /// duplicate (this backend has the block) is not written twice but acknowledged again,
+    /// and a DATA inside a window or beyond a gap gets the last block held.
+    HandedData { block: u16, data: &'a [u8] },
     /// The client sent an ERROR: the session is forgotten, the balancer told it is over.
     ClientAborted { code: ErrorCode, message: &'a str },
 }
@@ -191,6 +198,7 @@ pub fn decide<'a>(header: &SteeringHeader, request: Result<Repr<'a>, wire::Error
         Repr::Wrq { filename, mode, options } => Action::Write { filename, mode, options },
         Repr::Ack { block } => ack(header, block, seen, config),
         Repr::Data { block, data } => match seen.session {
+            Some(Known::Write) if header.has_flag(FLAG_NUDGE) => Action::HandedData { block, data },
             Some(Known::Write) => Action::Data { block, data },
             _ => Action::Refuse(UNKNOWN_TRANSFER),
         },
@@ -452,6 +460,24 @@ mod tests {
         assert_eq!(decide(&nudge, ack(0), &COPY, &config(10)), Action::Promote);
         let wrq = Ok(Repr::Wrq { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
         assert_eq!(decide(&header(0), wrq, &COPY, &config(10)), Action::Write { filename: "up.bin", mode: Mode::Octet, options: Options::default() });
+    }
+
+    /// A balancer that moves an upload to its replica hands it the client's last DATA with the
+    /// nudge (the dead primary may have taken it along; tftp-hpa waits for that block's ACK).
+    /// The copy is promoted on it, then the same datagram, decided again, is the client's DATA
+    /// to write if new and to acknowledge at once; without the nudge, a DATA is the client's
+    /// own, acknowledged by the window's rules.
+    #[test]
+    fn a_handed_over_data_promotes_the_copy_then_is_written_and_acknowledged_at_once() {
+        const COPY: Seen = Seen { session: Some(Known::Replica), completed: false, transfers: 1 };
+        let mut nudge = header(0);
+        nudge.flags |= FLAG_NUDGE | FLAG_HAS_CONTEXT;
+        nudge.set_upload_replica(Some(([10, 77, 0, 12], 6969u16.to_be_bytes())));
+        let data = Ok(Repr::Data { block: 7, data: b"block seven" });
+        assert_eq!(decide(&nudge, data, &COPY, &config(10)), Action::Promote);
+        assert_eq!(decide(&nudge, data, &WRITING, &config(10)), Action::HandedData { block: 7, data: b"block seven" }, "after the promotion");
+        assert_eq!(decide(&header(FLAG_HAS_CONTEXT), data, &WRITING, &config(10)), Action::Data { block: 7, data: b"block seven" });
+        assert_eq!(decide(&nudge, data, &NOTHING, &config(10)), Action::Refuse(UNKNOWN_TRANSFER), "a backend that holds no copy writes nothing");
     }
 
     #[test]

@@ -245,6 +245,11 @@ impl Steered {
         let replies = self.replies;
         if action == Action::Promote {
             self.promote(key, &header, from).await;
+            if !self.sessions.contains(key) {
+                // A copy that had landed answered the client's last block and is done: the
+                // datagram (that block again) asks for nothing more.
+                return;
+            }
             action = decide(&header, Packet::parse(tftp_packet(datagram)), &self.sessions.seen(key, Instant::now()), &self.config);
         }
         if let Action::Drop(why) = action {
@@ -316,13 +321,12 @@ impl Steered {
                 self.ack(key, ack, from).await;
             }
             Action::AckToUpload { nudge } => {
-                let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
+                let Some(Session { lb, .. }) = self.sessions.get_mut(key) else { return };
                 *lb = from;
                 // A new balancer took over: the client may wait on an acknowledgement the old
-                // one lost. What the replica allows goes again.
-                if nudge && upload.held.is_none() && !upload.committing && !upload.replica_commits_first {
-                    let block = allowed_ack(upload);
-                    self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
+                // one lost.
+                if nudge {
+                    self.acknowledge_again(key).await;
                 }
             }
 
@@ -337,6 +341,14 @@ impl Steered {
                 debug!(client = %key, "nudge for a transfer not served here");
             }
             Action::Data { block, data } => self.data(key, block, data, from).await,
+            Action::HandedData { block, data } => {
+                let replies = self.replies;
+                self.data(key, block, data, from).await;
+                // A block held here already, or one inside a window: the client still hears.
+                if self.replies == replies {
+                    self.acknowledge_again(key).await;
+                }
+            }
             Action::ClientAborted { code, message } => {
                 debug!(client = %key, ?code, message, "client aborted");
                 self.forget(key);
@@ -425,6 +437,16 @@ impl Steered {
             self.links_due.push(key);
         }
         self.acknowledge(key).await;
+    }
+
+    /// Acknowledges again to the client of `key`'s upload what the replica allows, unless an
+    /// acknowledgement waits for the replica or the commit (it goes when they are done).
+    async fn acknowledge_again(&mut self, key: SessionKey) {
+        let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get(key) else { return };
+        if upload.held.is_none() && !upload.committing && !upload.replica_commits_first {
+            let block = allowed_ack(upload);
+            self.send_tftp(key, &Repr::Ack { block: (block & 0xffff) as u16 }, block).await;
+        }
     }
 
     /// Runs the fsync and rename of `key`'s complete upload (or copy) on a blocking thread: an

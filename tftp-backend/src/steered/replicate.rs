@@ -297,7 +297,10 @@ impl Steered {
         self.finished(&session.header, session.lb).await;
         let Kind::Write(upload) = session.kind else { return };
         let mut holders = upload.excluded.clone();
-        if let Some(r) = &upload.replica {
+        // A replica still catching up (chosen after a failure, while the upload went on from
+        // one copy) holds part of the file only, and its link goes with the session: it gets
+        // the push like any other peer (which replaces its partial copy).
+        if let Some(r) = upload.replica.as_ref().filter(|r| r.caught_up) {
             holders.push(r.link.peer);
         }
         info!(client = %key, file = upload.filename, "upload landed");
@@ -589,7 +592,7 @@ impl Steered {
 
     /// A balancer sends the client's packets of `key`'s upload here: its primary is gone and
     /// this backend serves it from now on, with a replica of its own (`Action::AckToUpload` or
-/// `Action::Data` then answers the datagram); a copy that had landed
+    /// `Action::HandedData` then answers the datagram); a copy that had landed
     /// answers the client's last block and goes to the other peers.
     pub(super) async fn promote(&mut self, key: SessionKey, header: &SteeringHeader, from: SocketAddr) {
         let Some(session) = self.forget(key) else { return };
