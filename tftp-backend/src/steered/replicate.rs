@@ -116,10 +116,10 @@ impl Steered {
     /// the link asks for is read back from the file).
     pub(super) async fn replicate_data(&mut self, key: SessionKey, fresh: Option<(u32, &[u8])>) {
         let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
-        let received = upload.transfer.received();
+        let have = copyable(upload);
         let Some(replica) = upload.replica.as_mut() else { return };
         let peer = replica.link.peer;
-        let send = replica.link.available(received, None, Instant::now());
+        let send = replica.link.available(have, None, Instant::now());
         self.send_link_with(key, peer, send, fresh).await;
     }
 
@@ -324,7 +324,10 @@ impl Steered {
         self.finished(&session.header, session.lb).await;
         let Kind::Write(upload) = session.kind else { return };
         let mut holders = upload.excluded.clone();
-        if let Some(r) = &upload.replica {
+        // A replica still catching up (a new one after a takeover, when the rest of the upload
+        // came faster than its copy of the start) holds part of the file: it gets the push too,
+        // whose request replaces its copy, or its temporary would be all it ever had.
+        if let Some(r) = upload.replica.as_ref().filter(|r| r.link.complete()) {
             holders.push(r.link.peer);
         }
         info!(client = %key, file = upload.filename, "upload landed");
@@ -399,10 +402,11 @@ impl Steered {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == from) => {
                 upload.replica_tries = 0;
                 let received = upload.transfer.received();
+                let have = copyable(upload);
                 let Some(r) = upload.replica.as_mut() else { return };
                 let mut send = r.link.on_ack(block, now);
                 if send == Send::Nothing {
-                    send = r.link.available(received, None, now);
+                    send = r.link.available(have, None, now);
                 }
                 let address = replica_address(from);
                 if r.link.opened() && r.link.acked() >= received && header.replica() != Some(address) {
@@ -649,6 +653,16 @@ fn retract(target: &std::path::Path, reader: &std::fs::File) {
     if std::fs::metadata(target).map(|m| m.ino()).ok() == ours.ok() && std::fs::remove_file(target).is_ok() {
         warn!(file = %target.display(), "a failed upload taken back from its place");
     }
+}
+
+/// The blocks of `upload` its replica may have now: all that came, but the last one only once
+/// this backend's commit ran when it moves the file into place first (`complete`). A replica
+/// given the last block earlier would commit meanwhile, out of the order that settles two
+/// uploads of one name, and, silent through its fsync while the link does not know that block
+/// is the last, be given up as dead.
+fn copyable(upload: &Upload) -> u32 {
+    let received = upload.transfer.received();
+    if upload.committing { received.saturating_sub(1) } else { received }
 }
 
 /// The replica field of a header for the peer at `address`.
