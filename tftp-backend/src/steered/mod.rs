@@ -13,6 +13,7 @@
 //! the transfer is over, or a header-only `HEARD` when the datagram asks for nothing now (a
 //! duplicate or stale ACK, a repeated request, a request waiting for its file's digest). So a
 //! client that repeats itself, however fast, never makes a live backend look dead.
+//! (An upload's DATA whose ACK waits for the replica gets that ACK, a round trip later.)
 
 mod decide;
 mod digest;
