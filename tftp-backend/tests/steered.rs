@@ -10,7 +10,7 @@ use netns_tests::{
 use sha2::{Digest as _, Sha256};
 use xdp_lb_common::{
     SteeringHeader,
-    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE},
+    steering::{FLAG_FINISHED, FLAG_FROM_BACKEND, FLAG_HAS_CONTEXT, FLAG_HEARD, FLAG_HEARTBEAT, FLAG_NUDGE, FLAG_REPLICA},
 };
 
 const CLIENT: [u8; 4] = [10, 9, 8, 7];
@@ -656,6 +656,75 @@ fn an_upload_is_copied_to_its_replica_and_lands_on_every_backend() {
     for i in 0..3 {
         cluster.wait_for(i, "up.bin", &content);
     }
+}
+
+/// Issue 17, goodput: the replica gets each block of a client's window as it arrives (not all
+/// of them at the window's end, which made the replica's work wait for the whole window), and
+/// the held acknowledgement of the window's last block is that DATA's only answer (no `HEARD`
+/// before it, which cost every lock-step block a datagram more). The replica here is the
+/// test's socket, the primary's only `--peer`.
+#[test]
+fn a_windows_blocks_reach_the_replica_as_they_come_and_the_held_ack_is_their_answer() {
+    let root = tempfile::tempdir().unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let peer_arg = peer.local_addr().unwrap().to_string();
+    let primary = backend_with(root.path(), &["--allow-upload", "--min-free-mib", "0", "--peer", &peer_arg]);
+    let lb = Lb::new();
+    // The replica's side: the next copy datagram (repeats of a block already seen, which the
+    // primary's link timer may send, are skipped), and its ACKs.
+    let mut buf = [0u8; 2048];
+    let mut next_copy = |at_least: u16| -> (SteeringHeader, Vec<u8>) {
+        loop {
+            let (n, _) = peer.recv_from(&mut buf).unwrap_or_else(|e| panic!("no copy datagram ({e}); primary:\n{}", primary.process.log()));
+            let header = *bytemuck::try_from_bytes::<SteeringHeader>(&buf[..64]).unwrap();
+            assert!(header.has_flag(FLAG_REPLICA));
+            let tftp = buf[64..n].to_vec();
+            if tftp[..2] != [0, 3] || u16::from_be_bytes([tftp[2], tftp[3]]) >= at_least {
+                return (header, tftp);
+            }
+        }
+    };
+    let answer = |header: &SteeringHeader, block: u16| {
+        let mut h = *header;
+        h.flags = FLAG_REPLICA | FLAG_FROM_BACKEND;
+        h.set_block(u32::from(block));
+        let mut datagram = bytemuck::bytes_of(&h).to_vec();
+        datagram.extend_from_slice(&ack(block));
+        peer.send_to(&datagram, ("127.0.0.1", primary.port)).unwrap();
+    };
+    lb.send(&primary, &client_header(), b"\x00\x02win.bin\x00octet\x00windowsize\x004\x00");
+    let (open, wrq) = next_copy(0);
+    assert_eq!(&wrq[..2], [0, 2], "the copy opens with a WRQ");
+    answer(&open, 0);
+    let (first, oack) = lb.recv().expect("OACK once the replica opened its copy");
+    assert_eq!(&oack[..2], [0, 6]);
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    let content: Vec<u8> = (0..4 * 512 + 100).map(|i: u32| (i * 11 % 253) as u8).collect();
+    let block = |n: u16| {
+        let start = usize::from(n - 1) * 512;
+        [&[0u8, 3][..], &n.to_be_bytes(), &content[start..content.len().min(start + 512)]].concat()
+    };
+    for n in 1..=4u16 {
+        lb.send(&primary, &header, &block(n));
+        let (copied, data) = next_copy(n);
+        assert_eq!(data, block(n), "block {n} reaches the replica before the client sends the next one");
+        if n == 4 {
+            answer(&copied, 4);
+        }
+    }
+    let mut heard = 0;
+    let acked = loop {
+        let (reply, payload) = lb.recv_any().expect("ACK 4 once the replica has block 4");
+        if reply.has_flag(FLAG_HEARD) {
+            heard += 1;
+            continue;
+        }
+        break payload;
+    };
+    assert_eq!(acked, ack(4));
+    assert_eq!(heard, 3, "HEARD for blocks 1 to 3 (nothing to answer yet), none for block 4: its ACK answers it");
 }
 
 /// Issue 17: the serving backend dies mid-upload; the balancer sends the client's next DATA

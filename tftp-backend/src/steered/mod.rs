@@ -13,6 +13,7 @@
 //! the transfer is over, or a header-only `HEARD` when the datagram asks for nothing now (a
 //! duplicate or stale ACK, a repeated request, a request waiting for its file's digest). So a
 //! client that repeats itself, however fast, never makes a live backend look dead.
+//! (An upload's DATA whose ACK waits for the replica gets that ACK, a round trip later.)
 
 mod decide;
 mod digest;
@@ -95,10 +96,13 @@ pub struct Steered {
     link_timers: TimerQueue<(SessionKey, SocketAddr)>,
     /// Peers that lately left a link unanswered, and when.
     silent_peers: HashMap<SocketAddr, Instant>,
-    /// Uploads with new blocks for their replica, and copies with an ACK due to their primary,
-    /// since the last `flush_replication`.
-    links_due: Vec<SessionKey>,
+    /// Copies with an ACK due to their primary since the last `flush_replication`.
     acks_due: Vec<SessionKey>,
+    /// The buffer replication datagrams are built in.
+    link_out: Vec<u8>,
+    /// The datagram being handled is an upload's DATA whose ACK is held for the replica: that
+    /// ACK, a replica's round trip later, is its answer (no `HEARD` before it).
+    answer_held: bool,
     /// Uploads whose fsync and rename ran (`commit`), with the result.
     commits: (mpsc::UnboundedSender<Committed>, mpsc::UnboundedReceiver<Committed>),
 }
@@ -156,8 +160,9 @@ impl Steered {
             pushes: HashMap::new(),
             link_timers: TimerQueue::new(),
             silent_peers: HashMap::new(),
-            links_due: Vec::new(),
             acks_due: Vec::new(),
+            link_out: Vec::new(),
+            answer_held: false,
             commits: mpsc::unbounded_channel(),
         }
     }
@@ -257,7 +262,8 @@ impl Steered {
             return;
         }
         self.act(key, header, action, from).await;
-        if self.replies == replies {
+        let held = std::mem::take(&mut self.answer_held);
+        if self.replies == replies && !held {
             self.heard(&header, from).await;
         }
     }
@@ -424,19 +430,30 @@ impl Steered {
     async fn data(&mut self, key: SessionKey, block: u16, data: &[u8], from: SocketAddr) {
         let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
+        let (before, replicated) = (upload.transfer.received(), upload.replica.is_some());
         let next = upload.transfer.on_data(block, data, Instant::now());
         let received = upload.transfer.received();
         match next {
             WriteNext::Ack(_) => upload.held = Some((received, false)),
             WriteNext::Done(_) => upload.held = Some((received, true)),
-            WriteNext::Nothing => return,
+            WriteNext::Nothing => {}
             WriteNext::Complete(_) => return self.complete(key).await,
             WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
         }
-        if upload.replica.is_some() {
-            self.links_due.push(key);
+        if replicated {
+            // Every block as it comes, also within a window: the replica writes the window
+            // while the client sends it.
+            self.replicate_data(key, (received > before).then_some((received, data))).await;
+        }
+        if next == WriteNext::Nothing {
+            return;
         }
         self.acknowledge(key).await;
+        // Still held: the replica's ACK releases it, a round trip later, and it answers this
+        // datagram for the balancer's watchdog then (a `HEARD` now would cost every
+        // lock-step block a datagram more; the watchdog acts only on unanswered heartbeats,
+        // which this loop answers meanwhile).
+        self.answer_held = matches!(self.sessions.get(key), Some(Session { kind: Kind::Write(Upload { held: Some(_), .. }), .. }));
     }
 
     /// Acknowledges again to the client of `key`'s upload what the replica allows, unless an

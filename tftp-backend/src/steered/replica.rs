@@ -165,6 +165,18 @@ pub fn may_acknowledge(block: u32, replica: Option<(&Link, bool)>) -> bool {
     }
 }
 
+/// Whether a copy answers its primary after a burst of blocks in which it received up to
+/// `received`, having answered up to `answered`; `windowsize`: the client's, from the blocks'
+/// headers; `repeat`: a block of the burst added nothing (a resend, or a probe of a quiet
+/// client), which the primary waits on. The primary needs an ACK where it holds the client's:
+/// at the end of each of the client's windows (lock-step: every block). Blocks within a window
+/// go unanswered, so that a window costs the primary one ACK to read, not one per block; half
+/// the flight at most, so that the link never waits for room.
+#[must_use]
+pub fn copy_answers(received: u32, answered: u32, windowsize: u16, repeat: bool) -> bool {
+    repeat || received.is_multiple_of(u32::from(windowsize.max(1))) || received.saturating_sub(answered) >= IN_FLIGHT / 2
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +254,16 @@ mod tests {
         l.available(2, None, t);
         l.on_ack(9, t);
         assert_eq!(l.acked(), 2);
+    }
+
+    #[test]
+    fn a_copy_answers_at_the_clients_window_ends_and_repeats_only() {
+        assert!((1..=5).all(|b| copy_answers(b, b - 1, 1, false)), "lock-step: every block");
+        let answered: Vec<u32> = (1..=40).filter(|&b| copy_answers(b, 0, 16, false)).collect();
+        assert_eq!(answered, [16, 32, 33, 34, 35, 36, 37, 38, 39, 40], "window ends, and beyond half the flight unanswered");
+        assert!(!copy_answers(20, 16, 16, false), "within a window");
+        assert!(copy_answers(20, 20, 16, true), "a resend or a probe is answered");
+        assert!(copy_answers(7, 6, 0, false), "no windowsize in the header: lock-step");
     }
 
     #[test]

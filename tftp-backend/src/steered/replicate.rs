@@ -107,22 +107,38 @@ impl Steered {
 
     /// What a link asks to send toward `peer` for `key` (the upload's replica, or a push).
     pub(super) async fn send_link(&mut self, key: SessionKey, peer: SocketAddr, send: Send) {
-        let datagrams = match &send {
+        self.send_link_with(key, peer, send, None).await;
+    }
+
+    /// The client's DATA of `key` was just written: its replica gets what its link allows now,
+    /// at once and not at the window's end, so that it writes the window while the client still
+    /// sends it. `fresh`: the block this DATA added and its bytes, sent from memory (what else
+    /// the link asks for is read back from the file).
+    pub(super) async fn replicate_data(&mut self, key: SessionKey, fresh: Option<(u32, &[u8])>) {
+        let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
+        let have = copyable(upload);
+        let Some(replica) = upload.replica.as_mut() else { return };
+        let peer = replica.link.peer;
+        let send = replica.link.available(have, None, Instant::now());
+        self.send_link_with(key, peer, send, fresh).await;
+    }
+
+    async fn send_link_with(&mut self, key: SessionKey, peer: SocketAddr, send: Send, fresh: Option<(u32, &[u8])>) {
+        match &send {
             Send::Nothing => return,
             // Boxed: losing a replica opens the next one, which sends through here.
             Send::GiveUp => return Box::pin(self.link_lost(key, peer, None)).await,
-            Send::Open | Send::Blocks(_) => self.link_datagrams(key, peer, &send),
-        };
-        for datagram in &datagrams {
-            if let Err(error) = self.socket.send_to(datagram, peer).await {
-                debug!(%error, %peer, "replication send failed");
-            }
+            Send::Open | Send::Blocks(_) => {}
         }
+        let mut out = std::mem::take(&mut self.link_out);
+        self.emit_link(key, peer, &send, fresh, &mut out).await;
+        self.link_out = out;
         self.arm_link(key, peer);
     }
 
-    /// The datagrams of `send`: the request, or the blocks read back from the file.
-    fn link_datagrams(&self, key: SessionKey, peer: SocketAddr, send: &Send) -> Vec<Vec<u8>> {
+    /// Sends the datagrams of `send` to `peer`, one at a time from `out`: the request, or the
+    /// blocks (`fresh` from memory, the others read back from the file).
+    async fn emit_link(&self, key: SessionKey, peer: SocketAddr, send: &Send, fresh: Option<(u32, &[u8])>, out: &mut Vec<u8>) {
         // A push announces the finished file's size (tsize): see `open_copy`.
         let (template, filename, blksize, timeout, reader, tsize) = match self.sessions.get(key) {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == peer) => {
@@ -130,38 +146,49 @@ impl Steered {
             }
             _ => match self.pushes.get(&(key, peer)) {
                 Some(push) => (push.template, push.filename.as_str(), push.blksize, push.template.timeout, &push.reader, push.reader.metadata().ok().map(|m| m.len())),
-                None => return Vec::new(),
+                None => return,
             },
         };
         let mut header = template;
         header.flags = FLAG_REPLICA | (template.flags & FLAG_HAS_CONTEXT);
-        let mut out = vec![0u8; HEADER + MAX_PACKET];
-        let mut datagrams = Vec::new();
+        out.resize(HEADER + MAX_PACKET, 0);
         match send {
             Send::Open => {
                 let options = Options { blksize: Some(u32::from(blksize)), timeout: (timeout != 0).then_some(u32::from(timeout)), tsize, ..Options::default() };
                 header.set_block(0);
                 out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
-                let end = service::emit_at(&Repr::Wrq { filename, mode: Mode::Octet, options }, &mut out, HEADER);
-                datagrams.push(out[..end].to_vec());
+                let end = service::emit_at(&Repr::Wrq { filename, mode: Mode::Octet, options }, out, HEADER);
+                self.send_replication(&out[..end], peer).await;
             }
             Send::Blocks(blocks) => {
-                let mut data = vec![0u8; usize::from(blksize)];
+                let mut data = Vec::new();
                 for block in blocks.clone() {
-                    let offset = u64::from(block - 1) * u64::from(blksize);
-                    let Ok(len) = read_full(reader, &mut data, offset) else {
-                        warn!(client = %key, "cannot read the upload back for its copy");
-                        break;
+                    let bytes = match fresh {
+                        Some((number, bytes)) if number == block => bytes,
+                        _ => {
+                            data.resize(usize::from(blksize), 0);
+                            let offset = u64::from(block - 1) * u64::from(blksize);
+                            let Ok(len) = read_full(reader, &mut data, offset) else {
+                                warn!(client = %key, "cannot read the upload back for its copy");
+                                break;
+                            };
+                            &data[..len]
+                        }
                     };
                     header.set_block(block);
                     out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
-                    let end = service::emit_at(&Repr::Data { block: (block & 0xffff) as u16, data: &data[..len] }, &mut out, HEADER);
-                    datagrams.push(out[..end].to_vec());
+                    let end = service::emit_at(&Repr::Data { block: (block & 0xffff) as u16, data: bytes }, out, HEADER);
+                    self.send_replication(&out[..end], peer).await;
                 }
             }
             Send::Nothing | Send::GiveUp => {}
         }
-        datagrams
+    }
+
+    async fn send_replication(&self, datagram: &[u8], peer: SocketAddr) {
+        if let Err(error) = self.socket.send_to(datagram, peer).await {
+            debug!(%error, %peer, "replication send failed");
+        }
     }
 
     fn arm_link(&mut self, key: SessionKey, peer: SocketAddr) {
@@ -232,9 +259,9 @@ impl Steered {
         if block == 0 {
             return;
         }
-        for datagram in self.link_datagrams(key, peer, &Send::Blocks(block..=block)) {
-            let _ = self.socket.send_to(&datagram, peer).await;
-        }
+        let mut out = std::mem::take(&mut self.link_out);
+        self.emit_link(key, peer, &Send::Blocks(block..=block), None, &mut out).await;
+        self.link_out = out;
     }
 
     /// Ends `key`'s upload with `refusal` to its client; its copy is dropped too.
@@ -297,10 +324,10 @@ impl Steered {
         self.finished(&session.header, session.lb).await;
         let Kind::Write(upload) = session.kind else { return };
         let mut holders = upload.excluded.clone();
-        // A replica still catching up (chosen after a failure, while the upload went on from
-        // one copy) holds part of the file only, and its link goes with the session: it gets
-        // the push like any other peer (which replaces its partial copy).
-        if let Some(r) = upload.replica.as_ref().filter(|r| r.caught_up) {
+        // A replica still catching up (a new one after a takeover, when the rest of the upload
+        // came faster than its copy of the start) holds part of the file: it gets the push too,
+        // whose request replaces its copy, or its temporary would be all it ever had.
+        if let Some(r) = upload.replica.as_ref().filter(|r| r.link.complete()) {
             holders.push(r.link.peer);
         }
         info!(client = %key, file = upload.filename, "upload landed");
@@ -375,10 +402,11 @@ impl Steered {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == from) => {
                 upload.replica_tries = 0;
                 let received = upload.transfer.received();
+                let have = copyable(upload);
                 let Some(r) = upload.replica.as_mut() else { return };
                 let mut send = r.link.on_ack(block, now);
                 if send == Send::Nothing {
-                    send = r.link.available(received, None, now);
+                    send = r.link.available(have, None, now);
                 }
                 let address = replica_address(from);
                 if r.link.opened() && r.link.acked() >= received && header.replica() != Some(address) {
@@ -460,7 +488,7 @@ impl Steered {
                 };
                 let context = Context { mode: Mode::Octet, negotiated, path_hash: [0; 8], digest: [0; 16], size: 0 };
                 transfer.defer_commit();
-                let copy = Copy { transfer, filename: filename.to_owned(), primary: from, landed: false, committing: false, reader };
+                let copy = Copy { transfer, filename: filename.to_owned(), primary: from, landed: false, committing: false, answered: 0, reader };
                 self.insert(key, *header, &context, Kind::Replica(copy), from, None);
                 debug!(client = %key, file = filename, primary = %from, "keeping a copy");
                 self.timers.schedule(key, Instant::now() + COPY_IDLE);
@@ -487,33 +515,24 @@ impl Steered {
             let received = copy.transfer.received();
             return self.answer_copy(key, received).await;
         }
+        let before = copy.transfer.received();
         let next = copy.transfer.on_data(block, data, Instant::now());
         self.timers.schedule(key, Instant::now() + COPY_IDLE);
+        let received = copy.transfer.received();
         match next {
             WriteNext::Fail(code, message) => {
                 self.forget(key);
                 self.refuse_copy(header, from, code, message).await;
             }
             WriteNext::Complete(_) => self.commit(key),
-            _ => self.acks_due.push(key),
+            _ if replica::copy_answers(received, copy.answered, header.windowsize(), received == before) => self.acks_due.push(key),
+            _ => {}
         }
     }
 
-    /// Sends the replicas the blocks that came since the last flush, and the primaries the
-    /// ACKs of what their copies received: once per burst of datagrams read.
+    /// Sends the primaries the ACKs of what their copies received: once per burst of
+    /// datagrams read.
     pub(super) async fn flush_replication(&mut self) {
-        let now = Instant::now();
-        let mut links = std::mem::take(&mut self.links_due);
-        links.sort_unstable();
-        links.dedup();
-        for key in links {
-            let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { continue };
-            let received = upload.transfer.received();
-            let Some(replica) = upload.replica.as_mut() else { continue };
-            let peer = replica.link.peer;
-            let send = replica.link.available(received, None, now);
-            self.send_link(key, peer, send).await;
-        }
         let mut acks = std::mem::take(&mut self.acks_due);
         acks.sort_unstable();
         acks.dedup();
@@ -569,7 +588,8 @@ impl Steered {
 
     /// ACKs `block` of `key`'s copy to its primary.
     async fn answer_copy(&mut self, key: SessionKey, block: u32) {
-        let Some(Session { kind: Kind::Replica(copy), header, .. }) = self.sessions.get(key) else { return };
+        let Some(Session { kind: Kind::Replica(copy), header, .. }) = self.sessions.get_mut(key) else { return };
+        copy.answered = copy.answered.max(block);
         let primary = copy.primary;
         let mut h = reply(header, FLAG_REPLICA);
         h.set_block(block);
@@ -633,6 +653,16 @@ fn retract(target: &std::path::Path, reader: &std::fs::File) {
     if std::fs::metadata(target).map(|m| m.ino()).ok() == ours.ok() && std::fs::remove_file(target).is_ok() {
         warn!(file = %target.display(), "a failed upload taken back from its place");
     }
+}
+
+/// The blocks of `upload` its replica may have now: all that came, but the last one only once
+/// this backend's commit ran when it moves the file into place first (`complete`). A replica
+/// given the last block earlier would commit meanwhile, out of the order that settles two
+/// uploads of one name, and, silent through its fsync while the link does not know that block
+/// is the last, be given up as dead.
+fn copyable(upload: &Upload) -> u32 {
+    let received = upload.transfer.received();
+    if upload.committing { received.saturating_sub(1) } else { received }
 }
 
 /// The replica field of a header for the peer at `address`.

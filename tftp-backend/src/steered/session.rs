@@ -88,6 +88,8 @@ pub struct Copy {
     pub landed: bool,
     /// Its fsync and rename run: a repeated last block waits for their answer.
     pub committing: bool,
+    /// Highest block ACKed to the primary.
+    pub answered: u32,
     /// Reads it back (for a replica of its own, should it take the upload over).
     pub reader: std::fs::File,
 }
