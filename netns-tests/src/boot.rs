@@ -15,7 +15,6 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
-use xdp_lb_common::SwitchCounter;
 
 use crate::{Error, Netns, Process, Result, RunPrefix, cluster::Cluster, io_error, pair_topology::VIP, run};
 
@@ -452,22 +451,12 @@ pub fn boot_through(cluster: &mut Cluster, firmware: Firmware, failure: Failure,
 /// the swap and the request steered again, against the firmware's own retry (4 s for EDK2).
 fn dead_at_first_request(cluster: &mut Cluster, mut machine: Machine, dhcp: &Process) -> Result<BootRun> {
     let active = cluster.topo.active_lb()?;
-    let kept = |cluster: &Cluster| cluster.topo.switch_status().map_or(0, |s| s.counter(SwitchCounter::RequestKept).packets);
-    let before = kept(cluster);
-    cluster.switch.pause();
-    cluster.kill_lb(active);
+    let kept = cluster.kill_lb_unseen(active);
     let injected_after = machine.started.elapsed();
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    while kept(cluster) == before {
-        if !machine.qemu.is_running() || Instant::now() > deadline {
-            cluster.switch.resume();
-            let why = format!("no TFTP request reached the switch\n{}\n{}", machine.qemu.log(), cluster.logs());
-            return Err(io_error(why)(std::io::Error::other("no request")));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let requested = Instant::now();
-    cluster.switch.resume();
+    let Some(requested) = cluster.release_switch_after_request(kept, BOOT_TIMEOUT, || machine.qemu.is_running()) else {
+        let why = format!("no TFTP request reached the switch\n{}\n{}", machine.qemu.log(), cluster.logs());
+        return Err(io_error(why)(std::io::Error::other("no request")));
+    };
     let stall = longest_pause(cluster, requested, STALL_WINDOW);
     let console = machine.wait(BOOT_TIMEOUT).map_err(|e| match e {
         Error::Timeout { what, seconds } => Error::Timeout { what: format!("{what}\n--- dhcp\n{}\n{}", dhcp.log(), cluster.logs()), seconds },

@@ -2,9 +2,12 @@
 //! type that answers what every test asks (logs, the active balancer, the serving backend,
 //! counters, the failure detector's verdicts) and injects the failures (balancer, backend).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-use xdp_lb_common::BalanceCounter;
+use xdp_lb_common::{BalanceCounter, SwitchCounter};
 
 use crate::{
     Process,
@@ -174,6 +177,41 @@ impl Cluster {
     pub fn kill_lb(&mut self, i: usize) {
         let killed = self.topo.fail_lb(i, self.lbs[i].take()).expect("link down");
         self.killed.extend(killed);
+    }
+
+    /// Kills balancer `i` with the switch agent stopped: the switch has no verdict and steers
+    /// the next request to the dead balancer (a request in the moments before a verdict, made
+    /// so every time). Returns the requests the switch kept so far, for
+    /// [`Cluster::release_switch_after_request`].
+    pub fn kill_lb_unseen(&mut self, i: usize) -> u64 {
+        let kept = self.requests_kept();
+        self.switch.pause();
+        self.kill_lb(i);
+        kept
+    }
+
+    /// After [`Cluster::kill_lb_unseen`]: waits until the switch kept a request after the
+    /// `kept` before (one steered to the dead balancer), for at most `within` and while
+    /// `going` holds, then lets the switch agent run again either way. When the request was
+    /// steered; `None` if none came.
+    pub fn release_switch_after_request(&mut self, kept: u64, within: Duration, mut going: impl FnMut() -> bool) -> Option<Instant> {
+        let deadline = Instant::now() + within;
+        let steered = loop {
+            if self.requests_kept() != kept {
+                break Some(Instant::now());
+            }
+            if Instant::now() > deadline || !going() {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        self.switch.resume();
+        steered
+    }
+
+    /// Requests the switch kept on their way to a balancer (`request_kept`).
+    fn requests_kept(&self) -> u64 {
+        self.topo.switch_status().map_or(0, |s| s.counter(SwitchCounter::RequestKept).packets)
     }
 
     /// Brings balancer `i` back: link up, a fresh agent (it re-adopts its pinned maps).

@@ -104,21 +104,9 @@ fn request_steered_to_a_dead_balancer(how: Client) -> Duration {
     let source = running.file("late.bin", 4 * MIB, 12);
     let local = running.local("late-dl");
     let growth = Growth::watch(local.clone());
-    let kept = |running: &Cluster| running.topo.switch_status().expect("switch status").counter(SwitchCounter::RequestKept).packets;
-    let before = kept(&running);
-    running.switch.pause();
-    running.kill_lb(0);
+    let kept = running.kill_lb_unseen(0);
     let download = running.download(0, how, "late.bin", &local);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while kept(&running) == before {
-        if Instant::now() > deadline {
-            running.switch.resume();
-            panic!("the request never reached the switch\n{}", running.logs());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let requested = Instant::now();
-    running.switch.resume();
+    let requested = running.release_switch_after_request(kept, Duration::from_secs(10), || true).unwrap_or_else(|| panic!("the request never reached the switch\n{}", running.logs()));
     let first = served(&running, download, &local, &source, (growth, requested), how);
     let replayed = running.topo.switch_status().expect("switch status").counter(SwitchCounter::RequestReplayed).packets;
     println!("{}: requests steered again at the swap: {replayed}", how.name());
