@@ -7,7 +7,8 @@
 //! What differs between the modes is a parameter: what precedes each DATA (nothing standalone,
 //! the steering header steered), where the datagrams go and what a failed send does ([`Link`]),
 //! and whether the buffer keeps blocks read ahead (a sender of one transfer) or not (one
-//! shared by all).
+//! shared by all). The blocks come from a download's file, or from an upload's temporary read
+//! back for its copy on another backend ([`Blocks`]).
 
 use std::io;
 
@@ -18,6 +19,24 @@ use crate::{
     transfer::ReadTransfer,
     wire::{DATA_HEADER_LEN, Repr},
 };
+
+/// A file sent block by block: a download's, or an upload's as far as it is written.
+pub trait Blocks {
+    fn blksize(&self) -> u16;
+    /// Reads blocks `first..first + count` into `buf` (up to its length); returns the bytes
+    /// read, fewer than the blocks only at the file's end.
+    fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl Blocks for ReadTransfer {
+    fn blksize(&self) -> u16 {
+        self.blksize
+    }
+
+    fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> io::Result<usize> {
+        Self::read_blocks(self, first, count, buf)
+    }
+}
 
 /// What a mode puts before each DATA.
 pub trait Prefix {
@@ -129,8 +148,8 @@ impl<P: Prefix> WindowSender<P> {
 
     /// Sends DATA blocks `first..=last` of `transfer` over `link`, each after `prefix`. An error
     /// is a failed file read, or a failed send that `link` ends the window with.
-    pub async fn send(&mut self, link: &impl Link, transfer: &ReadTransfer, prefix: &P, first: u32, last: u32) -> io::Result<()> {
-        let blksize = usize::from(transfer.blksize);
+    pub async fn send(&mut self, link: &impl Link, transfer: &impl Blocks, prefix: &P, first: u32, last: u32) -> io::Result<()> {
+        let blksize = usize::from(transfer.blksize());
         let per_batch = u32::try_from((self.blocks.len() / blksize).clamp(1, self.max_blocks)).unwrap_or(1);
         let stride = P::LEN + DATA_HEADER_LEN;
         let mut n = first;
@@ -169,8 +188,8 @@ impl<P: Prefix> WindowSender<P> {
 
     /// Where blocks `first..first + count` start in the buffer, reading them from the file
     /// unless it holds them all; and how many bytes from there are the file's.
-    fn hold(&mut self, transfer: &ReadTransfer, first: u32, count: u32) -> io::Result<(usize, usize)> {
-        let blksize = usize::from(transfer.blksize);
+    fn hold(&mut self, transfer: &impl Blocks, first: u32, count: u32) -> io::Result<(usize, usize)> {
+        let blksize = usize::from(transfer.blksize());
         let blocks_held = u32::try_from(self.blocks.len() / blksize).unwrap_or(u32::MAX);
         if let Some(Held { first: start, read }) = self.held {
             // A read short of the buffer met the file's end: the blocks after it are empty,

@@ -98,7 +98,9 @@ pub struct Steered {
     silent_peers: HashMap<SocketAddr, Instant>,
     /// Copies with an ACK due to their primary since the last `flush_replication`.
     acks_due: Vec<SessionKey>,
-    /// The buffer replication datagrams are built in.
+    /// Uploads with blocks for their replica since the last `flush_replication`.
+    copies_due: Vec<SessionKey>,
+    /// The buffer a replication request is built in.
     link_out: Vec<u8>,
     /// The datagram being handled is an upload's DATA whose ACK is held for the replica: that
     /// ACK, a replica's round trip later, is its answer (no `HEARD` before it).
@@ -161,6 +163,7 @@ impl Steered {
             link_timers: TimerQueue::new(),
             silent_peers: HashMap::new(),
             acks_due: Vec::new(),
+            copies_due: Vec::new(),
             link_out: Vec::new(),
             answer_held: false,
             commits: mpsc::unbounded_channel(),
@@ -430,7 +433,7 @@ impl Steered {
     async fn data(&mut self, key: SessionKey, block: u16, data: &[u8], from: SocketAddr) {
         let Some(Session { kind: Kind::Write(upload), lb, .. }) = self.sessions.get_mut(key) else { return };
         *lb = from;
-        let (before, replicated) = (upload.transfer.received(), upload.replica.is_some());
+        let replicated = upload.replica.is_some();
         let next = upload.transfer.on_data(block, data, Instant::now());
         let received = upload.transfer.received();
         match next {
@@ -440,13 +443,18 @@ impl Steered {
             WriteNext::Complete(_) => return self.complete(key).await,
             WriteNext::Fail(code, message) => return self.fail_upload(key, &Refusal { code, message }).await,
         }
-        if replicated {
-            // Every block as it comes, also within a window: the replica writes the window
-            // while the client sends it.
-            self.replicate_data(key, (received > before).then_some((received, data))).await;
-        }
         if next == WriteNext::Nothing {
+            // Within a window the burst's blocks leave together at its end
+            // (`flush_replication`): the replica writes the window while the client sends it.
+            if replicated {
+                self.copies_due.push(key);
+            }
             return;
+        }
+        if replicated {
+            // Before the client's ACK: a replica still catching up is not outrun by a client
+            // that answers it at once, and it holds this block before the client's next.
+            self.replicate_data(key).await;
         }
         self.acknowledge(key).await;
         // Still held: the replica's ACK releases it, a round trip later, and it answers this

@@ -5,7 +5,13 @@
 //! are steering datagrams flagged `FLAG_REPLICA`, from backend to backend; their decisions are
 //! `replica.rs`'s (a link's sends) and `replica::may_acknowledge` (when the client hears).
 
-use std::{net::SocketAddr, os::unix::fs::FileExt as _, time::Instant};
+use std::{
+    net::SocketAddr,
+    os::{fd::AsFd as _, unix::fs::FileExt as _},
+    time::Instant,
+};
+
+use tokio::io::Interest;
 
 use tracing::{debug, info, warn};
 use xdp_lb_common::{
@@ -20,9 +26,11 @@ use super::{
     session::{Copy, Kind, Replica, Session, SessionKey, Upload},
 };
 use crate::{
+    batch::SendBatch,
     files::Refusal,
     service::{self, Context},
     transfer::WriteNext,
+    window::{self, Blocks},
     wire::{ErrorCode, MAX_PACKET, Mode, Options, Packet, Repr},
 };
 
@@ -105,89 +113,68 @@ impl Steered {
         true
     }
 
-    /// What a link asks to send toward `peer` for `key` (the upload's replica, or a push).
-    pub(super) async fn send_link(&mut self, key: SessionKey, peer: SocketAddr, send: Send) {
-        self.send_link_with(key, peer, send, None).await;
-    }
-
-    /// The client's DATA of `key` was just written: its replica gets what its link allows now,
-    /// at once and not at the window's end, so that it writes the window while the client still
-    /// sends it. `fresh`: the block this DATA added and its bytes, sent from memory (what else
-    /// the link asks for is read back from the file).
-    pub(super) async fn replicate_data(&mut self, key: SessionKey, fresh: Option<(u32, &[u8])>) {
+    /// The client's DATA of `key` was written: its replica gets what its link allows now, the
+    /// blocks together (one file read, one system call). Called at a burst's end within a
+    /// window, not at the window's, so that the replica writes the window while the client
+    /// still sends it; at once for the block an ACK is due for.
+    pub(super) async fn replicate_data(&mut self, key: SessionKey) {
         let Some(Session { kind: Kind::Write(upload), .. }) = self.sessions.get_mut(key) else { return };
         let have = copyable(upload);
         let Some(replica) = upload.replica.as_mut() else { return };
         let peer = replica.link.peer;
         let send = replica.link.available(have, None, Instant::now());
-        self.send_link_with(key, peer, send, fresh).await;
+        self.send_link(key, peer, send).await;
     }
 
-    async fn send_link_with(&mut self, key: SessionKey, peer: SocketAddr, send: Send, fresh: Option<(u32, &[u8])>) {
+    /// What a link asks to send toward `peer` for `key` (the upload's replica, or a push).
+    pub(super) async fn send_link(&mut self, key: SessionKey, peer: SocketAddr, send: Send) {
         match &send {
             Send::Nothing => return,
             // Boxed: losing a replica opens the next one, which sends through here.
             Send::GiveUp => return Box::pin(self.link_lost(key, peer, None)).await,
             Send::Open | Send::Blocks(_) => {}
         }
-        let mut out = std::mem::take(&mut self.link_out);
-        self.emit_link(key, peer, &send, fresh, &mut out).await;
-        self.link_out = out;
+        self.emit_link(key, peer, &send).await;
         self.arm_link(key, peer);
     }
 
-    /// Sends the datagrams of `send` to `peer`, one at a time from `out`: the request, or the
-    /// blocks (`fresh` from memory, the others read back from the file).
-    async fn emit_link(&self, key: SessionKey, peer: SocketAddr, send: &Send, fresh: Option<(u32, &[u8])>, out: &mut Vec<u8>) {
+    /// Sends the datagrams of `send` to `peer`: the request, or the blocks read back from the
+    /// file (a batch per read and per system call, as a download's windows).
+    async fn emit_link(&mut self, key: SessionKey, peer: SocketAddr, send: &Send) {
+        // Apart, so that the file and the header stay borrowed while the sender is used.
+        let Self { sessions, pushes, window, socket, segment_offload, link_out: out, .. } = self;
         // A push announces the finished file's size (tsize): see `open_copy`.
-        let (template, filename, blksize, timeout, reader, tsize) = match self.sessions.get(key) {
+        let (template, filename, blksize, timeout, reader, tsize) = match sessions.get(key) {
             Some(Session { kind: Kind::Write(upload), header, .. }) if upload.replica.as_ref().is_some_and(|r| r.link.peer == peer) => {
                 (*header, upload.filename.as_str(), upload.transfer.blksize, header.timeout, &upload.reader, None)
             }
-            _ => match self.pushes.get(&(key, peer)) {
+            _ => match pushes.get(&(key, peer)) {
                 Some(push) => (push.template, push.filename.as_str(), push.blksize, push.template.timeout, &push.reader, push.reader.metadata().ok().map(|m| m.len())),
                 None => return,
             },
         };
         let mut header = template;
         header.flags = FLAG_REPLICA | (template.flags & FLAG_HAS_CONTEXT);
-        out.resize(HEADER + MAX_PACKET, 0);
         match send {
             Send::Open => {
                 let options = Options { blksize: Some(u32::from(blksize)), timeout: (timeout != 0).then_some(u32::from(timeout)), tsize, ..Options::default() };
                 header.set_block(0);
+                out.resize(HEADER + MAX_PACKET, 0);
                 out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
                 let end = service::emit_at(&Repr::Wrq { filename, mode: Mode::Octet, options }, out, HEADER);
-                self.send_replication(&out[..end], peer).await;
+                if let Err(error) = socket.send_to(&out[..end], peer).await {
+                    debug!(%error, %peer, "replication send failed");
+                }
             }
             Send::Blocks(blocks) => {
-                let mut data = Vec::new();
-                for block in blocks.clone() {
-                    let bytes = match fresh {
-                        Some((number, bytes)) if number == block => bytes,
-                        _ => {
-                            data.resize(usize::from(blksize), 0);
-                            let offset = u64::from(block - 1) * u64::from(blksize);
-                            let Ok(len) = read_full(reader, &mut data, offset) else {
-                                warn!(client = %key, "cannot read the upload back for its copy");
-                                break;
-                            };
-                            &data[..len]
-                        }
-                    };
-                    header.set_block(block);
-                    out[..HEADER].copy_from_slice(bytemuck::bytes_of(&header));
-                    let end = service::emit_at(&Repr::Data { block: (block & 0xffff) as u16, data: bytes }, out, HEADER);
-                    self.send_replication(&out[..end], peer).await;
+                // Peers read each datagram of a super-packet apart, as a balancer does.
+                window.segment_send_to(*segment_offload);
+                let link = ToPeer { socket, peer };
+                if let Err(error) = window.send(&link, &Written { reader, blksize }, &header, *blocks.start(), *blocks.end()).await {
+                    warn!(client = %key, %error, "cannot read the upload back for its copy");
                 }
             }
             Send::Nothing | Send::GiveUp => {}
-        }
-    }
-
-    async fn send_replication(&self, datagram: &[u8], peer: SocketAddr) {
-        if let Err(error) = self.socket.send_to(datagram, peer).await {
-            debug!(%error, %peer, "replication send failed");
         }
     }
 
@@ -259,9 +246,7 @@ impl Steered {
         if block == 0 {
             return;
         }
-        let mut out = std::mem::take(&mut self.link_out);
-        self.emit_link(key, peer, &Send::Blocks(block..=block), None, &mut out).await;
-        self.link_out = out;
+        self.emit_link(key, peer, &Send::Blocks(block..=block)).await;
     }
 
     /// Ends `key`'s upload with `refusal` to its client; its copy is dropped too.
@@ -530,9 +515,17 @@ impl Steered {
         }
     }
 
-    /// Sends the primaries the ACKs of what their copies received: once per burst of
-    /// datagrams read.
+    /// Sends the replicas the blocks and the primaries the ACKs of what came in the burst of
+    /// datagrams just read: once per burst, not per datagram.
     pub(super) async fn flush_replication(&mut self) {
+        let mut copies = std::mem::take(&mut self.copies_due);
+        copies.sort_unstable();
+        copies.dedup();
+        for &key in &copies {
+            self.replicate_data(key).await;
+        }
+        copies.clear();
+        self.copies_due = copies;
         let mut acks = std::mem::take(&mut self.acks_due);
         acks.sort_unstable();
         acks.dedup();
@@ -680,21 +673,76 @@ fn refusal_text(code: ErrorCode) -> &'static str {
     }
 }
 
-/// Reads up to `buf.len()` bytes at `offset` (fewer only at the end of the file).
-fn read_full(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64)? {
-            0 => break,
-            n => done += n,
-        }
+/// An upload's file as far as it is written, read back for a copy: every block up to the
+/// link's `have` is whole but the upload's last.
+struct Written<'a> {
+    reader: &'a std::fs::File,
+    blksize: u16,
+}
+
+impl Blocks for Written<'_> {
+    fn blksize(&self) -> u16 {
+        self.blksize
     }
-    Ok(done)
+
+    fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> std::io::Result<usize> {
+        let offset = u64::from(first.saturating_sub(1)) * u64::from(self.blksize);
+        let want = (count as usize * usize::from(self.blksize)).min(buf.len());
+        let mut done = 0;
+        while done < want {
+            match self.reader.read_at(&mut buf[done..want], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Replication datagrams go straight to the peer; one the kernel refuses is skipped (the
+/// link's timer sends it again).
+struct ToPeer<'s> {
+    socket: &'s tokio::net::UdpSocket,
+    peer: SocketAddr,
+}
+
+impl window::Link for ToPeer<'_> {
+    fn try_send<'a>(&self, batch: &mut SendBatch, _segment: usize, datagrams: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> std::io::Result<usize> {
+        self.socket.try_io(Interest::WRITABLE, || batch.send_to(self.socket.as_fd(), self.peer, datagrams))
+    }
+
+    async fn ready(&self) -> std::io::Result<()> {
+        self.socket.writable().await
+    }
+
+    fn failed(&self, error: std::io::Error) -> std::io::Result<()> {
+        debug!(%error, peer = %self.peer, "replication send failed");
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::replica_address;
+    use super::{Blocks as _, Written, replica_address};
+
+    #[test]
+    fn an_upload_is_read_back_by_blocks_as_far_as_it_is_written() {
+        use std::io::Write as _;
+        let mut file = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&data).unwrap();
+        let written = Written { reader: &file, blksize: 1000 };
+        let mut buf = vec![0u8; 4000];
+        // Blocks 2 and 3: one whole, then the short last one.
+        assert_eq!(written.read_blocks(2, 2, &mut buf).unwrap(), 1500);
+        assert_eq!(&buf[..1500], &data[1000..]);
+        // No more than the blocks asked for, nor than the buffer holds.
+        assert_eq!(written.read_blocks(1, 1, &mut buf).unwrap(), 1000);
+        assert_eq!(written.read_blocks(1, 3, &mut buf[..1200]).unwrap(), 1200);
+        assert_eq!(&buf[..1200], &data[..1200]);
+        // Past the end: nothing.
+        assert_eq!(written.read_blocks(4, 1, &mut buf).unwrap(), 0);
+    }
 
     #[test]
     fn a_peer_address_becomes_the_headers_replica_field() {
