@@ -48,17 +48,7 @@ impl Source {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         match self {
-            Self::File(f) => {
-                let mut done = 0;
-                while done < buf.len() {
-                    let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-                    if n == 0 {
-                        break;
-                    }
-                    done += n;
-                }
-                Ok(done)
-            }
+            Self::File(f) => read_up_to(f, buf, offset),
             Self::Memory(m) => {
                 let start = usize::try_from(offset).unwrap_or(usize::MAX).min(m.len());
                 let n = buf.len().min(m.len() - start);
@@ -67,6 +57,19 @@ impl Source {
             }
         }
     }
+}
+
+/// Reads `buf.len()` bytes of `file` at `offset`, fewer only where the file ends (a read may
+/// return less than asked without being at the end).
+pub fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(done)
 }
 
 /// What to do after an event of a read transfer.

@@ -7,7 +7,7 @@
 
 use std::{
     net::SocketAddr,
-    os::{fd::AsFd as _, unix::fs::FileExt as _},
+    os::fd::AsFd as _,
     time::Instant,
 };
 
@@ -688,14 +688,7 @@ impl Blocks for Written<'_> {
     fn read_blocks(&self, first: u32, count: u32, buf: &mut [u8]) -> std::io::Result<usize> {
         let offset = u64::from(first.saturating_sub(1)) * u64::from(self.blksize);
         let want = (count as usize * usize::from(self.blksize)).min(buf.len());
-        let mut done = 0;
-        while done < want {
-            match self.reader.read_at(&mut buf[done..want], offset + done as u64)? {
-                0 => break,
-                n => done += n,
-            }
-        }
-        Ok(done)
+        crate::transfer::read_up_to(self.reader, &mut buf[..want], offset)
     }
 }
 
