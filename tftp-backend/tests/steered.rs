@@ -617,6 +617,15 @@ impl Replicated {
         }
     }
 
+    /// Sends backend 0 the request of an upload of `name`: its first answer, which names the
+    /// replica, and that replica's index.
+    fn begin_upload(&self, lb: &Lb, name: &str) -> (SteeringHeader, usize) {
+        lb.send(&self.backends[0], &client_header(), &[&b"\x00\x02"[..], name.as_bytes(), b"\x00octet\x00"].concat());
+        let (first, _) = lb.recv().expect("ACK 0");
+        let replica = first.replica().and_then(|(_, port)| self.index_of(port)).expect("replica named");
+        (first, replica)
+    }
+
     fn index_of(&self, port: [u8; 2]) -> Option<usize> {
         self.backends.iter().position(|b| b.port.to_be_bytes() == port)
     }
@@ -664,6 +673,29 @@ fn an_upload_is_copied_to_its_replica_and_lands_on_every_backend() {
     assert!(last.is_upload());
     for i in 0..3 {
         cluster.wait_for(i, "up.bin", &content);
+    }
+}
+
+/// Issue 17: a peer that says nothing while a finished upload is pushed to it (paused here for
+/// a second, longer than a link waits: 310 ms) still gets the file once it answers again. The
+/// push used to be given up for good, and that backend answered a download of the name "file
+/// not found" from then on.
+#[test]
+fn a_push_to_a_peer_that_was_paused_arrives_once_it_answers_again() {
+    let mut cluster = replicated();
+    let lb = Lb::new();
+    let content: Vec<u8> = (0..20_000u32).map(|i| (i * 11 % 239) as u8).collect();
+    let (first, replica) = cluster.begin_upload(&lb, "late.bin");
+    let third = 3 - replica;
+    let mut header = first;
+    header.flags = FLAG_HAS_CONTEXT;
+    upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=39);
+    cluster.backends[third].process.pause();
+    upload_blocks(&lb, &cluster.backends[0], &header, &content, 40..=40);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.backends[third].process.resume();
+    for i in [0, replica, third] {
+        cluster.wait_for(i, "late.bin", &content);
     }
 }
 
@@ -744,9 +776,7 @@ fn the_replica_takes_an_upload_over_when_its_primary_dies() {
     let mut cluster = replicated();
     let lb = Lb::new();
     let content: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 241) as u8).collect();
-    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02moved.bin\x00octet\x00");
-    let (first, _) = lb.recv().expect("ACK 0");
-    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let (first, replica) = cluster.begin_upload(&lb, "moved.bin");
     let mut header = first;
     header.flags = FLAG_HAS_CONTEXT;
     let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
@@ -799,9 +829,7 @@ fn old_primary_lets_go(late_block: bool) {
     let cluster = replicated();
     let lb = Lb::new();
     let content: Vec<u8> = (0..10_000u32).map(|i| (i * 3 % 239) as u8).collect();
-    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02kept.bin\x00octet\x00");
-    let (first, _) = lb.recv().expect("ACK 0");
-    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let (first, replica) = cluster.begin_upload(&lb, "kept.bin");
     let mut header = first;
     header.flags = FLAG_HAS_CONTEXT;
     let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=10);
@@ -834,9 +862,7 @@ fn a_handed_over_data_the_replica_holds_is_acknowledged_again_not_written_twice(
     let mut cluster = replicated();
     let lb = Lb::new();
     let content: Vec<u8> = (0..30_000u32).map(|i| (i * 11 % 239) as u8).collect();
-    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02handed.bin\x00octet\x00");
-    let (first, _) = lb.recv().expect("ACK 0");
-    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let (first, replica) = cluster.begin_upload(&lb, "handed.bin");
     let mut header = first;
     header.flags = FLAG_HAS_CONTEXT;
     let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
@@ -859,9 +885,7 @@ fn an_upload_that_lands_before_its_new_replica_caught_up_is_pushed_to_it() {
     let mut cluster = replicated();
     let lb = Lb::new();
     let content: Vec<u8> = (0..30_000u32).map(|i| (i * 17 % 233) as u8).collect();
-    lb.send(&cluster.backends[0], &client_header(), b"\x00\x02late.bin\x00octet\x00");
-    let (first, _) = lb.recv().expect("ACK 0");
-    let replica = first.replica().and_then(|(_, port)| cluster.index_of(port)).expect("replica named");
+    let (first, replica) = cluster.begin_upload(&lb, "late.bin");
     let third = 3 - replica;
     let mut header = first;
     header.flags = FLAG_HAS_CONTEXT;

@@ -153,6 +153,21 @@ impl Link {
     }
 }
 
+/// A push whose peer went silent (its link gave up) starts again from its request after this
+/// long, doubled per restart: the finished file is not urgent, but without it the peer answers
+/// a download of the name "file not found" for good. A peer that is only slow (a loaded
+/// machine, a pause longer than a link's 310 ms) gets it late; one that is down gets eight
+/// tries over about two minutes, then the push is given up (logged).
+const PUSH_FIRST_RESTART: Duration = Duration::from_millis(500);
+const PUSH_RESTARTS: u32 = 8;
+
+/// When a push whose link gave up for the `restarts`-th time (0: the first) starts again, if
+/// it does.
+#[must_use]
+pub fn push_restart_after(restarts: u32) -> Option<Duration> {
+    (restarts < PUSH_RESTARTS).then(|| PUSH_FIRST_RESTART * (1 << restarts))
+}
+
 /// Whether the client may be acknowledged up to `block` now. While the replica catches up
 /// (a new replica is being copied what the client has been acknowledged already), it may:
 /// the copy so far is all this backend's, and holding the client back for the whole catch-up
@@ -264,6 +279,17 @@ mod tests {
         assert!(!copy_answers(20, 16, 16, false), "within a window");
         assert!(copy_answers(20, 20, 16, true), "a resend or a probe is answered");
         assert!(copy_answers(7, 6, 0, false), "no windowsize in the header: lock-step");
+    }
+
+    #[test]
+    fn a_push_to_a_silent_peer_starts_again_later_and_later_then_gives_up() {
+        let after: Vec<Option<Duration>> = (0..=PUSH_RESTARTS).map(push_restart_after).collect();
+        assert_eq!(after[0], Some(Duration::from_millis(500)));
+        assert_eq!(after[1], Some(Duration::from_secs(1)));
+        assert_eq!(after[7], Some(Duration::from_secs(64)));
+        assert_eq!(after[8], None);
+        let total: Duration = after.iter().flatten().sum();
+        assert!(total > Duration::from_secs(100) && total < Duration::from_secs(150), "{total:?}");
     }
 
     #[test]

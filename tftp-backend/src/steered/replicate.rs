@@ -52,6 +52,57 @@ pub struct Push {
     filename: String,
     blksize: u16,
     reader: std::fs::File,
+    /// The file's last block.
+    last: u32,
+    /// Times the push started again after its peer went silent.
+    restarts: u32,
+    /// When it starts again: its peer went silent (`replica::push_restart_after`).
+    resume_at: Option<Instant>,
+}
+
+impl Push {
+    fn new(peer: SocketAddr, template: SteeringHeader, file: &Finished<'_>, reader: std::fs::File, now: Instant) -> (Self, Send) {
+        let mut push = Self { link: Link::new(peer), template, filename: file.filename.to_owned(), blksize: file.blksize, reader, last: file.last, restarts: 0, resume_at: None };
+        let send = push.open(now);
+        (push, send)
+    }
+
+    /// A fresh link, from the request: the peer's copy starts over (`open_copy`).
+    fn open(&mut self, now: Instant) -> Send {
+        self.link = Link::new(self.link.peer);
+        let send = self.link.open(now);
+        let _ = self.link.available(self.last, Some(self.last), now);
+        send
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.resume_at.or_else(|| self.link.deadline())
+    }
+
+    fn on_timeout(&mut self, now: Instant) -> Send {
+        match self.resume_at {
+            Some(at) if at > now => Send::Nothing,
+            Some(_) => {
+                self.resume_at = None;
+                self.open(now)
+            }
+            None => self.link.on_timeout(now),
+        }
+    }
+
+    /// Any answer: the peer lives, and the link carries on from it.
+    fn on_ack(&mut self, block: u32, now: Instant) -> Send {
+        self.resume_at = None;
+        self.link.on_ack(block, now)
+    }
+
+    /// Its link gave up on a silent peer: when it starts again, if it does.
+    fn restart_later(&mut self, now: Instant) -> Option<Instant> {
+        let at = now + replica::push_restart_after(self.restarts)?;
+        self.restarts += 1;
+        self.resume_at = Some(at);
+        Some(at)
+    }
 }
 
 /// A finished upload, to push: its name, its blocks (`1..=last` of `blksize`) and a handle to
@@ -181,7 +232,7 @@ impl Steered {
     fn arm_link(&mut self, key: SessionKey, peer: SocketAddr) {
         let deadline = match self.sessions.get(key) {
             Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) if r.link.peer == peer => r.link.deadline(),
-            _ => self.pushes.get(&(key, peer)).and_then(|p| p.link.deadline()),
+            _ => self.pushes.get(&(key, peer)).and_then(Push::deadline),
         };
         match deadline {
             Some(at) => self.link_timers.schedule((key, peer), at),
@@ -196,7 +247,7 @@ impl Steered {
             let send = match self.sessions.get_mut(key) {
                 Some(Session { kind: Kind::Write(Upload { replica: Some(r), .. }), .. }) if r.link.peer == peer => r.link.on_timeout(now),
                 _ => match self.pushes.get_mut(&(key, peer)) {
-                    Some(push) => push.link.on_timeout(now),
+                    Some(push) => push.on_timeout(now),
                     None => continue,
                 },
             };
@@ -207,7 +258,15 @@ impl Steered {
     /// `peer` did not answer `key`'s link, or refused it (`refused`).
     async fn link_lost(&mut self, key: SessionKey, peer: SocketAddr, refused: Option<Refusal>) {
         self.link_timers.cancel(&(key, peer));
-        if self.pushes.remove(&(key, peer)).is_some() {
+        if let Some(push) = self.pushes.get_mut(&(key, peer)) {
+            if refused.is_none()
+                && let Some(at) = push.restart_later(Instant::now())
+            {
+                info!(client = %key, %peer, file = push.filename, restarts = push.restarts, "a peer did not answer the finished upload's copy: it is sent again later");
+                self.link_timers.schedule((key, peer), at);
+                return;
+            }
+            self.pushes.remove(&(key, peer));
             warn!(client = %key, %peer, refused = refused.map(|r| r.message), "a peer did not take the finished upload");
             return;
         }
@@ -328,12 +387,10 @@ impl Steered {
                 continue;
             }
             let Ok(reader) = file.reader.try_clone() else { continue };
-            let mut link = Link::new(peer);
-            let send = link.open(now);
-            let _ = link.available(file.last, Some(file.last), now);
             let mut template = *header;
             template.set_upload_replica(None);
-            self.pushes.insert((key, peer), Push { link, template, filename: file.filename.to_owned(), blksize: file.blksize, reader });
+            let (push, send) = Push::new(peer, template, file, reader, now);
+            self.pushes.insert((key, peer), push);
             self.send_link(key, peer, send).await;
         }
     }
@@ -404,7 +461,7 @@ impl Steered {
             }
             _ => match self.pushes.get_mut(&(key, from)) {
                 Some(push) => {
-                    let send = push.link.on_ack(block, now);
+                    let send = push.on_ack(block, now);
                     if push.link.complete() {
                         info!(client = %key, peer = %from, file = push.filename, "finished upload copied");
                         self.pushes.remove(&(key, from));
