@@ -219,6 +219,21 @@ fn serving_backend_killed_at_half_of_a_lock_step_upload() {
     assert!(stalls[0] < Duration::from_secs(2), "no temporary grew for {} ms after the kill: the client waited for its own timer", stalls[0].as_millis());
 }
 
+/// At any moment: the serving backend killed as soon as the upload began (the replica holds a
+/// few windows), windowed.
+#[test]
+fn serving_backend_killed_at_the_start_of_an_upload() {
+    upload_survives(ATFTP, "early.bin", &[(0.01, Failure::ServingBackend)]);
+}
+
+/// At any moment: the serving backend killed in the upload's last 3% (~0.3 s before its end at
+/// the lock-step rate with replication), the hand-over of the client's last DATA included.
+#[test]
+fn serving_backend_killed_near_the_end_of_a_lock_step_upload() {
+    let stalls = upload_survives(TFTP_HPA, "late.bin", &[(0.97, Failure::ServingBackend)]);
+    assert!(stalls[0] < Duration::from_secs(2), "no temporary grew for {} ms after the kill: the client waited for its own timer", stalls[0].as_millis());
+}
+
 #[test]
 fn serving_backend_killed_at_half_of_a_windowed_upload() {
     upload_survives(ATFTP, "windowed.bin", &[(0.5, Failure::ServingBackend)]);
