@@ -218,6 +218,9 @@ struct Target<'a> {
     /// The server's processes (xdp-lb: its backends and agents), and the cgroup holding them
     /// and their children.
     pids: Vec<u32>,
+    /// xdp-lb: its steered backends, whose CPU time is told apart (how evenly the storm
+    /// spread); none for a direct server.
+    backends: Vec<u32>,
     cpu: Option<&'a CpuGroup>,
     /// The namespaces the server's processes receive in (xdp-lb: its backends').
     hosts: Vec<&'a Netns>,
@@ -263,6 +266,8 @@ struct Measured {
     /// detectors' verdicts (backends, balancers) during the storm.
     rate_limited: u64,
     verdicts: (usize, usize),
+    /// xdp-lb only: CPU time of each steered backend during the storm, s.
+    backend_cpu_s: Vec<f64>,
 }
 
 /// The figures of a cell's table row.
@@ -339,12 +344,13 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
         let address = backend_addr(i);
         let windowsize = grants_windowsize(&direct.clients[0], &address, probe)?;
         let (segment, pids, cpu, hosts) = ((direct.bridge(), None), vec![process.pid()], groups[i].as_ref(), vec![&direct.backends[i]]);
-        targets.push(Target { server, address, clients: &direct.clients, segment, pids, cpu, hosts, windowsize });
+        targets.push(Target { server, address, clients: &direct.clients, segment, pids, backends: Vec::new(), cpu, hosts, windowsize });
     }
     let windowsize = grants_windowsize(&cluster.topo.clients[0], VIP, probe)?;
     let (segment, cpu) = ((cluster.topo.bridges(), Some("br0")), groups[Server::DIRECT.len()].as_ref());
     let hosts = cluster.topo.backends.iter().collect();
-    targets.push(Target { server: Server::XdpLb, address: VIP.to_owned(), clients: &cluster.topo.clients, segment, pids, cpu, hosts, windowsize });
+    let backends = cluster.backends.iter().flatten().map(Process::pid).collect();
+    targets.push(Target { server: Server::XdpLb, address: VIP.to_owned(), clients: &cluster.topo.clients, segment, pids, backends, cpu, hosts, windowsize });
 
     let per_server: usize = plan.counts.iter().sum::<usize>() * Mode::ALL.len() * LOSSES.len();
     let bar = ProgressBar::new((per_server * targets.len()) as u64)
@@ -665,6 +671,7 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
     let dropped_before = dropped(target.segment.0);
     let rcvbuf_before = rcvbuf_errors(&target.hosts);
     let server_before = target.cpu.and_then(CpuGroup::cpu_seconds);
+    let backends_before: Vec<Option<f64>> = target.backends.iter().map(|&pid| process_cpu_seconds(pid)).collect();
     let machine_before = super::goodput::busy_cpu_seconds()?;
 
     let clients = Clients {
@@ -720,6 +727,7 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
         machine_cpu_s: super::goodput::busy_cpu_seconds()? - machine_before,
         dropped: dropped(target.segment.0).saturating_sub(dropped_before),
         rcvbuf_errors: rcvbuf_errors(&target.hosts).saturating_sub(rcvbuf_before),
+        backend_cpu_s: target.backends.iter().zip(&backends_before).filter_map(|(&pid, before)| Some(process_cpu_seconds(pid)? - (*before)?)).collect(),
         ..Measured::default()
     };
     if let Some((verdicts, paced)) = xdp_before {
@@ -744,6 +752,22 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
     }
     measured.times.sort_by(f64::total_cmp);
     Ok(measured)
+}
+
+/// CPU time (user and system, all threads) process `pid` used so far, s.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let ticks = stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
+    Some(ticks as f64 / per_second as f64)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15; the name in parentheses may
+/// hold spaces).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(") ")?.1.split_whitespace().skip(11);
+    Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
 }
 
 /// Whether a `/proc/<pid>/stat` line is of a live process (not a zombie waiting to be reaped).
@@ -994,6 +1018,10 @@ fn report_cells(cells: &[Cell], plan: &Plan, windowsizes: &[(Server, bool)], rep
         if m.rate_limited > 0 || m.verdicts != (0, 0) {
             notes.push(format!("- {what}: {} requests paced out, detector verdicts: {} backend, {} balancer", m.rate_limited, m.verdicts.0, m.verdicts.1));
         }
+        if !m.backend_cpu_s.is_empty() {
+            let each: Vec<String> = m.backend_cpu_s.iter().map(|s| format!("{s:.1}")).collect();
+            notes.push(format!("- {what}: CPU of each steered backend {} s", each.join(" / ")));
+        }
     }
     if !notes.is_empty() {
         report.line("\nNotes:\n");
@@ -1031,6 +1059,7 @@ fn cell_json(cell: &Cell) -> serde_json::Value {
                 "rate_limited_requests": m.rate_limited,
                 "detector_verdicts": { "backends": m.verdicts.0, "balancers": m.verdicts.1 },
                 "completion_s": m.times,
+                "backend_cpu_s": m.backend_cpu_s,
             });
         }
     }
@@ -1204,6 +1233,9 @@ mod tests {
         assert_eq!(udp_rcvbuf_errors(snmp), Some(5));
         assert_eq!(udp_rcvbuf_errors("Ip: 1\n"), None);
         assert_eq!(log_tail("a\n\nb\nc\n", 2), "b / c");
+        let stat = "42 (tftp backend) S 1 42 42 0 -1 4194560 100 0 0 0 250 37 0 0 20 0 3 0 1000 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(287));
+        assert_eq!(stat_cpu_ticks("42 (x) S 1"), None);
     }
 
     #[test]
