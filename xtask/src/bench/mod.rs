@@ -85,6 +85,8 @@ pub struct Args {
     /// Run only these sections (comma-separated, e.g. `--only lb,scaling`); all by default.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    #[command(flatten)]
+    storm: storm::Selection,
 }
 
 /// Sections of `cargo xtask bench`, for `--only`.
@@ -160,7 +162,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let scaling = run_section(Section::Scaling, &mut report, &mut |report| {
         scaling::run(args.quick, &args.out.join(format!("scaling-{stamp}.png")), report)
     });
-    let storm = run_section(Section::Storm, &mut report, &mut |report| storm::run(args.quick, &args.out, stamp, report));
+    let storm = run_section(Section::Storm, &mut report, &mut |report| storm::run(args.quick, &args.storm, &args.out, stamp, report));
     let upload = run_section(Section::Upload, &mut report, &mut |report| upload::run(args.quick, &args.out, report));
     let boot = run_section(Section::Boot, &mut report, &mut |report| boot::run(args.quick, args.runs, &args.out, stamp, report));
     let path = args.out.join(format!("bench-{stamp}.json"));

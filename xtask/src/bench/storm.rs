@@ -74,12 +74,17 @@ const LOSSES: [u8; 2] = [0, 1];
 const MAX_TRANSFERS: &str = "4096";
 
 /// The servers, in table order; tftp-backend standalone is the reference ("direct").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Server {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Server {
+    /// tftp-backend standalone (the reference, "direct").
+    #[value(name = "tftp-backend")]
     Backend,
+    #[value(name = "tftpd-hpa")]
     TftpdHpa,
     Atftpd,
     Dnsmasq,
+    /// The full topology: switch, balancer pair, three steered backends.
+    #[value(name = "xdp-lb")]
     XdpLb,
 }
 
@@ -128,9 +133,12 @@ impl Server {
 }
 
 /// How the clients fetch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// blksize 1468, no windowsize (most firmware).
     LockStep,
+    /// windowsize 4 (EDK2's default).
+    #[value(name = "windowsize4")]
     Window,
 }
 
@@ -185,6 +193,60 @@ impl Plan {
         let fewer = (clients / self.counts[0].max(1)).max(1);
         (kernel / fewer, initrd / fewer)
     }
+}
+
+/// Which of a run's storms to run (`--storm-*`; all by default): to repeat a few cells without
+/// the hour of the whole table. The file sizes stay the plan's.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Selection {
+    /// Storm section: only these client counts, out of the plan's (100 and 1000; with --quick
+    /// 20 and 100), e.g. `--storm-clients 1000`.
+    #[arg(long = "storm-clients", value_delimiter = ',')]
+    clients: Vec<usize>,
+    /// Storm section: only these servers, e.g. `--storm-servers tftp-backend,xdp-lb`.
+    #[arg(long = "storm-servers", value_enum, value_delimiter = ',')]
+    servers: Vec<Server>,
+    /// Storm section: only these client modes.
+    #[arg(long = "storm-modes", value_enum, value_delimiter = ',')]
+    modes: Vec<Mode>,
+    /// Storm section: only these losses (percent each way: 0 or 1).
+    #[arg(long = "storm-loss", value_delimiter = ',')]
+    losses: Vec<u8>,
+}
+
+impl Selection {
+    /// An error names a count or loss the plan does not have.
+    fn check(&self, plan: &Plan) -> anyhow::Result<()> {
+        if let Some(count) = self.clients.iter().find(|c| !plan.counts.contains(c)) {
+            bail!("--storm-clients {count}: this run's storms have {:?} clients", plan.counts);
+        }
+        if let Some(loss) = self.losses.iter().find(|l| !LOSSES.contains(l)) {
+            bail!("--storm-loss {loss}: the storms run at {LOSSES:?} percent");
+        }
+        Ok(())
+    }
+
+    fn runs(&self, clients: usize, mode: Mode, loss: u8, server: Server) -> bool {
+        picks(&self.clients, &clients) && picks(&self.modes, &mode) && picks(&self.losses, &loss) && picks(&self.servers, &server)
+    }
+
+    /// The client runs of the storms chosen of `plan` for `servers`, for the progress bar.
+    fn clients(&self, plan: &Plan, servers: &[Server]) -> usize {
+        let mut sum = 0;
+        for &clients in &plan.counts {
+            for mode in Mode::ALL {
+                for loss in LOSSES {
+                    sum += clients * servers.iter().filter(|&&s| self.runs(clients, mode, loss, s)).count();
+                }
+            }
+        }
+        sum
+    }
+}
+
+/// Nothing chosen picks every value.
+fn picks<T: PartialEq>(chosen: &[T], value: &T) -> bool {
+    chosen.is_empty() || chosen.contains(value)
 }
 
 /// A file every client downloads.
@@ -268,7 +330,15 @@ struct Measured {
     verdicts: (usize, usize),
     /// xdp-lb only: CPU time of each steered backend during the storm, s.
     backend_cpu_s: Vec<f64>,
+    /// The slowest clients that finished, slowest first: when each started, how long each
+    /// download took and what atftp said (what a tail waits on).
+    stragglers: Vec<String>,
+    /// xdp-lb only: the agents' verdict, swap, flapping and late-tick lines of the storm.
+    detector_lines: Vec<String>,
 }
+
+/// Stragglers listed per storm.
+const STRAGGLERS: usize = 5;
 
 /// The figures of a cell's table row.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -312,8 +382,9 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     sorted.get(rank - 1).copied()
 }
 
-pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+pub fn run(quick: bool, selection: &Selection, out: &Path, stamp: u64, report: &mut Report) -> anyhow::Result<serde_json::Value> {
     let plan = Plan::new(quick);
+    selection.check(&plan)?;
     let prefix = RunPrefix::new();
     let dirs = Dirs::new(&prefix)?;
     let groups = cpu_groups(&prefix);
@@ -352,8 +423,8 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     let backends = cluster.backends.iter().flatten().map(Process::pid).collect();
     targets.push(Target { server: Server::XdpLb, address: VIP.to_owned(), clients: &cluster.topo.clients, segment, pids, backends, cpu, hosts, windowsize });
 
-    let per_server: usize = plan.counts.iter().sum::<usize>() * Mode::ALL.len() * LOSSES.len();
-    let bar = ProgressBar::new((per_server * targets.len()) as u64)
+    let kinds: Vec<Server> = targets.iter().map(|t| t.server).collect();
+    let bar = ProgressBar::new(selection.clients(&plan, &kinds) as u64)
         .with_style(ProgressStyle::with_template("{spinner} storm [{bar:30}] {pos}/{len} clients {elapsed_precise} {msg}")?);
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut cells = Vec::new();
@@ -368,6 +439,9 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
                 // The servers take turns within each group of cells.
                 for t in 0..targets.len() {
                     let target = &targets[t];
+                    if !selection.runs(clients, mode, loss, target.server) {
+                        continue;
+                    }
                     bar.set_message(format!("{} ← {clients} × {}, {loss}% loss", target.server.name(), mode.label()));
                     let outcome = storm(target, files, clients, mode, plan.limit, &dirs.downloads, &cluster, &bar).map_err(|e| format!("{e:#}"));
                     if let Err(why) = &outcome {
@@ -404,8 +478,17 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
     drop(groups);
 
     report_cells(&cells, &plan, &windowsizes, report);
-    let png = out.join(format!("storm-{stamp}.png"));
-    let chart = match plot(&cells, &png) {
+    let chart = chart(&cells, &out.join(format!("storm-{stamp}.png")), report);
+    let results = results_json(stamp, quick, &plan, &files, &windowsizes, chart.as_deref(), &cells);
+    let path = out.join(format!("storm-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    report.line(format!("\nFigures: {}", path.display()));
+    Ok(results)
+}
+
+/// The chart of the cells in `png`, named in the report; its path, or None if it could not be drawn.
+fn chart(cells: &[Cell], png: &Path, report: &mut Report) -> Option<String> {
+    match plot(cells, png) {
         Ok(()) => {
             report.line(format!("\nChart: {}", png.display()));
             Some(png.display().to_string())
@@ -414,12 +497,7 @@ pub fn run(quick: bool, out: &Path, stamp: u64, report: &mut Report) -> anyhow::
             eprintln!("no storm chart: {error:#}");
             None
         }
-    };
-    let results = results_json(stamp, quick, &plan, &files, &windowsizes, chart.as_deref(), &cells);
-    let path = out.join(format!("storm-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    report.line(format!("\nFigures: {}", path.display()));
-    Ok(results)
+    }
 }
 
 /// Everything a run measured, for `storm-<unix time>.json` (and the section's part of
@@ -591,8 +669,13 @@ struct Clients<'a> {
 
 /// One client's storm: when it started and ended, and the bytes it got intact or why not.
 struct ClientRun {
+    client: usize,
     started: Instant,
     finished: Instant,
+    /// How long each download took, s.
+    took_s: Vec<f64>,
+    /// What atftp said on stderr during the downloads that succeeded ([`client_said`]).
+    said: String,
     result: Result<u64, String>,
 }
 
@@ -600,12 +683,20 @@ impl Clients<'_> {
     /// Client `i`: at `start`, the kernel, then the initrd; then both files checked and removed.
     fn client(&self, i: usize, start: Instant) -> ClientRun {
         if let Err(error) = idle_class() {
-            return ClientRun { started: start, finished: start, result: Err(format!("client {i}: SCHED_IDLE: {error}")) };
+            let result = Err(format!("client {i}: SCHED_IDLE: {error}"));
+            return ClientRun { client: i, started: start, finished: start, took_s: Vec::new(), said: String::new(), result };
         }
         std::thread::sleep(start.saturating_duration_since(Instant::now()));
         let started = Instant::now();
         let locals = self.files.each_ref().map(|f| self.downloads.join(format!("c{i}-{}", f.name)));
-        let fetched = self.files.iter().zip(&locals).try_for_each(|(file, local)| self.download(i, &file.name, local));
+        let (mut took_s, mut said) = (Vec::new(), Vec::new());
+        let fetched = self.files.iter().zip(&locals).try_for_each(|(file, local)| {
+            let begun = Instant::now();
+            let stderr = self.download(i, &file.name, local)?;
+            took_s.push(begun.elapsed().as_secs_f64());
+            said.push(client_said(&stderr));
+            Ok::<_, String>(())
+        });
         let finished = Instant::now();
         let result = fetched.and_then(|()| {
             self.files.iter().zip(&locals).try_fold(0, |bytes, (file, local)| {
@@ -622,11 +713,13 @@ impl Clients<'_> {
         for local in &locals {
             let _ = std::fs::remove_file(local);
         }
-        ClientRun { started, finished, result: result.map_err(|e| format!("client {i}: {e}")) }
+        said.retain(|s| !s.is_empty());
+        ClientRun { client: i, started, finished, took_s, said: said.join("; "), result: result.map_err(|e| format!("client {i}: {e}")) }
     }
 
-    /// One download by client `i`, killed if the limit passes meanwhile.
-    fn download(&self, i: usize, remote: &str, local: &Path) -> Result<(), String> {
+    /// One download by client `i`, killed if the limit passes meanwhile: what the client wrote
+    /// on stderr, or why it failed.
+    fn download(&self, i: usize, remote: &str, local: &Path) -> Result<String, String> {
         if self.expired.load(Ordering::SeqCst) {
             return Err(format!("{remote}: not started before the limit"));
         }
@@ -644,7 +737,7 @@ impl Clients<'_> {
         let output = child.wait_with_output();
         *self.running[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         match output {
-            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) if output.status.success() => Ok(String::from_utf8_lossy(&output.stderr).into_owned()),
             _ if self.expired.load(Ordering::SeqCst) => Err(format!("{remote}: still running at the limit, killed")),
             Ok(output) => Err(format!("{remote}: {}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim())),
             Err(e) => Err(format!("{remote}: {e}")),
@@ -734,7 +827,11 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
         let after = cluster.verdicts();
         measured.rate_limited = rate_limited(cluster).saturating_sub(paced);
         measured.verdicts = (after.backends - verdicts.backends, after.balancers - verdicts.balancers);
+        measured.detector_lines = after.lines.into_iter().filter(|line| !verdicts.lines.contains(line)).collect();
     }
+    let mut slowest: Vec<&ClientRun> = runs.iter().filter(|r| r.result.is_ok()).collect();
+    slowest.sort_by_key(|run| std::cmp::Reverse(run.finished - run.started));
+    measured.stragglers = slowest.iter().take(STRAGGLERS).map(|run| straggler(run, first)).collect();
     for run in runs {
         match run.result {
             Ok(bytes) => {
@@ -752,6 +849,41 @@ fn storm(target: &Target<'_>, files: &[BootFile; 2], n: usize, mode: Mode, limit
     }
     measured.times.sort_by(f64::total_cmp);
     Ok(measured)
+}
+
+/// One finished client for the stragglers' note.
+fn straggler(run: &ClientRun, first: Instant) -> String {
+    let took: Vec<String> = run.took_s.iter().map(|s| format!("{s:.1}")).collect();
+    let said = if run.said.is_empty() { "nothing".to_owned() } else { format!("`{}`", run.said) };
+    format!(
+        "client {} started at +{:.2} s, done in {:.1} s (downloads {} s); atftp said {said}",
+        run.client,
+        run.started.saturating_duration_since(first).as_secs_f64(),
+        (run.finished - run.started).as_secs_f64(),
+        took.join(" + "),
+    )
+}
+
+/// atftp's stderr in short: each kind of line once with its count, digits folded (`got wrong
+/// block <block: N>` ×3), the echo of the options it asked for left out.
+fn client_said(stderr: &str) -> String {
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for line in stderr.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("Option ")) {
+        let mut kind = String::with_capacity(line.len());
+        for c in line.chars() {
+            if !c.is_ascii_digit() {
+                kind.push(c);
+            } else if !kind.ends_with('N') {
+                kind.push('N');
+            }
+        }
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, count)) => *count += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    let parts: Vec<String> = kinds.into_iter().map(|(kind, count)| if count > 1 { format!("{kind} ×{count}") } else { kind }).collect();
+    parts.join("; ")
 }
 
 /// CPU time (user and system, all threads) process `pid` used so far, s.
@@ -1022,6 +1154,15 @@ fn report_cells(cells: &[Cell], plan: &Plan, windowsizes: &[(Server, bool)], rep
             let each: Vec<String> = m.backend_cpu_s.iter().map(|s| format!("{s:.1}")).collect();
             notes.push(format!("- {what}: CPU of each steered backend {} s", each.join(" / ")));
         }
+        for line in &m.detector_lines {
+            notes.push(format!("  - {what}, agent: `{line}`"));
+        }
+        // The target's storms: the largest, through xdp-lb and direct.
+        if plan.counts.last() == Some(&cell.clients) && matches!(cell.server, Server::XdpLb | Server::Backend) {
+            for line in &m.stragglers {
+                notes.push(format!("  - {what}, straggler: {line}"));
+            }
+        }
     }
     if !notes.is_empty() {
         report.line("\nNotes:\n");
@@ -1060,6 +1201,8 @@ fn cell_json(cell: &Cell) -> serde_json::Value {
                 "detector_verdicts": { "backends": m.verdicts.0, "balancers": m.verdicts.1 },
                 "completion_s": m.times,
                 "backend_cpu_s": m.backend_cpu_s,
+                "stragglers": m.stragglers,
+                "detector_lines": m.detector_lines,
             });
         }
     }
@@ -1165,6 +1308,27 @@ mod tests {
             machine_cpu_s: 10.0,
             ..Measured::default()
         }
+    }
+
+    #[test]
+    fn what_a_client_said_is_counted_by_kind() {
+        let stderr = "Option blksize = 1468\ntimeout: retrying ...\ngot wrong block <block: 29>, sending extra ACK for <block: 29>\n\
+                      got wrong block <block: 301>, sending extra ACK for <block: 301>\ntimeout: retrying ...\n\n";
+        assert_eq!(client_said(stderr), "timeout: retrying ... ×2; got wrong block <block: N>, sending extra ACK for <block: N> ×2");
+        assert_eq!(client_said("Option blksize = 1468\n"), "");
+    }
+
+    #[test]
+    fn a_selection_runs_only_the_cells_it_names_of_the_plan() {
+        let plan = Plan::new(true);
+        let all = Selection::default();
+        assert!(all.check(&plan).is_ok() && all.runs(20, Mode::Window, 1, Server::Atftpd));
+        let some = Selection { clients: vec![100], servers: vec![Server::XdpLb, Server::Backend], ..Selection::default() };
+        assert!(some.check(&plan).is_ok());
+        assert!(some.runs(100, Mode::LockStep, 0, Server::XdpLb) && some.runs(100, Mode::Window, 1, Server::Backend));
+        assert!(!some.runs(20, Mode::LockStep, 0, Server::XdpLb) && !some.runs(100, Mode::LockStep, 0, Server::Dnsmasq));
+        assert!(Selection { clients: vec![1000], ..Selection::default() }.check(&plan).is_err());
+        assert!(Selection { losses: vec![3], ..Selection::default() }.check(&plan).is_err());
     }
 
     #[test]
