@@ -881,7 +881,6 @@ fn a_handed_over_data_the_replica_holds_is_acknowledged_again_not_written_twice(
 /// with part of it. The third backend is stopped (SIGSTOP) until the upload landed.
 #[test]
 fn an_upload_that_lands_before_its_new_replica_caught_up_is_pushed_to_it() {
-    let signal = |pid: u32, which: &str| assert!(Command::new("kill").args([which, &pid.to_string()]).status().unwrap().success());
     let mut cluster = replicated();
     let lb = Lb::new();
     let content: Vec<u8> = (0..30_000u32).map(|i| (i * 17 % 233) as u8).collect();
@@ -891,13 +890,12 @@ fn an_upload_that_lands_before_its_new_replica_caught_up_is_pushed_to_it() {
     header.flags = FLAG_HAS_CONTEXT;
     let learned = upload_blocks(&lb, &cluster.backends[0], &header, &content, 1..=30);
     cluster.backends[0].process.sigkill();
-    let pid = cluster.backends[third].process.pid();
-    signal(pid, "-STOP");
+    cluster.backends[third].process.pause();
     let mut moved = learned;
     moved.flags = FLAG_HAS_CONTEXT | FLAG_NUDGE;
     upload_blocks(&lb, &cluster.backends[replica], &moved, &content, 31..=31);
     upload_blocks(&lb, &cluster.backends[replica], &header, &content, 32..=59);
     cluster.wait_for(replica, "late.bin", &content);
-    signal(pid, "-CONT");
+    cluster.backends[third].process.resume();
     cluster.wait_for(third, "late.bin", &content);
 }

@@ -342,8 +342,14 @@ pub(super) fn busy_cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let ticks: Vec<u64> = stat.lines().next().unwrap_or_default().split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0)).collect();
     let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum();
+    Ok(ticks_to_seconds(busy))
+}
+
+/// Clock ticks (`/proc` CPU times) in seconds.
+pub(super) fn ticks_to_seconds(ticks: u64) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
     #[expect(clippy::cast_precision_loss, reason = "ticks since boot")]
-    Ok(busy as f64 / per_second as f64)
+    let seconds = ticks as f64 / per_second as f64;
+    seconds
 }

@@ -889,10 +889,7 @@ fn client_said(stderr: &str) -> String {
 /// CPU time (user and system, all threads) process `pid` used so far, s.
 fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let ticks = stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    #[expect(clippy::cast_precision_loss, reason = "clock ticks")]
-    Some(ticks as f64 / per_second as f64)
+    Some(super::goodput::ticks_to_seconds(ticks))
 }
 
 /// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15; the name in parentheses may
