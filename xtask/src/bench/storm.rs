@@ -25,8 +25,10 @@
 //! agents) and the whole machine's (`/proc/stat`: clients, kernel, and whatever else runs).
 //! Every server runs at a higher priority than the clients ([`SERVER_NICE`]), and the clients
 //! in the idle scheduling class ([`idle_class`]): on a site they are other machines.
-//! A table, the ratios the targets name (printed, never asserted),
-//! `storm-<unix time>.json` and `storm-<unix time>.png`. File sizes and why: [`Plan::new`].
+//! A table, the ratios the targets name (printed, never asserted), notes (the agents'
+//! verdict lines; the five slowest clients of the largest storms, to see what a tail waits on),
+//! `storm-<unix time>.json` and `storm-<unix time>.png`. File sizes and why: [`Plan::new`];
+//! some cells only: [`Selection`].
 
 use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
